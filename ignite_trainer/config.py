@@ -1,0 +1,259 @@
+"""TrainConfig: every setting of a run, with the seed's defaults, loaded from YAML and overridden from the CLI.
+
+One flat dataclass, so that a run directory's ``config.yaml`` is exactly enough to re-run it and a resume
+can compare two configs field by field. Every value is checked here, once, so that the rest of the code
+can trust it: an unknown key, a wrong type or an out-of-range value is a `ConfigError` naming the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Literal, Mapping
+
+import yaml
+
+from ignite_trainer.errors import ConfigError
+
+FORMATS = ("circor2022", "physionet2016")
+SCHEDULERS = ("cosine_annealing", "none")
+DEVICES = ("auto", "cpu", "cuda")
+LABEL_NAMES = ("heart", "murmur")
+METRIC_NAMES = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1")
+
+
+def _f(default: Any, help: str, **kw: Any) -> Any:
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class TrainConfig:
+    """All settings of a training run. Defaults for the optimisation fields are the seed's (step 4)."""
+
+    # data
+    data: str | None = _f(None, "dataset root; empty for the embedded synthetic CirCor-format set")
+    format: Literal["circor2022", "physionet2016"] = _f("circor2022", "on-disk layout of --data")
+    unknown_murmur: Literal["mask", "positive"] = _f("mask", "CirCor 'Unknown' murmur: leave out or count as present")
+    skip_bad: bool = _f(False, "warn about and skip unreadable recordings instead of stopping")
+    synthetic_patients: int = _f(300, "patients in the embedded synthetic set", min=4)
+    synthetic_seed: int = _f(2022, "seed of the embedded synthetic set", min=0)
+    cache_dir: str | None = _f(None, "feature and synthetic-data cache; default $IGNITE_TRAINER_CACHE or ~/.cache")
+    # features
+    sample_rate: int = _f(2000, "resample every recording to this rate (Hz)", min=800, max=48000)
+    band_low_hz: float = _f(25.0, "band-pass lower edge (Hz)", min=1.0)
+    band_high_hz: float = _f(400.0, "band-pass upper edge (Hz)", min=2.0)
+    n_mels: int = _f(64, "log-mel bands", min=8, max=256)
+    n_fft: int = _f(512, "FFT size of the STFT", min=16)
+    win_ms: float = _f(25.0, "STFT window (ms)", min=1.0)
+    hop_ms: float = _f(10.0, "STFT hop (ms)", min=1.0)
+    window_seconds: float = _f(4.0, "length of one training/evaluation window (s)", min=0.5, max=60.0)
+    # split
+    val_fraction: float = _f(0.2, "share of patients held out for validation", min=0.0, max=0.9)
+    n_folds: int = _f(0, "k for k-fold splitting; 0 uses val_fraction", min=0, max=20)
+    fold: int = _f(0, "which fold is validation when n_folds > 0", min=0)
+    # optimisation (the seed's defaults)
+    batch_size: int = _f(32, "global batch size (split across processes)", min=1)
+    learning_rate: float = _f(0.001, "AdamW learning rate", min=0.0, exclusive_min=True)
+    weight_decay: float = _f(0.01, "AdamW weight decay", min=0.0)
+    epochs: int = _f(100, "maximum number of epochs", min=1)
+    early_stopping_patience: int = _f(15, "epochs without improvement before stopping; 0 disables", min=0)
+    scheduler: Literal["cosine_annealing", "none"] = _f("cosine_annealing", "LR schedule, stepped per epoch")
+    gradient_clip: float = _f(1.0, "max gradient norm; 0 disables clipping", min=0.0)
+    pos_weight_heart: float = _f(1.0, "BCE positive weight of the heart label", min=0.0, exclusive_min=True)
+    pos_weight_murmur: float = _f(2.5, "BCE positive weight of the murmur label", min=0.0, exclusive_min=True)
+    accumulation_steps: int = _f(1, "micro-batches per optimizer step", min=1)
+    amp: bool = _f(False, "mixed precision (bf16 autocast on CPU, fp16 + GradScaler on CUDA)")
+    model: str = _f("attention_cnn", "model name from the registry")
+    monitor: str = _f("val_loss", "score for early stopping and the best checkpoint: val_loss, macro_f1, heart.f1, ...")
+    # run
+    seed: int = _f(0, "seed of model init, splits and crops", min=0)
+    device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
+    num_workers: int = _f(0, "DataLoader worker processes", min=0)
+    output_dir: str = _f("runs", "parent folder of run directories")
+    name: str | None = _f(None, "run directory name; default a timestamp")
+    n_saved_best: int = _f(1, "best checkpoints kept", min=1)
+    progress: bool = _f(True, "show Ignite's progress bar")
+    # evaluation
+    aggregation: Literal["mean", "any"] = _f("mean", "recording/patient prediction: mean probability or any positive")
+    threshold_objective: Literal["f1", "challenge", "fixed"] = _f("f1", "how per-label thresholds are tuned on validation")
+    # distributed
+    nproc_per_node: int = _f(1, "processes on this node (idist.Parallel)", min=1)
+    backend: Literal["gloo", "nccl"] | None = _f(None, "distributed backend; default gloo on CPU, nccl on CUDA")
+
+    # ------------------------------------------------------------------ construction and checks
+    @classmethod
+    def field_names(cls) -> list[str]:
+        return [f.name for f in fields(cls)]
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+        """Build from a mapping, rejecting unknown keys; values are type-checked by `validate`."""
+        return cls().updated(values, source)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as e:
+            raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+        try:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f" line {mark.line + 1}" if mark is not None else ""
+            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+        if values is None:
+            values = {}
+        if not isinstance(values, dict):
+            raise ConfigError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
+        return cls.from_mapping(values, source=str(path))
+
+    def updated(self, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
+        """A copy with ``values`` applied and validated; ``source`` names where they came from in errors."""
+        known = set(self.field_names())
+        for key in values:
+            if key not in known:
+                hint = _closest(key, known)
+                raise ConfigError(f"{source}: unknown config field '{key}'" + (f" (did you mean '{hint}'?)" if hint else ""))
+        hints = typing.get_type_hints(type(self))
+        coerced = {k: _coerce(k, v, hints[k], source) for k, v in values.items()}
+        new = dataclasses.replace(self, **coerced)
+        new.validate(source)
+        return new
+
+    def with_overrides(self, assignments: list[str]) -> "TrainConfig":
+        """Apply ``--set key=value`` strings; values are parsed as YAML scalars (``1e-3``, ``true``, ``null``)."""
+        values: dict[str, Any] = {}
+        for item in assignments:
+            key, sep, raw = item.partition("=")
+            if not sep or not key.strip():
+                raise ConfigError(f"--set {item!r}: expected key=value")
+            try:
+                values[key.strip()] = yaml.safe_load(raw) if raw.strip() else None
+            except yaml.YAMLError:
+                values[key.strip()] = raw
+        return self.updated(values, source="--set")
+
+    def validate(self, source: str = "config") -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value = getattr(self, f.name)
+            _coerce(f.name, value, hints[f.name], source)
+            meta = f.metadata
+            if isinstance(value, (int, float)) and not isinstance(value, bool):
+                lo, hi = meta.get("min"), meta.get("max")
+                if lo is not None and (value < lo or (meta.get("exclusive_min") and value == lo)):
+                    op = ">" if meta.get("exclusive_min") else ">="
+                    raise ConfigError(f"{source}: {f.name}={value} is out of range (must be {op} {lo})")
+                if hi is not None and value > hi:
+                    raise ConfigError(f"{source}: {f.name}={value} is out of range (must be <= {hi})")
+        if self.band_high_hz <= self.band_low_hz:
+            raise ConfigError(f"{source}: band_high_hz={self.band_high_hz} must be above band_low_hz={self.band_low_hz}")
+        if self.band_high_hz >= self.sample_rate / 2:
+            raise ConfigError(
+                f"{source}: band_high_hz={self.band_high_hz} must be below the Nyquist frequency "
+                f"{self.sample_rate / 2:g} Hz of sample_rate={self.sample_rate}"
+            )
+        if self.n_folds == 1:
+            raise ConfigError(f"{source}: n_folds=1 is not a split (use 0 for a val_fraction split, or >= 2)")
+        if self.n_folds and self.fold >= self.n_folds:
+            raise ConfigError(f"{source}: fold={self.fold} must be below n_folds={self.n_folds}")
+        if self.n_folds == 0 and self.val_fraction <= 0:
+            raise ConfigError(f"{source}: val_fraction must be > 0 (training needs a validation split)")
+        if self.win_ms * self.sample_rate / 1000 > self.n_fft:
+            raise ConfigError(f"{source}: win_ms={self.win_ms} is longer than n_fft={self.n_fft} samples")
+        if not _valid_monitor(self.monitor):
+            raise ConfigError(
+                f"{source}: monitor={self.monitor!r} is not a score (val_loss, macro_f1, or <label>.<metric> "
+                f"with label heart|murmur and metric one of {', '.join(METRIC_NAMES)})"
+            )
+        if self.name is not None and (not self.name.strip() or "/" in self.name or self.name in (".", "..")):
+            raise ConfigError(f"{source}: name={self.name!r} is not a valid run directory name")
+
+    # ------------------------------------------------------------------ views
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def pos_weight(self) -> tuple[float, float]:
+        return (self.pos_weight_heart, self.pos_weight_murmur)
+
+
+#: Fields that may differ between a run and its resume: they change where or how fast it runs, not the math.
+RESUMABLE_CHANGES = frozenset({"device", "num_workers", "progress", "output_dir", "name", "cache_dir", "skip_bad",
+                                "nproc_per_node", "backend", "data"})
+
+
+def config_conflicts(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:
+    """Fields whose values differ between a checkpoint's config and the current one (resume must refuse)."""
+    now = current.to_dict()
+    return [
+        f"{k}: checkpoint has {saved.get(k)!r}, now {now[k]!r}"
+        for k in now
+        if k not in RESUMABLE_CHANGES and k in saved and saved[k] != now[k]
+    ]
+
+
+def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
+    """Check ``value`` against the field's annotation; ints are accepted for floats. Returns the value."""
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if origin is typing.Union or (origin is not None and type(None) in args):
+        if value is None and type(None) in args:
+            return None
+        non_none = [a for a in args if a is not type(None)]
+        return _coerce(name, value, non_none[0], source)
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(str(a) for a in args)
+            raise ConfigError(f"{source}: {name}={value!r} is not one of: {choices}")
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{source}: {name}={value!r} must be true or false")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{source}: {name}={value!r} must be an integer")
+        return value
+    if hint is float:
+        if isinstance(value, str):  # YAML 1.1 reads "1e-3" (no dot) as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{source}: {name}={value!r} must be a number")
+        if value != value or value in (float("inf"), float("-inf")):
+            raise ConfigError(f"{source}: {name}={value!r} must be a finite number")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{source}: {name}={value!r} must be a string")
+        return value
+    return value
+
+
+def _valid_monitor(name: str) -> bool:
+    if name in ("val_loss", "macro_f1"):
+        return True
+    label, _, metric = name.partition(".")
+    return label in LABEL_NAMES and metric in METRIC_NAMES
+
+
+def monitor_mode(name: str) -> Literal["min", "max"]:
+    """Loss is minimised; every other monitored score is maximised."""
+    return "min" if name == "val_loss" else "max"
+
+
+def _closest(key: str, known: set[str]) -> str | None:
+    import difflib
+
+    match = difflib.get_close_matches(key, sorted(known), n=1)
+    return match[0] if match else None

@@ -1,0 +1,34 @@
+"""The record every reader produces and every later stage consumes.
+
+Readers (one per on-disk format) turn a dataset folder into a list of `Recording`; nothing downstream
+knows which format the data came from.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+#: Label order everywhere: model outputs, targets, masks, metrics.
+LABELS: tuple[str, str] = ("heart", "murmur")
+
+
+@dataclass(frozen=True)
+class Recording:
+    """One PCG recording with its patient-level labels.
+
+    ``labels[i]`` is 0.0 or 1.0 for ``LABELS[i]``; ``mask[i]`` is False where that label is missing
+    (CirCor's ``Unknown`` murmur under the ``mask`` policy, every murmur in PhysioNet 2016), and then
+    ``labels[i]`` carries no meaning.
+    """
+
+    recording_id: str
+    patient_id: str
+    wav_path: Path
+    labels: tuple[float, float]
+    mask: tuple[bool, bool]
+    location: str | None = None
+    segmentation_path: Path | None = None
+    declared_rate: int | None = None
+    #: CirCor's three-class patient murmur ("Present", "Unknown", "Absent"); None for other formats.
+    murmur_class: str | None = None
