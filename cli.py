@@ -1,0 +1,146 @@
+"""Command line of ignite_trainer: parse, validate, call `ignite_trainer.run`. Nothing else lives here.
+
+Every `UserError` (bad file, value, config or checkpoint) is printed as one ``error:`` line with exit
+code 2 and no traceback; a numerical fault that stops training exits with code 3.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from ignite_trainer.config import FORMATS, TrainConfig
+from ignite_trainer.errors import TrainingAborted, UserError
+
+EXIT_BAD_INPUT = 2
+EXIT_TRAINING_ABORTED = 3
+
+# CLI flag -> config field; each flag defaults to None so that only what the user typed overrides.
+TRAIN_FLAGS: dict[str, str] = {
+    "data": "data", "fmt": "format", "epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate",
+    "weight_decay": "weight_decay", "patience": "early_stopping_patience", "grad_clip": "gradient_clip",
+    "seed": "seed", "output_dir": "output_dir", "name": "name", "device": "device", "amp": "amp",
+    "num_workers": "num_workers", "model": "model", "skip_bad": "skip_bad", "progress": "progress",
+    "nproc_per_node": "nproc_per_node", "backend": "backend",
+}
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+def cli() -> None:
+    """Train and evaluate multi-label heart-sound classifiers (labels: heart, murmur) on PyTorch Ignite."""
+
+
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of config fields.")
+@click.option("--data", type=str, default=None, help="Dataset root (default: the embedded synthetic CirCor-format set).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="On-disk layout of --data.")
+@click.option("--epochs", type=int, default=None, help="Maximum epochs [100].")
+@click.option("--batch-size", type=int, default=None, help="Global batch size [32].")
+@click.option("--lr", type=float, default=None, help="AdamW learning rate [0.001].")
+@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay [0.01].")
+@click.option("--patience", type=int, default=None, help="Early-stopping patience in epochs; 0 disables [15].")
+@click.option("--grad-clip", type=float, default=None, help="Max gradient norm; 0 disables [1.0].")
+@click.option("--seed", type=int, default=None, help="Random seed [0].")
+@click.option("--output-dir", type=str, default=None, help="Parent folder of run directories [runs].")
+@click.option("--name", type=str, default=None, help="Run directory name [a timestamp].")
+@click.option("--resume", type=click.Path(file_okay=False), default=None, help="Continue the run in RUN_DIR from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory of the same name.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to train [auto].")
+@click.option("--amp/--no-amp", default=None, help="Mixed precision [off].")
+@click.option("--num-workers", type=int, default=None, help="DataLoader workers [0].")
+@click.option("--model", type=str, default=None, help="Model name from the registry [attention_cnn].")
+@click.option("--skip-bad/--no-skip-bad", default=None, help="Skip unreadable recordings with a warning [stop].")
+@click.option("--progress/--no-progress", default=None, help="Show the progress bar [on].")
+@click.option("--nproc-per-node", type=int, default=None, help="Processes on this node (ignite.distributed) [1].")
+@click.option("--backend", type=click.Choice(["gloo", "nccl"]), default=None, help="Distributed backend [gloo on CPU].")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Set any config field; repeatable.")
+def train(config_file: str | None, resume: str | None, overwrite: bool, assignments: tuple[str, ...], **flags: Any) -> None:
+    """Train a model; writes runs/<name>/ (config, checkpoints, metrics.jsonl, TensorBoard, train.log)."""
+    overrides = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
+    if resume is not None:
+        if config_file:
+            raise click.UsageError("--config cannot be combined with --resume (the run's own config is used)")
+        if overwrite:
+            raise click.UsageError("--overwrite cannot be combined with --resume")
+        overrides.update(_parse_sets(assignments))
+        config = None
+    else:
+        config = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
+        config = config.updated(overrides, source="command line").with_overrides(list(assignments))
+
+    from ignite_trainer.run import train as run_training  # imported after validation: bad flags fail fast
+
+    if config is None:
+        summary = run_training(TrainConfig(), resume=resume, overrides=overrides)
+    else:
+        summary = run_training(config, overwrite=overwrite)
+    if summary.get("already_finished"):
+        click.echo(f"{summary['run_dir']}: run already finished at epoch {summary['epoch']}; nothing to do")
+        return
+    print_summary(summary)
+
+
+def _parse_sets(assignments: tuple[str, ...]) -> dict[str, Any]:
+    """``--set`` values as a mapping (validated later against the resumed config)."""
+    base = TrainConfig()
+    changed = base.with_overrides(list(assignments)).to_dict()
+    keys = {a.partition("=")[0].strip() for a in assignments}
+    return {k: changed[k] for k in keys}
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    metrics = summary.get("metrics")
+    click.echo(f"\nrun directory: {summary['run_dir']}")
+    for line in summary.get("skipped") or []:
+        click.echo(f"skipped: {line}")
+    if not metrics:
+        return
+    click.echo(f"epoch {metrics['epoch']}: train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}"
+               f"  macro_f1 {metrics['macro_f1']:.3f}")
+    names = ["accuracy", "precision", "recall", "specificity", "f1"]
+    click.echo(f"{'label':<8}" + "".join(f"{n:>12}" for n in names))
+    for label in ("heart", "murmur"):
+        click.echo(f"{label:<8}" + "".join(f"{metrics[label][n]:>12.3f}" for n in names))
+
+
+@cli.command()
+@click.argument("out_dir", type=click.Path(file_okay=False))
+@click.option("--patients", type=int, default=300, show_default=True, help="Number of patients.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default="circor2022", show_default=True)
+def synth(out_dir: str, patients: int, seed: int, fmt: str) -> None:
+    """Write a synthetic PCG dataset in CirCor 2022 (or PhysioNet 2016) on-disk layout."""
+    from ignite_trainer.data.synthetic import write_synthetic
+
+    if patients < 1:
+        raise click.BadParameter(f"--patients={patients} must be >= 1")
+    path = write_synthetic(Path(out_dir), patients, seed, fmt=fmt)
+    click.echo(f"wrote {patients} synthetic patients ({fmt}) to {path}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; returns the exit code (2 for bad input, 3 for an aborted training)."""
+    try:
+        result = cli.main(args=argv, prog_name="cli.py", standalone_mode=False)
+    except click.exceptions.Exit as e:
+        return e.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    except click.ClickException as e:
+        e.show()
+        return EXIT_BAD_INPUT
+    except TrainingAborted as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_TRAINING_ABORTED
+    except UserError as e:
+        click.echo(f"error: {e}", err=True)
+        return EXIT_BAD_INPUT
+    return result if isinstance(result, int) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

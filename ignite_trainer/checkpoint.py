@@ -1,0 +1,224 @@
+"""Checkpoint files: written so a kill never leaves none, loaded so an untrusted file never runs code.
+
+Ignite's `Checkpoint` decides *what* and *when* to save; this module supplies what it lacks:
+
+- `SafeDiskSaver`: Ignite's `DiskSaver` deletes the outgoing file *before* writing the new one, so a kill
+  in between leaves no checkpoint of that handler (measured: 13-17 of 30 kills). This saver writes the new
+  file first (temp file, fsync, rename, fsync of the folder) and only then deletes the old one.
+- `load_checkpoint`: always ``torch.load(weights_only=True)`` with ``map_location``; a pickle that would
+  build arbitrary objects is refused, a truncated file is reported, both as a `CheckpointError` line.
+- `RNGStates` and `Snapshot`: objects with ``state_dict()`` so that Ignite's `Checkpoint` stores the
+  python/numpy/torch RNG states (without which a resumed run is not bit-identical) and plain values
+  (``epoch``, ``val_loss``, the config) at the top level of the file, where the seed's format wants them.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import random
+import re
+import zipfile
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from ignite.handlers import DiskSaver
+
+from ignite_trainer.errors import CheckpointError
+
+#: Version of the checkpoint layout; bumped when keys change meaning.
+FORMAT_VERSION = 1
+PARTIAL_SUFFIX = ".partial"
+_IGNITE_TEMP = re.compile(r"^tmp[a-z0-9_]{6,}$")
+
+
+class SafeDiskSaver(DiskSaver):
+    """A `DiskSaver` that writes the new file before deleting the old one, and fsyncs both file and folder.
+
+    Ignite's `Checkpoint` calls ``remove(old)`` and then ``__call__(new)``; removals are therefore queued
+    and carried out after the next successful write. If that write fails (disk full, kill), the old
+    file is still there. Partial files are named ``.<name>.partial`` and removed by `clean_partial_files`.
+
+    Example::
+
+        from ignite.handlers import Checkpoint
+        saver = SafeDiskSaver("runs/x/checkpoints", require_empty=False)
+        handler = Checkpoint({"model": model}, saver, n_saved=1)
+    """
+
+    def __init__(self, dirname: str | Path, **kwargs: Any) -> None:
+        kwargs.setdefault("require_empty", False)
+        super().__init__(dirname, atomic=True, **kwargs)
+        self._pending_removals: list[str] = []
+
+    def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
+        partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
+        try:
+            with open(partial, "wb") as f:
+                func(checkpoint, f, **self.kwargs)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(partial, path)
+        except BaseException:
+            partial.unlink(missing_ok=True)
+            raise
+        _fsync_dir(path.parent)
+        pending, self._pending_removals = self._pending_removals, []
+        for name in pending:
+            if name != path.name:
+                (self.dirname / name).unlink(missing_ok=True)
+
+    def remove(self, filename: str) -> None:
+        self._pending_removals.append(filename)
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def clean_partial_files(dirname: str | Path) -> list[Path]:
+    """Delete temporary files left by killed saves (ours and Ignite's ``tmpXXXX``); returns what was removed."""
+    dirname = Path(dirname)
+    removed = []
+    if not dirname.is_dir():
+        return removed
+    for p in dirname.iterdir():
+        if p.is_file() and (p.name.endswith(PARTIAL_SUFFIX) or _IGNITE_TEMP.match(p.name)):
+            p.unlink(missing_ok=True)
+            removed.append(p)
+    return removed
+
+
+class Snapshot:
+    """Puts a plain value in a checkpoint through Ignite's ``state_dict()`` protocol; loading is a no-op.
+
+    ``Checkpoint({"epoch": Snapshot(lambda: trainer.state.epoch), ...})`` stores ``epoch`` as an int at the
+    top level of the file, as the seed's checkpoint format has it.
+    """
+
+    def __init__(self, get: Callable[[], Any]) -> None:
+        self._get = get
+
+    def state_dict(self) -> Any:
+        return self._get()
+
+    def load_state_dict(self, state: Any) -> None:  # values are read back by whoever needs them
+        pass
+
+
+class RNGStates:
+    """The python, numpy and torch (CPU and CUDA) RNG states, in a form ``weights_only=True`` accepts.
+
+    Ignite's documented resume set (model, optimizer, scheduler, trainer, early stopping) does not make
+    a resumed run bit-identical: crops and shuffles draw from these generators too.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        kind, keys, pos, has_gauss, cached = np.random.get_state()
+        state = {
+            "python": random.getstate(),
+            "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                      "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+            "torch": torch.get_rng_state(),
+        }
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        version, internal, gauss = state["python"]
+        random.setstate((version, tuple(internal), gauss))
+        n = state["numpy"]
+        np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                             n["cached_gaussian"]))
+        torch.set_rng_state(state["torch"].cpu())
+        if "cuda" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all([s.cpu() for s in state["cuda"]])
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely: ``weights_only=True`` always, never a fallback. Errors are one line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"{path}: checkpoint file not found")
+    if path.stat().st_size == 0:
+        raise CheckpointError(f"{path}: checkpoint is empty (0 bytes)")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
+            raise CheckpointError(
+                f"{path}: refused: the file holds objects other than tensors and plain containers "
+                f"(it could run code when loaded); it was not loaded"
+            ) from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first[:160]})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointError(f"{path}: expected a checkpoint dictionary, found {type(obj).__name__}")
+    return obj
+
+
+def checkpoint_epoch(path: Path) -> int:
+    """Epoch number in a ``last_checkpoint_<epoch>.pt`` file name (-1 when there is none)."""
+    m = re.search(r"_(\d+)\.pt$", path.name)
+    return int(m.group(1)) if m else -1
+
+
+def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
+    """The newest *complete* ``last_checkpoint_*.pt`` in ``run_dir/checkpoints`` and its contents.
+
+    A truncated or corrupt newer file (a kill during the write) is skipped in favour of an older one.
+    """
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    if not ckpt_dir.is_dir():
+        raise CheckpointError(f"{run_dir}: no checkpoints folder; nothing to resume")
+    clean_partial_files(ckpt_dir)
+    candidates = sorted(ckpt_dir.glob("last_checkpoint_*.pt"), key=checkpoint_epoch, reverse=True)
+    problems = []
+    for path in candidates:
+        try:
+            ckpt = load_checkpoint(path)
+        except CheckpointError as e:
+            problems.append(str(e))
+            continue
+        if "model_state_dict" in ckpt and "trainer" in ckpt:
+            return path, ckpt
+        problems.append(f"{path}: not a training checkpoint (no trainer state)")
+    detail = f" ({'; '.join(problems)})" if problems else ""
+    raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from{detail}")
+
+
+def load_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """``model.load_state_dict`` with a one-line explanation of mismatched keys or shapes."""
+    own = model.state_dict()
+    missing = [k for k in own if k not in state_dict]
+    unexpected = [k for k in state_dict if k not in own]
+    shapes = [f"{k} {tuple(state_dict[k].shape)} vs {tuple(v.shape)}" for k, v in own.items()
+              if k in state_dict and tuple(state_dict[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) e.g. {missing[0]}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected key(s) e.g. {unexpected[0]}")
+        if shapes:
+            parts.append(f"shape mismatch e.g. {shapes[0]}")
+        raise CheckpointError(
+            f"{source}: weights do not fit model {type(model).__name__} ({'; '.join(parts)}); "
+            "was it trained with another --model or feature setting?"
+        )
+    model.load_state_dict(state_dict)

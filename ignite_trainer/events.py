@@ -1,0 +1,27 @@
+"""Custom events the trainer fires, so research code can hook in without editing the engine.
+
+Registered on the trainer by `create_trainer` through Ignite's ``register_events``; attach a handler
+with ``trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, fn)`` or ``@trainer.on(...)``.
+What each event leaves in ``trainer.state`` for its handlers:
+
+- ``VALIDATION_COMPLETED``: ``state.validation_metrics`` (flat dict: ``val_loss``, ``macro_f1``,
+  ``heart.f1``, ...), ``state.validation_output`` (the evaluator's ``state``, for predictions or ids).
+- ``BEST_MODEL_SAVED``: ``state.best_model_path`` (a `Path`) and ``state.best_score``.
+- ``EARLY_STOPPED``: ``state.early_stopped_epoch``; training ends after this epoch.
+
+Example::
+
+    from ignite_trainer import TrainerEvents
+
+    @trainer.on(TrainerEvents.BEST_MODEL_SAVED)
+    def announce(engine):
+        print(f"new best {engine.state.best_score:.3f} at {engine.state.best_model_path}")
+"""
+
+from ignite.engine import EventEnum
+
+
+class TrainerEvents(EventEnum):
+    VALIDATION_COMPLETED = "validation_completed"
+    BEST_MODEL_SAVED = "best_model_saved"
+    EARLY_STOPPED = "early_stopped"

@@ -1,0 +1,283 @@
+"""``attach_*`` functions: each wires one of Ignite's handlers (or a small one of ours) to the trainer.
+
+Each returns the handler it attached, so a custom script can keep, inspect or checkpoint it.
+Order matters and `ignite_trainer.run` attaches in this order: validation first (it fires
+``VALIDATION_COMPLETED``), then early stopping and the best checkpoint (on that event), then the
+last-epoch checkpoint and the LR scheduler (on ``EPOCH_COMPLETED``, after validation).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint, EarlyStopping, LRScheduler, ProgressBar, TensorboardLogger
+from torch.utils.data import DataLoader, DistributedSampler
+
+from ignite_trainer.checkpoint import SafeDiskSaver, Snapshot
+from ignite_trainer.config import LABEL_NAMES, METRIC_NAMES, monitor_mode
+from ignite_trainer.errors import TrainingAborted
+from ignite_trainer.events import TrainerEvents
+
+log = logging.getLogger("ignite_trainer")
+
+#: The scalar validation scores, in the order they are logged.
+VALIDATION_SCORES = ["val_loss", "macro_f1"] + [f"{label}.{m}" for label in LABEL_NAMES for m in METRIC_NAMES]
+
+
+def attach_validation(trainer: Engine, evaluator: Engine, loader: Any, every: int = 1) -> Callable[[Engine], None]:
+    """Run ``evaluator`` over ``loader`` after every ``every`` epochs, then fire ``VALIDATION_COMPLETED``.
+
+    The evaluator's scalar metrics are copied to ``trainer.state.validation_metrics`` so that handlers
+    on the trainer (early stopping, checkpoints, loggers, research hooks) all read one place.
+
+    Example::
+
+        attach_validation(trainer, evaluator, val_loader)
+        trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED,
+                                  lambda e: print(e.state.validation_metrics["murmur.f1"]))
+    """
+
+    def validate(engine: Engine) -> None:
+        started = time.perf_counter()
+        state = evaluator.run(loader)
+        engine.state.validation_metrics = {k: _scalar(v) for k, v in state.metrics.items() if _is_scalar(v)}
+        engine.state.validation_output = state
+        engine.state.validation_seconds = time.perf_counter() - started
+        engine.fire_event(TrainerEvents.VALIDATION_COMPLETED)
+
+    trainer.add_event_handler(Events.EPOCH_COMPLETED(every=every), validate)
+    return validate
+
+
+def _is_scalar(v: Any) -> bool:
+    return isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1)
+
+
+def _scalar(v: Any) -> float:
+    return float(v.item() if torch.is_tensor(v) else v)
+
+
+def monitored_score(monitor: str) -> Callable[[Engine], float]:
+    """A score function over ``trainer.state.validation_metrics`` where larger is better."""
+    sign = -1.0 if monitor_mode(monitor) == "min" else 1.0
+
+    def score(engine: Engine) -> float:
+        return sign * engine.state.validation_metrics[monitor]
+
+    return score
+
+
+def attach_early_stopping(trainer: Engine, patience: int, monitor: str = "val_loss") -> EarlyStopping:
+    """Ignite's `EarlyStopping` on the monitored validation score; fires ``EARLY_STOPPED`` when it stops.
+
+    It is attached to the trainer's ``VALIDATION_COMPLETED`` rather than with ``attach(evaluator,
+    reset_engine=trainer)``, which would reset a counter restored from a checkpoint (pitfall 7).
+
+    Example::
+
+        es = attach_early_stopping(trainer, patience=15, monitor="macro_f1")
+    """
+    handler = EarlyStopping(patience=patience, score_function=monitored_score(monitor), trainer=trainer)
+
+    def check(engine: Engine) -> None:
+        handler(engine)
+        if handler.counter >= handler.patience and engine.should_terminate:
+            engine.state.early_stopped_epoch = engine.state.epoch
+            engine.fire_event(TrainerEvents.EARLY_STOPPED)
+
+    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, check)
+    return handler
+
+
+def epoch_step(engine: Engine, _event: Any = None) -> int:
+    return engine.state.epoch
+
+
+def attach_best_checkpoint(
+    trainer: Engine, to_save: Mapping[str, Any], dirname: str | Path, monitor: str = "val_loss", n_saved: int = 1
+) -> Checkpoint:
+    """Keep the ``n_saved`` best checkpoints by the monitored score; fire ``BEST_MODEL_SAVED`` on each new one.
+
+    Files are ``best_checkpoint_<epoch>_<score name>=<score>.pt`` (val_loss is stored negated, so that
+    larger is better, as Ignite's `Checkpoint` expects).
+
+    Example::
+
+        best = attach_best_checkpoint(trainer, {"model_state_dict": model}, "runs/x/checkpoints", "macro_f1")
+    """
+    score_name = f"neg_{monitor}" if monitor_mode(monitor) == "min" else monitor
+    best = Checkpoint(
+        to_save, SafeDiskSaver(dirname), filename_prefix="best", score_function=monitored_score(monitor),
+        score_name=score_name, n_saved=n_saved, global_step_transform=epoch_step,
+    )
+
+    def save_if_best(engine: Engine) -> None:
+        before = best.last_checkpoint
+        best(engine)
+        if best.last_checkpoint is not None and best.last_checkpoint != before:
+            engine.state.best_model_path = Path(best.last_checkpoint)
+            engine.state.best_score = engine.state.validation_metrics[monitor]
+            engine.fire_event(TrainerEvents.BEST_MODEL_SAVED)
+
+    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, save_if_best)
+    return best
+
+
+def attach_last_checkpoint(trainer: Engine, to_save: Mapping[str, Any], dirname: str | Path, n_saved: int = 2) -> Checkpoint:
+    """Save the full resume state after every epoch (``last_checkpoint_<epoch>.pt``), keeping ``n_saved``.
+
+    Saved at ``EPOCH_COMPLETED``, never mid-epoch: Ignite's engine state holds no data-loader position,
+    so only epoch boundaries resume exactly. Two files are kept so that one survives any kill.
+    """
+    last = Checkpoint(
+        to_save, SafeDiskSaver(dirname), filename_prefix="last", n_saved=n_saved,
+        global_step_transform=epoch_step, include_self=True,
+    )
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, last)
+    return last
+
+
+def attach_lr_scheduler(trainer: Engine, optimizer: torch.optim.Optimizer, epochs: int) -> LRScheduler:
+    """Cosine annealing over ``epochs``, stepped once per epoch, through Ignite's `LRScheduler`.
+
+    ``use_legacy=True`` attached at ``EPOCH_COMPLETED`` reproduces
+    ``torch.optim.lr_scheduler.CosineAnnealingLR`` stepped after each epoch exactly; the default mode
+    (attached at ``EPOCH_STARTED``) calls the recursive ``get_lr`` out of step and gives a wrong second value.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Please make sure to attach scheduler")
+        scheduler = LRScheduler(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs), use_legacy=True)
+    trainer.add_event_handler(Events.EPOCH_COMPLETED, scheduler)
+    return scheduler
+
+
+def attach_nan_guard(trainer: Engine, where: str = "") -> Callable[[Engine], None]:
+    """Stop training with `TrainingAborted` naming the epoch and iteration of a non-finite loss or gradient.
+
+    Ignite's `TerminateOnNan` returns normally after the weights are already non-finite and builds a
+    tensor every iteration; the update step here never applies a non-finite step and flags it, so this
+    guard only reads a bool, and the last checkpoint written stays good and resumable.
+    """
+
+    def guard(engine: Engine) -> None:
+        out = engine.state.output
+        if out.get("finite", True):
+            return
+        what = "loss" if not math.isfinite(out["loss"]) else "gradient norm"
+        value = out["loss"] if what == "loss" else out["grad_norm"]
+        raise TrainingAborted(
+            f"non-finite {what} ({value}) at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
+            f"the step was not applied and no non-finite weights were saved{where}"
+        )
+
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, guard)
+    return guard
+
+
+def attach_progress_bar(trainer: Engine) -> ProgressBar:
+    """Ignite's `ProgressBar` (tqdm) with the running training loss."""
+    bar = ProgressBar(persist=False)
+    bar.attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
+    return bar
+
+
+def attach_tensorboard(
+    trainer: Engine, optimizer: torch.optim.Optimizer, log_dir: str | Path, purge_step: int | None = None
+) -> TensorboardLogger:
+    """Ignite's `TensorboardLogger` (tensorboardX writer): per iteration the training loss, learning rate
+    and pre-clip gradient norm; per validation every validation score.
+
+    Every tag is stepped by the trainer's iteration, so that on resume ``purge_step`` (the first
+    iteration after the checkpoint) hides whatever a killed run logged past it and steps stay monotonic.
+    """
+    tb = TensorboardLogger(log_dir=str(log_dir), purge_step=purge_step)
+
+    def train_scalars(out: Mapping[str, Any]) -> dict[str, float]:
+        return {k: out[k] for k in ("loss", "grad_norm") if math.isfinite(out[k])}
+
+    tb.attach_output_handler(trainer, event_name=Events.ITERATION_COMPLETED, tag="train", output_transform=train_scalars)
+    tb.attach_opt_params_handler(trainer, event_name=Events.ITERATION_STARTED, optimizer=optimizer)
+
+    def validation_scalars(engine: Engine) -> None:
+        step = engine.state.iteration
+        for name, value in engine.state.validation_metrics.items():
+            tb.writer.add_scalar(f"val/{name}", value, step)
+
+    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, validation_scalars)
+    return tb
+
+
+def attach_metrics_log(trainer: Engine, optimizer: torch.optim.Optimizer, path: str | Path) -> Callable[[Engine], None]:
+    """Append one JSON line per validated epoch to ``path`` (``metrics.jsonl``), flushed and fsynced.
+
+    Keys: ``epoch``, ``train_loss``, ``val_loss``, ``lr`` (the rate used during the epoch), ``seconds``
+    (training), ``val_seconds``, ``macro_f1``, and ``heart``/``murmur`` objects with ``accuracy``,
+    ``precision``, ``recall``, ``sensitivity``, ``specificity``, ``f1``.
+    """
+    path = Path(path)
+
+    def write(engine: Engine) -> None:
+        m = engine.state.validation_metrics
+        record: dict[str, Any] = {
+            "epoch": engine.state.epoch,
+            "train_loss": _scalar(engine.state.metrics["train_loss"]),
+            "val_loss": m.get("val_loss"),
+            "lr": optimizer.param_groups[0]["lr"],
+            "seconds": round(engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0, 4),
+            "val_seconds": round(getattr(engine.state, "validation_seconds", 0.0), 4),
+            "macro_f1": m.get("macro_f1"),
+        }
+        for label in LABEL_NAMES:
+            record[label] = {k: m.get(f"{label}.{k}") for k in METRIC_NAMES}
+        with open(path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, write)
+    return write
+
+
+def truncate_metrics_log(path: str | Path, last_epoch: int) -> None:
+    """Keep only complete lines of epochs ``<= last_epoch`` (a resumed run rewrites what came after)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut by a kill
+        if isinstance(record, dict) and record.get("epoch", math.inf) <= last_epoch:
+            kept.append(line)
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(line + "\n" for line in kept))
+    os.replace(tmp, path)
+
+
+def attach_sampler_epoch(trainer: Engine, loader: DataLoader) -> None:
+    """Call ``sampler.set_epoch`` each epoch: Ignite never does, so a `DistributedSampler` would repeat
+    the same shuffle every epoch (pitfall 13)."""
+    sampler = getattr(loader, "sampler", None)
+    if isinstance(sampler, DistributedSampler):
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: sampler.set_epoch(engine.state.epoch - 1))
+
+
+def training_state(trainer: Engine, config: Mapping[str, Any]) -> dict[str, Snapshot]:
+    """The plain values every checkpoint carries at its top level (the seed's ``epoch`` and ``val_loss``)."""
+    return {
+        "epoch": Snapshot(lambda: trainer.state.epoch),
+        "val_loss": Snapshot(lambda: getattr(trainer.state, "validation_metrics", {}).get("val_loss")),
+        "finished": Snapshot(lambda: bool(trainer.should_terminate) or trainer.state.epoch >= trainer.state.max_epochs),
+        "config": Snapshot(lambda: dict(config)),
+    }
