@@ -274,10 +274,15 @@ def attach_sampler_epoch(trainer: Engine, loader: DataLoader) -> None:
 
 
 def training_state(trainer: Engine, config: Mapping[str, Any]) -> dict[str, Snapshot]:
-    """The plain values every checkpoint carries at its top level (the seed's ``epoch`` and ``val_loss``)."""
+    """The plain values every checkpoint carries at its top level (the seed's ``epoch`` and ``val_loss``).
+
+    ``finished`` is true once the run reached its last epoch or stopped early: resuming it has nothing to
+    do. A run stopped any other way (a kill, a time limit, a hook calling ``terminate()``) resumes.
+    """
     return {
         "epoch": Snapshot(lambda: trainer.state.epoch),
         "val_loss": Snapshot(lambda: getattr(trainer.state, "validation_metrics", {}).get("val_loss")),
-        "finished": Snapshot(lambda: bool(trainer.should_terminate) or trainer.state.epoch >= trainer.state.max_epochs),
+        "finished": Snapshot(lambda: trainer.state.epoch >= trainer.state.max_epochs
+                             or getattr(trainer.state, "early_stopped_epoch", None) is not None),
         "config": Snapshot(lambda: dict(config)),
     }

@@ -15,11 +15,12 @@ import sys
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import ignite.distributed as idist
 import numpy as np
 import torch
+from ignite.engine import Engine
 
 from ignite_trainer.checkpoint import RNGStates, clean_partial_files, find_resume_checkpoint, load_checkpoint, load_model_weights
 from ignite_trainer.config import TrainConfig, config_conflicts
@@ -148,12 +149,18 @@ def resume_config(run_dir: Path, overrides: dict[str, Any]) -> tuple[TrainConfig
 
 
 # ---------------------------------------------------------------------------------------------- entry
+SetupHook = Callable[[Engine, Engine], None]
+
+
 def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: bool = False,
-          overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+          overrides: dict[str, Any] | None = None, setup: SetupHook | None = None) -> dict[str, Any]:
     """Train (or resume) a run; returns a summary with ``run_dir``, ``finished`` and the last epoch's scores.
 
     With ``resume``, the run's saved config is used and ``overrides`` (explicit command-line values) may
     only change fields that do not affect the result (device, workers, progress bar, ...).
+    ``setup(trainer, evaluator)`` runs in every process after the standard handlers are attached and
+    before training starts: the place to hook research code onto `TrainerEvents` (with more than one
+    process it must be a module-level function, so that it can be sent to the workers).
 
     Example::
 
@@ -184,7 +191,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
     backend = config.backend or ("nccl" if device.type == "cuda" else "gloo")
     nproc = config.nproc_per_node
     with idist.Parallel(backend=backend if nproc > 1 else None, nproc_per_node=nproc if nproc > 1 else None) as parallel:
-        parallel.run(training_process, config, run_dir, data, resume_path)
+        parallel.run(training_process, config, run_dir, data, resume_path, setup)
 
     summary = {"run_dir": run_dir, "finished": True, "already_finished": False, "metrics": last_metrics(run_dir),
                "skipped": data.skipped}
@@ -192,7 +199,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
 
 
 def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: PreparedData,
-                     resume_path: Path | None) -> None:
+                     resume_path: Path | None, setup: SetupHook | None = None) -> None:
     """Everything one rank does: build, attach, restore (on resume) and run."""
     rank = idist.get_rank()
     device = idist.device() if idist.get_world_size() > 1 else resolve_device(config.device)
@@ -245,6 +252,8 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
         tb = attach_tensorboard(trainer, optimizer, run_dir / "tb", purge_step=purge_step)
         if config.progress:
             attach_progress_bar(trainer)
+    if setup is not None:
+        setup(trainer, evaluator)
     try:
         trainer.run(train_loader, max_epochs=config.epochs)
     finally:
