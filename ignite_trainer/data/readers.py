@@ -1,0 +1,29 @@
+"""One entry point from a dataset folder to `Recording` objects, whatever its on-disk format.
+
+Everything after reading is format-agnostic, so this is the only place that knows which formats exist.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from ignite_trainer.data.bad_input import BadInputPolicy
+from ignite_trainer.data.circor import read_circor
+from ignite_trainer.data.physionet2016 import read_physionet2016
+from ignite_trainer.data.records import Recording
+from ignite_trainer.errors import ConfigError
+
+FORMATS = ("circor2022", "physionet2016")
+
+
+def read_recordings(root: str | Path, fmt: str, unknown_murmur: str = "mask",
+                    policy: BadInputPolicy | None = None) -> list[Recording]:
+    """Read the dataset at ``root`` in format ``fmt`` (``circor2022`` or ``physionet2016``).
+
+    ``unknown_murmur`` only matters for CirCor: PhysioNet 2016 has no murmur labels, so all are masked.
+    """
+    if fmt == "circor2022":
+        return read_circor(root, unknown_murmur=unknown_murmur, policy=policy)
+    if fmt == "physionet2016":
+        return read_physionet2016(root, policy=policy)
+    raise ConfigError(f"format={fmt!r} is not one of: {', '.join(FORMATS)}")

@@ -1,0 +1,237 @@
+"""The synthetic generator: CirCor's byte layout, determinism, label model, and signals that carry the labels."""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import scipy.signal
+
+from ignite_trainer.data import synthetic
+from ignite_trainer.data.synthetic import (CSV_COLUMNS, ensure_embedded_dataset, sample_patient,
+                                           synthesize_recording, write_synthetic)
+from ignite_trainer.data.wav import read_wav, wav_info
+
+SEED = 7
+N_PATIENTS = 30
+TXT_KEYS = ["Age", "Sex", "Height", "Weight", "Pregnancy status", "Murmur", "Murmur locations", "Most audible location",
+            "Systolic murmur timing", "Systolic murmur shape", "Systolic murmur grading", "Systolic murmur pitch",
+            "Systolic murmur quality", "Diastolic murmur timing", "Diastolic murmur shape", "Diastolic murmur grading",
+            "Diastolic murmur pitch", "Diastolic murmur quality", "Campaign", "Additional ID", "Outcome"]
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> Path:
+    return write_synthetic(tmp_path_factory.mktemp("synthetic") / "set", N_PATIENTS, SEED)
+
+
+@pytest.fixture(scope="module")
+def patients() -> list[synthetic.SyntheticPatient]:
+    return [sample_patient(SEED, i) for i in range(N_PATIENTS)]
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+# ---------------------------------------------------------------------------------------------- layout
+def test_patient_file_has_circor_layout(dataset: Path, patients) -> None:
+    for patient in patients:
+        lines = (dataset / "training_data" / f"{patient.patient_id}.txt").read_text().split("\n")
+        assert lines[-1] == "" and lines[0] == f"{patient.patient_id} {len(patient.recordings)} 4000"
+        rec_lines = lines[1:1 + len(patient.recordings)]
+        for line, plan in zip(rec_lines, patient.recordings):
+            assert line == f"{plan.location} {plan.name}.hea {plan.name}.wav {plan.name}.tsv"
+        fields = lines[1 + len(patient.recordings):-1]
+        assert [f.split(":", 1)[0] for f in fields] == [f"#{k}" for k in TXT_KEYS]
+        values = dict(f[1:].split(": ", 1) for f in fields)
+        assert values["Murmur"] == patient.murmur and values["Outcome"] == patient.outcome
+        if patient.murmur == "Present":
+            assert values["Murmur locations"] == "+".join(patient.murmur_locations)
+            assert values["Most audible location"] in patient.murmur_locations
+            assert {values["Systolic murmur timing"], values["Diastolic murmur timing"]} != {"nan"}
+        else:
+            assert values["Murmur locations"] == "nan" and values["Systolic murmur grading"] == "nan"
+
+
+def test_recording_files_have_circor_layout(dataset: Path, patients) -> None:
+    data = dataset / "training_data"
+    n_files = 0
+    for patient in patients:
+        assert 1 <= len(patient.locations) <= 4
+        for plan in patient.recordings:
+            rate, n = wav_info(data / f"{plan.name}.wav")
+            assert rate == 4000 and n == round(plan.duration_s * 4000) and 5 * 4000 <= n <= 40 * 4000
+            assert (data / f"{plan.name}.hea").read_text() == (
+                f"{plan.name} 1 4000 {n}\n{plan.name}.wav 16+44 1 16 0 0 0 0 {plan.location}\n")
+            rows = np.loadtxt(data / f"{plan.name}.tsv", ndmin=2)
+            assert rows[0, 0] == 0 and rows[-1, 1] == pytest.approx(n / 4000)
+            np.testing.assert_array_equal(rows[1:, 0], rows[:-1, 1])  # contiguous
+            states = rows[:, 2].astype(int).tolist()
+            core = states[1:] if states[0] == 0 else states  # unannotated only before the first full beat
+            core = core[:-1] if core[-1] == 0 else core  # and after the last
+            assert core == [1, 2, 3, 4] * (len(core) // 4) and len(core) >= 4 * 4
+            n_files += 1
+    assert n_files == len(list(data.glob("*.wav")))
+
+
+def test_csv_has_the_real_column_names_and_matches_the_txt(dataset: Path, patients) -> None:
+    with open(dataset / "training_data.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert tuple(rows[0].keys()) == CSV_COLUMNS
+    assert [r["Patient ID"] for r in rows] == [p.patient_id for p in patients]
+    for row, patient in zip(rows, patients):
+        assert row["Outcome"] == patient.outcome and row["Murmur"] == patient.murmur
+        assert row["Recording locations:"] == "+".join(r.location for r in patient.recordings)
+
+
+def test_physionet2016_layout(tmp_path: Path) -> None:
+    root = write_synthetic(tmp_path / "p", 7, SEED, fmt="physionet2016")
+    references = sorted(root.glob("training-*/REFERENCE.csv"))
+    rows = [line.split(",") for ref in references for line in ref.read_text().splitlines()]
+    assert len(rows) == 7 and {v for _, v in rows} <= {"1", "-1"}
+    for ref in references:
+        for name, _ in (line.split(",") for line in ref.read_text().splitlines()):
+            assert name.startswith(ref.parent.name[-1]) and wav_info(ref.parent / f"{name}.wav")[0] == 2000
+
+
+# ---------------------------------------------------------------------------------------------- determinism
+def test_same_seed_same_bytes_different_seed_different(tmp_path: Path) -> None:
+    a = _files(write_synthetic(tmp_path / "a", 5, seed=3))
+    b = _files(write_synthetic(tmp_path / "b", 5, seed=3))
+    c = _files(write_synthetic(tmp_path / "c", 5, seed=4))
+    assert a == b
+    wavs_a = {v for k, v in a.items() if k.endswith(".wav")}
+    wavs_c = {v for k, v in c.items() if k.endswith(".wav")}
+    assert wavs_a and not wavs_a & wavs_c
+
+
+def test_each_patient_is_generated_independently_of_the_others(dataset: Path, patients) -> None:
+    """Seeding per (seed, patient index) lets any subset be generated alone, in any order, with the same bytes."""
+    patient = patients[N_PATIENTS - 1]
+    assert sample_patient(SEED, N_PATIENTS - 1) == patient
+    samples, _ = synthesize_recording(patient, 0, SEED)
+    _, stored = read_wav(dataset / "training_data" / f"{patient.recordings[0].name}.wav")
+    np.testing.assert_array_equal(samples.astype(np.float32) / 32768, stored)
+
+
+# ---------------------------------------------------------------------------------------------- label model
+def test_class_balance_is_near_circor() -> None:
+    drawn = [sample_patient(2022, i) for i in range(2000)]
+    share = lambda pred: np.mean([pred(p) for p in drawn])  # noqa: E731
+    assert share(lambda p: p.outcome == "Abnormal") == pytest.approx(0.48, abs=0.04)
+    assert share(lambda p: p.murmur == "Present") == pytest.approx(0.19, abs=0.03)
+    assert share(lambda p: p.murmur == "Unknown") == pytest.approx(0.07, abs=0.02)
+    assert 3.1 < np.mean([len(p.recordings) for p in drawn]) < 3.6
+    assert any(r.name.endswith("_1") for p in drawn for r in p.recordings)
+    assert any("Phc" in p.locations for p in drawn)
+
+
+def test_heart_is_not_a_copy_of_murmur() -> None:
+    drawn = [sample_patient(2022, i) for i in range(1000)]
+    known = [p for p in drawn if p.murmur != "Unknown"]
+    agree = np.mean([(p.murmur == "Present") == (p.outcome == "Abnormal") for p in known])
+    assert 0.4 < agree < 0.8
+    assert any(p.murmur == "Present" and p.outcome == "Normal" for p in known)  # innocent murmurs
+    assert any(p.murmur == "Absent" and p.outcome == "Abnormal" and p.cues for p in known)  # S3, split, rhythm
+    flipped = np.mean([p.abnormal != (p.outcome == "Abnormal") for p in drawn])
+    assert 0.06 < flipped < 0.12  # label noise
+
+
+def test_murmurs_only_at_listed_locations_and_unknown_never_described() -> None:
+    for p in (sample_patient(5, i) for i in range(300)):
+        assert set(p.murmur_locations) <= set(p.locations)
+        if p.murmur == "Present":
+            assert p.murmurs and p.most_audible in p.murmur_locations
+        if p.murmur == "Absent":
+            assert not p.murmurs and not p.murmur_locations
+
+
+# ---------------------------------------------------------------------------------------------- signals
+def _band_power_ratio(wav: Path, tsv: Path, band: tuple[float, float], state: int,
+                      first_s: float | None = None) -> float:
+    """Mean power in ``band`` inside segments of ``state`` (optionally their first ``first_s``), relative to S1."""
+    rate, x = read_wav(wav)
+    sos = scipy.signal.butter(4, band, btype="band", fs=rate, output="sos")
+    power = scipy.signal.sosfiltfilt(sos, x.astype(np.float64)) ** 2
+    rows = np.loadtxt(tsv, ndmin=2)
+
+    def mean_in(wanted: int, limit: float | None = None) -> float:
+        parts = []
+        for start, end, s in rows:
+            if s == wanted:
+                a = int(round(start * rate))
+                b = int(round(end * rate)) if limit is None else min(int(round(end * rate)), a + int(limit * rate))
+                parts.append(power[a:b])
+        return float(np.concatenate(parts).mean())
+
+    return mean_in(state, first_s) / mean_in(1)
+
+
+def test_systolic_murmur_adds_band_energy_inside_systole(dataset: Path, patients) -> None:
+    data = dataset / "training_data"
+    with_murmur, without = [], []
+    for p in patients:
+        for plan in p.recordings:
+            ratio = _band_power_ratio(data / f"{plan.name}.wav", data / f"{plan.name}.tsv", (60, 300), state=2)
+            if p.murmur == "Present" and plan.location in p.murmur_locations and \
+                    any(m.phase == "systole" for m in p.murmurs):
+                with_murmur.append(ratio)
+            elif p.murmur == "Absent":
+                without.append(ratio)
+    assert len(with_murmur) >= 5 and len(without) >= 20
+    assert np.median(with_murmur) > 10 * np.median(without)
+    assert np.mean(np.array(with_murmur) > np.median(without)) == 1.0
+
+
+def test_s3_gallop_adds_low_frequency_energy_early_in_diastole(tmp_path: Path) -> None:
+    """The same patients rendered with and without their S3: 30-60 Hz power right after S2 must jump."""
+    gallops = [p for p in (sample_patient(1, i) for i in range(300)) if "s3" in p.cues and not p.murmurs][:8]
+    assert len(gallops) == 8
+    gains = []
+    for p in gallops:
+        ratios = []
+        for variant in (p, dataclasses.replace(p, cues=tuple(c for c in p.cues if c != "s3"), s3_gain=0.0)):
+            samples, segments = synthesize_recording(variant, 0, 1)
+            wav, tsv = tmp_path / "r.wav", tmp_path / "r.tsv"
+            synthetic.write_wav(wav, 4000, samples)
+            tsv.write_text("".join(f"{a}\t{b}\t{s}\n" for a, b, s in segments))
+            ratios.append(_band_power_ratio(wav, tsv, (30, 60), state=4, first_s=0.12))
+        gains.append(ratios[0] / max(ratios[1], 1e-9))
+    assert np.median(gains) > 10 and np.mean(np.array(gains) > 1.5) >= 0.75
+
+
+# ---------------------------------------------------------------------------------------------- embedded cache
+def test_embedded_dataset_is_generated_once_then_reused(tmp_path: Path, monkeypatch) -> None:
+    calls = []
+    real = synthetic.write_synthetic
+
+    def counting(out_dir, n_patients, seed, fmt="circor2022"):
+        calls.append(Path(out_dir))
+        return real(out_dir, n_patients, seed, fmt)
+
+    monkeypatch.setattr(synthetic, "write_synthetic", counting)
+    first = ensure_embedded_dataset(tmp_path, 4, 9)
+    assert first == tmp_path / "synthetic" / "circor2022-p4-s9"
+    assert (first / "training_data.csv").is_file() and len(list((first / "training_data").glob("*.txt"))) == 4
+    assert calls and calls[0] != first  # written elsewhere, then moved into place
+    assert ensure_embedded_dataset(tmp_path, 4, 9) == first and len(calls) == 1
+    assert sorted(os.listdir(tmp_path / "synthetic")) == ["circor2022-p4-s9"]
+
+
+def test_a_killed_generation_leaves_no_dataset_behind(tmp_path: Path, monkeypatch) -> None:
+    def dies_halfway(out_dir, n_patients, seed, fmt="circor2022"):
+        (Path(out_dir) / "training_data").mkdir(parents=True)
+        (Path(out_dir) / "training_data" / "1000.txt").write_text("1000 1 4000\n")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(synthetic, "write_synthetic", dies_halfway)
+    with pytest.raises(KeyboardInterrupt):
+        ensure_embedded_dataset(tmp_path, 4, 9)
+    assert os.listdir(tmp_path / "synthetic") == []
+    monkeypatch.undo()
+    assert (ensure_embedded_dataset(tmp_path, 4, 9) / "training_data.csv").is_file()
