@@ -121,6 +121,91 @@ def synth(out_dir: str, patients: int, seed: int, fmt: str) -> None:
     click.echo(f"wrote {patients} synthetic patients ({fmt}) to {path}")
 
 
+_UNKNOWN_MARGIN = click.option(
+    "--unknown-margin", type=click.FloatRange(0.0, 0.5), default=0.1, show_default=True,
+    help="Murmur probabilities within this distance of the murmur threshold are called Unknown (2022 scoring).")
+_DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+                       help="Where to run the model.")
+
+
+@cli.command()
+@click.argument("model_path", metavar="RUN_DIR|CHECKPOINT", type=click.Path())
+@click.option("--data", type=click.Path(), default=None, help="Labelled dataset folder [the run's own data].")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Layout of --data [detected].")
+@click.option("--split", type=click.Choice(["val", "all"]), default=None,
+              help="Patients to score: the run's validation split or all [val without --data, all with it].")
+@click.option("--aggregation", type=click.Choice(["mean", "any"]), default=None,
+              help="Recordings -> patients: mean probability or any recording positive [the run's].")
+@_UNKNOWN_MARGIN
+@click.option("--output-dir", type=click.Path(file_okay=False), default=None, help="Report folder [RUN_DIR/report].")
+@_DEVICE
+def evaluate(model_path: str, data: str | None, fmt: str | None, split: str | None, aggregation: str | None,
+             unknown_margin: float, output_dir: str | None, device: str) -> None:
+    """Score a model per window, recording and patient; write report/metrics.json, patients.csv, report.md."""
+    from ignite_trainer.evaluation import evaluate as run_evaluation
+
+    result = run_evaluation(model_path, data=data, fmt=fmt, split=split, aggregation=aggregation,
+                            unknown_margin=unknown_margin, out_dir=output_dir, device=device)
+    print_evaluation(result)
+
+
+def print_evaluation(result: dict[str, Any]) -> None:
+    counts, t, ch = result["counts"], result["thresholds"], result["challenge"]
+    click.echo(f"{result['data']} ({result['split']}): {counts['patient']} patients, {counts['recording']} recordings, "
+               f"{counts['window']} windows; thresholds heart {t['heart']:.3f} murmur {t['murmur']:.3f}"
+               + ("" if result["thresholds_tuned"] else " (default)"))
+    names = ["accuracy", "precision", "recall", "specificity", "f1", "auroc", "auprc"]
+    click.echo(f"{'patients':<10}" + "".join(f"{n:>12}" for n in names))
+    for label in ("heart", "murmur"):
+        scores = result["levels"]["patient"][label]
+        click.echo(f"{label:<10}" + "".join(f"{scores[n]:>12.3f}" for n in names))
+    for name, key in (("2016 MAcc (heart, recordings)", "heart_macc"),
+                      ("2022 murmur weighted accuracy", "murmur_weighted_accuracy"),
+                      ("2022 outcome cost", "outcome_cost")):
+        value = ch[key]
+        click.echo(f"{name}: {'n/a' if value is None else f'{value:.3f}'}")
+    click.echo(f"report: {result['files']['report']}")
+
+
+@cli.command()
+@click.argument("model_path", metavar="CHECKPOINT", type=click.Path())
+@click.argument("inputs", metavar="PATH...", nargs=-1, required=True, type=click.Path())
+@click.option("--output", type=click.Path(dir_okay=False), default=None, help="CSV file [stdout].")
+@click.option("--challenge-dir", type=click.Path(file_okay=False), default=None,
+              help="Also write the 2022 Challenge per-patient files <id>.csv here.")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Layout of dataset folders [detected].")
+@click.option("--aggregation", type=click.Choice(["mean", "any"]), default=None,
+              help="Recordings -> patients: mean probability or any recording positive [the run's].")
+@_UNKNOWN_MARGIN
+@_DEVICE
+def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challenge_dir: str | None, fmt: str | None,
+            aggregation: str | None, unknown_margin: float, device: str) -> None:
+    """Predict heart and murmur per recording and per patient for WAV files or dataset folders."""
+    from ignite_trainer.inference import predict as run_prediction
+    from ignite_trainer.inference import write_challenge_outputs, write_predictions_csv
+
+    result = run_prediction(model_path, list(inputs), fmt=fmt, aggregation=aggregation,
+                            unknown_margin=unknown_margin, device=device)
+    write_predictions_csv(result, output)
+    if challenge_dir is not None:
+        written = write_challenge_outputs(result, challenge_dir)
+        click.echo(f"wrote {len(written)} challenge file(s) to {challenge_dir}", err=True)
+    if output is not None:
+        click.echo(f"wrote {len(result.recordings)} recording and {len(result.patients)} patient row(s) to {output}",
+                   err=True)
+
+
+@cli.command()
+@click.argument("model_path", metavar="CHECKPOINT|RUN_DIR", type=click.Path())
+@click.argument("out_path", metavar="OUT.safetensors", type=click.Path(dir_okay=False))
+def export(model_path: str, out_path: str) -> None:
+    """Export the model weights as safetensors, with its config and thresholds in the metadata."""
+    from ignite_trainer.inference import export_safetensors
+
+    path = export_safetensors(model_path, out_path)
+    click.echo(f"exported {model_path} to {path}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input, 3 for an aborted training)."""
     try:

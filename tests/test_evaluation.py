@@ -1,0 +1,319 @@
+"""evaluate: scores wired to the right predictions, the run's own split, files that agree with each other.
+
+Also home of the one tiny trained run the evaluation, prediction and export tests share (`trained_run`):
+it is trained once per session and cached, so importing the fixture elsewhere costs nothing more.
+"""
+
+import contextlib
+import csv
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import cli
+from ignite_trainer.checkpoint import load_checkpoint
+from ignite_trainer.config import TrainConfig
+from ignite_trainer.data.datasets import split_patients
+from ignite_trainer.data.readers import read_recordings
+from ignite_trainer.data.synthetic import write_synthetic
+from ignite_trainer.errors import CheckpointError, DataError
+from ignite_trainer.evaluation import PATIENT_COLUMNS, challenge_scores, evaluate, level_scores
+from ignite_trainer.inference import find_best_checkpoint, load_trained_model, run_windows
+from ignite_trainer.predictions import LevelPredictions, murmur_classes, tune_thresholds
+from ignite_trainer.run import prepare_data, train
+from ignite_trainer.scores import (
+    auprc, auroc, binary_stats, macc, murmur_weighted_accuracy, outcome_cost,
+)
+
+
+# ---------------------------------------------------------------------------------------------- shared run
+@dataclass(frozen=True)
+class TrainedRun:
+    data: Path
+    run_dir: Path
+    checkpoint: Path
+    config: TrainConfig
+    thresholds: dict
+    base: Path
+
+
+def tiny_config(data: Path, base: Path, **changes) -> TrainConfig:
+    """Small features (8 mels, 50 frames/s at 1 kHz) keep a whole train + evaluate cycle to seconds."""
+    values = dict(data=str(data), epochs=2, batch_size=4, progress=False, cache_dir=str(base / "cache"),
+                  output_dir=str(base / "runs"), name="r", n_mels=8, sample_rate=1000, hop_ms=20.0, n_fft=64,
+                  window_seconds=4.0, val_fraction=0.34, device="cpu", early_stopping_patience=0)
+    values.update(changes)
+    return TrainConfig(**values)
+
+
+@contextlib.contextmanager
+def one_torch_thread():
+    """One torch thread: these models are tiny, and two OpenMP threads on a 2-core machine that is busy with
+    anything else spin against each other (measured: one evaluation 0.4 s with one thread, 18 s with two)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def single_thread():
+    with one_torch_thread():
+        yield
+
+
+#: One trained run per session, shared by every module that imports `trained_run` (a module global survives
+#: the second, imported copy of the session fixture that pytest registers per module).
+_RUNS: dict[str, TrainedRun] = {}
+
+
+def _train_once(base: Path) -> TrainedRun:
+    # Seed 4's first 12 synthetic patients hold Present, Unknown and Absent murmurs and both outcomes.
+    data = write_synthetic(base / "data", 12, 4)
+    config = tiny_config(data, base)
+    run_dir = Path(train(config)["run_dir"])
+    path = find_best_checkpoint(run_dir)
+    ckpt = load_checkpoint(path)
+    if ckpt.get("thresholds") is None:
+        # What the training wiring stores: thresholds tuned on the validation recordings.
+        recs = run_windows(load_trained_model(path), prepare_data(config).val).levels()[1]
+        ckpt["thresholds"] = tune_thresholds(recs.probs, recs.targets, recs.mask, "f1")
+        torch.save(ckpt, path)
+    return TrainedRun(data, run_dir, path, config, dict(ckpt["thresholds"]), base)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> TrainedRun:
+    if "run" not in _RUNS:
+        with one_torch_thread():  # session fixtures are set up before the module's single_thread
+            _RUNS["run"] = _train_once(tmp_path_factory.mktemp("trained"))
+    return _RUNS["run"]
+
+
+def circor_subset(src: Path, dst: Path, n_patients: int, strip_labels: bool = False) -> Path:
+    """Copy the first ``n_patients`` of a CirCor folder; ``strip_labels`` removes every label (a hidden test set)."""
+    out = dst / "training_data"
+    out.mkdir(parents=True)
+    for txt in sorted((src / "training_data").glob("*.txt"))[:n_patients]:
+        lines = txt.read_text().splitlines()
+        if strip_labels:
+            lines = [ln for ln in lines if not ln.startswith(("#Murmur", "#Outcome"))]
+        (out / txt.name).write_text("\n".join(lines) + "\n")
+        for line in lines[1:]:
+            if not line.startswith("#"):
+                for name in line.split()[1:]:
+                    shutil.copy(src / "training_data" / name, out / name)
+    return dst
+
+
+def read_csv(path: Path) -> list[dict]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+# ---------------------------------------------------------------------------------------------- score wiring
+def lp(probs, targets, mask=None, classes=None, level="patient"):
+    probs, targets = np.asarray(probs, float), np.asarray(targets, float)
+    n = len(probs)
+    return LevelPredictions(level, [f"p{i}" for i in range(n)], probs, targets,
+                            np.ones((n, 2), bool) if mask is None else np.asarray(mask, bool),
+                            [f"p{i}" for i in range(n)], classes or [None] * n, np.ones(n, dtype=np.int64))
+
+
+def test_level_scores_by_hand_with_masks_and_thresholds():
+    # heart at t=0.4: preds 1,1,0,0,1,0 vs truth 1,0,1,0,1,0 -> TP 2, FP 1, FN 1, TN 2.
+    # murmur at t=0.6, present only for the first four: preds 1,0,0,1 vs truth 1,1,0,0 -> TP 1 FP 1 FN 1 TN 1.
+    probs = [[0.9, 0.7], [0.4, 0.5], [0.3, 0.1], [0.1, 0.6], [0.8, 0.9], [0.2, 0.99]]
+    targets = [[1, 1], [0, 1], [1, 0], [0, 0], [1, 0], [0, 1]]
+    mask = [[1, 1], [1, 1], [1, 1], [1, 1], [1, 0], [1, 0]]
+    s = level_scores(lp(probs, targets, mask), {"heart": 0.4, "murmur": 0.6})
+    h, m = s["heart"], s["murmur"]
+    assert (h["tp"], h["fp"], h["fn"], h["tn"]) == (2, 1, 1, 2)
+    assert h["precision"] == pytest.approx(2 / 3) and h["recall"] == pytest.approx(2 / 3)
+    assert h["specificity"] == pytest.approx(2 / 3) and h["f1"] == pytest.approx(2 / 3)
+    assert h["macc"] == pytest.approx(2 / 3) and h["support"] == 6 and h["positives"] == 3
+    # AUROC: positives 0.9, 0.3, 0.8 vs negatives 0.4, 0.1, 0.2 -> 8 of 9 pairs ranked right.
+    assert h["auroc"] == pytest.approx(8 / 9)
+    assert (m["tp"], m["fp"], m["fn"], m["tn"], m["support"]) == (1, 1, 1, 1, 4)
+    assert m["accuracy"] == 0.5 and "macc" not in m
+    assert m["auroc"] == pytest.approx(0.75)  # positives 0.7, 0.5 vs negatives 0.1, 0.6: 3 of 4
+
+
+def test_level_scores_no_positives_and_all_positives_are_defined():
+    none = level_scores(lp([[0.2, 0.7], [0.6, 0.1]], [[0, 0], [0, 0]]), {"heart": 0.5, "murmur": 0.5})["heart"]
+    assert (none["precision"], none["recall"], none["f1"], none["auroc"]) == (0.0, 0.0, 0.0, 0.0)
+    assert none["specificity"] == 0.5
+    every = level_scores(lp([[0.2, 0.7], [0.6, 0.1]], [[1, 1], [1, 1]]), {"heart": 0.5, "murmur": 0.5})["heart"]
+    assert (every["recall"], every["specificity"], every["precision"], every["auprc"]) == (0.5, 0.0, 1.0, 0.0)
+
+
+def test_challenge_scores_three_class_band_and_outcome_cost_by_hand():
+    # Murmur threshold 0.3, margin 0.1 -> Unknown band [0.2, 0.4).
+    murmur = [0.9, 0.25, 0.3, 0.1, 0.35]  # -> Present, Unknown, Unknown, Absent, Unknown
+    classes = ["Present", "Present", "Unknown", "Absent", "Absent"]
+    heart = [0.8, 0.6, 0.2, 0.1, 0.4]  # t=0.5 -> 1, 1, 0, 0, 0 vs truth 1, 0, 1, 0, 0
+    probs = np.stack([heart, murmur], 1)
+    targets = [[1, 1], [0, 1], [1, 0], [0, 0], [0, 0]]
+    mask = [[1, 1], [1, 1], [1, 0], [1, 1], [1, 1]]
+    ch = challenge_scores(lp(probs, targets, mask, classes), {"heart": 0.5, "murmur": 0.3}, 0.1)
+    assert ch["murmur_scoring"] == "three_class"
+    assert ch["murmur_weighted_accuracy"] == pytest.approx((5 * 1 + 3 * 1 + 1 * 1) / (5 * 2 + 3 * 1 + 1 * 2))
+    assert ch["murmur_unknown_band"] == pytest.approx([0.2, 0.4])
+    # TP 1, FP 1, FN 1, TN 2, n 5, s = 2/5.
+    expert = (25 + 397 * 0.4 - 1718 * 0.4**2 + 11296 * 0.4**4) * 5
+    assert ch["outcome_cost"] == pytest.approx((10 * 5 + expert + 10000 * 1 + 50000 * 1) / 5)
+    assert ch["outcome_cost"] == pytest.approx(12208.0976)
+
+
+def test_challenge_scores_binary_form_without_unknown_and_none_without_labels():
+    murmur = [0.9, 0.25, 0.3, 0.1, 0.35]  # t=0.3 -> 1, 0, 1, 0, 1 vs truth 1, 1, 0, 0, 0
+    probs = np.stack([[0.5] * 5, murmur], 1)
+    targets = [[1, 1], [1, 1], [1, 0], [1, 0], [1, 0]]
+    ch = challenge_scores(lp(probs, targets), {"heart": 0.5, "murmur": 0.3}, 0.1)
+    assert ch["murmur_scoring"] == "binary"
+    assert ch["murmur_weighted_accuracy"] == pytest.approx((5 * 1 + 1) / (5 * 2 + 3))  # TP 1, FN 1, FP 2, TN 1
+    no_murmur = challenge_scores(lp(probs, targets, [[1, 0]] * 5), {"heart": 0.5, "murmur": 0.3}, 0.1)
+    assert no_murmur["murmur_weighted_accuracy"] is None and no_murmur["murmur_scoring"] is None
+    assert no_murmur["outcome_cost"] == pytest.approx(outcome_cost([1] * 5, [1] * 5))
+
+
+# ---------------------------------------------------------------------------------------------- on a trained run
+def test_evaluate_reproduces_the_runs_validation_split_with_its_thresholds(trained_run):
+    result = evaluate(trained_run.run_dir, figures=False)
+    config = trained_run.config
+    _, val = split_patients(read_recordings(trained_run.data, "circor2022"), config.val_fraction, config.seed,
+                            n_folds=config.n_folds, fold=config.fold)
+    rows = read_csv(Path(result["files"]["patients"]))
+    assert [r["patient_id"] for r in rows] == list(dict.fromkeys(r.patient_id for r in val))
+    assert result["counts"]["recording"] == len(val) and result["split"] == "val"
+    assert result["thresholds"] == trained_run.thresholds and result["thresholds_tuned"]
+    assert Path(result["files"]["metrics"]) == trained_run.run_dir / "report" / "metrics.json"
+    assert json.loads((trained_run.run_dir / "report" / "metrics.json").read_text()) == json.loads(json.dumps(result))
+    for r in rows:
+        for label in ("heart", "murmur"):
+            assert int(r[f"{label}_pred"]) == int(float(r[f"{label}_prob"]) >= trained_run.thresholds[label])
+
+
+def test_patients_csv_agrees_with_metrics_json(trained_run, tmp_path):
+    result = evaluate(trained_run.run_dir, split="all", out_dir=tmp_path, figures=False)
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    with open(tmp_path / "patients.csv", newline="") as f:
+        reader = csv.DictReader(f)
+        assert tuple(reader.fieldnames) == PATIENT_COLUMNS
+        rows = list(reader)
+    assert len(rows) == metrics["counts"]["patient"] == 12
+    assert any(r["murmur_true"] == "" for r in rows)  # Unknown murmurs are masked: empty truth
+
+    t = metrics["thresholds"]
+    for label in ("heart", "murmur"):
+        present = [r for r in rows if r[f"{label}_true"] != ""]
+        y = np.array([int(r[f"{label}_true"]) for r in present])
+        p = np.array([float(r[f"{label}_prob"]) for r in present])
+        pred = np.array([int(r[f"{label}_pred"]) for r in present])
+        np.testing.assert_array_equal(pred, p >= t[label])
+        expected = {**binary_stats(y, pred), "auroc": auroc(y, p), "auprc": auprc(y, p)}
+        for key, value in expected.items():
+            assert metrics["levels"]["patient"][label][key] == pytest.approx(value), (label, key)
+    heart = metrics["levels"]["patient"]["heart"]
+    assert heart["macc"] == pytest.approx(macc(heart["sensitivity"], heart["specificity"]))
+
+    ch = metrics["challenge"]
+    assert ch["murmur_scoring"] == "three_class"  # the truth holds Unknown patients
+    truth = ["Unknown" if r["murmur_true"] == "" else "Present" if r["murmur_true"] == "1" else "Absent" for r in rows]
+    calls = murmur_classes([float(r["murmur_prob"]) for r in rows], t["murmur"], metrics["unknown_margin"])
+    assert ch["murmur_weighted_accuracy"] == pytest.approx(murmur_weighted_accuracy(truth, calls))
+    heart_y = [int(r["heart_true"]) for r in rows]
+    assert ch["outcome_cost"] == pytest.approx(outcome_cost(heart_y, [int(r["heart_pred"]) for r in rows]))
+    assert ch["heart_macc"] == metrics["levels"]["recording"]["heart"]["macc"]
+    assert result["levels"] == metrics["levels"]
+
+
+def test_aggregation_mean_and_any_over_recordings(trained_run, tmp_path):
+    means = evaluate(trained_run.run_dir, out_dir=tmp_path / "mean", figures=False)
+    anys = evaluate(trained_run.run_dir, aggregation="any", out_dir=tmp_path / "any", figures=False)
+    assert means["aggregation"] == "mean" and anys["aggregation"] == "any"
+    recordings = read_csv(tmp_path / "mean" / "recordings.csv")
+    assert recordings == read_csv(tmp_path / "any" / "recordings.csv")  # windows -> recordings is always the mean
+    for how, reduce in (("mean", np.mean), ("any", np.max)):
+        for row in read_csv(tmp_path / how / "patients.csv"):
+            mine = [r for r in recordings if r["patient_id"] == row["patient_id"]]
+            for label in ("heart", "murmur"):
+                expected = reduce([float(r[f"{label}_prob"]) for r in mine])
+                assert float(row[f"{label}_prob"]) == pytest.approx(expected, rel=1e-12)
+    assert sum(int(r["windows"]) for r in recordings) == means["counts"]["window"]
+
+
+def test_evaluate_writes_report_with_figures(trained_run):
+    result = evaluate(trained_run.run_dir)
+    report = trained_run.run_dir / "report"
+    text = (report / "report.md").read_text()
+    assert len(result["files"]["figures"]) == 5  # confusion and ROC/PR per label, training curves
+    for fig in result["files"]["figures"]:
+        assert Path(fig).stat().st_size > 10_000 and f"figures/{Path(fig).name}" in text
+
+
+def test_evaluate_on_a_labelless_folder_says_use_predict(trained_run, tmp_path):
+    folder = circor_subset(trained_run.data, tmp_path / "hidden", 2, strip_labels=True)
+    with pytest.raises(DataError, match="has no labels; use predict"):
+        evaluate(trained_run.run_dir, data=folder)
+    wavs = tmp_path / "wavs"
+    wavs.mkdir()
+    shutil.copy(next((trained_run.data / "training_data").glob("*.wav")), wavs)
+    with pytest.raises(DataError, match="has no labels; use predict"):
+        evaluate(trained_run.run_dir, data=wavs)
+
+
+def test_evaluate_on_another_labelled_folder_uses_all_of_it(trained_run, tmp_path):
+    folder = circor_subset(trained_run.data, tmp_path / "other", 3)
+    result = evaluate(trained_run.run_dir, data=folder, out_dir=tmp_path / "out", figures=False)
+    assert result["split"] == "all" and result["counts"]["patient"] == 3
+    assert result["data"] == str(folder)
+
+
+def _edited_checkpoint(trained_run, tmp_path, edit):
+    ckpt = load_checkpoint(trained_run.checkpoint)
+    edit(ckpt)
+    path = tmp_path / "edited.pt"
+    torch.save(ckpt, path)
+    return path
+
+
+@pytest.mark.parametrize("edit, message", [
+    (lambda c: c["config"].update(n_mels=32),
+     r"weights do not fit model AttentionCNN .*shape mismatch.*feature setting"),
+    (lambda c: c["config"].update(model="mean_pool_cnn"), r"weights do not fit model MeanPoolCNN .*unexpected key"),
+    (lambda c: c["config"].update(model="no_such_model"),
+     r"cannot rebuild its model .*'no_such_model' is not registered"),
+    (lambda c: c.pop("config"), r"holds no training config"),
+    (lambda c: c["config"].update(batch_sizes=3),
+     r"training config is not usable .*unknown config field 'batch_sizes'"),
+    (lambda c: c.update(thresholds={"heart": 2.0}), r"thresholds .* are not one number in \[0, 1\]"),
+])
+def test_a_checkpoint_that_does_not_fit_gets_one_clear_line(trained_run, tmp_path, edit, message):
+    path = _edited_checkpoint(trained_run, tmp_path, edit)
+    with pytest.raises(CheckpointError, match=message) as info:
+        load_trained_model(path)
+    assert "\n" not in str(info.value) and str(path) in str(info.value)
+
+
+def test_a_checkpoint_without_thresholds_falls_back_to_half(trained_run, tmp_path):
+    path = _edited_checkpoint(trained_run, tmp_path, lambda c: c.pop("thresholds"))
+    loaded = load_trained_model(path)
+    assert loaded.thresholds == {"heart": 0.5, "murmur": 0.5} and not loaded.thresholds_tuned
+    assert loaded.run_dir is None
+
+
+def test_cli_evaluate_prints_scores_and_errors_are_one_line(trained_run, tmp_path, capsys):
+    assert cli.main(["evaluate", str(trained_run.checkpoint), "--output-dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "2022 murmur weighted accuracy" in out and str(tmp_path / "report.md") in out
+    assert cli.main(["evaluate", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: {tmp_path / 'missing'}: no such run directory or checkpoint file"]

@@ -1,0 +1,126 @@
+"""report: PNG figures that hold something, and report.md tables and links that match the results."""
+
+import json
+import re
+from pathlib import Path
+
+import matplotlib
+import numpy as np
+from matplotlib.image import imread
+
+from ignite_trainer.evaluation import challenge_scores, level_scores
+from ignite_trainer.predictions import LevelPredictions
+from ignite_trainer.report import (
+    plot_confusion_matrices, plot_roc_pr, plot_training_curves, read_metrics_log, write_report,
+)
+
+
+def level(name, probs, targets, mask=None, classes=None):
+    probs, targets = np.asarray(probs, float), np.asarray(targets, float)
+    n = len(probs)
+    return LevelPredictions(name, [f"{name}{i}" for i in range(n)], probs, targets,
+                            np.ones((n, 2), bool) if mask is None else np.asarray(mask, bool),
+                            [f"p{i}" for i in range(n)], classes or [None] * n, np.ones(n, dtype=np.int64))
+
+
+def _levels():
+    rng = np.random.default_rng(0)
+    out = {}
+    for name, n in (("window", 60), ("recording", 20), ("patient", 8)):
+        y = (np.arange(n) % 2).astype(float)
+        p = np.clip(0.3 + 0.4 * y + rng.normal(0, 0.2, n), 0, 1)
+        out[name] = level(name, np.stack([p, p[::-1]], 1), np.stack([y, y[::-1]], 1))
+    return out
+
+
+def _drawn(path: Path) -> np.ndarray:
+    """The image as an array, checked to be a real PNG with more than a blank canvas."""
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    image = imread(path)
+    assert image.shape[0] > 200 and image.shape[1] > 400
+    assert image[..., :3].std() > 0.05  # not a blank page
+    return image
+
+
+def test_confusion_matrices_figure(tmp_path):
+    scores = {"recording": {"tp": 3, "fp": 1, "fn": 2, "tn": 4, "threshold": 0.4},
+              "patient": {"tp": 0, "fp": 0, "fn": 0, "tn": 0, "threshold": 0.4}}  # an empty level must not crash
+    image = _drawn(plot_confusion_matrices(scores, "heart", tmp_path / "cm.png"))
+    assert image.shape[1] > image.shape[0]  # panels side by side
+
+
+def test_roc_pr_figure_handles_single_class_levels(tmp_path):
+    levels = _levels()
+    levels["patient"] = level("patient", [[0.2, 0.2], [0.7, 0.7]], [[1, 1], [1, 1]])  # one class: no curve
+    _drawn(plot_roc_pr(levels, "murmur", tmp_path / "roc.png"))
+
+
+def test_training_curves_from_metrics_log(tmp_path):
+    log = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"epoch": e, "train_loss": 1 / e, "val_loss": 1.2 / e, "lr": 1e-3 / e, "macro_f1": 0.1 * e,
+                         "heart": {"f1": 0.1 * e}, "murmur": {"f1": None}}) for e in range(1, 5)]
+    log.write_text("\n".join(lines) + '\n{"epoch": 5, "train_lo')  # a line cut by a kill
+    assert [r["epoch"] for r in read_metrics_log(log)] == [1, 2, 3, 4]
+    _drawn(plot_training_curves(log, tmp_path / "curves.png"))
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert plot_training_curves(empty, tmp_path / "none.png") is None
+    assert not (tmp_path / "none.png").exists()
+
+
+def test_report_does_not_touch_the_global_backend(tmp_path):
+    before = matplotlib.get_backend()
+    plot_roc_pr(_levels(), "heart", tmp_path / "roc.png")
+    assert matplotlib.get_backend() == before
+
+
+def _results(levels, thresholds):
+    return {
+        "model": "m.pt", "epoch": 3, "data": "d", "format": "circor2022", "split": "val", "aggregation": "mean",
+        "thresholds": thresholds, "thresholds_tuned": True, "threshold_objective": "f1", "unknown_margin": 0.1,
+        "counts": {k: len(v) for k, v in levels.items()},
+        "levels": {k: level_scores(v, thresholds) for k, v in levels.items()},
+        "challenge": {"heart_macc": 0.5, **challenge_scores(levels["patient"], thresholds, 0.1)},
+        "warnings": ["x.wav: 1.00 s is shorter than one 4 s window; zero-padded to one window"],
+    }
+
+
+def test_report_md_tables_and_links(tmp_path):
+    levels = _levels()
+    thresholds = {"heart": 0.45, "murmur": 0.55}
+    results = _results(levels, thresholds)
+    log = tmp_path / "metrics.jsonl"
+    log.write_text(json.dumps({"epoch": 1, "train_loss": 0.7, "val_loss": 0.6, "lr": 1e-3, "macro_f1": 0.2,
+                               "heart": {"f1": 0.3}, "murmur": {"f1": 0.1}}) + "\n")
+    figures = write_report(tmp_path, results, levels, log)
+    text = (tmp_path / "report.md").read_text()
+
+    assert {p.name for p in figures} == {"confusion_heart.png", "confusion_murmur.png", "roc_pr_heart.png",
+                                         "roc_pr_murmur.png", "training_curves.png"}
+    for link in re.findall(r"\]\((figures/[^)]+)\)", text):
+        assert (tmp_path / link).is_file()
+    patient_section = text.split("## Patients")[1].split("##")[0]
+    heart_row = next(line for line in patient_section.splitlines() if line.startswith("| heart"))
+    cells = [c.strip() for c in heart_row.strip("|").split("|")]
+    s = results["levels"]["patient"]["heart"]
+    assert cells[1] == str(s["support"]) and cells[7] == f"{s['f1']:.3f}" and cells[8] == f"{s['auroc']:.3f}"
+    assert cells[10] == f"{s['macc']:.3f}"
+    assert "heart 0.450, murmur 0.550 (tuned on the validation recordings (f1))" in text
+    assert "binary 5/1" in text  # no Unknown in the truth
+    assert "zero-padded" in text.split("## Warnings")[1]
+
+
+def test_report_without_figures_writes_only_markdown(tmp_path):
+    levels = _levels()
+    write_report(tmp_path, _results(levels, {"heart": 0.5, "murmur": 0.5}), levels, None, figures=False)
+    assert (tmp_path / "report.md").is_file() and not (tmp_path / "figures").exists()
+    assert "![" not in (tmp_path / "report.md").read_text()
+
+
+def test_report_names_the_unknown_band_for_three_class_scoring(tmp_path):
+    classes = ["Present", "Unknown", "Absent", "Absent"]
+    levels = _levels()
+    levels["patient"] = level("patient", [[0.5, 0.9]] * 4, [[1, 1], [0, 0], [0, 0], [1, 0]],
+                              [[True, True], [True, False], [True, True], [True, True]], classes)
+    write_report(tmp_path, _results(levels, {"heart": 0.5, "murmur": 0.3}), levels, figures=False)
+    assert "Unknown for murmur probability in [0.200, 0.400)" in (tmp_path / "report.md").read_text()
