@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from ignite.engine import Engine
 
-from ignite_trainer.checkpoint import RNGStates, clean_partial_files, find_resume_checkpoint, load_checkpoint, load_model_weights
+from ignite_trainer.checkpoint import RNGStates, Snapshot, clean_partial_files, find_resume_checkpoint, load_checkpoint, load_model_weights
 from ignite_trainer.config import TrainConfig, config_conflicts
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.datasets import EvalWindows, TrainWindows, split_patients
@@ -50,6 +50,7 @@ from ignite_trainer.handlers import (
 from ignite_trainer.losses import WeightedBCELoss
 from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
 from ignite_trainer.models import build_model
+from ignite_trainer.predictions import PredictionCollector, attach_pr_curves, attach_threshold_tuning
 
 log = logging.getLogger("ignite_trainer")
 
@@ -215,17 +216,19 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
     cache = FeatureCache(data.cache_dir, data.settings)
     train_loader = make_train_loader(TrainWindows(data.train, cache, config.window_seconds), config.batch_size,
                                      config.num_workers, device)
-    val_loader = make_eval_loader(EvalWindows(data.val, cache, config.window_seconds), config.batch_size,
-                                  config.num_workers, device)
+    val_dataset = EvalWindows(data.val, cache, config.window_seconds)
+    val_loader = make_eval_loader(val_dataset, config.batch_size, config.num_workers, device)
 
     scaler = torch.amp.GradScaler("cuda") if config.amp and device.type == "cuda" else None
     trainer = create_trainer(model, optimizer, loss_fn, device, gradient_clip=config.gradient_clip, amp=config.amp,
                              accumulation_steps=config.accumulation_steps, scaler=scaler)
     evaluator = create_evaluator(model, {"val_loss": MaskedLoss(loss_fn, device=device),
-                                         "labels": PerLabelMetrics(device=device)}, device, amp=config.amp)
+                                         "labels": PerLabelMetrics(device=device),
+                                         "predictions": PredictionCollector(device=device)}, device, amp=config.amp)
     attach_sampler_epoch(trainer, train_loader)
     attach_nan_guard(trainer, where=f"; resume from the last good checkpoint with --resume {run_dir}")
     attach_validation(trainer, evaluator, val_loader)
+    attach_threshold_tuning(trainer, "predictions", config.threshold_objective, val_dataset)  # before the best checkpoint
 
     to_save: dict[str, Any] = {
         "model_state_dict": model,
@@ -233,6 +236,7 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
         "trainer": trainer,
         "rng": RNGStates(),
         **training_state(trainer, config.to_dict()),
+        "thresholds": Snapshot(lambda: getattr(trainer.state, "thresholds", None)),
     }
     if scaler is not None:
         to_save["scaler"] = scaler
@@ -250,6 +254,7 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
     if rank == 0:
         attach_metrics_log(trainer, optimizer, run_dir / "metrics.jsonl")
         tb = attach_tensorboard(trainer, optimizer, run_dir / "tb", purge_step=purge_step)
+        attach_pr_curves(trainer, tb, "predictions", val_dataset)
         if config.progress:
             attach_progress_bar(trainer)
     if setup is not None:
@@ -270,6 +275,8 @@ def restore(path: Path, device: torch.device, model: torch.nn.Module, objects: d
         if key in ("model_state_dict", "rng"):
             continue
         if key not in ckpt:
+            if isinstance(obj, Snapshot):  # a plain value added in a later version: nothing to restore
+                continue
             raise CheckpointError(f"{path}: checkpoint lacks '{key}'; it cannot resume this run exactly")
         obj.load_state_dict(ckpt[key])
     objects["rng"].load_state_dict(ckpt["rng"])  # last, so nothing above draws from the restored generators
@@ -310,3 +317,6 @@ def setup_logging(path: Path) -> None:
         stream.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(stream)
     logger.setLevel(logging.INFO)
+    for name in ("ignite.distributed.launcher.Parallel", "ignite.distributed.auto.auto_dataloader",
+                 "ignite.distributed.auto.auto_model", "ignite.distributed.auto.auto_optim"):
+        logging.getLogger(name).setLevel(logging.WARNING)  # per-run INFO noise; our own summary says it once
