@@ -15,7 +15,7 @@ import math
 from typing import Any, Mapping, Sequence
 
 import torch
-from ignite.engine import Engine, Events
+from ignite.engine import Engine
 from ignite.metrics import Average, Metric
 
 from ignite_trainer.events import TrainerEvents

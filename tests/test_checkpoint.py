@@ -1,6 +1,5 @@
 """Checkpoint files: write-then-delete saving, safe loading, resume discovery."""
 
-import os
 import random
 
 import numpy as np

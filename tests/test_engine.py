@@ -12,7 +12,7 @@ from ignite_trainer.errors import TrainingAborted
 from ignite_trainer.events import TrainerEvents
 from ignite_trainer.handlers import attach_nan_guard
 
-from conftest import TinyModel, make_batches
+from conftest import TinyModel
 
 
 def bce(logits, y, mask=None):

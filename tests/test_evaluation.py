@@ -1,14 +1,11 @@
 """evaluate: scores wired to the right predictions, the run's own split, files that agree with each other.
 
-Also home of the one tiny trained run the evaluation, prediction and export tests share (`trained_run`):
-it is trained once per session and cached, so importing the fixture elsewhere costs nothing more.
+The tiny trained run these tests share (`trained_run`) lives in conftest.py.
 """
 
-import contextlib
 import csv
 import json
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -16,106 +13,17 @@ import pytest
 import torch
 
 import cli
+from conftest import circor_subset, read_csv, tiny_config  # noqa: F401
 from ignite_trainer.checkpoint import load_checkpoint
-from ignite_trainer.config import TrainConfig
 from ignite_trainer.data.datasets import split_patients
 from ignite_trainer.data.readers import read_recordings
-from ignite_trainer.data.synthetic import write_synthetic
 from ignite_trainer.errors import CheckpointError, DataError
 from ignite_trainer.evaluation import PATIENT_COLUMNS, challenge_scores, evaluate, level_scores
-from ignite_trainer.inference import find_best_checkpoint, load_trained_model, run_windows
-from ignite_trainer.predictions import LevelPredictions, murmur_classes, tune_thresholds
-from ignite_trainer.run import prepare_data, train
+from ignite_trainer.inference import load_trained_model
+from ignite_trainer.predictions import LevelPredictions, murmur_classes
 from ignite_trainer.scores import (
     auprc, auroc, binary_stats, macc, murmur_weighted_accuracy, outcome_cost,
 )
-
-
-# ---------------------------------------------------------------------------------------------- shared run
-@dataclass(frozen=True)
-class TrainedRun:
-    data: Path
-    run_dir: Path
-    checkpoint: Path
-    config: TrainConfig
-    thresholds: dict
-    base: Path
-
-
-def tiny_config(data: Path, base: Path, **changes) -> TrainConfig:
-    """Small features (8 mels, 50 frames/s at 1 kHz) keep a whole train + evaluate cycle to seconds."""
-    values = dict(data=str(data), epochs=2, batch_size=4, progress=False, cache_dir=str(base / "cache"),
-                  output_dir=str(base / "runs"), name="r", n_mels=8, sample_rate=1000, hop_ms=20.0, n_fft=64,
-                  window_seconds=4.0, val_fraction=0.34, device="cpu", early_stopping_patience=0)
-    values.update(changes)
-    return TrainConfig(**values)
-
-
-@contextlib.contextmanager
-def one_torch_thread():
-    """One torch thread: these models are tiny, and two OpenMP threads on a 2-core machine that is busy with
-    anything else spin against each other (measured: one evaluation 0.4 s with one thread, 18 s with two)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    with one_torch_thread():
-        yield
-
-
-#: One trained run per session, shared by every module that imports `trained_run` (a module global survives
-#: the second, imported copy of the session fixture that pytest registers per module).
-_RUNS: dict[str, TrainedRun] = {}
-
-
-def _train_once(base: Path) -> TrainedRun:
-    # Seed 4's first 12 synthetic patients hold Present, Unknown and Absent murmurs and both outcomes.
-    data = write_synthetic(base / "data", 12, 4)
-    config = tiny_config(data, base)
-    run_dir = Path(train(config)["run_dir"])
-    path = find_best_checkpoint(run_dir)
-    ckpt = load_checkpoint(path)
-    if ckpt.get("thresholds") is None:
-        # What the training wiring stores: thresholds tuned on the validation recordings.
-        recs = run_windows(load_trained_model(path), prepare_data(config).val).levels()[1]
-        ckpt["thresholds"] = tune_thresholds(recs.probs, recs.targets, recs.mask, "f1")
-        torch.save(ckpt, path)
-    return TrainedRun(data, run_dir, path, config, dict(ckpt["thresholds"]), base)
-
-
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> TrainedRun:
-    if "run" not in _RUNS:
-        with one_torch_thread():  # session fixtures are set up before the module's single_thread
-            _RUNS["run"] = _train_once(tmp_path_factory.mktemp("trained"))
-    return _RUNS["run"]
-
-
-def circor_subset(src: Path, dst: Path, n_patients: int, strip_labels: bool = False) -> Path:
-    """Copy the first ``n_patients`` of a CirCor folder; ``strip_labels`` removes every label (a hidden test set)."""
-    out = dst / "training_data"
-    out.mkdir(parents=True)
-    for txt in sorted((src / "training_data").glob("*.txt"))[:n_patients]:
-        lines = txt.read_text().splitlines()
-        if strip_labels:
-            lines = [ln for ln in lines if not ln.startswith(("#Murmur", "#Outcome"))]
-        (out / txt.name).write_text("\n".join(lines) + "\n")
-        for line in lines[1:]:
-            if not line.startswith("#"):
-                for name in line.split()[1:]:
-                    shutil.copy(src / "training_data" / name, out / name)
-    return dst
-
-
-def read_csv(path: Path) -> list[dict]:
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 # ---------------------------------------------------------------------------------------------- score wiring

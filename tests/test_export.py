@@ -14,7 +14,7 @@ from ignite_trainer.errors import CheckpointError
 from ignite_trainer.evaluation import evaluate
 from ignite_trainer.inference import export_safetensors, load_trained_model, predict
 
-from test_evaluation import circor_subset, single_thread, trained_run  # noqa: F401 (fixtures)
+from conftest import circor_subset
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from ignite.engine import Engine, Events
+from ignite.engine import Events
 
 from ignite_trainer.checkpoint import Snapshot
 from ignite_trainer.engine import create_trainer

@@ -14,7 +14,7 @@ from ignite_trainer.data.wav import write_wav
 from ignite_trainer.errors import DataError
 from ignite_trainer.inference import CHALLENGE_CLASSES, PREDICTION_COLUMNS, detect_format, discover_recordings, predict
 
-from test_evaluation import circor_subset, read_csv, single_thread, trained_run  # noqa: F401 (fixtures)
+from conftest import circor_subset, read_csv
 
 
 def _by_level(rows):
