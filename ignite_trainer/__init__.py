@@ -1,0 +1,133 @@
+"""ignite_trainer: train heart-sound (PCG) classifiers for the labels ``heart`` and ``murmur`` on PyTorch Ignite.
+
+The CLI (``cli.py train``) composes everything below into one run. The same pieces are public, so that a
+research script can compose its own engine, attach its own handlers, or hook into the custom
+`TrainerEvents` without editing the package (see ``docs/extending.md`` and ``examples/``).
+
+Data flow: `read_recordings` -> `FeatureCache` (log-mel features, computed once) -> `split_patients` ->
+`TrainWindows` / `EvalWindows` -> `make_train_loader` / `make_eval_loader` -> batches
+``(x [B, n_mels, T], y [B, 2], mask [B, 2], index [B])`` -> `create_trainer` / `create_evaluator` -> the
+``attach_*`` handlers.
+
+``LABELS`` is the label order everywhere (model outputs, targets, masks, metrics): ``("heart", "murmur")``.
+
+Names are imported on first use (module ``__getattr__``), so ``import ignite_trainer`` stays cheap
+(torch and Ignite load only when a name that needs them is touched).
+
+Example::
+
+    from ignite_trainer import TrainConfig, train
+    summary = train(TrainConfig(epochs=2, synthetic_patients=24, name="quick", progress=False))
+    print(summary["metrics"]["macro_f1"])
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
+# Public name -> the module that defines it.
+_EXPORTS: dict[str, str] = {
+    # config
+    "TrainConfig": "ignite_trainer.config",
+    # data
+    "LABELS": "ignite_trainer.data.records",
+    "Recording": "ignite_trainer.data.records",
+    "read_recordings": "ignite_trainer.data.readers",
+    "write_synthetic": "ignite_trainer.data.synthetic",
+    "FeatureSettings": "ignite_trainer.data.features",
+    "FeatureCache": "ignite_trainer.data.features",
+    "split_patients": "ignite_trainer.data.datasets",
+    "TrainWindows": "ignite_trainer.data.datasets",
+    "EvalWindows": "ignite_trainer.data.datasets",
+    "make_train_loader": "ignite_trainer.data.loaders",
+    "make_eval_loader": "ignite_trainer.data.loaders",
+    # models
+    "build_model": "ignite_trainer.models",
+    "register_model": "ignite_trainer.models",
+    "available_models": "ignite_trainer.models",
+    # loss and metrics
+    "WeightedBCELoss": "ignite_trainer.losses",
+    "PerLabelMetrics": "ignite_trainer.metrics",
+    "MaskedLoss": "ignite_trainer.metrics",
+    "PredictionCollector": "ignite_trainer.predictions",
+    "recording_predictions": "ignite_trainer.predictions",
+    # engines, events, handlers
+    "create_trainer": "ignite_trainer.engine",
+    "create_evaluator": "ignite_trainer.engine",
+    "TrainerEvents": "ignite_trainer.events",
+    "attach_validation": "ignite_trainer.handlers",
+    "attach_early_stopping": "ignite_trainer.handlers",
+    "attach_best_checkpoint": "ignite_trainer.handlers",
+    "attach_last_checkpoint": "ignite_trainer.handlers",
+    "attach_lr_scheduler": "ignite_trainer.handlers",
+    "attach_nan_guard": "ignite_trainer.handlers",
+    "attach_progress_bar": "ignite_trainer.handlers",
+    "attach_tensorboard": "ignite_trainer.handlers",
+    "attach_metrics_log": "ignite_trainer.handlers",
+    "attach_sampler_epoch": "ignite_trainer.handlers",
+    "attach_threshold_tuning": "ignite_trainer.predictions",
+    "attach_pr_curves": "ignite_trainer.predictions",
+    "training_state": "ignite_trainer.handlers",
+    # checkpoints
+    "load_checkpoint": "ignite_trainer.checkpoint",
+    "find_resume_checkpoint": "ignite_trainer.checkpoint",
+    "load_model_weights": "ignite_trainer.checkpoint",
+    "SafeDiskSaver": "ignite_trainer.checkpoint",
+    "RNGStates": "ignite_trainer.checkpoint",
+    "Snapshot": "ignite_trainer.checkpoint",
+    # whole runs, evaluation, inference
+    "train": "ignite_trainer.run",
+    "evaluate": "ignite_trainer.evaluation",
+    "load_trained_model": "ignite_trainer.inference",
+    "export_safetensors": "ignite_trainer.inference",
+    # errors
+    "UserError": "ignite_trainer.errors",
+    "ConfigError": "ignite_trainer.errors",
+    "DataError": "ignite_trainer.errors",
+    "CheckpointError": "ignite_trainer.errors",
+    "TrainingAborted": "ignite_trainer.errors",
+}
+
+__all__ = list(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    """Import a public name on first use and cache it in the package namespace."""
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'ignite_trainer' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module), name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
+
+
+if TYPE_CHECKING:  # static analysers and IDEs see the real names
+    from ignite_trainer.checkpoint import (RNGStates, SafeDiskSaver, Snapshot, find_resume_checkpoint,
+                                           load_checkpoint, load_model_weights)
+    from ignite_trainer.config import TrainConfig
+    from ignite_trainer.data.datasets import EvalWindows, TrainWindows, split_patients
+    from ignite_trainer.data.features import FeatureCache, FeatureSettings
+    from ignite_trainer.data.loaders import make_eval_loader, make_train_loader
+    from ignite_trainer.data.readers import read_recordings
+    from ignite_trainer.data.records import LABELS, Recording
+    from ignite_trainer.data.synthetic import write_synthetic
+    from ignite_trainer.engine import create_evaluator, create_trainer
+    from ignite_trainer.errors import CheckpointError, ConfigError, DataError, TrainingAborted, UserError
+    from ignite_trainer.evaluation import evaluate
+    from ignite_trainer.events import TrainerEvents
+    from ignite_trainer.handlers import (attach_best_checkpoint, attach_early_stopping, attach_last_checkpoint,
+                                         attach_lr_scheduler, attach_metrics_log, attach_nan_guard,
+                                         attach_progress_bar, attach_sampler_epoch, attach_tensorboard,
+                                         attach_validation, training_state)
+    from ignite_trainer.inference import export_safetensors, load_trained_model
+    from ignite_trainer.losses import WeightedBCELoss
+    from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
+    from ignite_trainer.models import available_models, build_model, register_model
+    from ignite_trainer.predictions import (PredictionCollector, attach_pr_curves, attach_threshold_tuning,
+                                            recording_predictions)
+    from ignite_trainer.run import train

@@ -98,7 +98,8 @@ def create_trainer(
         return {"loss": loss_value, "grad_norm": grad_norm, "finite": finite}
 
     trainer = Engine(update)
-    trainer.register_events(*TrainerEvents)
+    # Counted by epoch, so Ignite's filters work on them: VALIDATION_COMPLETED(every=5), BEST_MODEL_SAVED(once=3).
+    trainer.register_events(*TrainerEvents, event_to_attr={event: "epoch" for event in TrainerEvents})
     Average(output_transform=lambda out: out["loss"], device=device if device.type != "mps" else "cpu").attach(
         trainer, "train_loss"
     )

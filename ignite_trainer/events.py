@@ -22,6 +22,12 @@ from ignite.engine import EventEnum
 
 
 class TrainerEvents(EventEnum):
+    """The trainer's own events (see the module docstring for the state each one leaves in ``engine.state``).
+
+    They are counted by epoch, so Ignite's filters apply: ``VALIDATION_COMPLETED(every=5)`` runs on epochs
+    5, 10, ...; ``BEST_MODEL_SAVED(once=3)`` only if a best model is saved at epoch 3.
+    """
+
     VALIDATION_COMPLETED = "validation_completed"
     BEST_MODEL_SAVED = "best_model_saved"
     EARLY_STOPPED = "early_stopped"

@@ -137,6 +137,11 @@ def attach_last_checkpoint(trainer: Engine, to_save: Mapping[str, Any], dirname:
 
     Saved at ``EPOCH_COMPLETED``, never mid-epoch: Ignite's engine state holds no data-loader position,
     so only epoch boundaries resume exactly. Two files are kept so that one survives any kill.
+
+    Example::
+
+        to_save = {"model_state_dict": model, "optimizer_state_dict": optimizer, "trainer": trainer}
+        attach_last_checkpoint(trainer, to_save, run_dir / "checkpoints")
     """
     last = Checkpoint(
         to_save, SafeDiskSaver(dirname), filename_prefix="last", n_saved=n_saved,
@@ -152,6 +157,10 @@ def attach_lr_scheduler(trainer: Engine, optimizer: torch.optim.Optimizer, epoch
     ``use_legacy=True`` attached at ``EPOCH_COMPLETED`` reproduces
     ``torch.optim.lr_scheduler.CosineAnnealingLR`` stepped after each epoch exactly; the default mode
     (attached at ``EPOCH_STARTED``) calls the recursive ``get_lr`` out of step and gives a wrong second value.
+
+    Example::
+
+        to_save["lr_scheduler"] = attach_lr_scheduler(trainer, optimizer, epochs=100)
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Please make sure to attach scheduler")
@@ -166,6 +175,11 @@ def attach_nan_guard(trainer: Engine, where: str = "") -> Callable[[Engine], Non
     Ignite's `TerminateOnNan` returns normally after the weights are already non-finite and builds a
     tensor every iteration; the update step here never applies a non-finite step and flags it, so this
     guard only reads a bool, and the last checkpoint written stays good and resumable.
+
+    Example::
+
+        attach_nan_guard(trainer, where="; resume with --resume runs/x")
+        trainer.run(train_loader, max_epochs=10)   # raises TrainingAborted on the first non-finite step
     """
 
     def guard(engine: Engine) -> None:
@@ -184,7 +198,12 @@ def attach_nan_guard(trainer: Engine, where: str = "") -> Callable[[Engine], Non
 
 
 def attach_progress_bar(trainer: Engine) -> ProgressBar:
-    """Ignite's `ProgressBar` (tqdm) with the running training loss."""
+    """Ignite's `ProgressBar` (tqdm) with the running training loss; attach it on rank 0 only.
+
+    Example::
+
+        attach_progress_bar(trainer)
+    """
     bar = ProgressBar(persist=False)
     bar.attach(trainer, output_transform=lambda out: {"loss": out["loss"]})
     return bar
@@ -198,6 +217,15 @@ def attach_tensorboard(
 
     Every tag is stepped by the trainer's iteration, so that on resume ``purge_step`` (the first
     iteration after the checkpoint) hides whatever a killed run logged past it and steps stay monotonic.
+    The returned logger's ``writer`` is a tensorboardX ``SummaryWriter`` that research hooks may share.
+
+    Example::
+
+        tb = attach_tensorboard(trainer, optimizer, run_dir / "tb")
+        try:
+            trainer.run(train_loader, max_epochs=10)
+        finally:
+            tb.close()
     """
     tb = TensorboardLogger(log_dir=str(log_dir), purge_step=purge_step)
 
@@ -221,7 +249,12 @@ def attach_metrics_log(trainer: Engine, optimizer: torch.optim.Optimizer, path: 
 
     Keys: ``epoch``, ``train_loss``, ``val_loss``, ``lr`` (the rate used during the epoch), ``seconds``
     (training), ``val_seconds``, ``macro_f1``, and ``heart``/``murmur`` objects with ``accuracy``,
-    ``precision``, ``recall``, ``sensitivity``, ``specificity``, ``f1``.
+    ``precision``, ``recall``, ``sensitivity``, ``specificity``, ``f1``. A plain file that survives a
+    kill line by line, for scripts and reports that should not need TensorBoard to read a run.
+
+    Example::
+
+        attach_metrics_log(trainer, optimizer, run_dir / "metrics.jsonl")
     """
     path = Path(path)
 
@@ -267,7 +300,12 @@ def truncate_metrics_log(path: str | Path, last_epoch: int) -> None:
 
 def attach_sampler_epoch(trainer: Engine, loader: DataLoader) -> None:
     """Call ``sampler.set_epoch`` each epoch: Ignite never does, so a `DistributedSampler` would repeat
-    the same shuffle every epoch (pitfall 13)."""
+    the same shuffle every epoch (pitfall 13). A no-op for a loader without one.
+
+    Example::
+
+        attach_sampler_epoch(trainer, train_loader)
+    """
     sampler = getattr(loader, "sampler", None)
     if isinstance(sampler, DistributedSampler):
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: sampler.set_epoch(engine.state.epoch - 1))
@@ -278,6 +316,11 @@ def training_state(trainer: Engine, config: Mapping[str, Any]) -> dict[str, Snap
 
     ``finished`` is true once the run reached its last epoch or stopped early: resuming it has nothing to
     do. A run stopped any other way (a kill, a time limit, a hook calling ``terminate()``) resumes.
+
+    Example::
+
+        to_save = {"model_state_dict": model, "trainer": trainer, **training_state(trainer, config.to_dict())}
+        attach_best_checkpoint(trainer, to_save, run_dir / "checkpoints")   # files hold epoch, val_loss, ...
     """
     return {
         "epoch": Snapshot(lambda: trainer.state.epoch),

@@ -10,6 +10,7 @@ Both read the evaluator's output dict ``{"logits", "y", "mask", ...}`` by defaul
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -108,6 +109,7 @@ class PerLabelMetrics(Metric):
             raise ValueError(f"labels must be distinct and non-empty, got {self.labels}")
         self._thresholds: tuple[float, ...] = ()
         self._threshold_tensor: torch.Tensor | None = None
+        self._warned_no_positives: set[str] = set()
         self.thresholds = thresholds
         super().__init__(
             output_transform=output_transform, device=device, skip_unrolling=True, metrics_result_mode="flatten"
@@ -167,6 +169,12 @@ class PerLabelMetrics(Metric):
             for name, value in stats.items():
                 result[f"{label}.{name}"] = value
             result[f"{label}.support"] = support
+            if support > 0 and tp + fn == 0 and label not in self._warned_no_positives:
+                # 0.0 recall/F1 here says nothing about the model: the split cannot measure them. Said once.
+                self._warned_no_positives.add(label)
+                logging.getLogger("ignite_trainer").warning(
+                    "%s: no positive examples among %d evaluated; its precision, recall and F1 are reported as 0.0",
+                    label, support)
             if support > 0:
                 f1_of_supported.append(stats["f1"])
         result["macro_f1"] = sum(f1_of_supported) / len(f1_of_supported) if f1_of_supported else 0.0

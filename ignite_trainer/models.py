@@ -23,7 +23,26 @@ _REGISTRY: dict[str, ModelFactory] = {}
 
 
 def register_model(name: str) -> Callable[[F], F]:
-    """Decorator: make a model class or factory buildable by ``name``. Names are unique."""
+    """Decorator: make a model class or factory buildable by ``name``, so configs and ``--model`` can pick it.
+
+    Names are unique (a second, different factory under a taken name is a `ValueError`). The factory takes
+    ``n_mels`` plus keyword options and returns a module whose ``forward(x [B, n_mels, T])`` gives
+    ``(logits [B, 2], attention [B, T'])``. The registry is per process: register before building.
+
+    Example::
+
+        @register_model("linear_probe")
+        class LinearProbe(nn.Module):
+            def __init__(self, n_mels: int):
+                super().__init__()
+                self.head = nn.Linear(n_mels, 2)
+
+            def forward(self, x):
+                t = x.shape[-1]
+                return self.head(x.mean(dim=-1)), x.new_full((x.shape[0], t), 1.0 / t)
+
+        model = build_model("linear_probe", n_mels=64)
+    """
 
     def decorate(factory: F) -> F:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
@@ -35,11 +54,23 @@ def register_model(name: str) -> Callable[[F], F]:
 
 
 def available_models() -> list[str]:
+    """The registered model names, sorted: what ``--model`` and ``model:`` accept in this process.
+
+    Example::
+
+        assert "attention_cnn" in available_models()
+    """
     return sorted(_REGISTRY)
 
 
 def build_model(name: str, n_mels: int, **kwargs: object) -> nn.Module:
-    """Instantiate a registered model; an unknown name or option is a `ConfigError` that lists the choices."""
+    """Instantiate a registered model; an unknown name or option is a `ConfigError` that lists the choices.
+
+    Example::
+
+        model = build_model("attention_cnn", n_mels=64, hidden=64)
+        logits, attention = model(torch.randn(8, 64, 400))     # [8, 2], [8, 100]
+    """
     factory = _REGISTRY.get(name)
     if factory is None:
         raise ConfigError(f"model {name!r} is not registered; choose one of: {', '.join(available_models())}")

@@ -149,3 +149,13 @@ def test_metrics_log_writes_one_line_per_epoch_and_truncates_on_resume(tmp_path,
         f.write('{"epoch": 4, "train_lo')  # a line cut by a kill
     truncate_metrics_log(path, last_epoch=2)
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
+
+
+def test_custom_events_take_ignites_epoch_filters(tiny_model, batches):
+    trainer = create_trainer(tiny_model, torch.optim.SGD(tiny_model.parameters(), lr=0.1), bce)
+    fake_validation(trainer, [{"val_loss": 0.5}] * 6)
+    seen = []
+    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED(every=2), lambda e: seen.append(e.state.epoch))
+    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED(once=5), lambda e: seen.append(-e.state.epoch))
+    trainer.run(batches[:1], max_epochs=6)
+    assert seen == [2, 4, -5, 6]
