@@ -61,6 +61,11 @@ class SafeDiskSaver(DiskSaver):
                 f.flush()
                 os.fsync(f.fileno())
             os.replace(partial, path)
+        except OSError as e:  # disk full, quota, read-only: a user's problem, one line; the old file is kept
+            partial.unlink(missing_ok=True)
+            raise CheckpointError(
+                f"{path}: cannot write checkpoint ({e.strerror or e}); nothing was removed, the previous checkpoint is intact"
+            ) from None
         except BaseException:
             partial.unlink(missing_ok=True)
             raise

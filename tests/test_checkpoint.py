@@ -46,7 +46,7 @@ def test_safe_saver_keeps_the_old_file_when_the_new_write_fails(tmp_path):
         raise OSError(28, "No space left on device")
 
     saver.remove("last_checkpoint_1.pt")  # what Checkpoint does before writing the next file
-    with pytest.raises(OSError):
+    with pytest.raises(CheckpointError, match="last_checkpoint_2.pt: cannot write checkpoint .No space left"):
         saver._save_func({"x": 1}, tmp_path / "last_checkpoint_2.pt", disk_full)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint_1.pt"]  # old intact, no partial left
     assert load_checkpoint(tmp_path / "last_checkpoint_1.pt")["epoch"] == 1
