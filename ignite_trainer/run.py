@@ -13,7 +13,7 @@ import random
 import shutil
 import sys
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Callable
 
@@ -21,6 +21,7 @@ import ignite.distributed as idist
 import numpy as np
 import torch
 from ignite.engine import Engine
+from torch.multiprocessing.spawn import ProcessException, ProcessExitedException, ProcessRaisedException
 
 from ignite_trainer.checkpoint import RNGStates, Snapshot, clean_partial_files, find_resume_checkpoint, load_checkpoint, load_model_weights
 from ignite_trainer.config import TrainConfig, config_conflicts
@@ -32,7 +33,8 @@ from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.data.records import Recording
 from ignite_trainer.data.synthetic import ensure_embedded_dataset
 from ignite_trainer.engine import create_evaluator, create_trainer
-from ignite_trainer.errors import CheckpointError, ConfigError, DataError
+from ignite_trainer.errors import CheckpointError, ConfigError, DataError, TrainingAborted, UserError
+from ignite_trainer import errors as _errors
 from ignite_trainer.handlers import (
     attach_best_checkpoint,
     attach_early_stopping,
@@ -169,16 +171,20 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
         summary = train(TrainConfig(epochs=5, name="quick"))
         print(summary["run_dir"], summary["metrics"]["murmur"]["f1"])
     """
+    if _torchrun_world_size() > 1 and config.nproc_per_node == 1:
+        return _train_under_torchrun(config, resume, overwrite, overrides, setup)
     resume_path = None
     if resume is not None:
         run_dir = Path(resume)
         config, resume_path, ckpt = resume_config(run_dir, overrides or {})
+        check_global_batch(config.batch_size, config.nproc_per_node)
         if ckpt.get("finished"):
             return {"run_dir": run_dir, "finished": True, "already_finished": True, "epoch": ckpt.get("epoch"),
                     "metrics": last_metrics(run_dir)}
         truncate_metrics_log(run_dir / "metrics.jsonl", int(ckpt["epoch"]))
         del ckpt
     else:
+        check_global_batch(config.batch_size, config.nproc_per_node)  # before anything is written
         run_dir = new_run_dir(config, overwrite)
         (run_dir / "config.yaml").write_text(config.to_yaml())
     setup_logging(run_dir / "train.log")
@@ -188,15 +194,148 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
     if not data.val:
         raise DataError(f"{data.source}: the validation split is empty; raise val_fraction or add patients")
 
-    device = resolve_device(config.device)
-    backend = config.backend or ("nccl" if device.type == "cuda" else "gloo")
-    nproc = config.nproc_per_node
-    with idist.Parallel(backend=backend if nproc > 1 else None, nproc_per_node=nproc if nproc > 1 else None) as parallel:
-        parallel.run(training_process, config, run_dir, data, resume_path, setup)
+    launch(config, run_dir, data, resume_path, setup)
 
     summary = {"run_dir": run_dir, "finished": True, "already_finished": False, "metrics": last_metrics(run_dir),
                "skipped": data.skipped}
     return summary
+
+
+# ---------------------------------------------------------------------------------------------- distributed
+#: How long a rank waits in a collective for a peer before giving up. gloo otherwise waits forever for a
+#: peer that died without closing its sockets (another node, SIGKILL under torchrun); the spawn launcher
+#: also stops the survivors as soon as one rank exits. Must exceed the slowest rank-0-only work between
+#: two collectives (a checkpoint save, TensorBoard writes). ``$IGNITE_TRAINER_DIST_TIMEOUT`` overrides it.
+DIST_TIMEOUT = timedelta(seconds=float(os.environ.get("IGNITE_TRAINER_DIST_TIMEOUT", "45")))
+
+
+class DistributedFailure(TrainingAborted):
+    """A rank crashed or was killed: the whole run stopped (exit code 3, like any aborted training)."""
+
+
+def launch(config: TrainConfig, run_dir: Path, data: PreparedData, resume_path: Path | None,
+           setup: SetupHook | None) -> None:
+    """Run `training_process` in this process, or on ``nproc_per_node`` spawned ranks through ``idist.Parallel``.
+
+    A failed spawned rank becomes one `DistributedFailure` (or the rank's own `UserError`) naming the
+    rank, the cause and the checkpoint to resume from. Under ``torchrun``, `train` takes
+    `_train_under_torchrun` instead.
+    """
+    device = resolve_device(config.device)
+    backend = config.backend or ("nccl" if device.type == "cuda" else "gloo")
+    nproc = config.nproc_per_node
+    if nproc == 1:
+        with idist.Parallel(backend=None) as parallel:
+            parallel.run(training_process, config, run_dir, data, resume_path, setup)
+        return
+    if backend == "nccl" and nproc > max(1, torch.cuda.device_count()):
+        raise ConfigError(f"nproc_per_node={nproc} but only {torch.cuda.device_count()} CUDA devices; use --backend gloo")
+    spawn_log = logging.getLogger("torch.multiprocessing.spawn")
+    level = spawn_log.level
+    spawn_log.setLevel(logging.ERROR)  # its "Terminating process ... via SIGTERM" would follow our one line
+    try:
+        with idist.Parallel(backend=backend, nproc_per_node=nproc, timeout=DIST_TIMEOUT) as parallel:
+            parallel.run(training_process, config, run_dir, data, resume_path, setup)
+    except ProcessException as e:
+        clean_partial_files(run_dir / "checkpoints")  # a rank stopped by SIGTERM mid-save leaves its temp file
+        raise _rank_failure(e, run_dir) from None
+    finally:
+        spawn_log.setLevel(level)
+
+
+def check_global_batch(batch_size: int, world_size: int) -> None:
+    """``batch_size`` is the global batch; `idist.auto_dataloader` floors it per rank, which would silently
+    shrink a batch that does not divide evenly."""
+    if batch_size % world_size:
+        raise ConfigError(f"batch_size={batch_size} is the global batch and must divide evenly over {world_size} "
+                          f"processes; use a multiple of {world_size}")
+
+
+def _torchrun_world_size() -> int:
+    """The world size ``torchrun`` (or any ``env://`` launcher) set for this process; 1 when started alone."""
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _train_under_torchrun(config: TrainConfig, resume: str | Path | None, overwrite: bool,
+                          overrides: dict[str, Any] | None, setup: SetupHook | None) -> dict[str, Any]:
+    """`train` when ``torchrun`` started every rank: Ignite joins its process group instead of spawning.
+
+    Every rank runs this, so the once-per-run work is split: rank 0 alone creates (or checks) the run
+    directory and broadcasts the outcome; each node's local rank 0 fills the feature cache before the
+    node's other ranks read it.
+    """
+    chosen = (overrides or {}).get("backend") or config.backend
+    device_name = (overrides or {}).get("device") or config.device
+    backend = chosen or ("nccl" if device_name != "cpu" and torch.cuda.is_available() else "gloo")
+    result: dict[str, Any] = {}
+    with idist.Parallel(backend=backend, timeout=DIST_TIMEOUT) as parallel:
+        parallel.run(_torchrun_process, config, resume, overwrite, overrides, setup, result)
+    return result
+
+
+def _torchrun_process(local_rank: int, config: TrainConfig, resume: str | Path | None, overwrite: bool,
+                      overrides: dict[str, Any] | None, setup: SetupHook | None, result: dict[str, Any]) -> None:
+    import json
+
+    message = ""
+    if idist.get_rank() == 0:
+        try:
+            resume_path, finished = None, False
+            if resume is not None:
+                run_dir = Path(resume)
+                config, resume_path, ckpt = resume_config(run_dir, overrides or {})
+                finished = bool(ckpt.get("finished"))
+                if not finished:
+                    truncate_metrics_log(run_dir / "metrics.jsonl", int(ckpt["epoch"]))
+                del ckpt
+            else:
+                run_dir = new_run_dir(config, overwrite)
+                (run_dir / "config.yaml").write_text(config.to_yaml())
+            setup_logging(run_dir / "train.log")
+            message = json.dumps({"run_dir": str(run_dir), "resume_path": str(resume_path) if resume_path else None,
+                                  "config": config.to_dict(), "finished": finished})
+        except UserError as e:  # every rank must learn it, or the others would wait in the broadcast
+            message = json.dumps({"error": str(e), "type": type(e).__name__})
+    state = json.loads(idist.broadcast(message, src=0, safe_mode=True))
+    if "error" in state:
+        cls = getattr(_errors, state["type"], UserError)
+        raise cls(state["error"])
+    config = TrainConfig.from_mapping(state["config"], source="rank 0")
+    run_dir = Path(state["run_dir"])
+    result.update(run_dir=run_dir, finished=True, already_finished=state["finished"])
+    if state["finished"]:
+        result["metrics"] = last_metrics(run_dir)
+        return
+    check_global_batch(config.batch_size, idist.get_world_size())  # the same answer on every rank
+    if idist.get_local_rank() != 0:
+        idist.barrier()  # wait until this node's feature cache is filled
+    data = prepare_data(config)
+    if idist.get_local_rank() == 0:
+        idist.barrier()
+    training_process(local_rank, config, run_dir, data,
+                     Path(state["resume_path"]) if state["resume_path"] else None, setup)
+    result.update(metrics=last_metrics(run_dir), skipped=data.skipped)
+
+
+def _rank_failure(e: ProcessException, run_dir: Path) -> UserError:
+    """One line from a spawned rank's failure; a rank's own `UserError` keeps its class and message."""
+    if isinstance(e, ProcessRaisedException):
+        lines = [line for line in str(e).splitlines() if line.strip()]
+        last = lines[-1] if lines else "unknown error"  # the traceback's "module.Class: message"
+        qualname, _, message = last.partition(": ")
+        cls = getattr(_errors, qualname.rpartition(".")[2], None)
+        if qualname.startswith("ignite_trainer.errors.") and isinstance(cls, type) and issubclass(cls, UserError):
+            return cls(f"rank {e.error_index}: {message}")
+        cause = last
+    elif isinstance(e, ProcessExitedException):
+        cause = f"killed by {e.signal_name}" if e.signal_name else f"exited with code {e.exit_code}"
+    else:
+        cause = str(e).strip().splitlines()[0]
+    try:
+        where = f"; resume from {find_resume_checkpoint(run_dir)[0].name} with --resume {run_dir}"
+    except CheckpointError:
+        where = "; no complete checkpoint was written yet"
+    return DistributedFailure(f"rank {e.error_index} failed ({cause}); the whole run stopped{where}")
 
 
 def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: PreparedData,
@@ -205,8 +344,11 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
     rank = idist.get_rank()
     device = idist.device() if idist.get_world_size() > 1 else resolve_device(config.device)
     seed_everything(config.seed)
-    if rank != 0:
+    if rank == 0:
+        setup_logging(run_dir / "train.log")  # a spawned rank 0 starts without the parent's handlers
+    else:
         logging.getLogger("ignite_trainer").setLevel(logging.WARNING)
+        _quiet_ignite()
 
     model = idist.auto_model(build_model(config.model, n_mels=config.n_mels))
     optimizer = idist.auto_optim(torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
@@ -317,6 +459,11 @@ def setup_logging(path: Path) -> None:
         stream.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(stream)
     logger.setLevel(logging.INFO)
+    _quiet_ignite()
+
+
+def _quiet_ignite() -> None:
+    """Per-run INFO noise from ``ignite.distributed``; our own summary says it once. Spawned ranks need it too."""
     for name in ("ignite.distributed.launcher.Parallel", "ignite.distributed.auto.auto_dataloader",
                  "ignite.distributed.auto.auto_model", "ignite.distributed.auto.auto_optim"):
-        logging.getLogger(name).setLevel(logging.WARNING)  # per-run INFO noise; our own summary says it once
+        logging.getLogger(name).setLevel(logging.WARNING)

@@ -1,18 +1,19 @@
 """DataLoaders for training and evaluation, single- or multi-process (through ``ignite.distributed``).
 
-Training uses ``idist.auto_dataloader`` (a `DistributedSampler` when distributed; ``batch_size`` is the
-global batch). Evaluation must see every window exactly once, but `DistributedSampler` pads the last
+Training uses ``idist.auto_dataloader`` (``batch_size`` is the global batch) with a `DistributedSampler`
+that drops the uneven tail when distributed, so that an epoch has ``n // batch_size`` steps whatever the
+process count, and a checkpoint resumes under any count. Evaluation must see every window exactly once, but `DistributedSampler` pads the last
 shard with repeated windows, which would make 2-process metrics differ from 1-process ones; so
 evaluation shards with `ShardSampler`, which never pads.
 """
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Any, Iterator
 
 import ignite.distributed as idist
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ignite_trainer.errors import DataError
 
@@ -39,9 +40,17 @@ def make_train_loader(dataset: Dataset, batch_size: int, num_workers: int, devic
     n = len(dataset)  # type: ignore[arg-type]
     if n < batch_size:
         raise DataError(f"batch_size={batch_size} is larger than the training set ({n} recordings); lower --batch-size")
+    world = idist.get_world_size()
+    order: dict[str, Any] = {"shuffle": True}
+    if world > 1:
+        # Ignite's default DistributedSampler pads to ceil(n / world) per rank, so the steps per epoch would
+        # depend on the process count and a checkpoint would not resume under another count. Dropping
+        # the tail instead gives floor(floor(n / world) / (batch / world)) = floor(n / batch) for any count.
+        order = {"sampler": DistributedSampler(dataset, num_replicas=world, rank=idist.get_rank(), shuffle=True,
+                                               drop_last=True)}
     return idist.auto_dataloader(
-        dataset, batch_size=batch_size, shuffle=True, drop_last=True, num_workers=num_workers,
-        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        dataset, batch_size=batch_size, drop_last=True, num_workers=num_workers,
+        pin_memory=device.type == "cuda", persistent_workers=num_workers > 0, **order,
     )
 
 
