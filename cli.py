@@ -6,6 +6,7 @@ code 2 and no traceback; a numerical fault that stops training exits with code 3
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -77,6 +78,8 @@ def train(config_file: str | None, resume: str | None, overwrite: bool, assignme
         summary = run_training(TrainConfig(), resume=resume, overrides=overrides)
     else:
         summary = run_training(config, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return  # under torchrun every rank returns here; rank 0 speaks for the run
     if summary.get("already_finished"):
         click.echo(f"{summary['run_dir']}: run already finished at epoch {summary['epoch']}; nothing to do")
         return

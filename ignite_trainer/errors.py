@@ -23,3 +23,7 @@ class CheckpointError(UserError):
 
 class TrainingAborted(UserError):
     """Training stopped on a fault it must not continue past (a non-finite loss or gradient)."""
+
+
+class DistributedFailure(TrainingAborted):
+    """A rank crashed or was killed: the whole run stopped (exit code 3, like any aborted training)."""

@@ -33,7 +33,8 @@ from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.data.records import Recording
 from ignite_trainer.data.synthetic import ensure_embedded_dataset
 from ignite_trainer.engine import create_evaluator, create_trainer
-from ignite_trainer.errors import CheckpointError, ConfigError, DataError, TrainingAborted, UserError
+from ignite_trainer.events import TrainerEvents
+from ignite_trainer.errors import CheckpointError, ConfigError, DataError, DistributedFailure, UserError
 from ignite_trainer import errors as _errors
 from ignite_trainer.handlers import (
     attach_best_checkpoint,
@@ -112,15 +113,31 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     return PreparedData(train, val, cache_dir, settings, source, policy.skipped)
 
 
-def new_run_dir(config: TrainConfig, overwrite: bool) -> Path:
-    """Create ``output_dir/name``; an existing non-empty run is never replaced without ``overwrite``."""
-    name = config.name or datetime.now().strftime("%Y%m%d-%H%M%S")
-    run_dir = Path(config.output_dir).expanduser() / name
+def checked_data(config: TrainConfig) -> PreparedData:
+    """`prepare_data`, refusing an empty validation split (nothing to monitor, stop or checkpoint on)."""
+    data = prepare_data(config)
+    if not data.val:
+        raise DataError(f"{data.source}: the validation split is empty; raise val_fraction or add patients")
+    return data
+
+
+def run_dir_path(config: TrainConfig) -> Path:
+    """``output_dir/name``, the name defaulting to the current time."""
+    return Path(config.output_dir).expanduser() / (config.name or datetime.now().strftime("%Y%m%d-%H%M%S"))
+
+
+def refuse_existing_run(run_dir: Path, overwrite: bool) -> None:
+    """An existing non-empty run is never replaced without ``overwrite``."""
+    if run_dir.exists() and any(run_dir.iterdir()) and not overwrite:
+        raise CheckpointError(
+            f"{run_dir}: run directory already exists; pass --resume {run_dir} to continue it or --overwrite to replace it"
+        )
+
+
+def new_run_dir(run_dir: Path, overwrite: bool) -> Path:
+    """Create ``run_dir`` (replacing an existing one only with ``overwrite``) and check it can be written."""
+    refuse_existing_run(run_dir, overwrite)
     if run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise CheckpointError(
-                f"{run_dir}: run directory already exists; pass --resume {run_dir} to continue it or --overwrite to replace it"
-            )
         shutil.rmtree(run_dir)
     try:
         (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -181,18 +198,21 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
         if ckpt.get("finished"):
             return {"run_dir": run_dir, "finished": True, "already_finished": True, "epoch": ckpt.get("epoch"),
                     "metrics": last_metrics(run_dir)}
+        data = checked_data(config)  # before anything in the run directory changes
         truncate_metrics_log(run_dir / "metrics.jsonl", int(ckpt["epoch"]))
         del ckpt
     else:
-        check_global_batch(config.batch_size, config.nproc_per_node)  # before anything is written
-        run_dir = new_run_dir(config, overwrite)
+        # Everything that can fail on bad input happens before the run directory is created or replaced,
+        # so a wrong --data with --overwrite never costs the earlier run.
+        check_global_batch(config.batch_size, config.nproc_per_node)
+        run_dir = run_dir_path(config)
+        refuse_existing_run(run_dir, overwrite)
+        data = checked_data(config)
+        new_run_dir(run_dir, overwrite)
         (run_dir / "config.yaml").write_text(config.to_yaml())
     setup_logging(run_dir / "train.log")
-    data = prepare_data(config)
     log.info("data %s: %d train / %d validation recordings (%d / %d patients)", data.source, len(data.train),
              len(data.val), len({r.patient_id for r in data.train}), len({r.patient_id for r in data.val}))
-    if not data.val:
-        raise DataError(f"{data.source}: the validation split is empty; raise val_fraction or add patients")
 
     launch(config, run_dir, data, resume_path, setup)
 
@@ -207,10 +227,6 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
 #: also stops the survivors as soon as one rank exits. Must exceed the slowest rank-0-only work between
 #: two collectives (a checkpoint save, TensorBoard writes). ``$IGNITE_TRAINER_DIST_TIMEOUT`` overrides it.
 DIST_TIMEOUT = timedelta(seconds=float(os.environ.get("IGNITE_TRAINER_DIST_TIMEOUT", "45")))
-
-
-class DistributedFailure(TrainingAborted):
-    """A rank crashed or was killed: the whole run stopped (exit code 3, like any aborted training)."""
 
 
 def launch(config: TrainConfig, run_dir: Path, data: PreparedData, resume_path: Path | None,
@@ -289,7 +305,7 @@ def _torchrun_process(local_rank: int, config: TrainConfig, resume: str | Path |
                     truncate_metrics_log(run_dir / "metrics.jsonl", int(ckpt["epoch"]))
                 del ckpt
             else:
-                run_dir = new_run_dir(config, overwrite)
+                run_dir = new_run_dir(run_dir_path(config), overwrite)
                 (run_dir / "config.yaml").write_text(config.to_yaml())
             setup_logging(run_dir / "train.log")
             message = json.dumps({"run_dir": str(run_dir), "resume_path": str(resume_path) if resume_path else None,
@@ -397,6 +413,8 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
         attach_metrics_log(trainer, optimizer, run_dir / "metrics.jsonl")
         tb = attach_tensorboard(trainer, optimizer, run_dir / "tb", purge_step=purge_step)
         attach_pr_curves(trainer, tb, "predictions", val_dataset)
+        # tensorboardX buffers events; flush before the epoch's last checkpoint so a kill after it loses none
+        trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, lambda _: tb.writer.flush())
         if config.progress:
             attach_progress_bar(trainer)
     if setup is not None:
@@ -454,12 +472,28 @@ def setup_logging(path: Path) -> None:
     file_handler = logging.FileHandler(path)
     file_handler.setFormatter(fmt)
     logger.addHandler(file_handler)
-    if not any(type(h) is logging.StreamHandler for h in logger.handlers):
-        stream = logging.StreamHandler(sys.stderr)
+    if not any(isinstance(h, _CurrentStderr) for h in logger.handlers):
+        stream = _CurrentStderr()
         stream.setFormatter(logging.Formatter("%(message)s"))
         logger.addHandler(stream)
     logger.setLevel(logging.INFO)
     _quiet_ignite()
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """Writes to whatever ``sys.stderr`` is at the time: pytest and notebooks swap it between runs, and a
+    handler holding the old stream would write into a closed file."""
+
+    def __init__(self) -> None:
+        super().__init__()
+
+    @property  # type: ignore[override]
+    def stream(self):  # noqa: D102
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
 
 
 def _quiet_ignite() -> None:

@@ -213,8 +213,6 @@ def test_existing_run_directory_without_resume_or_overwrite(tmp_path, pristine, 
 
 
 
-@pytest.mark.xfail(strict=True, reason="run.train removes the old run (new_run_dir) before reading the data; "
-                                       "fix: read and split the data before new_run_dir (issue 6 report)")
 def test_overwrite_with_bad_data_keeps_the_old_run(tmp_path, capsys):
     run = tmp_path / "runs" / "r"
     (run / "checkpoints").mkdir(parents=True)

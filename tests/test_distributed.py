@@ -36,7 +36,8 @@ from ignite_trainer.losses import WeightedBCELoss
 from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
 from ignite_trainer.models import build_model
 from ignite_trainer.predictions import PredictionCollector
-from ignite_trainer.run import DistributedFailure, PreparedData, prepare_data, train
+from ignite_trainer.errors import DistributedFailure
+from ignite_trainer.run import PreparedData, prepare_data, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
