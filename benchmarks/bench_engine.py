@@ -151,7 +151,7 @@ def main() -> None:
                     times[name].append(time.perf_counter() - t0)
         eng.tb.close()
 
-    raw_s, eng_s = statistics.median(times["raw"]), statistics.median(times["engine"])
+    raw_s = statistics.median(times["raw"])
     iters = args.train_batches + args.val_batches
     # each round's two epochs ran back to back, so their ratio cancels most of a shared machine's drift
     ratio = statistics.median(e / r for e, r in zip(times["engine"], times["raw"]))

@@ -1,7 +1,6 @@
 """`cli.py train` end to end on tiny synthetic data: the run directory, resume rules, and refusals."""
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
