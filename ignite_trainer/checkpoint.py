@@ -110,6 +110,11 @@ class Snapshot:
 
     ``Checkpoint({"epoch": Snapshot(lambda: trainer.state.epoch), ...})`` stores ``epoch`` as an int at the
     top level of the file, as the seed's checkpoint format has it.
+
+    Example::
+
+        to_save = {"model_state_dict": model, "epoch": Snapshot(lambda: trainer.state.epoch)}
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, Checkpoint(to_save, SafeDiskSaver("ckpt")))
     """
 
     def __init__(self, get: Callable[[], Any]) -> None:
@@ -127,6 +132,11 @@ class RNGStates:
 
     Ignite's documented resume set (model, optimizer, scheduler, trainer, early stopping) does not make
     a resumed run bit-identical: crops and shuffles draw from these generators too.
+
+    Example::
+
+        handler = Checkpoint({"model": model, "optimizer": optimizer, "rng": RNGStates()}, SafeDiskSaver("ckpt"))
+        RNGStates().load_state_dict(load_checkpoint("ckpt/checkpoint_10.pt")["rng"])  # on resume, last
     """
 
     def state_dict(self) -> dict[str, Any]:
@@ -153,7 +163,13 @@ class RNGStates:
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
-    """Load a checkpoint safely: ``weights_only=True`` always, never a fallback. Errors are one line."""
+    """Load a checkpoint safely: ``weights_only=True`` always, never a fallback. Errors are one line.
+
+    Example::
+
+        ckpt = load_checkpoint("runs/x/checkpoints/last_checkpoint_3.pt")
+        print(ckpt["epoch"], ckpt["val_loss"], ckpt["thresholds"])
+    """
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"{path}: checkpoint file not found")
@@ -187,6 +203,11 @@ def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     """The newest *complete* ``last_checkpoint_*.pt`` in ``run_dir/checkpoints`` and its contents.
 
     A truncated or corrupt newer file (a kill during the write) is skipped in favour of an older one.
+
+    Example::
+
+        path, ckpt = find_resume_checkpoint("runs/x")
+        print(f"would resume from {path.name} after epoch {ckpt['epoch']}")
     """
     ckpt_dir = Path(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():
@@ -208,7 +229,13 @@ def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
 
 
 def load_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str | Path) -> None:
-    """``model.load_state_dict`` with a one-line explanation of mismatched keys or shapes."""
+    """``model.load_state_dict`` with a one-line explanation of mismatched keys or shapes.
+
+    Example::
+
+        model = build_model("attention_cnn", n_mels=64)
+        load_model_weights(model, load_checkpoint(path)["model_state_dict"], path)
+    """
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
     unexpected = [k for k in state_dict if k not in own]

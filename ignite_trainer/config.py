@@ -30,7 +30,14 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """All settings of a training run. Defaults for the optimisation fields are the seed's (step 4)."""
+    """All settings of a training run. Defaults for the optimisation fields are the seed's (step 4).
+
+    Example::
+
+        config = TrainConfig(epochs=30, monitor="macro_f1")
+        config = config.with_overrides(["learning_rate=3e-4", "window_seconds=5"])
+        print(config.to_yaml())  # what runs/<name>/config.yaml holds; TrainConfig.from_yaml reads it back
+    """
 
     # data
     data: str | None = _f(None, "dataset root; empty for the embedded synthetic CirCor-format set")

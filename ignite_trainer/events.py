@@ -26,6 +26,12 @@ class TrainerEvents(EventEnum):
 
     They are counted by epoch, so Ignite's filters apply: ``VALIDATION_COMPLETED(every=5)`` runs on epochs
     5, 10, ...; ``BEST_MODEL_SAVED(once=3)`` only if a best model is saved at epoch 3.
+
+    Example::
+
+        @trainer.on(TrainerEvents.VALIDATION_COMPLETED(every=5))
+        def report(engine):
+            print(engine.state.epoch, engine.state.validation_metrics["murmur.f1"])
     """
 
     VALIDATION_COMPLETED = "validation_completed"

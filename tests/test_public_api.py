@@ -79,3 +79,15 @@ def test_custom_events_give_handlers_their_state(tmp_path: Path):
     assert all(isinstance(v, float) for v in metrics.values())
     assert "murmur.f1" in seen[1][3]  # the evaluator's own state is there too
     assert seen[2][2] == 2 and trainer.state.epoch == 2
+
+
+def test_every_public_callable_shows_an_example():
+    """Issue 7: each public building block's docstring says why it exists and shows a short example."""
+    import inspect
+
+    import ignite_trainer
+
+    missing = [name for name in ignite_trainer.__all__
+               if not isinstance(getattr(ignite_trainer, name), (str, tuple))
+               and "Example" not in (inspect.getdoc(getattr(ignite_trainer, name)) or "")]
+    assert missing == []

@@ -52,6 +52,11 @@ def split_patients(
     With ``n_folds >= 2`` the patients are dealt into k folds and fold ``fold`` is validation; otherwise
     ``val_fraction`` of the patients are (at least one, from each stratum its rounded share). The result
     depends only on the recordings and ``seed``, not on their order; both sides keep the input order.
+
+    Example::
+
+        train, val = split_patients(recordings, val_fraction=0.2, seed=0)
+        train, val = split_patients(recordings, 0.0, seed=0, n_folds=5, fold=2)  # fold 2 of 5 is validation
     """
     by_patient: dict[str, list[Recording]] = defaultdict(list)
     for r in recordings:
@@ -155,6 +160,11 @@ class TrainWindows(_FeatureWindows):
     restoring a checkpoint's RNG state, reproduces the crops; DataLoader seeds each worker from it too.
     A recording shorter than the window is zero-padded at the end; the features are z-scored per band,
     so zero is the band's mean. ``index`` in each item is the recording's index.
+
+    Example::
+
+        dataset = TrainWindows(train, cache, window_seconds=4.0)
+        x, y, mask, index = dataset[0]  # x: [n_mels, frames of 4 s]
     """
 
     def __len__(self) -> int:
@@ -174,6 +184,12 @@ class EvalWindows(_FeatureWindows):
     as training crops do, and counts the same in a recording's mean. Only recordings shorter than one
     window are zero-padded. ``index`` in each item is the window's index; `window_recording` maps it to
     the recording, `recording_ids` / `patient_ids` to the ids.
+
+    Example::
+
+        dataset = EvalWindows(val, cache, window_seconds=4.0)
+        x, y, mask, index = dataset[5]
+        print(dataset.recordings[dataset.window_recording[index]].recording_id)
     """
 
     def __init__(self, recordings: Sequence[Recording], cache: FeatureCache, window_seconds: float,

@@ -52,7 +52,14 @@ _STD_FLOOR = 1e-3  # a band that is constant over a recording is centred, not bl
 # ---------------------------------------------------------------------------------------------- settings
 @dataclass(frozen=True)
 class FeatureSettings:
-    """Everything that changes the numbers in a feature file; `key` names the cache folder for it."""
+    """Everything that changes the numbers in a feature file; `key` names the cache folder for it.
+
+    Example::
+
+        settings = FeatureSettings.from_config(TrainConfig())
+        cache = FeatureCache(Path("cache/features"), settings)
+        features = cache.get(cache.prepare(recordings)[0])  # float32 [n_mels, frames], memory-mapped
+    """
 
     sample_rate: int = 2000
     band_low_hz: float = 25.0

@@ -36,6 +36,11 @@ def make_train_loader(dataset: Dataset, batch_size: int, num_workers: int, devic
 
     Dropping keeps every step the same size (and a batch of one would break BatchNorm); it is why the
     training set must hold at least one full batch.
+
+    Example::
+
+        loader = make_train_loader(TrainWindows(train, cache, 4.0), batch_size=32, num_workers=2,
+                                   device=torch.device("cpu"))
     """
     n = len(dataset)  # type: ignore[arg-type]
     if n < batch_size:
@@ -55,7 +60,13 @@ def make_train_loader(dataset: Dataset, batch_size: int, num_workers: int, devic
 
 
 def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
-    """Every item once, in order, sharded across processes without padding."""
+    """Every item once, in order, sharded across processes without padding.
+
+    Example::
+
+        loader = make_eval_loader(EvalWindows(val, cache, 4.0), batch_size=32, num_workers=0,
+                                  device=torch.device("cpu"))
+    """
     world = idist.get_world_size()
     sampler = ShardSampler(len(dataset), idist.get_rank(), world) if world > 1 else None  # type: ignore[arg-type]
     return DataLoader(

@@ -21,6 +21,10 @@ def read_recordings(root: str | Path, fmt: str, unknown_murmur: str = "mask",
     """Read the dataset at ``root`` in format ``fmt`` (``circor2022`` or ``physionet2016``).
 
     ``unknown_murmur`` only matters for CirCor: PhysioNet 2016 has no murmur labels, so all are masked.
+
+    Example::
+
+        recordings = read_recordings("data/circor", "circor2022", policy=BadInputPolicy(skip=True))
     """
     if fmt == "circor2022":
         return read_circor(root, unknown_murmur=unknown_murmur, policy=policy)

@@ -20,6 +20,11 @@ class Recording:
     ``labels[i]`` is 0.0 or 1.0 for ``LABELS[i]``; ``mask[i]`` is False where that label is missing
     (CirCor's ``Unknown`` murmur under the ``mask`` policy, every murmur in PhysioNet 2016), and then
     ``labels[i]`` carries no meaning.
+
+    Example::
+
+        rec = read_recordings("data/circor", "circor2022")[0]
+        print(rec.patient_id, rec.location, dict(zip(LABELS, rec.labels)), rec.mask)
     """
 
     recording_id: str

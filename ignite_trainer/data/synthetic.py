@@ -529,7 +529,13 @@ CSV_COLUMNS = ("Patient ID", "Recording locations:", "Age", "Sex", "Height", "We
 
 
 def write_synthetic(out_dir: str | Path, n_patients: int, seed: int, fmt: str = "circor2022") -> Path:
-    """Write ``n_patients`` synthetic patients under ``out_dir`` in format ``fmt``; returns ``out_dir``."""
+    """Write ``n_patients`` synthetic patients under ``out_dir`` in format ``fmt``; returns ``out_dir``.
+
+    Same seed, same bytes. Example::
+
+        root = write_synthetic("synth", n_patients=20, seed=0)
+        recordings = read_recordings(root, "circor2022")
+    """
     if fmt not in SYNTHETIC_FORMATS:
         raise ValueError(f"fmt must be one of {SYNTHETIC_FORMATS}, got {fmt!r}")
     if n_patients < 1:
