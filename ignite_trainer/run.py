@@ -305,7 +305,10 @@ def _torchrun_process(local_rank: int, config: TrainConfig, resume: str | Path |
                     truncate_metrics_log(run_dir / "metrics.jsonl", int(ckpt["epoch"]))
                 del ckpt
             else:
-                run_dir = new_run_dir(run_dir_path(config), overwrite)
+                run_dir = run_dir_path(config)
+                refuse_existing_run(run_dir, overwrite)
+                checked_data(config)  # bad data fails before an earlier run is replaced (fills the cache too)
+                new_run_dir(run_dir, overwrite)
                 (run_dir / "config.yaml").write_text(config.to_yaml())
             setup_logging(run_dir / "train.log")
             message = json.dumps({"run_dir": str(run_dir), "resume_path": str(resume_path) if resume_path else None,
