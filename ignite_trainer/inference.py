@@ -28,9 +28,9 @@ import yaml
 from ignite_trainer.checkpoint import load_checkpoint, load_model_weights
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.data.bad_input import BadInputPolicy
-from ignite_trainer.data.circor import LOCATIONS, parse_patient_file, read_training_table
+from ignite_trainer.data.circor import LOCATIONS, parse_patient_file, patient_folder, read_training_table
 from ignite_trainer.data.datasets import EvalWindows
-from ignite_trainer.data.features import FeatureCache, FeatureSettings
+from ignite_trainer.data.features import FeatureCache, FeatureSettings, feature_workers
 from ignite_trainer.data.loaders import make_eval_loader
 from ignite_trainer.data.records import LABELS, Recording
 from ignite_trainer.engine import create_evaluator
@@ -206,15 +206,11 @@ def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path) 
 
 
 # ---------------------------------------------------------------------------------------------- input discovery
-def _circor_dir(root: Path) -> Path:
-    return root / "training_data" if (root / "training_data").is_dir() else root
-
-
 def detect_format(root: str | Path) -> str | None:
     """``"circor2022"`` (patient ``.txt`` files), ``"physionet2016"`` (``training-*`` or ``REFERENCE.csv``),
     or None for a plain folder of WAV files."""
     root = Path(root)
-    if any(_circor_dir(root).glob("*.txt")):
+    if any(patient_folder(root).glob("*.txt")):
         return "circor2022"
     if any(p.is_dir() for p in root.glob("training-*")) or any(root.glob("REFERENCE*.csv")):
         return "physionet2016"
@@ -226,7 +222,7 @@ def has_labels(root: str | Path, fmt: str | None) -> bool:
     root = Path(root)
     if fmt == "circor2022":
         lenient = BadInputPolicy(skip=True)
-        for txt in sorted(_circor_dir(root).glob("*.txt")):
+        for txt in sorted(patient_folder(root).glob("*.txt")):
             patient = parse_patient_file(txt, lenient)
             if patient and any(_given(patient.fields.get(k)) for k in ("outcome", "murmur")):
                 return True
@@ -285,7 +281,7 @@ def discover_recordings(paths: Sequence[str | Path], fmt: str | None = None) -> 
 
 def _folder_recordings(root: Path, fmt: str | None) -> list[Recording]:
     if fmt == "circor2022":
-        data_dir = _circor_dir(root)
+        data_dir = patient_folder(root)
         recordings = []
         for txt in sorted(data_dir.glob("*.txt")):
             patient = parse_patient_file(txt)
@@ -336,7 +332,7 @@ def run_windows(trained: TrainedModel, recordings: Sequence[Recording], device: 
     config = trained.config
     root = Path(cache_dir) if cache_dir is not None else cache_root(config)
     cache = FeatureCache(root / "features", trained.settings)
-    usable = cache.prepare(recordings, policy=None, workers=min(4, os.cpu_count() or 1))
+    usable = cache.prepare(recordings, policy=None, workers=feature_workers())
     dataset = EvalWindows(usable, cache, config.window_seconds)
     warnings = []
     for r, n in zip(dataset.recordings, dataset.n_frames):
@@ -389,10 +385,10 @@ def predict(model: str | Path | TrainedModel, inputs: Sequence[str | Path], fmt:
         write_predictions_csv(result, "predictions.csv")
     """
     trained = model if isinstance(model, TrainedModel) else load_trained_model(model)
+    unknown_band(trained.thresholds["murmur"], unknown_margin)  # rejects a negative margin before the model runs
     recordings = discover_recordings(inputs, fmt)
     run = run_windows(trained, recordings, device=device)
     _, recs, patients = run.levels(aggregation or trained.config.aggregation)
-    unknown_band(trained.thresholds["murmur"], unknown_margin)  # rejects a negative margin before any output
     return PredictionResult(recs, patients, dict(trained.thresholds), unknown_margin, trained.source, run.warnings)
 
 

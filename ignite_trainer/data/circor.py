@@ -41,6 +41,11 @@ class PatientFile:
     fields: dict[str, str] = field(default_factory=dict)  # normalised '#Key' -> stripped value
 
 
+def patient_folder(root: Path) -> Path:
+    """Where the patient files are: ``root/training_data/`` in a release, or ``root`` itself."""
+    return root / "training_data" if (root / "training_data").is_dir() else root
+
+
 def read_circor(root: str | Path, unknown_murmur: str = "mask",
                 policy: BadInputPolicy | None = None) -> list[Recording]:
     """All usable recordings under ``root`` (the release folder, or its ``training_data/`` itself).
@@ -55,7 +60,7 @@ def read_circor(root: str | Path, unknown_murmur: str = "mask",
     root = Path(root)
     if not root.is_dir():
         raise DataError(f"{root}: CirCor dataset folder does not exist")
-    data_dir = root / "training_data" if (root / "training_data").is_dir() else root
+    data_dir = patient_folder(root)
     txt_files = sorted(p for p in data_dir.glob("*.txt") if p.is_file())
     if not txt_files:
         raise DataError(f"{data_dir}: no patient .txt files (expected a CirCor 2022 layout)")

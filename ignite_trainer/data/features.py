@@ -313,6 +313,11 @@ class _Done(NamedTuple):
     error: str | None
 
 
+def feature_workers() -> int:
+    """Processes for filling the cache: one per core, at most 4 (more only contend for the disk)."""
+    return min(4, os.cpu_count() or 1)
+
+
 class FeatureCache:
     """Features for recordings, in ``root``: computed on a miss, memory-mapped on a hit.
 
