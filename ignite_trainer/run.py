@@ -27,7 +27,7 @@ from ignite_trainer.checkpoint import RNGStates, Snapshot, clean_partial_files, 
 from ignite_trainer.config import TrainConfig, config_conflicts
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.datasets import EvalWindows, TrainWindows, split_patients
-from ignite_trainer.data.features import FeatureCache, FeatureSettings
+from ignite_trainer.data.features import FeatureCache, FeatureSettings, feature_workers
 from ignite_trainer.data.loaders import make_eval_loader, make_train_loader
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.data.records import Recording
@@ -89,6 +89,11 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def distributed_backend(backend: str | None, device: str) -> str:
+    """The chosen backend, else nccl for CUDA and gloo for CPU."""
+    return backend or ("nccl" if resolve_device(device).type == "cuda" else "gloo")
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -106,7 +111,7 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     recordings = read_recordings(source, fmt, unknown_murmur=config.unknown_murmur, policy=policy)
     settings = FeatureSettings.from_config(config)
     cache_dir = root_dir / "features"
-    recordings = FeatureCache(cache_dir, settings).prepare(recordings, policy=policy, workers=min(4, os.cpu_count() or 1))
+    recordings = FeatureCache(cache_dir, settings).prepare(recordings, policy=policy, workers=feature_workers())
     if not recordings:
         raise DataError(f"{source}: no usable recordings")
     train, val = split_patients(recordings, config.val_fraction, config.seed, n_folds=config.n_folds, fold=config.fold)
@@ -237,8 +242,7 @@ def launch(config: TrainConfig, run_dir: Path, data: PreparedData, resume_path: 
     rank, the cause and the checkpoint to resume from. Under ``torchrun``, `train` takes
     `_train_under_torchrun` instead.
     """
-    device = resolve_device(config.device)
-    backend = config.backend or ("nccl" if device.type == "cuda" else "gloo")
+    backend = distributed_backend(config.backend, config.device)
     nproc = config.nproc_per_node
     if nproc == 1:
         with idist.Parallel(backend=None) as parallel:
@@ -280,9 +284,8 @@ def _train_under_torchrun(config: TrainConfig, resume: str | Path | None, overwr
     directory and broadcasts the outcome; each node's local rank 0 fills the feature cache before the
     node's other ranks read it.
     """
-    chosen = (overrides or {}).get("backend") or config.backend
-    device_name = (overrides or {}).get("device") or config.device
-    backend = chosen or ("nccl" if device_name != "cpu" and torch.cuda.is_available() else "gloo")
+    overrides = overrides or {}
+    backend = distributed_backend(overrides.get("backend") or config.backend, overrides.get("device") or config.device)
     result: dict[str, Any] = {}
     with idist.Parallel(backend=backend, timeout=DIST_TIMEOUT) as parallel:
         parallel.run(_torchrun_process, config, resume, overwrite, overrides, setup, result)
@@ -390,6 +393,8 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
     attach_nan_guard(trainer, where=f"; resume from the last good checkpoint with --resume {run_dir}")
     attach_validation(trainer, evaluator, val_loader)
     attach_threshold_tuning(trainer, "predictions", config.threshold_objective, val_dataset)  # before the best checkpoint
+    # Stepped on EPOCH_COMPLETED after validation and before the last checkpoint, which must hold the next LR.
+    scheduler = attach_lr_scheduler(trainer, optimizer, config.epochs) if config.scheduler == "cosine_annealing" else None
 
     to_save: dict[str, Any] = {
         "model_state_dict": model,
@@ -401,12 +406,12 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
     }
     if scaler is not None:
         to_save["scaler"] = scaler
+    if scheduler is not None:
+        to_save["lr_scheduler"] = scheduler
     if config.early_stopping_patience > 0:
         to_save["early_stopping"] = attach_early_stopping(trainer, config.early_stopping_patience, config.monitor)
     ckpt_dir = run_dir / "checkpoints"
     best = attach_best_checkpoint(trainer, to_save, ckpt_dir, config.monitor, config.n_saved_best)
-    if config.scheduler == "cosine_annealing":  # stepped before the last checkpoint, which must hold the next epoch's LR
-        to_save["lr_scheduler"] = attach_lr_scheduler(trainer, optimizer, config.epochs)
     last = attach_last_checkpoint(trainer, {**to_save, "best_checkpointer": best}, ckpt_dir)
 
     purge_step = None
