@@ -127,7 +127,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for seed in args.seeds:
             results[seed] = run_seed(seed, args, Path(tmp))
-    header = "| seed | decision | murmur WAcc | outcome cost | rec Present | rec Unknown | rec Absent | rec Abnormal | rec Normal |"
+    header = ("| seed | decision | murmur WAcc | outcome cost | rec Present | rec Unknown | rec Absent "
+              "| rec Abnormal | rec Normal |")
     print()
     print(header)
     print("|" + "---|" * (header.count("|") - 1))

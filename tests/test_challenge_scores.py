@@ -115,8 +115,9 @@ def test_auc_and_counts_agree_with_sklearn_where_definitions_coincide(seed):
     for j in range(3):
         assert m.auroc_classes[j] == pytest.approx(roc_auc_score(y[:, j], probs[:, j]), abs=1e-12)
         assert m.auprc_classes[j] == pytest.approx(average_precision_score(y[:, j], probs[:, j]), abs=1e-12)
-    assert m.f_measure_classes == pytest.approx(tuple(f1_score(truth, calls, labels=list(MURMUR_CLASSES), average=None)))
-    assert m.accuracy_classes == pytest.approx(tuple(recall_score(truth, calls, labels=list(MURMUR_CLASSES), average=None)))
+    classes = list(MURMUR_CLASSES)
+    assert m.f_measure_classes == pytest.approx(tuple(f1_score(truth, calls, labels=classes, average=None)))
+    assert m.accuracy_classes == pytest.approx(tuple(recall_score(truth, calls, labels=classes, average=None)))
     assert m.auroc == pytest.approx(np.mean(m.auroc_classes))
 
 
@@ -132,7 +133,8 @@ def test_class_absent_from_the_truth():
     s = challenge_scores(["Present", "Absent", "Absent"], ["Abnormal", "Normal", "Normal"],
                          one_hot(["Present", "Unknown", "Absent"], MURMUR_CLASSES),
                          [[0.8, 0.1, 0.1], [0.3, 0.4, 0.3], [0.1, 0.2, 0.7]],
-                         one_hot(["Abnormal", "Normal", "Normal"], OUTCOME_CLASSES), [[0.9, 0.1], [0.2, 0.8], [0.1, 0.9]])
+                         one_hot(["Abnormal", "Normal", "Normal"], OUTCOME_CLASSES),
+                         [[0.9, 0.1], [0.2, 0.8], [0.1, 0.9]])
     m = s.murmur
     assert m.auroc_classes[1] is None and m.auprc_classes[1] is None
     assert m.accuracy_classes == (1.0, None, 0.5)
@@ -148,7 +150,8 @@ def test_class_absent_from_the_truth():
 
 def test_all_unknown_truth():
     n = 4
-    s = challenge_scores(["Unknown"] * n, ["Normal"] * n, one_hot(["Unknown", "Unknown", "Absent", "Present"], MURMUR_CLASSES),
+    s = challenge_scores(["Unknown"] * n, ["Normal"] * n,
+                         one_hot(["Unknown", "Unknown", "Absent", "Present"], MURMUR_CLASSES),
                          [[0.1, 0.9, 0.0], [0.2, 0.7, 0.1], [0.3, 0.3, 0.4], [0.5, 0.2, 0.3]],
                          one_hot(["Normal"] * n, OUTCOME_CLASSES), [[0.1, 0.9]] * n)
     m = s.murmur
@@ -196,7 +199,8 @@ def test_scores_file_has_the_official_layout_at_full_precision(tmp_path):
 def write_outputs(folder, ids, murmur_calls, murmur_probs, outcome_calls, outcome_probs):
     folder.mkdir()
     for i, pid in enumerate(ids):
-        labels = [int(murmur_calls[i] == c) for c in MURMUR_CLASSES] + [int(outcome_calls[i] == c) for c in OUTCOME_CLASSES]
+        labels = ([int(murmur_calls[i] == c) for c in MURMUR_CLASSES]
+                  + [int(outcome_calls[i] == c) for c in OUTCOME_CLASSES])
         probs = list(murmur_probs[i]) + list(outcome_probs[i])
         (folder / f"{pid}.csv").write_text(format_challenge_output(pid, CHALLENGE_OUTPUT_CLASSES, labels, probs))
 

@@ -50,7 +50,8 @@ def planted_patients(n, seed):
     feats = [PatientFeatures(float(m), float(h), float(min(1.0, m + s / 2)), float(max(0.0, m - s / 2)))
              for m, h, s in zip(murmur, heart, spread)]
     x = np.column_stack([np.ones(n), [logit(m) for m in murmur],
-                         [logit(clip(f.murmur_max)) - logit(clip(f.murmur_min)) for f in feats], [logit(h) for h in heart]])
+                         [logit(clip(f.murmur_max)) - logit(clip(f.murmur_min)) for f in feats],
+                         [logit(h) for h in heart]])
     scores = np.column_stack([x @ PLANTED.T, np.zeros(n)])
     p = np.exp(scores - scores.max(axis=1, keepdims=True))
     p /= p.sum(axis=1, keepdims=True)
@@ -240,6 +241,7 @@ def test_patient_features_from_level_predictions():
                                 pids, [None] * n, np.ones(n, dtype=np.int64))
     recs = level("recording", ["a_AV", "a_MV", "b_AV"], ["a", "a", "b"], [[0.2, 0.1], [0.4, 0.7], [0.9, 0.5]])
     patients = level("patient", ["a", "b"], ["a", "b"], [[0.3, 0.4], [0.9, 0.5]])
-    assert patient_features(patients, recs) == [PatientFeatures(0.4, 0.3, 0.7, 0.1), PatientFeatures(0.5, 0.9, 0.5, 0.5)]
+    assert patient_features(patients, recs) == [PatientFeatures(0.4, 0.3, 0.7, 0.1),
+                                                PatientFeatures(0.5, 0.9, 0.5, 0.5)]
     with pytest.raises(ValueError, match="murmur_prob"):
         MurmurLogistic.prior().probabilities([PatientFeatures.single(1.5, 0.5)])
