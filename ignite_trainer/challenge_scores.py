@@ -164,8 +164,10 @@ def class_auc(truth: ArrayLike, scores: ArrayLike) -> tuple[float | None, float 
     return auroc, auprc
 
 
-def challenge_cost(tp: int, fp: int, fn: int, tn: int) -> float | None:
+def challenge_cost(tp: float, fp: float, fn: float, tn: float) -> float | None:
     """Mean cost per patient of algorithmic pre-screening; positives are the referrals (None with no patient).
+
+    Counts may be expected (fractional) counts: the cost is linear in them once the referrals are fixed.
 
     Per patient screened 10; expert screening of the ``m = TP + FP`` referred out of ``n`` costs
     ``(25 + 397·r − 1718·r² + 11296·r⁴)·n`` with ``r = m / n``; each treated (true positive) patient

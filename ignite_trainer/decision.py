@@ -36,7 +36,7 @@ from typing import Any, Union
 
 import numpy as np
 from scipy.optimize import minimize
-from scipy.special import log_softmax, softmax
+from scipy.special import expit, log_softmax, softmax
 
 from .challenge_scores import CHALLENGE_OUTPUT_CLASSES, MURMUR_CLASSES, OUTCOME_CLASSES, challenge_cost
 from .errors import CheckpointError
@@ -345,23 +345,32 @@ class OutcomeThreshold:
         return ["Abnormal" if v >= self.threshold else "Normal" for v in q]
 
     @classmethod
-    def fit(cls, features: Sequence[PatientFeatures], truth: Sequence[str | None]) -> OutcomeThreshold:
+    def fit(cls, features: Sequence[PatientFeatures], truth: Sequence[str | None],
+            method: str = "observed") -> OutcomeThreshold:
         """The threshold with the lowest official cost on these patients (None truths left out).
 
-        Candidates are the midpoints between neighbouring probabilities and one cut beyond each end;
-        equal costs go to the cut nearest 0.5, then the lower. Without both classes: 0.5.
+        ``"observed"`` counts the patients' true outcomes; ``"calibrated"`` counts each patient's
+        calibrated P(Abnormal) instead (a one-feature logistic calibration of the probability's logit,
+        pulled towards the identity like `MurmurLogistic`), which minimises the *expected* cost and moves
+        less with one patient more or less. Candidates are the midpoints between neighbouring
+        probabilities and one cut beyond each end; equal costs go to the cut nearest 0.5, then the lower.
+        Without both classes: 0.5.
         """
+        if method not in ("observed", "calibrated"):
+            raise ValueError(f"method must be 'observed' or 'calibrated', got {method!r}")
         kept, y = _known(features, truth, OUTCOME_CLASSES)
         if len(np.unique(y)) < 2:
             return cls(0.5)
         q = _probability_column(kept, "heart_prob")
-        abnormal = y == 0
+        abnormal = (y == 0).astype(np.float64)
+        if method == "calibrated":
+            abnormal = _calibrated(q, abnormal)
         cuts = _cuts(q)
         costs = []
         for c in cuts:
             referred = q >= c
-            costs.append(challenge_cost(int(np.sum(referred & abnormal)), int(np.sum(referred & ~abnormal)),
-                                        int(np.sum(~referred & abnormal)), int(np.sum(~referred & ~abnormal))))
+            tp, fn = float(abnormal[referred].sum()), float(abnormal[~referred].sum())
+            costs.append(challenge_cost(tp, float(referred.sum()) - tp, fn, float((~referred).sum()) - fn))
         best = np.lexsort((cuts, np.abs(cuts - 0.5), np.asarray(costs)))[0]
         return cls(float(cuts[best]))
 
@@ -372,6 +381,23 @@ class OutcomeThreshold:
     def from_dict(cls, d: Mapping[str, Any], prefix: str = "") -> OutcomeThreshold:
         _expect_keys(d, prefix, {"kind", "threshold"})
         return cls(_number(d, prefix, "threshold"))
+
+
+def _calibrated(q: np.ndarray, y: np.ndarray, strength: float = 1.0) -> np.ndarray:
+    """P(y = 1) = sigmoid(a + b·logit(q)), fitted with the penalty ``strength/2·(a² + (b − 1)²)``."""
+    x = np.column_stack([np.ones(q.size), _logit(q)])
+    theta0 = np.array([0.0, 1.0])
+
+    def objective(theta: np.ndarray) -> tuple[float, np.ndarray]:
+        z = x @ theta
+        diff = theta - theta0
+        value = float(np.sum(np.logaddexp(0.0, z) - y * z)) + 0.5 * strength * float(diff @ diff)
+        grad = x.T @ (expit(z) - y) + strength * diff
+        return value, grad
+
+    result = minimize(objective, theta0, jac=True, method="L-BFGS-B", options={"maxiter": 200})
+    theta = result.x if np.isfinite(result.x).all() else theta0
+    return expit(x @ theta)
 
 
 # ---------------------------------------------------------------------------------------------- layer
@@ -396,11 +422,17 @@ class DecisionLayer:
 
     @classmethod
     def fit(cls, features: Sequence[PatientFeatures], murmur_truth: Sequence[str | None],
-            outcome_truth: Sequence[str | None], murmur: str = "logistic") -> DecisionLayer:
-        """Fit both decisions on validation patients; ``murmur`` is ``"logistic"`` or ``"band"`` (tuned band)."""
+            outcome_truth: Sequence[str | None], murmur: str = "logistic", outcome: str = "observed"
+            ) -> DecisionLayer:
+        """Fit both decisions on validation patients.
+
+        ``murmur`` is ``"logistic"`` or ``"band"`` (tuned band); ``outcome`` is the `OutcomeThreshold.fit`
+        method, ``"observed"`` or ``"calibrated"``.
+        """
         if murmur not in _MURMUR_KINDS:
             raise ValueError(f"murmur must be one of {', '.join(_MURMUR_KINDS)}, got {murmur!r}")
-        return cls(_MURMUR_KINDS[murmur].fit(features, murmur_truth), OutcomeThreshold.fit(features, outcome_truth))
+        return cls(_MURMUR_KINDS[murmur].fit(features, murmur_truth),
+                   OutcomeThreshold.fit(features, outcome_truth, method=outcome))
 
     @classmethod
     def legacy(cls, murmur_threshold: float, heart_threshold: float, margin: float = 0.1) -> DecisionLayer:

@@ -245,3 +245,31 @@ def test_patient_features_from_level_predictions():
                                                 PatientFeatures(0.5, 0.9, 0.5, 0.5)]
     with pytest.raises(ValueError, match="murmur_prob"):
         MurmurLogistic.prior().probabilities([PatientFeatures.single(1.5, 0.5)])
+
+
+def test_calibrated_outcome_threshold_minimises_expected_cost_of_a_planted_calibration():
+    # Outcomes drawn from a calibrated q: the expected-cost cut on a big sample lands where the brute-force
+    # expected cost (computed here from the true P(Abnormal) = q) is lowest, and is stable across samples.
+    rng = np.random.default_rng(8)
+    q = rng.uniform(0.01, 0.99, 2000)
+    abnormal = rng.random(q.size) < q
+    feats = [PatientFeatures.single(0.5, float(v)) for v in q]
+    fitted = OutcomeThreshold.fit(feats, ["Abnormal" if a else "Normal" for a in abnormal], method="calibrated")
+
+    def expected_cost(t):
+        referred = q >= t
+        n, m = q.size, referred.sum()
+        tp, fn = q[referred].sum(), q[~referred].sum()
+        r = m / n
+        return (10 * n + (25 + 397 * r - 1718 * r**2 + 11296 * r**4) * n + 10000 * tp + 50000 * fn) / n
+
+    grid = np.linspace(0.0, 1.0, 1001)
+    best = grid[np.argmin([expected_cost(t) for t in grid])]
+    assert abs(fitted.threshold - best) < 0.03
+    assert expected_cost(fitted.threshold) == pytest.approx(min(expected_cost(t) for t in grid), rel=1e-3)
+    # Degenerate sets fall back the same way as the observed method.
+    assert OutcomeThreshold.fit(feats[:3], ["Normal"] * 3, method="calibrated").threshold == 0.5
+    two = OutcomeThreshold.fit(feats[:2], ["Abnormal", "Normal"], method="calibrated")
+    assert 0.0 <= two.threshold <= 1.0
+    with pytest.raises(ValueError, match="method"):
+        OutcomeThreshold.fit(feats, ["Normal"] * len(feats), method="guess")
