@@ -19,7 +19,8 @@ L-BFGS from a fixed start, so the same patients always give the same decision.
 kept for comparison: fixed as threshold ± margin, or with the band tuned for weighted accuracy.
 
 Outcome (`OutcomeThreshold`): Abnormal when the outcome probability is at or above a threshold chosen to
-minimise the official cost on the validation patients (ties: the cut nearest 0.5, then the lower one).
+minimise the official cost on the validation patients (ties: the cut nearest 0.5, then the lower one),
+counting either their observed outcomes or, for a steadier cut, their calibrated P(Abnormal).
 
 `DecisionLayer` holds both and serialises to a flat dict of strings and floats: it fits in a checkpoint
 loaded with ``weights_only=True`` and, as JSON, in safetensors metadata; a malformed dict is refused with
