@@ -83,6 +83,11 @@ class TaskScores:
     """One task's scores (murmur or outcome); None where the official evaluator gives nan.
 
     Per-class tuples follow ``classes``.
+
+    Example::
+
+        murmur = scores.murmur
+        dict(zip(murmur.classes, murmur.accuracy_classes))  # recall of Present, Unknown, Absent
     """
 
     classes: tuple[str, ...]
@@ -108,7 +113,15 @@ class TaskScores:
 
 @dataclass(frozen=True)
 class ChallengeScores:
-    """Both tasks' scores over the same patients."""
+    """Both tasks' scores over the same patients.
+
+    Example::
+
+        scores = challenge_scores(murmur_truth, outcome_truth, murmur_binary, murmur_probs,
+                                  outcome_binary, outcome_probs)
+        print(scores.murmur.weighted_accuracy, scores.outcome.cost)
+        json.dumps(scores.as_dict())  # undefined values are null
+    """
 
     murmur: TaskScores
     outcome: TaskScores
@@ -225,6 +238,10 @@ def score_task(truth: Sequence[str], binary: ArrayLike, probabilities: ArrayLike
     """One task's official scores from the true classes, the binary calls [N, C] and the scalar outputs [N, C].
 
     ``outcome_truth`` (Abnormal/Normal per patient) is what the cost is scored against, for both tasks.
+
+    Example::
+
+        score_task(["Present"], [[1, 0, 0]], [[0.7, 0.2, 0.1]], MURMUR_CLASSES, ["Abnormal"]).weighted_accuracy
     """
     if classes not in _WEIGHTS:
         raise ValueError(f"classes must be {MURMUR_CLASSES} or {OUTCOME_CLASSES}, got {classes}")
@@ -298,7 +315,13 @@ def challenge_scores(murmur_truth: Sequence[str], outcome_truth: Sequence[str],
 # ---------------------------------------------------------------------------------------------- output files
 @dataclass(frozen=True)
 class ChallengeOutput:
-    """One patient's output file: its id line, class names, binary calls and scalar outputs."""
+    """One patient's output file: its id line, class names, binary calls and scalar outputs.
+
+    Example::
+
+        out = read_challenge_output("outputs/50001.csv")
+        binary, probs = out.columns(MURMUR_CLASSES)
+    """
 
     patient_id: str
     classes: tuple[str, ...]
@@ -379,6 +402,10 @@ def read_challenge_output(path: str | Path) -> ChallengeOutput:
 
     Stricter than the official reader, which reads an unparseable value as 0: a file the project cannot
     read exactly is refused rather than scored as something it does not say.
+
+    Example::
+
+        read_challenge_output("outputs/50001.csv").probabilities  # (0.61..., 0.05..., ...)
     """
     path = Path(path)
     try:
@@ -407,6 +434,11 @@ def read_challenge_outputs(folder: str | Path) -> dict[str, ChallengeOutput]:
 
     The official evaluator pairs ``<name>.txt`` (labels) with ``<name>.csv`` (outputs) by file name, so the
     key is the file name, not the ``#`` line inside.
+
+    Example::
+
+        outputs = read_challenge_outputs("outputs/")
+        scores = scores_from_outputs({"50001": ("Present", "Abnormal")}, outputs)
     """
     folder = Path(folder)
     if not folder.is_dir():
@@ -421,6 +453,11 @@ def scores_from_outputs(truth: Mapping[str, tuple[str, str]], outputs: Mapping[s
 
     Every patient of ``truth`` needs an output (as officially, a missing one is an error); outputs of other
     patients are ignored.
+
+    Example::
+
+        truth = {"50001": ("Present", "Abnormal"), "50002": ("Absent", "Normal")}
+        write_scores_csv(scores_from_outputs(truth, read_challenge_outputs("outputs/")), "challenge_scores.csv")
     """
     missing = sorted(set(truth) - set(outputs))
     if missing:
@@ -455,14 +492,24 @@ def _per_class(task: TaskScores) -> str:
 
 
 def format_scores_csv(scores: ChallengeScores) -> str:
-    """The official scores file's text: four ``#`` sections in its order, undefined values as ``nan``."""
+    """The official scores file's text: four ``#`` sections in its order, undefined values as ``nan``.
+
+    Example::
+
+        print(format_scores_csv(scores))  # "#Murmur scores\nAUROC,AUPRC,...\n0.83...,..."
+    """
     return ("#Murmur scores\n" + _summary(scores.murmur) + "\n#Outcome scores\n" + _summary(scores.outcome)
             + "\n#Murmur scores (per class)\n" + _per_class(scores.murmur)
             + "\n#Outcome scores (per class)\n" + _per_class(scores.outcome))
 
 
 def write_scores_csv(scores: ChallengeScores, path: str | Path) -> Path:
-    """Write `format_scores_csv` to ``path`` (the text is built before the file is opened)."""
+    """Write `format_scores_csv` to ``path`` (the text is built before the file is opened).
+
+    Example::
+
+        write_scores_csv(scores, "runs/quick/report/challenge_scores.csv")
+    """
     path = Path(path)
     text = format_scores_csv(scores)
     try:

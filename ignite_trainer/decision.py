@@ -70,6 +70,10 @@ class PatientFeatures:
     ``murmur_prob`` and ``heart_prob`` are the patient-level probabilities (recordings aggregated as the
     run aggregates them); ``murmur_max`` and ``murmur_min`` the extremes over the patient's recordings
     (equal to ``murmur_prob`` with one recording).
+
+    Example::
+
+        PatientFeatures(murmur_prob=0.4, heart_prob=0.3, murmur_max=0.7, murmur_min=0.1)
     """
 
     murmur_prob: float
@@ -88,6 +92,11 @@ def patient_features(patients: Any, recordings: Any) -> list[PatientFeatures]:
 
     ``recordings`` is the recording-level `LevelPredictions` the patients were aggregated from (its
     ``patient_ids`` group the recordings). Column 0 is ``heart``, column 1 ``murmur``.
+
+    Example::
+
+        windows, recordings, patients = run.levels("mean")
+        layer.outputs(patient_features(patients, recordings))
     """
     by_patient: dict[str, list[float]] = {}
     for pid, p in zip(recordings.patient_ids, np.asarray(recordings.probs)[:, 1]):
