@@ -184,16 +184,22 @@ def mixup_partners(seed: int, epoch: int, indices: Sequence[int]) -> list[int]:
     return partners
 
 
-def noise_power(log_power: torch.Tensor, snr_db: float, shape: torch.Tensor) -> torch.Tensor:
-    """Noise power ``[n_mels, T]`` of the given ``shape`` scaled so that its total over the window is the
-    signal's total power ``exp(log_power)`` times ``10^(-snr_db / 10)``."""
-    signal = torch.exp(log_power).sum()
-    return shape * (signal * 10.0 ** (-snr_db / 10.0) / shape.sum().clamp_min(1e-30))
+def noise_log_power(log_power: torch.Tensor, snr_db: torch.Tensor | float, shape: torch.Tensor) -> torch.Tensor:
+    """Log of the noise power ``[..., n_mels, T]`` of the given ``shape`` (positive), scaled so that its total
+    over the window is the total signal power ``exp(log_power)`` times ``10^(-snr_db / 10)``.
+
+    Works in the log domain throughout (``logsumexp``), so large log powers cannot overflow.
+    """
+    dims = (-2, -1)
+    snr = torch.as_tensor(snr_db, dtype=log_power.dtype, device=log_power.device)
+    level = torch.logsumexp(log_power, dim=dims) - snr * (math.log(10.0) / 10.0)
+    log_shape = torch.log(shape) - torch.logsumexp(torch.log(shape), dim=dims, keepdim=True)
+    return log_shape + level[..., None, None]
 
 
-def mix_in_power(log_power: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
-    """``log(exp(log_power) + noise)``, computed without overflow for large log powers."""
-    return torch.logaddexp(log_power, torch.log(noise.clamp_min(1e-30)))
+def mix_in_power(log_power: torch.Tensor, log_noise: torch.Tensor) -> torch.Tensor:
+    """``log(exp(log_power) + exp(log_noise))``: signal and noise add as powers, not as log powers."""
+    return torch.logaddexp(log_power, log_noise)
 
 
 def gain_offset(gain_db: float, log_power_scale: float) -> float:
@@ -316,13 +322,13 @@ class Augmenter:
             raise ValueError(f"feature settings have {features.n_mels} mel bands, the batch has {n_mels}")
         shapes = [coloured_noise_shape(sample_generator(self.seed, epoch, indices[b], _STREAM_NOISE), features,
                                        draws[b].noise_beta, n_frames) for b in rows]
-        shape = torch.from_numpy(np.stack(shapes)).to(x.device, torch.float32)
+        shape = torch.from_numpy(np.stack(shapes)).to(x.device, x.dtype)
+        snr = torch.tensor([draws[b].snr_db for b in rows], dtype=x.dtype, device=x.device)
         scale = self.settings.log_power_scale
-        for k, b in enumerate(rows):
-            z = x[b]
-            log_power = z * scale
-            noisy = mix_in_power(log_power, noise_power(log_power, draws[b].snr_db, shape[k])) / scale
-            x[b] = _restandardise(noisy, z)
+        z = x[rows]
+        log_power = z * scale
+        noisy = mix_in_power(log_power, noise_log_power(log_power, snr, shape)) / scale
+        x[rows] = _restandardise(noisy, z)
 
     def _mixup(self, x: torch.Tensor, y: torch.Tensor, mask: torch.Tensor, draws: list[SampleDraw],
                indices: list[int], epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -379,8 +385,8 @@ def _reflect(position: torch.Tensor, last: int) -> torch.Tensor:
 
 def _restandardise(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``values`` with each band's mean and std over the window set to those of ``like``."""
-    mean, std = values.mean(dim=1, keepdim=True), values.std(dim=1, unbiased=False, keepdim=True)
-    target_mean, target_std = like.mean(dim=1, keepdim=True), like.std(dim=1, unbiased=False, keepdim=True)
+    mean, std = values.mean(dim=-1, keepdim=True), values.std(dim=-1, unbiased=False, keepdim=True)
+    target_mean, target_std = like.mean(dim=-1, keepdim=True), like.std(dim=-1, unbiased=False, keepdim=True)
     return (values - mean) / std.clamp_min(1e-6) * target_std + target_mean
 
 
