@@ -210,9 +210,9 @@ def test_embedded_dataset_is_generated_once_then_reused(tmp_path: Path, monkeypa
     calls = []
     real = synthetic.write_synthetic
 
-    def counting(out_dir, n_patients, seed, fmt="circor2022"):
+    def counting(out_dir, n_patients, seed, fmt="circor2022", **options):
         calls.append(Path(out_dir))
-        return real(out_dir, n_patients, seed, fmt)
+        return real(out_dir, n_patients, seed, fmt, **options)
 
     monkeypatch.setattr(synthetic, "write_synthetic", counting)
     first = ensure_embedded_dataset(tmp_path, 4, 9)
@@ -224,7 +224,7 @@ def test_embedded_dataset_is_generated_once_then_reused(tmp_path: Path, monkeypa
 
 
 def test_a_killed_generation_leaves_no_dataset_behind(tmp_path: Path, monkeypatch) -> None:
-    def dies_halfway(out_dir, n_patients, seed, fmt="circor2022"):
+    def dies_halfway(out_dir, n_patients, seed, fmt="circor2022", **options):
         (Path(out_dir) / "training_data").mkdir(parents=True)
         (Path(out_dir) / "training_data" / "1000.txt").write_text("1000 1 4000\n")
         raise KeyboardInterrupt
