@@ -62,6 +62,9 @@ OUTCOME_LABEL_NOISE = 0.08
 #: Chance of an abnormal heart with no acoustic sign (structural disease found by echocardiography), by age
 #: group: congenital disease shows early, so a young age is itself a risk (``hard`` sets only).
 SILENT_ABNORMAL_BY_AGE = {"Neonate": 0.30, "Infant": 0.20, "Child": 0.06, "Adolescent": 0.04, None: 0.02}
+#: Factor on `CUE_PROB` by age group: acoustic signs of disease are commoner the younger the patient
+#: (``hard`` sets only).
+CUE_AGE_FACTOR = {"Neonate": 1.6, "Infant": 1.35, "Child": 0.95, "Adolescent": 0.7, None: 0.5}
 #: Age groups in which an abnormal heart holds weight back (failure to thrive; ``hard`` sets only).
 POOR_GROWTH_AGES = ("Neonate", "Infant", "Child")
 
@@ -206,7 +209,8 @@ def sample_patient(seed: int, index: int, difficulty: str = "default") -> Synthe
         most_audible = str(rng.choice(murmur_locations))
 
     cues: tuple[str, ...] = ()
-    if rng.random() < CUE_PROB[cue_group]:
+    cue_factor = CUE_AGE_FACTOR[age] if profile.age_linked_outcome else 1.0
+    if rng.random() < CUE_PROB[cue_group] * cue_factor:
         first = str(rng.choice(CUES, p=CUE_PROBS))
         second = str(rng.choice(CUES, p=CUE_PROBS)) if rng.random() < 0.2 else first
         cues = tuple(c for c in CUES if c in (first, second))
