@@ -11,7 +11,8 @@ import torch
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.circor import parse_patient_file, read_circor, read_training_table
 from ignite_trainer.data.demographics import (DEMOGRAPHIC_FEATURES, HEIGHT_CM, WEIGHT_KG, Demographics,
-                                              demographics_from_fields, encode_demographics, encode_many)
+                                              demographics_from_fields, encode_demographics, encode_many,
+                                              require_demographics)
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.data.synthetic import sample_patient, write_synthetic
 from ignite_trainer.data.wav import write_wav
@@ -147,6 +148,14 @@ def test_demographic_encoding_layout() -> None:
     assert not none_values.any() and not none_mask.any()
     stacked, stacked_mask = encode_many([d, None])
     assert stacked.shape == (2, len(DEMOGRAPHIC_FEATURES)) and torch.equal(stacked_mask[1], none_mask)
+
+
+def test_demographics_fusion_on_a_format_without_demographics_is_refused(generated: Path, tmp_path: Path) -> None:
+    require_demographics(read_circor(generated), "circor2022")
+    p2016 = read_recordings(write_synthetic(tmp_path / "p", 3, 1, fmt="physionet2016", progress=False), "physionet2016")
+    assert all(r.demographics is None for r in p2016)
+    with pytest.raises(ConfigError, match=r"^config: demographics needs .* format='physionet2016' records none"):
+        require_demographics(p2016, "physionet2016")
 
 
 # ---------------------------------------------------------------------------------------------- quirks

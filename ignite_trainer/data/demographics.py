@@ -16,9 +16,14 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Mapping, Sequence
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
+
+from ignite_trainer.errors import ConfigError
+
+if TYPE_CHECKING:
+    from ignite_trainer.data.records import Recording
 
 #: CirCor's age groups, in the order of their one-hot features.
 AGE_GROUPS: tuple[str, ...] = ("Neonate", "Infant", "Child", "Adolescent", "Young Adult")
@@ -86,7 +91,13 @@ def demographics_from_fields(fields: Mapping[str, str | None]) -> Demographics:
 
 def encode_demographics(demographics: Demographics | None) -> tuple[torch.Tensor, torch.Tensor]:
     """``(values, mask)``, both ``[len(DEMOGRAPHIC_FEATURES)]`` float32; ``mask`` is 1 where a value is known
-    and 0 where it is missing (its value is then 0 and carries no meaning). ``None``: everything masked."""
+    and 0 where it is missing (its value is then 0 and carries no meaning). ``None``: everything masked.
+
+    Example::
+
+        values, mask = encode_demographics(recording.demographics)
+        model_input = torch.cat([values, mask])  # a fusion head sees which values are missing
+    """
     values = torch.zeros(len(DEMOGRAPHIC_FEATURES))
     mask = torch.zeros(len(DEMOGRAPHIC_FEATURES))
     if demographics is None:
@@ -109,9 +120,29 @@ def encode_demographics(demographics: Demographics | None) -> tuple[torch.Tensor
 
 
 def encode_many(demographics: Sequence[Demographics | None]) -> tuple[torch.Tensor, torch.Tensor]:
-    """`encode_demographics` of each, stacked: ``([N, D], [N, D])``."""
+    """`encode_demographics` of each, stacked: ``([N, D], [N, D])``.
+
+    Example::
+
+        values, mask = encode_many([r.demographics for r in dataset.recordings])
+    """
     pairs = [encode_demographics(d) for d in demographics]
     if not pairs:
         empty = torch.zeros(0, len(DEMOGRAPHIC_FEATURES))
         return empty, empty.clone()
     return torch.stack([v for v, _ in pairs]), torch.stack([m for _, m in pairs])
+
+
+def require_demographics(recordings: Sequence["Recording"], fmt: str, field: str = "demographics",
+                         source: str = "config") -> None:
+    """Refuse a model that fuses demographics on data that records none (PhysioNet 2016): one `ConfigError`
+    naming the setting and the format, raised before anything is trained or written.
+
+    Example::
+
+        if config.demographics:
+            require_demographics(recordings, config.format, field="demographics")
+    """
+    if not any(r.demographics is not None for r in recordings):
+        raise ConfigError(f"{source}: {field} needs the patients' demographics (age, sex, height, weight, "
+                          f"pregnancy), and format={fmt!r} records none; turn {field} off for this data")
