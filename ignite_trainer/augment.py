@@ -56,7 +56,7 @@ CONFIG_PREFIX = "augment_"
 SHIFT_MODES = ("circular", "pad")
 _MASK64 = (1 << 64) - 1
 # Independent random streams of one sample: adding a transform never changes another's draws.
-_STREAM_SCALARS, _STREAM_NOISE, _STREAM_MASKS, _STREAM_PAIRING = 0, 1, 2, 3
+_STREAM_SCALARS, _STREAM_NOISE, _STREAM_TIME_MASKS, _STREAM_PAIRING, _STREAM_FREQ_MASKS = 0, 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
@@ -243,9 +243,13 @@ class Augmenter:
         beta = float(rng.uniform(s.noise_beta_low, s.noise_beta_high))
         gain = float(rng.uniform(s.gain_low_db, s.gain_high_db))
         lam = float(rng.beta(s.mixup_alpha, s.mixup_alpha))
-        masks = sample_generator(self.seed, epoch, index, _STREAM_MASKS)
-        time_masks = _masks(masks, s.time_masks, s.time_mask_width, n_frames) if u[4] < s.time_mask_prob else ()
-        freq_masks = _masks(masks, s.freq_masks, s.freq_mask_width, n_mels) if u[5] < s.freq_mask_prob else ()
+        time_masks = freq_masks = ()
+        if u[4] < s.time_mask_prob:
+            time_rng = sample_generator(self.seed, epoch, index, _STREAM_TIME_MASKS)
+            time_masks = _masks(time_rng, s.time_masks, s.time_mask_width, n_frames)
+        if u[5] < s.freq_mask_prob:
+            freq_rng = sample_generator(self.seed, epoch, index, _STREAM_FREQ_MASKS)
+            freq_masks = _masks(freq_rng, s.freq_masks, s.freq_mask_width, n_mels)
         return SampleDraw(
             stretch_rate=stretch if u[0] < s.stretch_prob and s.stretch_max > 0 else None,
             shift_frames=shift if u[1] < s.shift_prob and shift != 0 else None,

@@ -130,7 +130,8 @@ def test_missing_demographics_are_masked_not_zero(tmp_path: Path) -> None:
 def test_csv_fills_demographics_the_txt_lacks(tmp_path: Path) -> None:
     write_patient(tmp_path / "training_data", "100")  # its .txt has age and sex only
     (tmp_path / "training_data.csv").write_text(
-        "Patient ID,Age,Sex,Height,Weight,Pregnancy status,Murmur,Outcome\n100,Infant,Male,70.0,8.1,False,Absent,Normal\n")
+        "Patient ID,Age,Sex,Height,Weight,Pregnancy status,Murmur,Outcome\n"
+        "100,Infant,Male,70.0,8.1,False,Absent,Normal\n")
     d = read_circor(tmp_path)[0].demographics
     assert d == Demographics(age_group="Child", sex="Female", height_cm=70.0, weight_kg=8.1, pregnant=False)
 
