@@ -15,6 +15,7 @@ import pytest
 import scipy.signal
 
 from ignite_trainer.data import synthetic
+from ignite_trainer.data.circor import read_circor
 from ignite_trainer.data.synthetic import (CSV_COLUMNS, ensure_embedded_dataset, sample_patient,
                                            synthesize_recording, write_synthetic)
 from ignite_trainer.data.wav import read_wav, wav_info
@@ -313,8 +314,12 @@ def test_unknown_difficulty_is_refused(tmp_path: Path) -> None:
 def test_hard_embedded_set_has_a_folder_of_its_own(tmp_path: Path) -> None:
     hard = ensure_embedded_dataset(tmp_path, 2, 9, difficulty="hard", progress=False)
     assert hard == tmp_path / "synthetic" / "circor2022-hard-p2-s9"
-    txt = sorted((hard / "training_data").glob("*.txt"))
-    assert [t.read_text() for t in txt] != [] and sample_patient(9, 0, "hard").difficulty == "hard"
+    expected = [sample_patient(9, i, "hard") for i in range(2)]
+    recordings = read_circor(hard)
+    assert {r.patient_id for r in recordings} == {p.patient_id for p in expected}
+    for r in recordings:
+        p = next(p for p in expected if p.patient_id == r.patient_id)
+        assert r.murmur_class == p.murmur and r.demographics.weight_kg == p.weight  # growth cue written as drawn
 
 
 # ---------------------------------------------------------------------------------------------- target folder
