@@ -380,6 +380,23 @@ def test_read_only_target_is_one_data_error(tmp_path: Path, monkeypatch) -> None
     assert os.listdir(tmp_path) == []
 
 
+def test_overwrite_where_only_the_target_itself_is_writable(tmp_path: Path, monkeypatch) -> None:
+    """With no room beside the target, the new set is staged inside it and swapped in entry by entry."""
+    target = write_synthetic(tmp_path / "d", 3, 1)
+    real_mkdir = Path.mkdir
+
+    def parent_read_only(self, *args, **kwargs):
+        if self.parent == tmp_path and self.name.startswith("."):
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", parent_read_only)
+    write_synthetic(target, 2, 2, overwrite=True)
+    monkeypatch.undo()
+    assert _files(target) == _files(write_synthetic(tmp_path / "fresh", 2, 2))
+    assert sorted(os.listdir(target)) == ["training_data", "training_data.csv"]
+
+
 @pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
 def test_read_only_folder_by_permissions(tmp_path: Path) -> None:
     target = tmp_path / "ro"
