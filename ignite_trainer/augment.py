@@ -364,8 +364,9 @@ def coloured_noise_shape(rng: np.random.Generator, features: FeatureSettings, be
     frequency to the power ``-beta``, and each frame fluctuates around it as a gamma law whose shape is the
     band's effective number of DFT bins (the band power of Gaussian noise)."""
     centres, dof = _band_model(features)
-    fluctuation = rng.gamma(dof[:, None], 1.0 / dof[:, None], size=(len(centres), n_frames))
-    return centres[:, None] ** (-beta) * fluctuation
+    shape = np.broadcast_to(dof[:, None].astype(np.float32), (len(centres), n_frames))
+    fluctuation = rng.standard_gamma(shape, dtype=np.float32) / shape
+    return (centres[:, None] ** (-beta)).astype(np.float32) * fluctuation
 
 
 def _masks(rng: np.random.Generator, count: int, max_width: int, size: int) -> tuple[tuple[int, int], ...]:
@@ -389,8 +390,11 @@ def _reflect(position: torch.Tensor, last: int) -> torch.Tensor:
 
 def _restandardise(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """``values`` with each band's mean and std over the window set to those of ``like``."""
-    mean, std = values.mean(dim=-1, keepdim=True), values.std(dim=-1, unbiased=False, keepdim=True)
-    target_mean, target_std = like.mean(dim=-1, keepdim=True), like.std(dim=-1, unbiased=False, keepdim=True)
+    def spread(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        mean = t.mean(dim=-1, keepdim=True)
+        return mean, (t - mean).square().mean(dim=-1, keepdim=True).sqrt()  # several times faster than std()
+
+    (mean, std), (target_mean, target_std) = spread(values), spread(like)
     return (values - mean) / std.clamp_min(1e-6) * target_std + target_mean
 
 
