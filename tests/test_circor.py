@@ -6,9 +6,13 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.circor import parse_patient_file, read_circor, read_training_table
+from ignite_trainer.data.demographics import (DEMOGRAPHIC_FEATURES, HEIGHT_CM, WEIGHT_KG, Demographics,
+                                              demographics_from_fields, encode_demographics, encode_many,
+                                              require_demographics)
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.data.synthetic import sample_patient, write_synthetic
 from ignite_trainer.data.wav import write_wav
@@ -95,6 +99,64 @@ def test_dispatch_by_format(generated: Path) -> None:
 
 def test_root_may_be_the_training_data_folder_itself(generated: Path) -> None:
     assert by_id(read_circor(generated / "training_data")) == by_id(read_circor(generated))
+
+
+# ---------------------------------------------------------------------------------------------- demographics
+def test_demographics_read_back_what_the_generator_wrote(generated: Path) -> None:
+    patients = {p.patient_id: p for p in (sample_patient(SEED, i) for i in range(N_PATIENTS))}
+    recordings = read_circor(generated)
+    for r in recordings:
+        p, d = patients[r.patient_id], r.demographics
+        assert d == Demographics(age_group=p.age, sex=p.sex, height_cm=p.height, weight_kg=p.weight,
+                                 pregnant=p.pregnant)
+    assert any(r.demographics.age_group is None for r in recordings) or all(p.age for p in patients.values())
+
+
+def test_missing_demographics_are_masked_not_zero(tmp_path: Path) -> None:
+    write_patient(tmp_path, "100", extra="#Height: nan\n#Weight:   14.5 \n#Pregnancy status: False\n")
+    write_patient(tmp_path, "200", extra="#Height: 12O\n#Weight: -3\n")  # unreadable values: masked as well
+    recordings = by_id(read_circor(tmp_path))
+    d = recordings["100_AV"].demographics
+    assert d == Demographics(age_group="Child", sex="Female", height_cm=None, weight_kg=14.5, pregnant=False)
+    values, mask = encode_demographics(d)
+    expected = dict(zip(DEMOGRAPHIC_FEATURES, [0, 0, 1, 0, 0, 1, 0, (14.5 - WEIGHT_KG[0]) / WEIGHT_KG[1], 0]))
+    known = dict(zip(DEMOGRAPHIC_FEATURES, [1, 1, 1, 1, 1, 1, 0, 1, 1]))
+    assert values.tolist() == pytest.approx(list(expected.values()))
+    assert mask.tolist() == list(known.values())
+    other = recordings["200_MV"].demographics
+    assert other.height_cm is None and other.weight_kg is None and other.pregnant is None
+
+
+def test_csv_fills_demographics_the_txt_lacks(tmp_path: Path) -> None:
+    write_patient(tmp_path / "training_data", "100")  # its .txt has age and sex only
+    (tmp_path / "training_data.csv").write_text(
+        "Patient ID,Age,Sex,Height,Weight,Pregnancy status,Murmur,Outcome\n"
+        "100,Infant,Male,70.0,8.1,False,Absent,Normal\n")
+    d = read_circor(tmp_path)[0].demographics
+    assert d == Demographics(age_group="Child", sex="Female", height_cm=70.0, weight_kg=8.1, pregnant=False)
+
+
+def test_demographic_encoding_layout() -> None:
+    d = demographics_from_fields({"age": " young  adult ", "sex": "MALE", "height": "170", "weight": "nan",
+                                  "pregnancy status": "True"})
+    values, mask = encode_demographics(d)
+    assert values.shape == mask.shape == (len(DEMOGRAPHIC_FEATURES),) and values.dtype == torch.float32
+    as_dict = dict(zip(DEMOGRAPHIC_FEATURES, values.tolist()))
+    assert as_dict["age_young_adult"] == 1 and sum(values[:5].tolist()) == 1 and as_dict["sex_female"] == 0
+    assert as_dict["height"] == pytest.approx((170 - HEIGHT_CM[0]) / HEIGHT_CM[1]) and as_dict["pregnant"] == 1
+    assert dict(zip(DEMOGRAPHIC_FEATURES, mask.tolist()))["weight"] == 0 and as_dict["weight"] == 0
+    none_values, none_mask = encode_demographics(None)  # PhysioNet 2016: nothing known
+    assert not none_values.any() and not none_mask.any()
+    stacked, stacked_mask = encode_many([d, None])
+    assert stacked.shape == (2, len(DEMOGRAPHIC_FEATURES)) and torch.equal(stacked_mask[1], none_mask)
+
+
+def test_demographics_fusion_on_a_format_without_demographics_is_refused(generated: Path, tmp_path: Path) -> None:
+    require_demographics(read_circor(generated), "circor2022")
+    p2016 = read_recordings(write_synthetic(tmp_path / "p", 3, 1, fmt="physionet2016", progress=False), "physionet2016")
+    assert all(r.demographics is None for r in p2016)
+    with pytest.raises(ConfigError, match=r"^config: demographics needs .* format='physionet2016' records none"):
+        require_demographics(p2016, "physionet2016")
 
 
 # ---------------------------------------------------------------------------------------------- quirks

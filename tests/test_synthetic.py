@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
+import io
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +15,11 @@ import pytest
 import scipy.signal
 
 from ignite_trainer.data import synthetic
+from ignite_trainer.data.circor import read_circor
 from ignite_trainer.data.synthetic import (CSV_COLUMNS, ensure_embedded_dataset, sample_patient,
                                            synthesize_recording, write_synthetic)
 from ignite_trainer.data.wav import read_wav, wav_info
+from ignite_trainer.errors import ConfigError, DataError
 
 SEED = 7
 N_PATIENTS = 30
@@ -210,9 +215,9 @@ def test_embedded_dataset_is_generated_once_then_reused(tmp_path: Path, monkeypa
     calls = []
     real = synthetic.write_synthetic
 
-    def counting(out_dir, n_patients, seed, fmt="circor2022"):
+    def counting(out_dir, n_patients, seed, fmt="circor2022", **options):
         calls.append(Path(out_dir))
-        return real(out_dir, n_patients, seed, fmt)
+        return real(out_dir, n_patients, seed, fmt, **options)
 
     monkeypatch.setattr(synthetic, "write_synthetic", counting)
     first = ensure_embedded_dataset(tmp_path, 4, 9)
@@ -224,7 +229,7 @@ def test_embedded_dataset_is_generated_once_then_reused(tmp_path: Path, monkeypa
 
 
 def test_a_killed_generation_leaves_no_dataset_behind(tmp_path: Path, monkeypatch) -> None:
-    def dies_halfway(out_dir, n_patients, seed, fmt="circor2022"):
+    def dies_halfway(out_dir, n_patients, seed, fmt="circor2022", **options):
         (Path(out_dir) / "training_data").mkdir(parents=True)
         (Path(out_dir) / "training_data" / "1000.txt").write_text("1000 1 4000\n")
         raise KeyboardInterrupt
@@ -235,3 +240,193 @@ def test_a_killed_generation_leaves_no_dataset_behind(tmp_path: Path, monkeypatc
     assert os.listdir(tmp_path / "synthetic") == []
     monkeypatch.undo()
     assert (ensure_embedded_dataset(tmp_path, 4, 9) / "training_data.csv").is_file()
+
+
+# ---------------------------------------------------------------------------------------------- difficulty
+def _digest(root: Path) -> str:
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*")):
+        if p.is_file():
+            h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes())
+    return h.hexdigest()
+
+
+def test_default_output_is_byte_identical_to_the_original_generator(tmp_path: Path) -> None:
+    """Hashes of sets written before difficulties existed: cached embedded sets and published numbers stay valid."""
+    assert _digest(write_synthetic(tmp_path / "c", 4, 5)) == \
+        "1e421a3a330a3ad94da66584e3a7ac632d652c98640a410e1126a488b7a61e1d"
+    assert _digest(write_synthetic(tmp_path / "p", 4, 5, fmt="physionet2016", difficulty="default")) == \
+        "9a3df7d28f24b68bedf3a7cb14b9dc2be3fe3310b33d66ec6b40f82f43bac4d0"
+
+
+def test_hard_set_is_harder_in_every_promised_way() -> None:
+    default = [sample_patient(2022, i) for i in range(2000)]
+    hard = [sample_patient(2022, i, "hard") for i in range(2000)]
+    share = lambda ps, pred: np.mean([pred(p) for p in ps])  # noqa: E731
+    assert share(hard, lambda p: p.murmur == "Unknown") > 1.7 * share(default, lambda p: p.murmur == "Unknown")
+    assert share(hard, lambda p: p.murmur == "Present") == pytest.approx(0.19, abs=0.03)
+    innocent = lambda ps: np.mean([m.kind.startswith("innocent") for p in ps if p.murmur == "Present"  # noqa: E731
+                                   for m in p.murmurs])
+    assert innocent(hard) > innocent(default) + 0.15
+    amplitude = lambda ps: np.mean([m.amplitude for p in ps if p.murmur == "Present" for m in p.murmurs])  # noqa: E731
+    assert amplitude(hard) < 0.85 * amplitude(default)  # lower grades
+    assert {p.noise_profile for p in hard if p.murmur == "Unknown"} == {"faint", "noisy", "partial"}
+    assert all(p.noise_profile == "clean" for p in hard if p.murmur != "Unknown")
+    assert share(hard, lambda p: p.outcome == "Abnormal") == pytest.approx(0.48, abs=0.05)
+
+
+def test_hard_outcome_depends_on_age_and_growth_default_does_not() -> None:
+    def abnormal_by_age(ps):
+        return {age: np.mean([p.abnormal for p in ps if p.age == age]) for age in ("Infant", "Child", "Adolescent")}
+
+    default = abnormal_by_age([sample_patient(3, i) for i in range(3000)])
+    hard_patients = [sample_patient(3, i, "hard") for i in range(3000)]
+    hard = abnormal_by_age(hard_patients)
+    assert max(default.values()) - min(default.values()) < 0.08
+    assert hard["Infant"] > hard["Child"] + 0.08 > hard["Adolescent"] + 0.16
+    children = [p for p in hard_patients if p.age == "Child" and p.weight is not None]
+    sick = np.mean([p.weight for p in children if p.abnormal])
+    well = np.mean([p.weight for p in children if not p.abnormal])
+    assert sick < 0.9 * well  # failure to thrive: weight-for-age is a demographic cue of the outcome
+
+
+def test_partial_recordings_lose_the_heart_sounds_in_stretches() -> None:
+    patient = next(p for p in (sample_patient(1, i, "hard") for i in range(400)) if p.noise_profile == "partial")
+    clean = dataclasses.replace(patient, noise_profile="clean")
+
+    def quiet_share(p) -> float:
+        """Share of half seconds whose heart-band RMS is below a third of the loud ones' (90th percentile)."""
+        samples, _ = synthesize_recording(p, 0, 1)
+        sos = scipy.signal.butter(4, (25, 200), btype="band", fs=4000, output="sos")
+        x = scipy.signal.sosfiltfilt(sos, samples.astype(np.float64))
+        rms = np.sqrt(np.mean(x[: len(x) // 2000 * 2000].reshape(-1, 2000) ** 2, axis=1))
+        return float(np.mean(rms < np.percentile(rms, 90) / 3))
+
+    assert quiet_share(patient) > 0.2 and quiet_share(clean) < 0.05
+
+
+def test_unknown_difficulty_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="difficulty='extreme'"):
+        write_synthetic(tmp_path / "x", 2, 0, difficulty="extreme")
+    assert not (tmp_path / "x").exists()
+
+
+def test_hard_embedded_set_has_a_folder_of_its_own(tmp_path: Path) -> None:
+    hard = ensure_embedded_dataset(tmp_path, 2, 9, difficulty="hard", progress=False)
+    assert hard == tmp_path / "synthetic" / "circor2022-hard-p2-s9"
+    expected = [sample_patient(9, i, "hard") for i in range(2)]
+    recordings = read_circor(hard)
+    assert {r.patient_id for r in recordings} == {p.patient_id for p in expected}
+    for r in recordings:
+        p = next(p for p in expected if p.patient_id == r.patient_id)
+        assert r.murmur_class == p.murmur and r.demographics.weight_kg == p.weight  # growth cue written as drawn
+
+
+# ---------------------------------------------------------------------------------------------- target folder
+def test_non_empty_target_is_refused_and_left_alone(tmp_path: Path) -> None:
+    target = tmp_path / "d"
+    target.mkdir()
+    (target / "notes.txt").write_text("mine")
+    with pytest.raises(DataError, match=r"d: folder is not empty .*--overwrite"):
+        write_synthetic(target, 2, 0)
+    with pytest.raises(DataError, match="refusing to replace a folder that holds no dataset"):
+        write_synthetic(target, 2, 0, overwrite=True)
+    assert os.listdir(target) == ["notes.txt"] and os.listdir(tmp_path) == ["d"]
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(DataError, match="exists and is not a folder"):
+        write_synthetic(tmp_path / "f", 2, 0)
+
+
+def test_empty_target_is_filled(tmp_path: Path) -> None:
+    (tmp_path / "d").mkdir()
+    assert (write_synthetic(tmp_path / "d", 2, 0) / "training_data.csv").is_file()
+    assert sorted(os.listdir(tmp_path)) == ["d"]
+
+
+def test_overwrite_replaces_the_old_set_completely(tmp_path: Path) -> None:
+    target = write_synthetic(tmp_path / "d", 3, 1)
+    (target / "training_data" / "stale.txt").write_text("old")
+    write_synthetic(target, 2, 2, overwrite=True)
+    assert _files(target) == _files(write_synthetic(tmp_path / "fresh", 2, 2))
+    assert sorted(os.listdir(tmp_path)) == ["d", "fresh"]  # no staging or old copy left behind
+
+
+def test_a_failed_overwrite_loses_nothing(tmp_path: Path, monkeypatch) -> None:
+    target = write_synthetic(tmp_path / "d", 3, 1)
+    before = _files(target)
+
+    def fails(out_dir, patients, seed, done):
+        (out_dir / "training_data").mkdir(parents=True)
+        (out_dir / "training_data.csv").write_text("half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(synthetic, "_write_circor", fails)
+    with pytest.raises(DataError, match=r"d: cannot write the synthetic set \(No space left on device\)"):
+        write_synthetic(target, 2, 2, overwrite=True)
+    assert _files(target) == before and os.listdir(tmp_path) == ["d"]
+
+
+def test_read_only_target_is_one_data_error(tmp_path: Path, monkeypatch) -> None:
+    real_mkdir = Path.mkdir
+
+    def read_only(self, *args, **kwargs):
+        if str(self).startswith(str(tmp_path)):
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", read_only)
+    with pytest.raises(DataError, match=r"ro: cannot write the synthetic set there \(Permission denied\)"):
+        write_synthetic(tmp_path / "ro", 2, 0)
+    assert os.listdir(tmp_path) == []
+
+
+def test_overwrite_where_only_the_target_itself_is_writable(tmp_path: Path, monkeypatch) -> None:
+    """With no room beside the target, the new set is staged inside it and swapped in entry by entry."""
+    target = write_synthetic(tmp_path / "d", 3, 1)
+    real_mkdir = Path.mkdir
+
+    def parent_read_only(self, *args, **kwargs):
+        if self.parent == tmp_path and self.name.startswith("."):
+            raise PermissionError(13, "Permission denied")
+        return real_mkdir(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", parent_read_only)
+    write_synthetic(target, 2, 2, overwrite=True)
+    monkeypatch.undo()
+    assert _files(target) == _files(write_synthetic(tmp_path / "fresh", 2, 2))
+    assert sorted(os.listdir(target)) == ["training_data", "training_data.csv"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root ignores folder permissions")
+def test_read_only_folder_by_permissions(tmp_path: Path) -> None:
+    target = tmp_path / "ro"
+    target.mkdir()
+    os.chmod(target, 0o555)
+    os.chmod(tmp_path, 0o555)
+    try:
+        with pytest.raises(DataError, match="ro: cannot write"):
+            write_synthetic(target, 2, 0)
+    finally:
+        os.chmod(tmp_path, 0o755)
+        os.chmod(target, 0o755)
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_on_a_terminal_only(tmp_path: Path, monkeypatch) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    write_synthetic(tmp_path / "a", 2, 0)
+    n_recordings = sum(len(sample_patient(0, i).recordings) for i in range(2))
+    assert "synthetic set" in terminal.getvalue() and f"0/{n_recordings} " in terminal.getvalue()  # counts
+    quiet = _Terminal()
+    monkeypatch.setattr(sys, "stderr", quiet)
+    write_synthetic(tmp_path / "b", 2, 0, progress=False)
+    assert quiet.getvalue() == ""
+    log = io.StringIO()  # a log file, not a terminal
+    monkeypatch.setattr(sys, "stderr", log)
+    write_synthetic(tmp_path / "c", 2, 0)
+    assert log.getvalue() == ""

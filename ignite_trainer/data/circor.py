@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ignite_trainer.data.bad_input import BadInputPolicy
+from ignite_trainer.data.demographics import DEMOGRAPHIC_FIELDS, Demographics, demographics_from_fields
 from ignite_trainer.data.records import Recording
 from ignite_trainer.data.wav import check_declared_rate
 from ignite_trainer.errors import DataError
@@ -78,11 +79,14 @@ def read_circor(root: str | Path, unknown_murmur: str = "mask",
             policy.report(f"{txt}: duplicate patient id {patient.patient_id} (also in {first})")
             continue
         seen_patients[patient.patient_id] = txt
-        labels = _patient_labels(patient, table.get(patient.patient_id), policy)
+        row = table.get(patient.patient_id)
+        labels = _patient_labels(patient, row, policy)
         if labels is None:
             continue
+        demographics = _patient_demographics(patient, row)
         for location, names in patient.recordings:
-            recording = _make_recording(data_dir, patient, location, names, labels, unknown_murmur, policy)
+            recording = _make_recording(data_dir, patient, location, names, labels, unknown_murmur, policy,
+                                        demographics)
             if recording is None:
                 continue
             if recording.recording_id in seen_recordings:
@@ -205,9 +209,18 @@ def _recording_murmur(location: str, labels: PatientLabels, unknown_murmur: str)
     return (1.0 if location.lower() in labels.murmur_locations else 0.0), True
 
 
+def _patient_demographics(patient: PatientFile, row: dict[str, str] | None) -> Demographics:
+    """Age group, sex, height, weight and pregnancy from the ``.txt``; a field the ``.txt`` lacks altogether
+    is taken from ``training_data.csv``. Missing values stay missing (masked later), never 0."""
+    fields = {key: patient.fields[key] if key in patient.fields else (row or {}).get(key)
+              for key in DEMOGRAPHIC_FIELDS}
+    return demographics_from_fields(fields)
+
+
 # ---------------------------------------------------------------------------------------------- recordings
 def _make_recording(data_dir: Path, patient: PatientFile, location: str, names: list[str],
-                    labels: PatientLabels, unknown_murmur: str, policy: BadInputPolicy) -> Recording | None:
+                    labels: PatientLabels, unknown_murmur: str, policy: BadInputPolicy,
+                    demographics: Demographics | None = None) -> Recording | None:
     hea_name, wav_name = names[0], names[1]
     tsv_name = names[2] if len(names) > 2 else None
     wav_path = data_dir / wav_name
@@ -231,6 +244,7 @@ def _make_recording(data_dir: Path, patient: PatientFile, location: str, names: 
         segmentation_path=tsv_path if tsv_path is not None and tsv_path.is_file() else None,
         declared_rate=int(patient.rate) if patient.rate == int(patient.rate) else None,
         murmur_class=labels.murmur_class,
+        demographics=demographics,
     )
 
 

@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from ignite_trainer.data.demographics import Demographics
+
 #: Label order everywhere: model outputs, targets, masks, metrics.
 LABELS: tuple[str, str] = ("heart", "murmur")
 
@@ -19,7 +21,8 @@ class Recording:
 
     ``labels[i]`` is 0.0 or 1.0 for ``LABELS[i]``; ``mask[i]`` is False where that label is missing
     (CirCor's ``Unknown`` murmur under the ``mask`` policy, every murmur in PhysioNet 2016), and then
-    ``labels[i]`` carries no meaning.
+    ``labels[i]`` carries no meaning. ``demographics`` is the patient's (CirCor); None where the format has
+    none (PhysioNet 2016), which `encode_demographics` turns into an all-masked encoding.
 
     Example::
 
@@ -37,3 +40,5 @@ class Recording:
     declared_rate: int | None = None
     #: CirCor's three-class patient murmur ("Present", "Unknown", "Absent"); None for other formats.
     murmur_class: str | None = None
+    #: The patient's age group, sex, height, weight and pregnancy status; None for formats without them.
+    demographics: Demographics | None = None

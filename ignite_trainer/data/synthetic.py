@@ -25,14 +25,18 @@ import csv
 import math
 import os
 import shutil
+import sys
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 from scipy import fft as sfft
+from tqdm import tqdm
 
 from ignite_trainer.data.wav import write_wav
+from ignite_trainer.errors import ConfigError, DataError
 
 CIRCOR_RATE = 4000
 PHYSIONET_RATE = 2000
@@ -54,6 +58,47 @@ CUE_PROB = {"innocent": 0.20, "pathological": 0.40, "Unknown": 0.40, "Absent": 0
 CUES = ("s3", "wide_split", "irregular")
 CUE_PROBS = (0.45, 0.35, 0.20)
 OUTCOME_LABEL_NOISE = 0.08
+
+#: Chance of an abnormal heart with no acoustic sign (structural disease found by echocardiography), by age
+#: group: congenital disease shows early, so a young age is itself a risk (``hard`` sets only).
+SILENT_ABNORMAL_BY_AGE = {"Neonate": 0.30, "Infant": 0.20, "Child": 0.06, "Adolescent": 0.04, None: 0.02}
+#: Factor on `CUE_PROB` by age group: acoustic signs of disease are commoner the younger the patient
+#: (``hard`` sets only).
+CUE_AGE_FACTOR = {"Neonate": 1.6, "Infant": 1.35, "Child": 0.95, "Adolescent": 0.7, None: 0.5}
+#: Age groups in which an abnormal heart holds weight back (failure to thrive; ``hard`` sets only).
+POOR_GROWTH_AGES = ("Neonate", "Infant", "Child")
+
+
+@dataclass(frozen=True)
+class Difficulty:
+    """The knobs that make a synthetic set easier or harder to learn; ``DIFFICULTIES`` names the two offered.
+
+    ``default`` reproduces the original generator byte for byte. ``hard`` lowers murmur grades, adds noise,
+    makes ``Unknown`` twice as common (faint, noisy or partial recordings: the reasons a clinician could not
+    decide), shifts murmurs towards innocent ones, and ties the outcome to age and growth as in real data.
+    """
+
+    name: str
+    murmur_class_probs: dict[str, float]
+    pathological_share: float  # of Present murmurs
+    pregnant_pathological_share: float  # of Present murmurs in pregnancy (flow murmurs are innocent)
+    innocent_grade_probs: tuple[float, float]  # I/VI, II/VI
+    systolic_grade_probs: tuple[float, float, float]  # I/VI, II/VI, III/VI
+    diastolic_grade_probs: tuple[float, float, float]  # I/IV, II/IV, III/IV
+    unknown_profiles: dict[str, float]  # faint / noisy / partial
+    noisy_share: float  # of recordings of a patient without a quality problem
+    clean_snr_db: tuple[float, float]
+    noisy_snr_db: tuple[float, float]
+    age_linked_outcome: bool
+
+
+DIFFICULTIES = {
+    "default": Difficulty("default", dict(MURMUR_CLASS_PROBS), 0.58, 0.58, (0.45, 0.55), (0.15, 0.45, 0.4),
+                          (0.35, 0.45, 0.2), {"faint": 0.5, "noisy": 0.5}, 0.08, (20.0, 35.0), (0.0, 10.0), False),
+    "hard": Difficulty("hard", {"Present": 0.19, "Unknown": 0.14, "Absent": 0.67}, 0.35, 0.1, (0.7, 0.3),
+                       (0.4, 0.45, 0.15), (0.6, 0.35, 0.05), {"faint": 0.35, "noisy": 0.35, "partial": 0.3},
+                       0.15, (10.0, 28.0), (-2.0, 8.0), True),
+}
 
 SYSTOLIC_WINDOWS = {"Early-systolic": (0.0, 0.4), "Mid-systolic": (0.25, 0.75), "Late-systolic": (0.6, 1.0),
                     "Holosystolic": (0.0, 1.0)}
@@ -107,16 +152,18 @@ class SyntheticPatient:
     s3_gain: float  # 0, or S3 amplitude relative to S1 (a gallop, or a faint physiological S3)
     abnormal: bool  # the true state
     outcome: str  # the label written (with label noise): Abnormal / Normal
-    noise_profile: str  # "clean" (a few noisy recordings), "faint" or "noisy" (the Unknown murmurs)
+    noise_profile: str  # "clean" (a few noisy recordings), "faint", "noisy" or "partial" (the Unknown murmurs)
     recordings: tuple[PlannedRecording, ...]
+    difficulty: str = "default"
 
     @property
     def locations(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(r.location for r in self.recordings))
 
 
-def sample_patient(seed: int, index: int) -> SyntheticPatient:
+def sample_patient(seed: int, index: int, difficulty: str = "default") -> SyntheticPatient:
     """Draw patient ``index`` of the dataset with ``seed``; independent of every other patient."""
+    profile = _difficulty(difficulty)
     rng = np.random.default_rng([seed, index])
     patient_id = str(1000 + 90 * index + int(rng.integers(0, 90)))
     age = AGE_GROUPS[rng.choice(len(AGE_GROUPS), p=AGE_PROBS)]
@@ -130,19 +177,23 @@ def sample_patient(seed: int, index: int) -> SyntheticPatient:
     recordings = _plan_recordings(rng, patient_id)
     locations = tuple(dict.fromkeys(r.location for r in recordings))
 
-    murmur = str(rng.choice(list(MURMUR_CLASS_PROBS), p=list(MURMUR_CLASS_PROBS.values())))
+    classes = profile.murmur_class_probs
+    murmur = str(rng.choice(list(classes), p=list(classes.values())))
     murmurs: tuple[Murmur, ...] = ()
     noise_profile = "clean"
     pathological = False
     if murmur == "Present":
-        pathological = rng.random() < 0.58
-        murmurs = _pathological_murmurs(rng) if pathological else (_innocent_murmur(rng),)
+        pathological = rng.random() < (profile.pregnant_pathological_share if pregnant else profile.pathological_share)
+        murmurs = _pathological_murmurs(rng, profile) if pathological else (_innocent_murmur(rng, profile),)
         cue_group = "pathological" if pathological else "innocent"
     elif murmur == "Unknown":
-        noise_profile = "faint" if rng.random() < 0.5 else "noisy"
+        if len(profile.unknown_profiles) == 2:  # the original two-way draw, kept for byte-identical sets
+            noise_profile = "faint" if rng.random() < profile.unknown_profiles["faint"] else "noisy"
+        else:
+            noise_profile = str(rng.choice(list(profile.unknown_profiles), p=list(profile.unknown_profiles.values())))
         if noise_profile == "faint" or rng.random() < 0.5:
             pathological = rng.random() < 0.5
-            murmurs = _pathological_murmurs(rng) if pathological else (_innocent_murmur(rng),)
+            murmurs = _pathological_murmurs(rng, profile) if pathological else (_innocent_murmur(rng, profile),)
             if noise_profile == "faint":
                 murmurs = tuple(_faint(m, rng) for m in murmurs)
         cue_group = "Unknown"
@@ -158,7 +209,8 @@ def sample_patient(seed: int, index: int) -> SyntheticPatient:
         most_audible = str(rng.choice(murmur_locations))
 
     cues: tuple[str, ...] = ()
-    if rng.random() < CUE_PROB[cue_group]:
+    cue_factor = CUE_AGE_FACTOR[age] if profile.age_linked_outcome else 1.0
+    if rng.random() < CUE_PROB[cue_group] * cue_factor:
         first = str(rng.choice(CUES, p=CUE_PROBS))
         second = str(rng.choice(CUES, p=CUE_PROBS)) if rng.random() < 0.2 else first
         cues = tuple(c for c in CUES if c in (first, second))
@@ -167,6 +219,10 @@ def sample_patient(seed: int, index: int) -> SyntheticPatient:
     else:
         s3_gain = float(rng.uniform(0.08, 0.14)) if age in ("Child", "Adolescent") and rng.random() < 0.05 else 0.0
     abnormal = pathological or bool(cues)
+    if profile.age_linked_outcome:
+        abnormal = abnormal or bool(rng.random() < SILENT_ABNORMAL_BY_AGE[age])
+        if abnormal and age in POOR_GROWTH_AGES and weight is not None:
+            weight = round(weight * float(rng.uniform(0.72, 0.9)), 1)
     abnormal_label = abnormal != (rng.random() < OUTCOME_LABEL_NOISE)  # clinicians' outcomes are not noise-free
     return SyntheticPatient(
         index=index, patient_id=patient_id, age=age, sex=sex, height=height, weight=weight, pregnant=pregnant,
@@ -175,7 +231,14 @@ def sample_patient(seed: int, index: int) -> SyntheticPatient:
         heart_rate=heart_rate, murmur=murmur, murmurs=murmurs, murmur_locations=murmur_locations,
         most_audible=most_audible, cues=cues, s3_gain=s3_gain, abnormal=abnormal,
         outcome="Abnormal" if abnormal_label else "Normal", noise_profile=noise_profile, recordings=recordings,
+        difficulty=profile.name,
     )
+
+
+def _difficulty(name: str) -> Difficulty:
+    if name not in DIFFICULTIES:
+        raise ConfigError(f"difficulty={name!r} is not one of: {', '.join(DIFFICULTIES)}")
+    return DIFFICULTIES[name]
 
 
 def _measured(rng: np.random.Generator, mean: float, sd: float, low: float, high: float) -> float | None:
@@ -200,9 +263,9 @@ def _plan_recordings(rng: np.random.Generator, patient_id: str) -> tuple[Planned
     return tuple(plan)
 
 
-def _innocent_murmur(rng: np.random.Generator) -> Murmur:
+def _innocent_murmur(rng: np.random.Generator, profile: Difficulty = DIFFICULTIES["default"]) -> Murmur:
     amp = float(rng.uniform(0.95, 1.15))
-    grading = str(rng.choice(["I/VI", "II/VI"], p=[0.45, 0.55]))
+    grading = str(rng.choice(["I/VI", "II/VI"], p=list(profile.innocent_grade_probs)))
     if rng.random() < 0.6:  # Still's murmur: musical, vibratory
         timing = str(rng.choice(["Early-systolic", "Mid-systolic"], p=[0.55, 0.45]))
         shape = "Decrescendo" if timing == "Early-systolic" else "Diamond"
@@ -213,7 +276,8 @@ def _innocent_murmur(rng: np.random.Generator) -> Murmur:
                   "Blowing", amp * GRADE_AMPLITUDE[grading], (60.0, 142.0))
 
 
-def _pathological_murmurs(rng: np.random.Generator) -> tuple[Murmur, ...]:
+def _pathological_murmurs(rng: np.random.Generator,
+                          profile: Difficulty = DIFFICULTIES["default"]) -> tuple[Murmur, ...]:
     """A harsh systolic murmur, a diastolic one, or both (diastolic murmurs are rare, as in CirCor)."""
     roll = rng.random()
     murmurs = []
@@ -221,14 +285,14 @@ def _pathological_murmurs(rng: np.random.Generator) -> tuple[Murmur, ...]:
         timing = str(rng.choice(list(SYSTOLIC_WINDOWS), p=[0.1, 0.25, 0.15, 0.5]))
         shape = {"Early-systolic": "Decrescendo", "Mid-systolic": "Diamond", "Late-systolic": "Crescendo",
                  "Holosystolic": str(rng.choice(["Plateau", "Diamond"], p=[0.7, 0.3]))}[timing]
-        grading = str(rng.choice(["I/VI", "II/VI", "III/VI"], p=[0.15, 0.45, 0.4]))
+        grading = str(rng.choice(["I/VI", "II/VI", "III/VI"], p=list(profile.systolic_grade_probs)))
         pitch = str(rng.choice(["Medium", "High"]))
         band = (52.0, 300.0) if pitch == "Medium" else (70.0, 360.0)
         murmurs.append(Murmur("pathological", "systole", timing, shape, grading, pitch,
                               str(rng.choice(["Harsh", "Blowing"], p=[0.7, 0.3])),
                               float(rng.uniform(0.95, 1.15)) * GRADE_AMPLITUDE[grading], band))
     if roll >= 0.82:
-        grading = str(rng.choice(["I/IV", "II/IV", "III/IV"], p=[0.35, 0.45, 0.2]))
+        grading = str(rng.choice(["I/IV", "II/IV", "III/IV"], p=list(profile.diastolic_grade_probs)))
         amp = float(rng.uniform(0.95, 1.15)) * GRADE_AMPLITUDE[grading]
         if rng.random() < 0.65:  # aortic/pulmonary regurgitation
             murmurs.append(Murmur("early_diastolic", "diastole", "Early-diastolic", "Decrescendo", grading, "High",
@@ -283,10 +347,27 @@ def synthesize_recording(patient: SyntheticPatient, number: int, seed: int,
             heart += _murmur(rng, murmur, beats, n + pad, rate) * (murmur.amplitude * location_gain * s1_gain)
     heart = heart[:n]
 
-    signal = heart + _noise(rng, patient, n, rate, _rms(heart), breath_hz, breath_phase)
+    heart_rms = _rms(heart)
+    if patient.noise_profile == "partial":
+        heart = heart * _contact(rng, n, rate)
+    signal = heart + _noise(rng, patient, n, rate, heart_rms, breath_hz, breath_phase)
     peak = float(np.max(np.abs(signal))) or 1.0
     samples = np.round(signal * (float(rng.uniform(0.3, 0.9)) * 32767 / peak)).astype(np.int16)
     return samples, _segments(beats, n, rate)
+
+
+def _contact(rng: np.random.Generator, n: int, rate: int) -> np.ndarray:
+    """Gain of the heart sounds when the stethoscope keeps losing contact: 1-3 stretches covering 30-60 % of
+    the recording where they fall to 2-10 %, with 50 ms ramps (the noise stays: it is picked up anyway)."""
+    gain = np.ones(n)
+    lost = float(rng.uniform(0.3, 0.6)) * n
+    pieces = int(rng.integers(1, 4))
+    for width in rng.dirichlet(np.ones(pieces)) * lost:
+        width = int(width)
+        start = int(rng.integers(0, max(n - width, 1)))
+        gain[start:start + width] = np.minimum(gain[start:start + width], float(rng.uniform(0.02, 0.1)))
+    ramp = max(1, int(0.05 * rate))
+    return np.convolve(gain, np.ones(ramp) / ramp, mode="same")
 
 
 def _beat_events(rng: np.random.Generator, patient: SyntheticPatient, n: int, rate: int,
@@ -461,14 +542,15 @@ def _coloured_noise(rng: np.random.Generator, n: int, rate: int, beta: float) ->
 def _noise(rng: np.random.Generator, patient: SyntheticPatient, n: int, rate: int, heart_rms: float,
            breath_hz: float, breath_phase: float) -> np.ndarray:
     """Background at an SNR set by the patient's noise profile, plus breathing, friction, drift and hum."""
+    profile = DIFFICULTIES[patient.difficulty]
     if patient.noise_profile == "noisy":
         snr_db, noisy = rng.uniform(-3, 6), True
     elif patient.noise_profile == "faint":
         snr_db, noisy = rng.uniform(8, 16), False
-    elif rng.random() < 0.08:
-        snr_db, noisy = rng.uniform(0, 10), True
+    elif rng.random() < profile.noisy_share:
+        snr_db, noisy = rng.uniform(*profile.noisy_snr_db), True
     else:
-        snr_db, noisy = rng.uniform(20, 35), False
+        snr_db, noisy = rng.uniform(*profile.clean_snr_db), False
     scale = heart_rms * 10 ** (-snr_db / 20)
     noise = _coloured_noise(rng, n, rate, rng.uniform(0.5, 2.0)) * scale
 
@@ -528,28 +610,119 @@ CSV_COLUMNS = ("Patient ID", "Recording locations:", "Age", "Sex", "Height", "We
                "Diastolic murmur quality", "Outcome", "Campaign", "Additional ID")
 
 
-def write_synthetic(out_dir: str | Path, n_patients: int, seed: int, fmt: str = "circor2022") -> Path:
+def write_synthetic(out_dir: str | Path, n_patients: int, seed: int, fmt: str = "circor2022", *,
+                    difficulty: str = "default", overwrite: bool = False, progress: bool = True) -> Path:
     """Write ``n_patients`` synthetic patients under ``out_dir`` in format ``fmt``; returns ``out_dir``.
 
-    Same seed, same bytes. Example::
+    Same seed and difficulty, same bytes. ``difficulty="hard"`` gives a set with more room to show a recipe
+    helping (see `Difficulty`). A folder that already holds files is refused unless ``overwrite``; the new set
+    is always generated beside it first and swapped in only once complete, so a failure (or Ctrl-C) leaves
+    whatever was there untouched. ``progress`` shows a bar with counts on a terminal (never in a log file).
+
+    Example::
 
         root = write_synthetic("synth", n_patients=20, seed=0)
         recordings = read_recordings(root, "circor2022")
+        hard = write_synthetic("synth-hard", n_patients=200, seed=0, difficulty="hard", overwrite=True)
     """
     if fmt not in SYNTHETIC_FORMATS:
-        raise ValueError(f"fmt must be one of {SYNTHETIC_FORMATS}, got {fmt!r}")
-    if n_patients < 1:
-        raise ValueError(f"n_patients must be >= 1, got {n_patients}")
+        raise ConfigError(f"format={fmt!r} is not one of: {', '.join(SYNTHETIC_FORMATS)}")
+    if isinstance(n_patients, bool) or not isinstance(n_patients, (int, np.integer)) or n_patients < 1:
+        raise ConfigError(f"patients={n_patients!r} is out of range (must be an integer >= 1)")
+    _difficulty(difficulty)
     out_dir = Path(out_dir)
-    patients = [sample_patient(seed, i) for i in range(n_patients)]
-    if fmt == "circor2022":
-        _write_circor(out_dir, patients, seed)
-    else:
-        _write_physionet2016(out_dir, patients, seed)
+    _check_target(out_dir, overwrite)
+    staging = _staging_folder(out_dir)
+    try:
+        try:
+            patients = [sample_patient(seed, i, difficulty) for i in range(n_patients)]
+            total = sum(len(p.recordings) for p in patients) if fmt == "circor2022" else len(patients)
+            with _progress_bar(total, progress) as bar:
+                if fmt == "circor2022":
+                    _write_circor(staging, patients, seed, bar.update)
+                else:
+                    _write_physionet2016(staging, patients, seed, bar.update)
+            _swap_in(staging, out_dir)
+        except OSError as e:
+            raise DataError(f"{out_dir}: cannot write the synthetic set ({e.strerror or e})") from None
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
     return out_dir
 
 
-def _write_circor(out_dir: Path, patients: list[SyntheticPatient], seed: int) -> None:
+def _check_target(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a file, a folder that holds anything (unless ``overwrite``), and, even with ``overwrite``, a
+    folder that does not look like a dataset: replacing a home directory by mistake must not be one flag away."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"{out_dir}: exists and is not a folder")
+    if not out_dir.is_dir():
+        return
+    try:
+        entries = sorted(p.name for p in out_dir.iterdir())
+    except OSError as e:
+        raise DataError(f"{out_dir}: cannot read the folder ({e.strerror or e})") from None
+    if not entries:
+        return
+    if not overwrite:
+        raise DataError(f"{out_dir}: folder is not empty ({len(entries)} entries); use --overwrite to replace it")
+    dataset_entries = {"training_data", "training_data.csv"} | {f"training-{c}" for c in "abcdef"}
+    if not dataset_entries & set(entries):
+        raise DataError(f"{out_dir}: refusing to replace a folder that holds no dataset "
+                        f"(no training_data/ or training-a/ ...; it holds {', '.join(entries[:5])}"
+                        f"{', ...' if len(entries) > 5 else ''})")
+
+
+def _staging_folder(out_dir: Path) -> Path:
+    """A new empty folder for the set being generated: beside ``out_dir`` (one rename to swap in), else inside
+    it where only ``out_dir`` itself is writable. Plain ``mkdir`` so that the umask applies."""
+    name = f".{out_dir.name or 'synthetic'}.synth-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    errors = []
+    for parent in (out_dir.absolute().parent, out_dir):
+        try:
+            parent.mkdir(parents=True, exist_ok=True)
+            staging = parent / name
+            staging.mkdir()
+            return staging
+        except OSError as e:
+            errors.append(e.strerror or str(e))
+    raise DataError(f"{out_dir}: cannot write the synthetic set there ({errors[0]})")
+
+
+def _swap_in(staging: Path, out_dir: Path) -> None:
+    """Make ``staging``'s content the content of ``out_dir``; whatever was there goes only after that worked."""
+    if staging.parent == out_dir:  # staged inside: move entry by entry
+        trash = out_dir / f".synth-old-{uuid.uuid4().hex[:8]}"
+        trash.mkdir()
+        for entry in out_dir.iterdir():
+            if entry not in (staging, trash):
+                os.rename(entry, trash / entry.name)
+        for entry in staging.iterdir():
+            os.rename(entry, out_dir / entry.name)
+        staging.rmdir()
+        shutil.rmtree(trash, ignore_errors=True)
+        return
+    if not out_dir.is_dir():
+        os.rename(staging, out_dir)
+        return
+    trash = staging.parent / f"{staging.name}.old"
+    os.rename(out_dir, trash)
+    try:
+        os.rename(staging, out_dir)
+    except BaseException:
+        os.rename(trash, out_dir)
+        raise
+    shutil.rmtree(trash, ignore_errors=True)
+
+
+def _progress_bar(total: int, enabled: bool) -> tqdm:
+    """Counts, rate and time left on stderr; tqdm stays silent where stderr is not a terminal."""
+    return tqdm(total=total, desc="synthetic set", unit="recording", disable=None if enabled else True,
+                file=sys.stderr, dynamic_ncols=True, leave=False)
+
+
+def _write_circor(out_dir: Path, patients: list[SyntheticPatient], seed: int,
+                  done: Callable[[int], object] = lambda n: None) -> None:
     data_dir = out_dir / "training_data"
     data_dir.mkdir(parents=True, exist_ok=True)
     rows = []
@@ -561,6 +734,7 @@ def _write_circor(out_dir: Path, patients: list[SyntheticPatient], seed: int) ->
                 f"{plan.name} 1 {CIRCOR_RATE} {len(samples)}\n{plan.name}.wav 16+44 1 16 0 0 0 0 {plan.location}\n")
             (data_dir / f"{plan.name}.tsv").write_text(
                 "".join(f"{a:.5f}\t{b:.5f}\t{state}\n" for a, b, state in segments))
+            done(1)
         fields = patient_fields(patient)
         (data_dir / f"{patient.patient_id}.txt").write_text(_patient_text(patient, fields))
         rows.append([patient.patient_id, "+".join(r.location for r in patient.recordings)] + list(fields.values()))
@@ -603,7 +777,8 @@ def _patient_text(patient: SyntheticPatient, fields: dict[str, str]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _write_physionet2016(out_dir: Path, patients: list[SyntheticPatient], seed: int) -> None:
+def _write_physionet2016(out_dir: Path, patients: list[SyntheticPatient], seed: int,
+                         done: Callable[[int], object] = lambda n: None) -> None:
     """One recording per patient at 2000 Hz, spread over ``training-a`` ... ``training-f``."""
     letters = "abcdef"
     n_folders = min(len(letters), len(patients))
@@ -621,6 +796,7 @@ def _write_physionet2016(out_dir: Path, patients: list[SyntheticPatient], seed: 
         (folder / f"{name}.hea").write_text(
             f"{name} 1 {PHYSIONET_RATE} {len(samples)}\n{name}.wav 16+44 1 16 0 0 0 0 PCG\n")
         references.setdefault(letter, []).append(f"{name},{1 if patient.outcome == 'Abnormal' else -1}\n")
+        done(1)
     for letter, lines in references.items():
         (out_dir / f"training-{letter}" / "REFERENCE.csv").write_text("".join(lines))
 
@@ -634,19 +810,26 @@ def _physionet_recording(patient: SyntheticPatient) -> PlannedRecording:
 
 
 # ---------------------------------------------------------------------------------------------- cache
-def ensure_embedded_dataset(cache_root: Path, n_patients: int, seed: int) -> Path:
+def ensure_embedded_dataset(cache_root: Path, n_patients: int, seed: int, difficulty: str = "default",
+                            progress: bool = True) -> Path:
     """The embedded CirCor-format set under ``<cache_root>/synthetic``, generated on first use and reused after.
 
     Generation writes into a temporary sibling and renames it into place, so a killed run never leaves a half
-    dataset behind, and two processes racing to create it both end up with one complete copy.
+    dataset behind, and two processes racing to create it both end up with one complete copy. The first
+    generation shows a progress bar on a terminal (``progress``). A ``hard`` set has a folder of its own.
     """
-    target = Path(cache_root) / "synthetic" / f"circor2022-p{n_patients}-s{seed}"
+    _difficulty(difficulty)
+    label = "" if difficulty == "default" else f"{difficulty}-"
+    target = Path(cache_root) / "synthetic" / f"circor2022-{label}p{n_patients}-s{seed}"
     if target.is_dir():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"{target.parent}: cannot create the embedded dataset folder ({e.strerror or e})") from None
     staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     try:
-        write_synthetic(staging, n_patients, seed, fmt="circor2022")
+        write_synthetic(staging, n_patients, seed, fmt="circor2022", difficulty=difficulty, progress=progress)
         try:
             os.replace(staging, target)
         except OSError:
