@@ -145,3 +145,31 @@ def test_the_tensorboard_viewer_reads_epoch_steps(tmp_path):
     acc.Reload()
     assert [e.step for e in acc.Scalars("val/murmur.f1")] == [1, 2, 3]
     assert [e.step for e in acc.Scalars("epoch/best_epoch")] == [1, 2, 3]
+
+
+def test_auroc_is_over_recordings_when_the_validation_dataset_is_given(tmp_path):
+    """Windows 0-1 belong to recording A, 2-3 to B, 4-5 to C: the score is over the recordings' mean probability."""
+    from types import SimpleNamespace
+
+    from ignite_trainer.data.records import Recording
+    from ignite_trainer.epoch_scalars import EpochScalars
+    from ignite_trainer.predictions import WindowPredictions
+
+    recordings = [Recording(rid, "p" + rid, Path(f"{rid}.wav"), labels, (True, True))
+                  for rid, labels in (("A", (1.0, 0.0)), ("B", (0.0, 1.0)), ("C", (1.0, 1.0)))]
+    windows = WindowPredictions(
+        probs=np.array([[0.9, 0.1], [0.1, 0.3], [0.6, 0.8], [0.6, 0.6], [0.2, 0.2], [0.4, 0.9]]),
+        targets=np.repeat([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]], 2, axis=0), mask=np.ones((6, 2), bool),
+        index=np.arange(6))
+    dataset = SimpleNamespace(window_recording=[0, 0, 1, 1, 2, 2], recordings=recordings)
+    trainer, _, _ = build(tmp_path)
+    trainer.state.validation_metrics = {"val_loss": 0.5}
+    trainer.state.validation_output = SimpleNamespace(metrics={"predictions": windows})
+
+    by_recording = EpochScalars(trainer, val_dataset=dataset).validation(trainer)
+    rec_probs = np.array([[0.5, 0.2], [0.6, 0.7], [0.3, 0.55]])
+    assert by_recording["heart.auroc"] == pytest.approx(roc_auc_score([1, 0, 1], rec_probs[:, 0]))
+    assert by_recording["murmur.auprc"] == pytest.approx(average_precision_score([0, 1, 1], rec_probs[:, 1]))
+    by_window = EpochScalars(trainer).validation(trainer)
+    assert by_window["heart.auroc"] == pytest.approx(roc_auc_score(windows.targets[:, 0], windows.probs[:, 0]))
+    assert by_window["heart.auroc"] != by_recording["heart.auroc"]

@@ -111,3 +111,26 @@ def test_without_mlflow_one_config_error(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # what an environment without the extra sees
     with pytest.raises(ConfigError, match=r"pip install 'ignite_trainer\[mlflow\]'"):
         require_mlflow()
+
+
+def test_a_resumed_training_continues_its_mlflow_run(tmp_path):
+    pytest.importorskip("mlflow")
+    from ignite_trainer.tracking import attach_mlflow, close_mlflow
+
+    run_dir, first, _ = tracked_run(tmp_path, epochs=2)
+    _, before = the_run(tmp_path)
+
+    config = TrainConfig(output_dir=str(tmp_path / "runs"), name="r", epochs=3, learning_rate=0.5)
+    model = TinyModel()
+    optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate)
+    trainer = create_trainer(model, optimizer, bce)
+    evaluator = create_evaluator(model, {"val_loss": MaskedLoss(bce), "labels": PerLabelMetrics()})
+    attach_validation(trainer, evaluator, make_batches(n_batches=3, seed=1))
+    trainer.load_state_dict({"epoch": 2, "epoch_length": 2, "max_epochs": 3})  # as a resume restores it
+    tracker = attach_mlflow(trainer, optimizer, config, run_dir)
+    trainer.run(make_batches(n_batches=2), max_epochs=3)
+    close_mlflow(tracker)
+
+    client, after = the_run(tmp_path)  # still one run
+    assert after.info.run_id == before.info.run_id
+    assert [m.step for m in client.get_metric_history(after.info.run_id, "val val_loss")] == [1, 2, 3]
