@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup train test clean
+.PHONY: setup train test tensorboard clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,11 @@ train: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The viewer is an optional extra (training writes event files without it); it serves http://localhost:6006
+tensorboard: $(STAMP)
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[tensorboard]'
+	$(VENV)/bin/tensorboard --logdir runs
 
 clean:
 	rm -rf $(VENV) *.egg-info

@@ -209,6 +209,35 @@ def export(model_path: str, out_path: str) -> None:
     click.echo(f"exported {model_path} to {path}")
 
 
+# ---------------------------------------------------------------------------------------------- runs
+@cli.command()
+@click.argument("folder", required=False, default="runs", type=click.Path())
+@click.option("--diff", nargs=2, metavar="A B", default=None,
+              help="Print the config differences of runs A and B (names in FOLDER, or paths).")
+@click.option("--json", "as_json", is_flag=True, help="Print JSON instead of a table.")
+def runs(folder: str, diff: tuple[str, str] | None, as_json: bool) -> None:
+    """Compare the runs in FOLDER [runs]: state, model, data, epochs, best epoch and score, Challenge scores, time."""
+    import json
+
+    from ignite_trainer.runs_table import config_diff, format_diff, format_table, read_runs, rows_as_json
+
+    if diff is not None:
+        a, b = (Path(name) if Path(name).is_dir() else Path(folder) / name for name in diff)
+        differences = config_diff(a, b)
+        if as_json:
+            click.echo(json.dumps([{"field": k, "a": x, "b": y} for k, x, y in differences], indent=2))
+        else:
+            click.echo(format_diff(diff[0], diff[1], differences))
+        return
+    rows = read_runs(folder)
+    if as_json:
+        click.echo(rows_as_json(rows))
+    elif not rows:
+        click.echo(f"{folder}: no run directories (folders with a config.yaml)")
+    else:
+        click.echo(format_table(rows))
+
+
 def main(argv: list[str] | None = None) -> int:
     """Run the CLI; returns the exit code (2 for bad input, 3 for an aborted training)."""
     try:

@@ -19,12 +19,16 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from ignite_trainer.config import monitor_mode
 from ignite_trainer.data.records import LABELS
 from ignite_trainer.predictions import LevelPredictions
 
-__all__ = ["plot_confusion_matrices", "plot_roc_pr", "plot_training_curves", "read_metrics_log", "write_report"]
+__all__ = ["plot_confusion_matrices", "plot_roc_pr", "plot_training_curves", "read_metrics_log", "best_epoch",
+           "write_report", "CLASS_NAMES"]
 
 LEVEL_TITLES = {"window": "windows", "recording": "recordings", "patient": "patients"}
+#: What 0 and 1 mean for each label, in the field's words (CirCor's outcome and murmur classes).
+CLASS_NAMES = {"heart": ("Normal", "Abnormal"), "murmur": ("Absent", "Present")}
 LEVEL_COLOURS = {"window": "#9e9e9e", "recording": "#1f77b4", "patient": "#d62728"}
 TABLE_COLUMNS = (("support", "n"), ("positives", "positives"), ("accuracy", "accuracy"), ("precision", "precision"),
                  ("recall", "recall"), ("specificity", "specificity"), ("f1", "F1"), ("auroc", "AUROC"),
@@ -65,8 +69,8 @@ def plot_confusion_matrices(scores_by_level: Mapping[str, Mapping[str, Any]], la
         for (i, j), n in np.ndenumerate(counts):
             ax.text(j, i, f"{n}\n{shares[i, j]:.0%}", ha="center", va="center", fontsize=11,
                     color="white" if shares[i, j] > 0.6 else "black")
-        ax.set_xticks([0, 1], ["negative", "positive"])
-        ax.set_yticks([0, 1], ["negative", "positive"])
+        ax.set_xticks([0, 1], list(CLASS_NAMES.get(label, ("negative", "positive"))))
+        ax.set_yticks([0, 1], list(CLASS_NAMES.get(label, ("negative", "positive"))))
         ax.set_xlabel(f"predicted (p ≥ {s['threshold']:.3g})")
         ax.set_ylabel("true")
         ax.set_title(f"{LEVEL_TITLES.get(level, level)} (n={int(counts.sum())})")
@@ -75,30 +79,50 @@ def plot_confusion_matrices(scores_by_level: Mapping[str, Mapping[str, Any]], la
 
 
 def plot_roc_pr(levels: Mapping[str, LevelPredictions], label: str, path: str | Path) -> Path:
-    """ROC and precision-recall curves of ``label``, one line per level; a single-class level gets none."""
+    """ROC and precision-recall curves of ``label``, one line per level.
+
+    A level whose items are all of one class has no curve (neither rate pair nor precision is defined for
+    both sides): its legend entry says so, and a panel left without any curve carries a note in its middle
+    naming the class every item has, so an empty panel is never mistaken for a drawing error.
+
+    Example::
+
+        plot_roc_pr({"recording": recordings, "patient": patients}, "murmur", "report/figures/roc_pr_murmur.png")
+    """
     fig = _figure(9.0, 4.0)
     roc_ax, pr_ax = fig.subplots(1, 2)
     roc_ax.plot([0, 1], [0, 1], ls=":", color="black", lw=0.8)
+    names = CLASS_NAMES.get(label, ("negative", "positive"))
+    notes = []
     for level, preds in levels.items():
         y, p = preds.label(label)
         name = LEVEL_TITLES.get(level, level)
+        colour = LEVEL_COLOURS.get(level)
         if y.size == 0 or y.min() == y.max():
-            roc_ax.plot([], [], color=LEVEL_COLOURS.get(level), label=f"{name}: one class only, no curve")
+            only = "no labelled item" if y.size == 0 else f"all {y.size} {names[int(y[0])]}"
+            for ax in (roc_ax, pr_ax):
+                ax.plot([], [], color=colour, label=f"{name}: {only}, no curve")
+            notes.append(f"{name}: {only}")
             continue
         fpr, tpr, _ = roc_curve(y, p)
         precision, recall, _ = precision_recall_curve(y, p)
-        colour = LEVEL_COLOURS.get(level)
         roc_ax.plot(fpr, tpr, color=colour, label=f"{name} (n={y.size})")
         pr_ax.step(recall, precision, where="post", color=colour, label=f"{name} (prevalence {y.mean():.2f})")
         pr_ax.axhline(y.mean(), color=colour, ls=":", lw=0.8)
     roc_ax.set(xlabel="false positive rate (1 − specificity)", ylabel="true positive rate (sensitivity)",
                xlim=(0, 1), ylim=(0, 1.02), title=f"{label}: ROC")
     pr_ax.set(xlabel="recall (sensitivity)", ylabel="precision", xlim=(0, 1), ylim=(0, 1.02),
-              title=f"{label}: precision-recall")
+              title=f"{label}: precision-recall ({names[1]} is positive)")
     for ax in (roc_ax, pr_ax):
         ax.grid(alpha=0.3)
+        drawn = [line for line in ax.get_lines() if len(line.get_xdata()) > 0 and line.get_linestyle() != ":"]
+        if not drawn and notes:
+            ax.text(0.5, 0.5, "no curve: one class only\n" + "\n".join(notes)
+                    + f"\n(a curve needs both {names[0]} and {names[1]})",
+                    ha="center", va="center", fontsize=9, transform=ax.transAxes,
+                    bbox={"boxstyle": "round", "facecolor": "#fff3cd", "edgecolor": "#c9a227"})
         if ax.get_legend_handles_labels()[0]:
-            ax.legend(loc="lower right" if ax is roc_ax else "best", fontsize=8)
+            ax.legend(loc="lower right" if ax is roc_ax else "lower left", fontsize=8)
     return _save(fig, Path(path))
 
 
@@ -129,35 +153,93 @@ def _series(records: Sequence[Mapping[str, Any]], *keys: str) -> list[float]:
     return out
 
 
-def plot_training_curves(metrics_log: str | Path, path: str | Path) -> Path | None:
+def best_epoch(records: Sequence[Mapping[str, Any]], monitor: str) -> int | None:
+    """The epoch the best checkpoint holds: the first epoch with the best ``monitor`` score in the log.
+
+    Ignite's `Checkpoint` replaces its best file only on a strictly better score, so among equal scores
+    the first stays. ``val_loss`` is minimised, every other score maximised; None when no epoch has it.
+
+    Example:
+
+        >>> best_epoch([{"epoch": 1, "val_loss": 0.7}, {"epoch": 2, "val_loss": 0.6}, {"epoch": 3, "val_loss": 0.6}],
+        ...            "val_loss")
+        2
+    """
+    keys = monitor.split(".")
+    scored = [(v, r["epoch"]) for r in records if not math.isnan(v := _series([r], *keys)[0])]
+    if not scored:
+        return None
+    sign = -1.0 if monitor_mode(monitor) == "min" else 1.0
+    best_value = max(sign * v for v, _ in scored)
+    return next(epoch for v, epoch in scored if sign * v == best_value)
+
+
+def _run_monitor(metrics_log: Path) -> str:
+    """The monitored score from the run's ``config.yaml`` beside its metrics log (``val_loss`` if unknown)."""
+    import yaml
+
+    try:
+        config = yaml.safe_load((metrics_log.parent / "config.yaml").read_text())
+    except (OSError, yaml.YAMLError):
+        return "val_loss"
+    monitor = config.get("monitor") if isinstance(config, dict) else None
+    return monitor if isinstance(monitor, str) else "val_loss"
+
+
+def plot_training_curves(metrics_log: str | Path, path: str | Path, checkpoint_epoch: int | None = None,
+                         tuned_f1: Mapping[str, float | None] | None = None) -> Path | None:
     """Losses, per-label and macro F1, and the learning rate per epoch; None when the log has no epoch.
+
+    Every panel marks the best epoch by the run's monitored score (from ``config.yaml`` beside the log) and,
+    when given and different, ``checkpoint_epoch``, the epoch of the checkpoint the report evaluated. The
+    F1 curves are what training logs each epoch: windows at threshold 0.5; the panel says so, and
+    ``tuned_f1`` (per label, the evaluated recordings' F1 at the tuned thresholds) is drawn as stars at
+    the checkpoint's epoch, the number the report's table holds.
 
     Example::
 
-        plot_training_curves("runs/quick/metrics.jsonl", "runs/quick/report/figures/training_curves.png")
+        plot_training_curves("runs/quick/metrics.jsonl", "runs/quick/report/figures/training_curves.png",
+                             checkpoint_epoch=7, tuned_f1={"heart": 0.71, "murmur": 0.64})
     """
+    metrics_log = Path(metrics_log)
     records = read_metrics_log(metrics_log)
     if not records:
         return None
     epochs = [r["epoch"] for r in records]
-    fig = _figure(12.0, 3.6)
+    monitor = _run_monitor(metrics_log)
+    best = best_epoch(records, monitor)
+    fig = _figure(12.5, 3.9)
     loss_ax, f1_ax, lr_ax = fig.subplots(1, 3)
     marker = "o" if len(epochs) < 30 else None
     loss_ax.plot(epochs, _series(records, "train_loss"), marker=marker, label="train")
     loss_ax.plot(epochs, _series(records, "val_loss"), marker=marker, label="validation")
     loss_ax.set(title="loss", xlabel="epoch", ylabel="masked weighted BCE")
+    colours = {}
     for label in LABELS:
-        f1_ax.plot(epochs, _series(records, label, "f1"), marker=marker, label=label)
-    f1_ax.plot(epochs, _series(records, "macro_f1"), ls="--", color="black", label="macro")
-    f1_ax.set(title="validation F1 (threshold 0.5, windows)", xlabel="epoch", ylabel="F1", ylim=(-0.02, 1.02))
+        (line,) = f1_ax.plot(epochs, _series(records, label, "f1"), marker=marker, label=f"{label} (windows, 0.5)")
+        colours[label] = line.get_color()
+    f1_ax.plot(epochs, _series(records, "macro_f1"), ls="--", color="black", label="macro (windows, 0.5)")
+    at = checkpoint_epoch if checkpoint_epoch is not None else best
+    for label, value in (tuned_f1 or {}).items():
+        if value is not None and at is not None:
+            f1_ax.plot([at], [value], marker="*", ms=13, ls="none", color=colours.get(label, "black"),
+                       markeredgecolor="black", label=f"{label}: recordings, tuned threshold")
+    f1_ax.set(title="validation F1: windows at threshold 0.5", xlabel="epoch", ylabel="F1", ylim=(-0.02, 1.02))
     lr_ax.plot(epochs, _series(records, "lr"), marker=marker, color="tab:green")
     lr_ax.set(title="learning rate", xlabel="epoch")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
-    for ax in (loss_ax, f1_ax, lr_ax):
+    for i, ax in enumerate((loss_ax, f1_ax, lr_ax)):
         ax.grid(alpha=0.3)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        if best is not None:
+            same = checkpoint_epoch is None or checkpoint_epoch == best
+            text = f"best {monitor}: epoch {best}" + (" = checkpoint used" if same and checkpoint_epoch else "")
+            ax.axvline(best, color="tab:red", ls="--", lw=1.2, label=text if i < 2 else None)
+        if checkpoint_epoch is not None and checkpoint_epoch != best:
+            ax.axvline(checkpoint_epoch, color="tab:purple", ls="-.", lw=1.2,
+                       label=f"checkpoint used: epoch {checkpoint_epoch}" if i < 2 else None)
     loss_ax.legend(fontsize=8)
-    f1_ax.legend(fontsize=8)
+    f1_ax.legend(fontsize=7, loc="best")
     return _save(fig, Path(path))
 
 
@@ -196,7 +278,11 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mappin
                                         fig_dir / f"confusion_{label}.png"),
                 plot_roc_pr(levels, label, fig_dir / f"roc_pr_{label}.png"),
             ]
-        curves = plot_training_curves(metrics_log, fig_dir / "training_curves.png") if metrics_log else None
+        # The tuned-threshold F1 belongs on the training curves only when it was measured on the same split.
+        tuned_f1 = ({label: results["levels"].get("recording", {}).get(label, {}).get("f1") for label in LABELS}
+                    if results.get("split") == "val" else None)
+        curves = plot_training_curves(metrics_log, fig_dir / "training_curves.png", results.get("epoch"),
+                                      tuned_f1) if metrics_log else None
         if curves is not None:
             made["training"] = [curves]
 
@@ -234,7 +320,11 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mappin
             for p in made.get(label, []):
                 lines += [f"![{label}: {p.stem.replace('_', ' ')}](figures/{p.name})", ""]
         for p in made.get("training", []):
-            lines += ["### Training curves", "", f"![training curves](figures/{p.name})", ""]
+            lines += ["### Training curves", "", f"![training curves](figures/{p.name})", "",
+                      "Dashed line: the best epoch by the run's monitored score (the best checkpoint); dash-dotted, the "
+                      "checkpoint evaluated here when it is another. The F1 curves are what training logs each epoch "
+                      "(windows at threshold 0.5); the stars are this report's recording F1 at the tuned thresholds.",
+                      ""]
     if results.get("warnings"):
         lines += ["## Warnings", "", *[f"- {w}" for w in results["warnings"]], ""]
     lines += ["Per-patient predictions: [patients.csv](patients.csv); per recording: [recordings.csv](recordings.csv); "

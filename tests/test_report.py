@@ -124,3 +124,87 @@ def test_report_names_the_unknown_band_for_three_class_scoring(tmp_path):
                               [[True, True], [True, False], [True, True], [True, True]], classes)
     write_report(tmp_path, _results(levels, {"heart": 0.5, "murmur": 0.3}), levels, figures=False)
     assert "Unknown for murmur probability in [0.200, 0.400)" in (tmp_path / "report.md").read_text()
+
+
+# ---------------------------------------------------------------------------------------------- what figures say
+def _captured(monkeypatch):
+    """The `Figure` objects the report draws, kept instead of only written, so their content can be read."""
+    import ignite_trainer.report as report
+
+    figures = []
+    real_save = report._save
+
+    def keep(fig, path):
+        figures.append(fig)
+        return real_save(fig, path)
+
+    monkeypatch.setattr(report, "_save", keep)
+    return figures
+
+
+def _texts(ax):
+    legend = ax.get_legend()
+    return [t.get_text() for t in ax.texts] + ([t.get_text() for t in legend.get_texts()] if legend else [])
+
+
+def test_best_epoch_follows_the_monitor_and_keeps_the_first_of_equals():
+    from ignite_trainer.report import best_epoch
+
+    records = [{"epoch": 1, "val_loss": 0.7, "macro_f1": 0.2, "murmur": {"f1": 0.1}},
+               {"epoch": 2, "val_loss": 0.5, "macro_f1": 0.4, "murmur": {"f1": None}},
+               {"epoch": 3, "val_loss": 0.5, "macro_f1": 0.6, "murmur": {"f1": 0.3}},
+               {"epoch": 4, "val_loss": 0.9, "macro_f1": 0.6, "murmur": {"f1": 0.2}}]
+    assert best_epoch(records, "val_loss") == 2
+    assert best_epoch(records, "macro_f1") == 3
+    assert best_epoch(records, "murmur.f1") == 3
+    assert best_epoch(records, "heart.f1") is None
+
+
+def test_training_curves_mark_the_best_epoch_the_checkpoint_and_say_what_f1_is(tmp_path, monkeypatch):
+    figures = _captured(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("monitor: macro_f1\n")
+    scores = {1: 0.1, 2: 0.5, 3: 0.3, 4: 0.2}
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "train_loss": 1 / e, "val_loss": 1 / e, "lr": 1e-3, "macro_f1": f,
+                    "heart": {"f1": f}, "murmur": {"f1": f}}) + "\n" for e, f in scores.items()))
+
+    _drawn(plot_training_curves(run / "metrics.jsonl", tmp_path / "a.png", checkpoint_epoch=2,
+                                tuned_f1={"heart": 0.8, "murmur": None}))
+    loss_ax, f1_ax, lr_ax = figures[-1].axes
+    for ax in (loss_ax, f1_ax, lr_ax):
+        assert [line.get_xdata()[0] for line in ax.get_lines() if line.get_linestyle() == "--"
+                and len(set(line.get_xdata())) == 1] == [2]  # one vertical line, at the best epoch
+    assert "best macro_f1: epoch 2 = checkpoint used" in _texts(loss_ax)
+    assert "windows at threshold 0.5" in f1_ax.get_title()
+    stars = [line for line in f1_ax.get_lines() if line.get_marker() == "*"]
+    assert [(list(s.get_xdata()), list(s.get_ydata())) for s in stars] == [([2], [0.8])]  # murmur: none measured
+
+    _drawn(plot_training_curves(run / "metrics.jsonl", tmp_path / "b.png", checkpoint_epoch=4))
+    texts = _texts(figures[-1].axes[0])
+    assert "best macro_f1: epoch 2" in texts and "checkpoint used: epoch 4" in texts
+
+
+def test_confusion_matrices_name_the_classes(tmp_path, monkeypatch):
+    figures = _captured(monkeypatch)
+    scores = {"patient": {"tp": 3, "fp": 1, "fn": 2, "tn": 4, "threshold": 0.4}}
+    for label, names in (("murmur", ["Absent", "Present"]), ("heart", ["Normal", "Abnormal"])):
+        plot_confusion_matrices(scores, label, tmp_path / f"{label}.png")
+        ax = figures[-1].axes[0]
+        assert [t.get_text() for t in ax.get_xticklabels()] == names
+        assert [t.get_text() for t in ax.get_yticklabels()] == names
+
+
+def test_a_pr_panel_with_one_class_explains_itself(tmp_path, monkeypatch):
+    figures = _captured(monkeypatch)
+    levels = {"patient": level("patient", [[0.2, 0.2], [0.7, 0.7], [0.4, 0.4]], [[1, 0], [1, 0], [1, 0]])}
+    _drawn(plot_roc_pr(levels, "murmur", tmp_path / "one.png"))
+    roc_ax, pr_ax = figures[-1].axes
+    for ax in (roc_ax, pr_ax):
+        note = " ".join(t.get_text() for t in ax.texts)
+        assert "no curve: one class only" in note and "patients: all 3 Absent" in note
+    assert "patients: all 3 Absent, no curve" in _texts(pr_ax)
+
+    _drawn(plot_roc_pr(_levels(), "murmur", tmp_path / "both.png"))  # both classes: curves and no note
+    assert len(figures[-1].axes[1].texts) == 0 and len(figures[-1].axes[1].get_lines()) >= 3
