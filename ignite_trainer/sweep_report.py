@@ -21,6 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.sweep_space import SweepSpace
+from ignite_trainer.sweep import counted_trials
 
 REPORT_DIR = "report"
 BEST_RUNS_DIR = "best"
@@ -46,7 +47,8 @@ def reported_trials(study: optuna.Study) -> list[FrozenTrial]:
 def write_sweep_report(study: optuna.Study, space: SweepSpace, sweep_dir: str | Path) -> dict[str, Any]:
     """Write trials.csv, summary.json, history.png, importance.png (when computable) and best.yaml.
 
-    Returns the summary: counts per state, the objective, the best trial (number, score, params,
+    Returns the summary: the trials (``counted``: those using the budget, less dead ones replaced by
+    a retry), counts per state, the objective, the best trial (number, score, params,
     run_dir) or None, the importances (or why there are none) and the files written.
 
     Example::
@@ -77,7 +79,7 @@ def write_sweep_report(study: optuna.Study, space: SweepSpace, sweep_dir: str | 
     counts = {state.name.lower(): sum(t.state == state for t in trials) for state in TrialState}
     summary = {
         "study": study.study_name, "objective": {"metric": space.metric, "direction": space.direction},
-        "trials": len(trials), "states": counts, "best": best,
+        "trials": len(trials), "counted": len(counted_trials(trials)), "states": counts, "best": best,
         "importances": importances or None, "importances_note": why, "files": files,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
