@@ -89,16 +89,20 @@ def write_sweep_report(study: optuna.Study, space: SweepSpace, sweep_dir: str | 
 def write_trials_csv(trials: list[FrozenTrial], space: SweepSpace, path: Path) -> Path:
     names = [p.name for p in space.params]
     columns = ["number", "state", "score", "epochs", "seconds", "run_dir", "retry_of", "reason"] + names
+    retried_as = {t.user_attrs["retry_of"]: t.number for t in trials if "retry_of" in t.user_attrs}
     with open(path, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         for t in trials:
+            reason = t.user_attrs.get("fail_reason", "")
+            if t.number in retried_as:
+                reason = f"{reason or 'its worker stopped'}; retried as trial {retried_as[t.number]}"
             score = t.value if t.state == TrialState.COMPLETE else t.user_attrs.get("score")
             writer.writerow({
                 "number": t.number, "state": t.state.name.lower(), "score": "" if score is None else score,
                 "epochs": t.user_attrs.get("epochs", ""), "seconds": t.user_attrs.get("seconds", ""),
                 "run_dir": t.user_attrs.get("run_dir", ""), "retry_of": t.user_attrs.get("retry_of", ""),
-                "reason": t.user_attrs.get("fail_reason", ""), **{n: t.params.get(n, "") for n in names},
+                "reason": reason, **{n: t.params.get(n, "") for n in names},
             })
     return path
 

@@ -51,9 +51,12 @@ def trials_of(sweep_dir: Path, storage: str | None = None) -> list:
 
 @pytest.fixture(scope="module")
 def four(base):
+    """A 4-trial sweep through the command line; its summary.json."""
+    space_file = base / "four.yaml"
+    space_file.write_text(yaml.safe_dump(make_space(base)))
     sweep_dir = base / "four"
-    summary = sweep(parse_space(make_space(base)), sweep_dir, 4)
-    return sweep_dir, summary
+    assert main(["sweep", str(space_file), "--trials", "4", "--dir", str(sweep_dir)]) == 0
+    return sweep_dir, json.loads((sweep_dir / "report" / "summary.json").read_text())
 
 
 # ---------------------------------------------------------------------------------------------- a sweep
@@ -75,8 +78,8 @@ def test_four_trial_sweep_runs_scores_and_reports_every_trial(four):
     assert {r["state"] for r in rows} == {"complete"} and all(r["epochs"] == "2" for r in rows)
     assert [float(r["score"]) for r in rows] == [t.value for t in trials]
     best = min(trials, key=lambda t: t.value)
-    saved = json.loads((sweep_dir / "report" / "summary.json").read_text())
-    assert saved["best"]["number"] == best.number == summary["best"]["number"]
+    saved = summary
+    assert saved["best"]["number"] == best.number and saved["study"] == "four"
     assert saved["best"]["run_dir"] == str(sweep_dir / "trials" / f"trial_{best.number:04d}")
     assert saved["states"]["complete"] == 4
     assert (sweep_dir / "report" / "history.png").stat().st_size > 0
@@ -179,6 +182,9 @@ def test_a_killed_workers_trial_is_resumed_from_its_checkpoint_on_restart(base, 
     assert "resumed from" in (run_dir / "train.log").read_text()
     assert summary["counted"] == 1 and summary["states"]["fail"] == 1  # the dead trial is replaced, not counted
     assert summary["best"]["number"] == 1
+    rows = read_csv(sweep_dir / "report" / "trials.csv")
+    assert rows[0]["state"] == "fail" and rows[0]["reason"].endswith("died; retried as trial 1")
+    assert rows[1]["retry_of"] == "0" and rows[1]["run_dir"] == str(run_dir)
 
 
 # ---------------------------------------------------------------------------------------------- pruned, failed
