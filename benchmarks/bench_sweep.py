@@ -45,6 +45,7 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=4)
     parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--stub-trials", type=int, default=30)
+    parser.add_argument("--stub-only", action="store_true", help="only the storage overhead rows")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ignite_bench_sweep_cache")
     args = parser.parse_args()
     work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
@@ -55,7 +56,7 @@ def main() -> None:
     print(f"feature cache ready in {time.perf_counter() - started:.1f} s ({args.patients} patients)", file=sys.stderr)
 
     rows = []
-    for workers in args.workers:
+    for workers in [] if args.stub_only else args.workers:
         started = time.perf_counter()
         summary = sweep_module.sweep(parse_space(values), work / f"train_w{workers}", args.trials, workers=workers)
         seconds = time.perf_counter() - started

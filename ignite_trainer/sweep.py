@@ -426,7 +426,7 @@ def run_worker(space: SweepSpace, sweep_dir: str | Path, n_trials: int, url: str
         waiting = any(t.state == TrialState.WAITING for t in trials)
         if not waiting and len(counted_trials(trials)) >= n_trials:
             return
-        study.optimize(objective, n_trials=1, catch=(UserError,), callbacks=[_announce], gc_after_trial=True)
+        study.optimize(objective, n_trials=1, catch=(UserError,), callbacks=[_announce])
 
 
 # ---------------------------------------------------------------------------------------------- entry
