@@ -20,7 +20,9 @@ from conftest import read_csv, tiny_config
 from ignite_trainer.checkpoint import find_resume_checkpoint
 from ignite_trainer.data.synthetic import write_synthetic
 from ignite_trainer.report import read_metrics_log
-from ignite_trainer.sweep import SurplusTrial, counted_trials, make_objective, open_storage, storage_url, sweep
+from ignite_trainer.errors import ConfigError
+from ignite_trainer.sweep import (SurplusTrial, counted_trials, make_objective, open_storage, open_study, storage_url,
+                                  sweep)
 from ignite_trainer.sweep_space import SWEEP_OWNED_FIELDS, load_space, parse_space
 
 LR = {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}
@@ -271,3 +273,32 @@ def test_an_unusable_storage_is_one_error_line_before_any_trial(base, tmp_path, 
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --storage ") and message in err[0], err
     assert "secret" not in err[0]
     assert not (sweep_dir / "trials").exists()
+
+
+@pytest.mark.parametrize("flag,value,message", [("--trials", "0", "--trials=0 must be"),
+                                               ("--workers", "0", "--workers=0 must be")])
+def test_a_bad_count_is_one_error_line(base, tmp_path, capsys, flag, value, message):
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump(make_space(base)))
+    args = ["sweep", str(space_file), "--trials", "2", "--dir", str(tmp_path / "sw"), flag, value]
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_joining_a_study_with_another_space_or_foreign_trials_is_refused(base, tmp_path, capsys):
+    url = storage_url(None, tmp_path)
+    open_study(parse_space(make_space(base)), open_storage(url), "s", url)
+    other = parse_space(make_space(base, params={"weight_decay": {"type": "float", "low": 0.0, "high": 0.1}}))
+    with pytest.raises(ConfigError, match="study 's' was created from a different space"):
+        open_study(other, open_storage(url), "s", url)
+
+    space_file = tmp_path / "space.yaml"
+    space_file.write_text(yaml.safe_dump(make_space(base)))
+    stray = tmp_path / "fresh" / "trials" / "trial_0000"
+    stray.mkdir(parents=True)
+    (stray / "config.yaml").write_text("epochs: 1\n")
+    assert main(["sweep", str(space_file), "--trials", "1", "--dir", str(tmp_path / "fresh")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "holds trials that study 'fresh' does not know" in err[0], err
+    assert (stray / "config.yaml").read_text() == "epochs: 1\n"
