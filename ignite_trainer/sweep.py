@@ -223,13 +223,32 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat arguments
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                              grace_period=HEARTBEAT_GRACE,
-                                              heartbeat_stale_trial_callback=_requeue_stale)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
+                                                 grace_period=HEARTBEAT_GRACE,
+                                                 heartbeat_stale_trial_callback=_requeue_stale)
+        if url.startswith("sqlite"):
+            _write_ahead_log(storage)
+        return storage
     except ConfigError:
         raise
     except Exception as e:  # drivers raise their own types: a missing module, a refused connection, a bad file
         raise ConfigError(f"--storage {shown}: cannot open the storage ({_first_line(e)})") from None
+
+
+def _write_ahead_log(storage: optuna.storages.RDBStorage) -> None:
+    """SQLite in write-ahead-log mode, synced at checkpoints rather than at every commit: a trial writes
+    about 18 small transactions, and with the default rollback journal each waits for its own fsync
+    (measured 0.5 s a trial on a busy machine). A power cut may lose the last commits, never the file."""
+    from sqlalchemy import event
+
+    def pragmas(connection: Any, _record: Any) -> None:
+        cursor = connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    event.listen(storage.engine, "connect", pragmas)
+    storage.engine.dispose()  # connections opened while creating the tables pick the pragmas up again
 
 
 def open_study(space: SweepSpace, storage: optuna.storages.BaseStorage, study_name: str, url: str) -> optuna.Study:
