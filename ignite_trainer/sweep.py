@@ -12,7 +12,8 @@ training runs needs on top:
   run directory holds the pruned epoch and stays resumable.
 * **One budget across workers.** Optuna's ``n_trials`` counts per process and `MaxTrialsCallback` checks
   only after a trial, so K workers can overshoot. Storage hands out trial numbers atomically; a trial
-  whose rank among the counted trials is ``>= N`` is marked surplus and stops before it trains.
+  whose rank among the counted trials is ``>= N`` is marked surplus and stops before it trains (a
+  retry takes the place of the trial it replaces).
 * **Dead workers.** Each trial records its worker (host, pid, process start time). A worker starting on
   the same host fails a RUNNING trial whose process is gone; on an RDB storage Optuna's heartbeat does
   the same for any host. The failed trial is queued again with the same parameters (Optuna's
@@ -322,7 +323,7 @@ def worker_alive(worker: dict[str, Any]) -> bool | None:
 def requeue(study: optuna.Study, trial: FrozenTrial, reason: str) -> None:
     """Queue a dead trial again: same parameters and run directory, ``retry_of`` naming the trial it replaces."""
     attrs = {k: v for k, v in trial.user_attrs.items() if k not in ("fail_reason", "worker", "seconds", "epochs", "score")}
-    attrs.update(retry_of=trial.number, retry_reason=reason)
+    attrs.update(retry_of=trial.number, retry_reason=reason, slot=budget_slot(trial))
     study.add_trial(optuna.trial.create_trial(state=TrialState.WAITING, params=trial.params,
                                               distributions=trial.distributions, user_attrs=attrs,
                                               intermediate_values=trial.intermediate_values))
@@ -351,6 +352,11 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
     return recovered
 
 
+def budget_slot(trial: FrozenTrial | optuna.Trial) -> int:
+    """A trial's place in the budget: its number, or for a retry the number of the trial it replaces."""
+    return int(trial.user_attrs.get("slot", trial.number))
+
+
 def counted_trials(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
     """The trials that use the budget: all but surplus ones and dead ones replaced by a retry."""
     replaced = {t.user_attrs["retry_of"] for t in trials if "retry_of" in t.user_attrs}
@@ -366,11 +372,10 @@ def make_objective(space: SweepSpace, sweep_dir: Path, n_trials: int) -> Callabl
     def objective(trial: optuna.Trial) -> float:
         trial.set_user_attr("worker", worker_identity())
         retry_of = trial.user_attrs.get("retry_of")
-        if retry_of is None:
-            counted = counted_trials(trial.study.get_trials(deepcopy=False))
-            if sum(t.number < trial.number for t in counted) >= n_trials:
-                trial.set_user_attr("surplus", True)
-                raise SurplusTrial(f"the sweep already has its {n_trials} trials")
+        counted = counted_trials(trial.study.get_trials(deepcopy=False))
+        if sum(budget_slot(t) < budget_slot(trial) for t in counted) >= n_trials:
+            trial.set_user_attr("surplus", True)
+            raise SurplusTrial(f"the sweep already has its {n_trials} trials")
         params = {p.name: suggest(trial, p) for p in space.params}
         run_dir = Path(trial.user_attrs.get("run_dir") or trials_dir / f"trial_{trial.number:04d}")
         trial.set_user_attr("run_dir", str(run_dir))
@@ -390,10 +395,10 @@ def make_objective(space: SweepSpace, sweep_dir: Path, n_trials: int) -> Callabl
             raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
-            epochs = best_score(run_dir, space.metric, space.direction)
-            trial.set_user_attr("epochs", epochs[1])
-            if epochs[0] is not None:
-                trial.set_user_attr("score", epochs[0])
+            score, epochs = best_score(run_dir, space.metric, space.direction)
+            trial.set_user_attr("epochs", epochs)
+            if score is not None:
+                trial.set_user_attr("score", score)
         if hook.pruned is not None:
             raise hook.pruned
         return result.score
