@@ -106,7 +106,13 @@ def space_to_dict(space: SweepSpace) -> dict[str, Any]:
 
 
 def load_space(path: str | Path) -> SweepSpace:
-    """Read and check SPACE.yaml; every problem is one `ConfigError` naming the file and the field."""
+    """Read and check SPACE.yaml; every problem is one `ConfigError` naming the file and the field.
+
+    Example::
+
+        space = load_space("space.yaml")   # space.yaml: params.learning_rate.low: 0 -> ConfigError:
+        # space.yaml: params.learning_rate: learning_rate=0.0 is out of range (must be > 0.0)
+    """
     path = Path(path)
     try:
         values = yaml.safe_load(path.read_text())
@@ -120,7 +126,13 @@ def load_space(path: str | Path) -> SweepSpace:
 
 
 def parse_space(values: Mapping[str, Any], source: str = "space") -> SweepSpace:
-    """Check a space given as a mapping (what `load_space` reads); see the module docstring for the layout."""
+    """Check a space given as a mapping (what `load_space` reads); see the module docstring for the layout.
+
+    Example::
+
+        space = parse_space({"params": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+                             "objective": {"metric": "macro_f1"}, "base": {"epochs": 20}})
+    """
     unknown = sorted(set(values) - _TOP_LEVEL)
     if unknown:
         raise ConfigError(f"{source}: unknown key '{unknown[0]}' (expected: {', '.join(sorted(_TOP_LEVEL))})")
