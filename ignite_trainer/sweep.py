@@ -335,7 +335,15 @@ def _requeue_stale(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def recover_dead_trials(study: optuna.Study) -> list[int]:
-    """Fail (and queue again) each RUNNING trial whose worker on this host is gone; returns their numbers."""
+    """Fail (and queue again) each RUNNING trial whose worker is gone: on this host, its process has
+    ended; on an RDB storage, its heartbeat stopped (any host; Optuna's own check, whose callback
+    `_requeue_stale` queues the retry). Returns the numbers recovered through the process check.
+
+    Optuna checks heartbeats only when it starts a trial; called here before the budget check, so that a
+    budget filled with dead RUNNING trials is still recovered."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        optuna.storages.fail_stale_trials(study)
     recovered = []
     for trial in study.get_trials(deepcopy=True, states=(TrialState.RUNNING,)):
         worker = trial.user_attrs.get("worker")

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import optuna
@@ -20,6 +21,7 @@ from conftest import read_csv, tiny_config
 from ignite_trainer.checkpoint import find_resume_checkpoint
 from ignite_trainer.data.synthetic import write_synthetic
 from ignite_trainer.report import read_metrics_log
+from ignite_trainer import sweep as sweep_module
 from ignite_trainer.errors import ConfigError
 from ignite_trainer.sweep import (SurplusTrial, counted_trials, make_objective, open_storage, open_study, storage_url,
                                   sweep)
@@ -302,3 +304,24 @@ def test_joining_a_study_with_another_space_or_foreign_trials_is_refused(base, t
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "holds trials that study 'fresh' does not know" in err[0], err
     assert (stray / "config.yaml").read_text() == "epochs: 1\n"
+
+
+@pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
+def test_a_trial_whose_heartbeat_stopped_is_failed_and_retried(base, monkeypatch):
+    monkeypatch.setattr(sweep_module, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(sweep_module, "HEARTBEAT_GRACE", 1)
+    space = parse_space(make_space(base))
+    sweep_dir = base / "heartbeat"
+    sweep_dir.mkdir()
+    url = storage_url(None, sweep_dir)
+    storage = open_storage(url)
+    study = open_study(space, storage, "heartbeat", url)
+    silent = study.ask()  # a worker on another host (no pid to check) that stopped sending heartbeats
+    silent.set_user_attr("worker", {"host": "another-host", "pid": 1, "started": None})
+    storage.record_heartbeat(silent._trial_id)
+    time.sleep(2.5)
+    summary = sweep(space, sweep_dir, 1)
+    dead, retry = trials_of(sweep_dir)
+    assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
+    assert retry.user_attrs["retry_of"] == 0 and "heartbeats" in retry.user_attrs["retry_reason"]
+    assert summary["counted"] == 1
