@@ -236,6 +236,37 @@ def runs(folder: str, diff: tuple[str, str] | None, as_json: bool) -> None:
         click.echo(f"{folder}: no run directories (folders with a config.yaml)")
     else:
         click.echo(format_table(rows))
+# ---------------------------------------------------------------------------------------------- sweep
+@cli.command("sweep")
+@click.argument("space_file", metavar="SPACE.yaml", type=click.Path(dir_okay=False))
+@click.option("--trials", "n_trials", type=int, required=True, help="Trials in the whole sweep, over all workers.")
+@click.option("--dir", "sweep_dir", type=click.Path(file_okay=False), default=None,
+              help="Sweep directory: trials/, report/, study.db [sweeps/<SPACE name>].")
+@click.option("--storage", type=str, default=None,
+              help="Optuna storage shared by workers: an SQLAlchemy URL or journal:PATH [SWEEP_DIR/study.db].")
+@click.option("--study", "study_name", type=str, default=None, help="Study name in the storage [the sweep directory's name].")
+@click.option("--workers", type=int, default=1, show_default=True, help="Worker processes on this machine.")
+def sweep_command(space_file: str, n_trials: int, sweep_dir: str | None, storage: str | None, study_name: str | None,
+                  workers: int) -> None:
+    """Search the settings in SPACE.yaml with Optuna; each trial is a run directory under SWEEP_DIR/trials.
+
+    Started again (here or on other machines with the same --storage and --dir), it joins the study,
+    recovers trials of dead workers and stops when --trials are done; SWEEP_DIR/report/ holds the result.
+    """
+    from ignite_trainer.sweep import sweep
+    from ignite_trainer.sweep_space import load_space
+
+    space = load_space(space_file)
+    summary = sweep(space, sweep_dir or Path("sweeps") / Path(space_file).stem, n_trials, storage=storage,
+                    study_name=study_name, workers=workers)
+    states = ", ".join(f"{n} {state}" for state, n in summary["states"].items() if n)
+    click.echo(f"\nstudy {summary['study']}: {summary['trials']} trials ({states or 'none'})")
+    best = summary["best"]
+    if best is not None:
+        params = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+        click.echo(f"best: trial {best['number']} {summary['objective']['metric']} {best['score']:.4f} ({params})")
+        click.echo(f"best run: {best['run_dir']}")
+    click.echo(f"report: {Path(summary['files']['trials']).parent}")
 
 
 def main(argv: list[str] | None = None) -> int:

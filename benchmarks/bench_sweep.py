@@ -1,0 +1,83 @@
+"""Sweep throughput (trials per hour with 1 and K workers) and the storage's own cost per trial; prints a table.
+
+    python benchmarks/bench_sweep.py                            # default model, 1-epoch trials, 60 patients
+    python benchmarks/bench_sweep.py --patients 300 --epochs 2  # the full embedded set
+
+Trials train the default model (``attention_cnn``) on the embedded synthetic set, searching the learning
+rate; the feature cache is filled before timing. The storage overhead is measured with the training
+replaced by a stub that returns at once, so what remains is Optuna's work per trial (ask, the user
+attributes, heartbeat, tell, the budget check) plus the sweep's bookkeeping, on SQLite and on a journal file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from ignite_trainer import sweep as sweep_module  # noqa: E402
+from ignite_trainer.config import TrainConfig  # noqa: E402
+from ignite_trainer.run import prepare_data  # noqa: E402
+from ignite_trainer.sweep_space import parse_space  # noqa: E402
+
+
+def space(cache: Path, patients: int, epochs: int) -> dict:
+    return {"params": {"learning_rate": {"type": "float", "low": 1e-4, "high": 1e-2, "log": True}},
+            "objective": {"metric": "val_loss"}, "pruner": {"name": "none"},
+            "base": {"cache_dir": str(cache), "synthetic_patients": patients, "epochs": epochs, "device": "cpu",
+                     "early_stopping_patience": 0}}
+
+
+def stub_runner(config, metric, direction, **_):
+    run_dir = Path(config.output_dir) / config.name
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return sweep_module.TrialResult(run_dir, 0.5, 1)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--patients", type=int, default=60)
+    parser.add_argument("--epochs", type=int, default=1)
+    parser.add_argument("--trials", type=int, default=4)
+    parser.add_argument("--workers", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--stub-trials", type=int, default=30)
+    parser.add_argument("--stub-only", action="store_true", help="only the storage overhead rows")
+    parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ignite_bench_sweep_cache")
+    args = parser.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
+    values = space(args.cache, args.patients, args.epochs)
+
+    started = time.perf_counter()
+    prepare_data(TrainConfig.from_mapping(values["base"]))
+    print(f"feature cache ready in {time.perf_counter() - started:.1f} s ({args.patients} patients)", file=sys.stderr)
+
+    rows = []
+    for workers in [] if args.stub_only else args.workers:
+        started = time.perf_counter()
+        summary = sweep_module.sweep(parse_space(values), work / f"train_w{workers}", args.trials, workers=workers)
+        seconds = time.perf_counter() - started
+        rows.append((f"train, {workers} worker(s), sqlite", summary["counted"], seconds,
+                     f"{summary['counted'] / seconds * 3600:.1f} trials/h"))
+
+    sweep_module.TRIAL_RUNNERS["run"] = stub_runner
+    for name, storage in (("sqlite", None), ("journal", f"journal:{work / 'stub.journal'}")):
+        started = time.perf_counter()
+        summary = sweep_module.sweep(parse_space(values), work / f"stub_{name}", args.stub_trials, storage=storage)
+        seconds = time.perf_counter() - started
+        started = time.perf_counter()  # again with the budget spent: opening the study and the report alone
+        sweep_module.sweep(parse_space(values), work / f"stub_{name}", args.stub_trials, storage=storage)
+        fixed = time.perf_counter() - started
+        rows.append((f"stub trial, 1 worker, {name}", summary["counted"], seconds,
+                     f"{(seconds - fixed) / summary['counted'] * 1000:.0f} ms/trial (+ {fixed:.1f} s open + report)"))
+
+    print(f"\n| run | trials | wall s | figure |\n|---|---|---|---|")
+    for name, n, seconds, figure in rows:
+        print(f"| {name} | {n} | {seconds:.1f} | {figure} |")
+
+
+if __name__ == "__main__":
+    main()
