@@ -236,6 +236,8 @@ def runs(folder: str, diff: tuple[str, str] | None, as_json: bool) -> None:
         click.echo(f"{folder}: no run directories (folders with a config.yaml)")
     else:
         click.echo(format_table(rows))
+
+
 # ---------------------------------------------------------------------------------------------- sweep
 @cli.command("sweep")
 @click.argument("space_file", metavar="SPACE.yaml", type=click.Path(dir_okay=False))
