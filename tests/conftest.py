@@ -13,10 +13,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from ignite_trainer.checkpoint import load_checkpoint
+from ignite_trainer.checkpoint import find_best_checkpoint, load_checkpoint
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.inference import find_best_checkpoint
 from ignite_trainer.run import train
 
 torch.set_num_threads(1)

@@ -41,7 +41,7 @@ def test_train_with_no_data_argument_uses_the_embedded_synthetic_set(workdir, ca
     assert [r["epoch"] for r in lines] == [1, 2]
     for key in ("train_loss", "val_loss", "lr", "seconds"):
         assert isinstance(lines[-1][key], float)
-    assert set(lines[-1]["heart"]) == {"accuracy", "precision", "recall", "sensitivity", "specificity", "f1"}
+    assert set(lines[-1]["heart"]) == {"accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "threshold"}
 
     # The summary table names both labels with the last epoch's F1.
     assert "label" in out and f"{lines[-1]['murmur']['f1']:.3f}" in out.split("murmur")[-1]

@@ -18,8 +18,9 @@ from ignite_trainer.checkpoint import load_checkpoint
 from ignite_trainer.data.datasets import split_patients
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.errors import CheckpointError, DataError
-from ignite_trainer.evaluation import PATIENT_COLUMNS, challenge_scores, evaluate, level_scores
-from ignite_trainer.inference import load_trained_model
+from ignite_trainer.evaluation import challenge_scores, evaluate, level_scores
+from ignite_trainer.model_files import load_trained_model
+from ignite_trainer.writers import PATIENT_COLUMNS
 from ignite_trainer.predictions import LevelPredictions, murmur_classes
 from ignite_trainer.scores import (
     auprc, auroc, binary_stats, macc, murmur_weighted_accuracy, outcome_cost,

@@ -10,13 +10,13 @@ from ignite.engine import Events
 from ignite_trainer.checkpoint import Snapshot
 from ignite_trainer.engine import create_trainer
 from ignite_trainer.events import TrainerEvents
+from ignite_trainer.rundir import MetricsLog
 from ignite_trainer.handlers import (
     attach_best_checkpoint,
     attach_early_stopping,
     attach_lr_scheduler,
     attach_metrics_log,
     attach_tensorboard,
-    truncate_metrics_log,
 )
 
 
@@ -147,7 +147,7 @@ def test_metrics_log_writes_one_line_per_epoch_and_truncates_on_resume(tmp_path,
 
     with open(path, "a") as f:
         f.write('{"epoch": 4, "train_lo')  # a line cut by a kill
-    truncate_metrics_log(path, last_epoch=2)
+    MetricsLog(path).truncate(last_epoch=2)
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
 
 
