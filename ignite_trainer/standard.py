@@ -72,7 +72,7 @@ class StandardHandlers:
     checkpoint_dir: Path | None = field(default=None, repr=False)
 
     def close(self) -> None:
-        """Flush and close TensorBoard; remove temp files a save interrupted by an exception left behind."""
+        """Flush and close TensorBoard; on the saving rank, remove temp files an interrupted save left behind."""
         if self.tensorboard is not None:
             self.tensorboard.close()
         if self.checkpoint_dir is not None:
@@ -128,8 +128,9 @@ def attach_standard_handlers(
         early = to_save["early_stopping"] = attach_early_stopping(trainer, config.early_stopping_patience, config.monitor)
     best = attach_best_checkpoint(trainer, to_save, directory.checkpoints, config.monitor, config.n_saved_best)
     last = attach_last_checkpoint(trainer, {**to_save, "best_checkpointer": best}, directory.checkpoints)
-    handlers = StandardHandlers(sampler_epoch, nan_guard, validation, tuning, scheduler, early, best, last,
-                                to_save, checkpoint_dir=directory.checkpoints)
+    # Only the saving rank may clean up temp files: another rank finishing first would delete a file being written.
+    handlers = StandardHandlers(sampler_epoch, nan_guard, validation, tuning, scheduler, early, best, last, to_save,
+                                checkpoint_dir=directory.checkpoints if idist.get_rank() == 0 else None)
     if resume_from is not None:
         handlers.restored_iteration = restore(resume_from, {**to_save, "best_checkpointer": best, "checkpointer": last},
                                               map_location="cpu")
