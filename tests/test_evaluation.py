@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import cli
-from conftest import circor_subset, read_csv, tiny_config  # noqa: F401
+from conftest import circor_subset, level_predictions, read_csv, tiny_config  # noqa: F401
 from ignite_trainer.checkpoint import load_checkpoint
 from ignite_trainer.data.datasets import split_patients
 from ignite_trainer.data.readers import read_recordings
@@ -28,12 +28,7 @@ from ignite_trainer.scores import (
 
 
 # ---------------------------------------------------------------------------------------------- score wiring
-def lp(probs, targets, mask=None, classes=None, level="patient"):
-    probs, targets = np.asarray(probs, float), np.asarray(targets, float)
-    n = len(probs)
-    return LevelPredictions(level, [f"p{i}" for i in range(n)], probs, targets,
-                            np.ones((n, 2), bool) if mask is None else np.asarray(mask, bool),
-                            [f"p{i}" for i in range(n)], classes or [None] * n, np.ones(n, dtype=np.int64))
+lp = level_predictions
 
 
 def test_level_scores_by_hand_with_masks_and_thresholds():
