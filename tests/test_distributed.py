@@ -189,9 +189,8 @@ def crashed_run(base: Path) -> tuple[Path, int, str, float]:
 
 
 def test_a_crashed_rank_stops_the_run_with_one_line(crashed_run: tuple[Path, int, str, float]) -> None:
-    run_dir, code, stderr, seconds = crashed_run
+    run_dir, code, stderr, _ = crashed_run  # not hanging is covered by the suite's timeout, not a timed assert
     assert code == 3
-    assert seconds < 60
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, stderr
     assert "rank 1 failed (RuntimeError: injected fault)" in lines[0]
