@@ -72,7 +72,7 @@ class SafeDiskSaver(DiskSaver):
 
     Ignite's `Checkpoint` calls ``remove(old)`` and then ``__call__(new)``; removals are therefore queued
     and carried out after the next successful write. If that write fails (disk full, kill), the old
-    file is still there. Partial files are named ``.<name>.partial`` and removed by `clean_partial_files`.
+    file is still there. Partial files are named ``.<name>.<random>.partial`` and removed by `clean_partial_files`.
 
     Example::
 

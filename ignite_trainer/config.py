@@ -1,4 +1,4 @@
-"""TrainConfig: every setting of a run, with the seed's defaults, loaded from YAML and overridden from the CLI.
+"""TrainConfig: every setting of a run, with the reference recipe's defaults, loaded from YAML and overridden from the CLI.
 
 One flat dataclass, so that a run directory's ``config.yaml`` is exactly enough to re-run it and a resume
 can compare two configs field by field. Every value is checked here, once, so that the rest of the code

@@ -51,7 +51,7 @@ def test_train_with_no_data_argument_uses_the_embedded_synthetic_set(workdir, ca
     assert saved.epochs == 2 and saved.n_mels == 8 and saved.name == "embedded"
 
     for path in (run_dir / "checkpoints").glob("*.pt"):
-        ckpt = torch.load(path, weights_only=True)  # plain torch.load, as the seed's format promises
+        ckpt = torch.load(path, weights_only=True)  # plain torch.load: the checkpoint format promises it
         assert {"epoch", "model_state_dict", "optimizer_state_dict", "val_loss"} <= set(ckpt)
         assert {"trainer", "rng", "lr_scheduler", "early_stopping", "config", "thresholds"} <= set(ckpt)
         if path.name.startswith("last_"):  # the resume point also carries both checkpoint handlers' bookkeeping
