@@ -189,19 +189,31 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
+        if _unsafe_globals(path):
             raise CheckpointError(
                 f"{path}: refused: the file holds objects other than tensors and plain containers "
                 f"(it could run code when loaded); it was not loaded"
             ) from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first[:160]})") from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)[:160]})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dictionary, found {type(obj).__name__}")
     return obj
+
+
+def _unsafe_globals(path: Path) -> list[str]:
+    """The classes and functions a refused file's pickle would build, as torch itself lists them (none when
+    the file cannot even be read that far: then it is damaged, not dangerous)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - any failure to list means: not classifiable as unsafe
+        return []
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
 
 
 def checkpoint_epoch(path: Path) -> int:
