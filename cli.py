@@ -1,4 +1,4 @@
-"""Command line of ignite_trainer: parse, validate, call `ignite_trainer.run`. Nothing else lives here.
+"""Command line of ignite_trainer: parse, validate, call the library (`train`, `evaluate`, `predict`, export).
 
 Every `UserError` (bad file, value, config or checkpoint) is printed as one ``error:`` line with exit
 code 2 and no traceback; a numerical fault that stops training exits with code 3.
@@ -13,7 +13,8 @@ from typing import Any
 
 import click
 
-from ignite_trainer.config import FORMATS, TrainConfig
+from ignite_trainer.config import TrainConfig
+from ignite_trainer.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS
 from ignite_trainer.errors import TrainingAborted, UserError
 
 EXIT_BAD_INPUT = 2
@@ -49,7 +50,7 @@ def cli() -> None:
 @click.option("--name", type=str, default=None, help="Run directory name [a timestamp].")
 @click.option("--resume", type=click.Path(file_okay=False), default=None, help="Continue the run in RUN_DIR from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory of the same name.")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to train [auto].")
+@click.option("--device", type=click.Choice(DEVICES), default=None, help="Where to train [auto].")
 @click.option("--amp/--no-amp", default=None, help="Mixed precision [off].")
 @click.option("--num-workers", type=int, default=None, help="DataLoader workers [0].")
 @click.option("--model", type=str, default=None, help="Model name from the registry [attention_cnn].")
@@ -105,7 +106,7 @@ def print_summary(summary: dict[str, Any]) -> None:
                f"  macro_f1 {metrics['macro_f1']:.3f}")
     names = ["accuracy", "precision", "recall", "specificity", "f1"]
     click.echo(f"{'label':<8}" + "".join(f"{n:>12}" for n in names))
-    for label in ("heart", "murmur"):
+    for label in LABELS:
         click.echo(f"{label:<8}" + "".join(f"{metrics[label][n]:>12.3f}" for n in names))
 
 
@@ -127,7 +128,7 @@ def synth(out_dir: str, patients: int, seed: int, fmt: str) -> None:
 _UNKNOWN_MARGIN = click.option(
     "--unknown-margin", type=click.FloatRange(0.0, 0.5), default=0.1, show_default=True,
     help="Murmur probabilities within this distance of the murmur threshold are called Unknown (2022 scoring).")
-_DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="cpu", show_default=True,
+_DEVICE = click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
                        help="Where to run the model.")
 
 
@@ -137,7 +138,7 @@ _DEVICE = click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), d
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Layout of --data [detected].")
 @click.option("--split", type=click.Choice(["val", "all"]), default=None,
               help="Patients to score: the run's validation split or all [val without --data, all with it].")
-@click.option("--aggregation", type=click.Choice(["mean", "any"]), default=None,
+@click.option("--aggregation", type=click.Choice(AGGREGATIONS), default=None,
               help="Recordings -> patients: mean probability or any recording positive [the run's].")
 @_UNKNOWN_MARGIN
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None, help="Report folder [RUN_DIR/report].")
@@ -159,7 +160,7 @@ def print_evaluation(result: dict[str, Any]) -> None:
                + ("" if result["thresholds_tuned"] else " (default)"))
     names = ["accuracy", "precision", "recall", "specificity", "f1", "auroc", "auprc"]
     click.echo(f"{'patients':<10}" + "".join(f"{n:>12}" for n in names))
-    for label in ("heart", "murmur"):
+    for label in LABELS:
         scores = result["levels"]["patient"][label]
         click.echo(f"{label:<10}" + "".join(f"{scores[n]:>12.3f}" for n in names))
     for name, key in (("2016 MAcc (heart, recordings)", "heart_macc"),
@@ -177,7 +178,7 @@ def print_evaluation(result: dict[str, Any]) -> None:
 @click.option("--challenge-dir", type=click.Path(file_okay=False), default=None,
               help="Also write the 2022 Challenge per-patient files <id>.csv here.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Layout of dataset folders [detected].")
-@click.option("--aggregation", type=click.Choice(["mean", "any"]), default=None,
+@click.option("--aggregation", type=click.Choice(AGGREGATIONS), default=None,
               help="Recordings -> patients: mean probability or any recording positive [the run's].")
 @_UNKNOWN_MARGIN
 @_DEVICE
@@ -185,7 +186,7 @@ def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challe
             aggregation: str | None, unknown_margin: float, device: str) -> None:
     """Predict heart and murmur per recording and per patient for WAV files or dataset folders."""
     from ignite_trainer.inference import predict as run_prediction
-    from ignite_trainer.inference import write_challenge_outputs, write_predictions_csv
+    from ignite_trainer.writers import write_challenge_outputs, write_predictions_csv
 
     result = run_prediction(model_path, list(inputs), fmt=fmt, aggregation=aggregation,
                             unknown_margin=unknown_margin, device=device)
@@ -203,7 +204,7 @@ def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challe
 @click.argument("out_path", metavar="OUT.safetensors", type=click.Path(dir_okay=False))
 def export(model_path: str, out_path: str) -> None:
     """Export the model weights as safetensors, with its config and thresholds in the metadata."""
-    from ignite_trainer.inference import export_safetensors
+    from ignite_trainer.model_files import export_safetensors
 
     path = export_safetensors(model_path, out_path)
     click.echo(f"exported {model_path} to {path}")

@@ -1,8 +1,10 @@
 """Compose a training engine by hand from ignite_trainer's public pieces, with a handler of our own.
 
-The handler is an exponential moving average (EMA) of the weights: updated after every optimiser step,
-evaluated on the validation set after every validation of the raw weights, and saved in the best
-checkpoint under its own key. It shows the three things a custom script usually needs: a handler on an
+The engines, data and loaders are built here; the standard handlers (validation, thresholds, early
+stopping, checkpoints, LR schedule, logs) are attached by `attach_standard_handlers`, the same call the
+CLI's training makes, so they run in the right order. Our handler is an exponential moving average (EMA)
+of the weights: updated after every optimiser step, evaluated on the validation set after every
+validation of the raw weights, and saved in both checkpoints under its own key. It shows the three things a custom script usually needs: a handler on an
 Ignite event, a second evaluator fed by the same loader, and an object with ``state_dict()`` that goes
 into checkpoints next to the standard ones.
 
@@ -11,8 +13,8 @@ Run::
     python examples/custom_training.py --patients 40 --epochs 5 --out runs/custom
     python examples/custom_training.py --data /path/to/circor --epochs 50 --out runs/custom_circor
 
-Writes to ``--out``: ``checkpoints/best_checkpoint_*.pt`` (with an ``ema`` key), ``metrics.jsonl``
-(the standard log) and ``ema_metrics.jsonl`` (one line per epoch: raw and EMA validation scores).
+Writes to ``--out`` a standard run directory (``checkpoints/`` with an ``ema`` key in every checkpoint,
+``metrics.jsonl``, ``tb/``) and ``ema_metrics.jsonl`` (one line per epoch: raw and EMA validation scores).
 """
 
 from __future__ import annotations
@@ -32,14 +34,12 @@ from ignite_trainer import (
     FeatureSettings,
     MaskedLoss,
     PerLabelMetrics,
+    PredictionCollector,
     TrainConfig,
     TrainerEvents,
     TrainWindows,
     WeightedBCELoss,
-    attach_best_checkpoint,
-    attach_metrics_log,
-    attach_nan_guard,
-    attach_validation,
+    attach_standard_handlers,
     build_model,
     create_evaluator,
     create_trainer,
@@ -106,7 +106,8 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     logging.getLogger("ignite.distributed.auto.auto_dataloader").setLevel(logging.WARNING)  # one INFO per loader
     tiny = dict(n_mels=8, sample_rate=1000, hop_ms=20.0, n_fft=64) if args.tiny else {}
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, device="cpu", **tiny)
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, device="cpu", monitor="macro_f1",
+                         progress=False, **tiny)
     torch.manual_seed(config.seed)
 
     # data: folder -> recordings -> cached features -> patient split -> window datasets -> loaders
@@ -117,25 +118,26 @@ def main(argv: list[str] | None = None) -> dict:
     train_recs, val_recs = split_patients(recordings, val_fraction=0.3, seed=config.seed)
     device = torch.device("cpu")
     train_loader = make_train_loader(TrainWindows(train_recs, cache, config.window_seconds), config.batch_size, 0, device)
-    val_loader = make_eval_loader(EvalWindows(val_recs, cache, config.window_seconds), config.batch_size, 0, device)
+    val_dataset = EvalWindows(val_recs, cache, config.window_seconds)
+    val_loader = make_eval_loader(val_dataset, config.batch_size, 0, device)
 
     # engines
     model = build_model(config.model, n_mels=config.n_mels)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     loss_fn = WeightedBCELoss(*config.pos_weight)
     trainer = create_trainer(model, optimizer, loss_fn, device, gradient_clip=config.gradient_clip)
-    evaluator = create_evaluator(model, {"val_loss": MaskedLoss(loss_fn), "labels": PerLabelMetrics()}, device)
+    evaluator = create_evaluator(model, {"val_loss": MaskedLoss(loss_fn), "labels": PerLabelMetrics(),
+                                         "predictions": PredictionCollector()}, device)
 
     # our handler, and a second evaluator that scores its weights on the same loader
     ema = WeightEMA(model, decay=args.ema_decay).attach(trainer)
     ema_evaluator = create_evaluator(ema.model, {"val_loss": MaskedLoss(loss_fn), "labels": PerLabelMetrics()}, device)
 
-    # standard handlers, in the order ignite_trainer.run uses: validation first, then what reads it
-    attach_nan_guard(trainer)
-    attach_validation(trainer, evaluator, val_loader)
+    # the standard handlers, in their order, with the EMA in every checkpoint
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
-    attach_best_checkpoint(trainer, {"model_state_dict": model, "ema": ema}, out / "checkpoints", monitor="macro_f1")
-    attach_metrics_log(trainer, optimizer, out / "metrics.jsonl")
+    handlers = attach_standard_handlers(trainer, evaluator, model=model, optimizer=optimizer,
+                                        train_loader=train_loader, val_loader=val_loader, val_dataset=val_dataset,
+                                        config=config, run_dir=out, extra_to_save={"ema": ema})
 
     ema_log = out / "ema_metrics.jsonl"
     ema_log.unlink(missing_ok=True)
@@ -152,7 +154,10 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"epoch {row['epoch']}: val_loss {row['val_loss']:.4f} (EMA {row['ema_val_loss']:.4f})  "
               f"macro_f1 {row['macro_f1']:.3f} (EMA {row['ema_macro_f1']:.3f})")
 
-    trainer.run(train_loader, max_epochs=config.epochs)
+    try:
+        trainer.run(train_loader, max_epochs=config.epochs)
+    finally:
+        handlers.close()
     return {"out": out, "ema_updates": ema.updates}
 
 

@@ -6,8 +6,8 @@ research script can compose its own engine, attach its own handlers, or hook int
 
 Data flow: `read_recordings` -> `FeatureCache` (log-mel features, computed once) -> `split_patients` ->
 `TrainWindows` / `EvalWindows` -> `make_train_loader` / `make_eval_loader` -> batches
-``(x [B, n_mels, T], y [B, 2], mask [B, 2], index [B])`` -> `create_trainer` / `create_evaluator` -> the
-``attach_*`` handlers.
+``(x [B, n_mels, T], y [B, 2], mask [B, 2], index [B])`` -> `create_trainer` / `create_evaluator` ->
+`attach_standard_handlers` (or the single ``attach_*`` handlers, in its order).
 
 ``LABELS`` is the label order everywhere (model outputs, targets, masks, metrics): ``("heart", "murmur")``.
 
@@ -69,6 +69,7 @@ _EXPORTS: dict[str, str] = {
     "attach_threshold_tuning": "ignite_trainer.predictions",
     "attach_pr_curves": "ignite_trainer.predictions",
     "training_state": "ignite_trainer.handlers",
+    "attach_standard_handlers": "ignite_trainer.standard",
     # checkpoints
     "load_checkpoint": "ignite_trainer.checkpoint",
     "find_resume_checkpoint": "ignite_trainer.checkpoint",
@@ -79,8 +80,9 @@ _EXPORTS: dict[str, str] = {
     # whole runs, evaluation, inference
     "train": "ignite_trainer.run",
     "evaluate": "ignite_trainer.evaluation",
-    "load_trained_model": "ignite_trainer.inference",
-    "export_safetensors": "ignite_trainer.inference",
+    "predict": "ignite_trainer.inference",
+    "load_trained_model": "ignite_trainer.model_files",
+    "export_safetensors": "ignite_trainer.model_files",
     # errors
     "UserError": "ignite_trainer.errors",
     "ConfigError": "ignite_trainer.errors",
@@ -124,10 +126,12 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
                                          attach_lr_scheduler, attach_metrics_log, attach_nan_guard,
                                          attach_progress_bar, attach_sampler_epoch, attach_tensorboard,
                                          attach_validation, training_state)
-    from ignite_trainer.inference import export_safetensors, load_trained_model
+    from ignite_trainer.inference import predict
+    from ignite_trainer.model_files import export_safetensors, load_trained_model
     from ignite_trainer.losses import WeightedBCELoss
     from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
     from ignite_trainer.models import available_models, build_model, register_model
     from ignite_trainer.predictions import (PredictionCollector, attach_pr_curves, attach_threshold_tuning,
                                             recording_predictions)
     from ignite_trainer.run import train
+    from ignite_trainer.standard import attach_standard_handlers

@@ -4,34 +4,67 @@ Ignite's `Checkpoint` decides *what* and *when* to save; this module supplies wh
 
 - `SafeDiskSaver`: Ignite's `DiskSaver` deletes the outgoing file *before* writing the new one, so a kill
   in between leaves no checkpoint of that handler (measured: 13-17 of 30 kills). This saver writes the new
-  file first (temp file, fsync, rename, fsync of the folder) and only then deletes the old one.
+  file first (`atomic.atomic_write`: temp file, fsync, rename, fsync of the folder) and only then deletes
+  the old one.
+- File names: `BEST_PATTERN` and `LAST_PATTERN` are given to Ignite's `Checkpoint`, and
+  `parse_checkpoint_name` reads them back; nothing else in the project builds or parses a checkpoint name.
 - `load_checkpoint`: always ``torch.load(weights_only=True)`` with ``map_location``; a pickle that would
   build arbitrary objects is refused, a truncated file is reported, both as a `CheckpointError` line.
 - `RNGStates` and `Snapshot`: objects with ``state_dict()`` so that Ignite's `Checkpoint` stores the
   python/numpy/torch RNG states (without which a resumed run is not bit-identical) and plain values
-  (``epoch``, ``val_loss``, the config) at the top level of the file, where the seed's format wants them.
+  (``epoch``, ``val_loss``, the config) at the top level of the file, where readers of the file expect them.
 """
 
 from __future__ import annotations
 
-import os
 import pickle
 import random
 import re
 import zipfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
-from ignite.handlers import DiskSaver
+from ignite.handlers import Checkpoint, DiskSaver
 
+from ignite_trainer.atomic import PARTIAL_SUFFIX, atomic_write
 from ignite_trainer.errors import CheckpointError
 
-#: Version of the checkpoint layout; bumped when keys change meaning.
-FORMAT_VERSION = 1
-PARTIAL_SUFFIX = ".partial"
+#: Ignite ``filename_pattern`` of the best checkpoints: the epoch, then the score (larger is better).
+BEST_PATTERN = "best_checkpoint_{global_step}_{score_name}={score}.{ext}"
+#: Ignite ``filename_pattern`` of the per-epoch resume checkpoints.
+LAST_PATTERN = "last_checkpoint_{global_step}.{ext}"
+_NAME = re.compile(r"^(?P<kind>best|last)_checkpoint_(?P<epoch>\d+)"
+                   r"(?:_(?P<score_name>[^=]+)=(?P<score>-?[0-9.]+(?:e[-+]?\d+)?))?\.pt$", re.IGNORECASE)
 _IGNITE_TEMP = re.compile(r"^tmp[a-z0-9_]{6,}$")
+
+
+@dataclass(frozen=True)
+class CheckpointName:
+    """What a checkpoint's file name says: ``kind`` (``"best"`` or ``"last"``), epoch and, for best, the score."""
+
+    kind: str
+    epoch: int
+    score_name: str | None = None
+    score: float | None = None
+
+
+def parse_checkpoint_name(name: str) -> CheckpointName | None:
+    """Read a name written through `BEST_PATTERN` or `LAST_PATTERN`; None for any other file.
+
+    Example:
+
+        >>> parse_checkpoint_name("best_checkpoint_7_neg_val_loss=-0.4310.pt")
+        CheckpointName(kind='best', epoch=7, score_name='neg_val_loss', score=-0.431)
+    """
+    m = _NAME.match(name)
+    if m is None or (m.group("kind").lower() == "best") != (m.group("score") is not None):
+        return None
+    score = m.group("score")
+    return CheckpointName(m.group("kind").lower(), int(m.group("epoch")), m.group("score_name"),
+                          float(score) if score is not None else None)
 
 
 class SafeDiskSaver(DiskSaver):
@@ -39,7 +72,7 @@ class SafeDiskSaver(DiskSaver):
 
     Ignite's `Checkpoint` calls ``remove(old)`` and then ``__call__(new)``; removals are therefore queued
     and carried out after the next successful write. If that write fails (disk full, kill), the old
-    file is still there. Partial files are named ``.<name>.partial`` and removed by `clean_partial_files`.
+    file is still there. Partial files are named ``.<name>.<random>.partial`` and removed by `clean_partial_files`.
 
     Example::
 
@@ -54,22 +87,13 @@ class SafeDiskSaver(DiskSaver):
         self._pending_removals: list[str] = []
 
     def _save_func(self, checkpoint: Mapping, path: Path, func: Callable) -> None:
-        partial = path.with_name(f".{path.name}{PARTIAL_SUFFIX}")
         try:
-            with open(partial, "wb") as f:
+            with atomic_write(path, "wb", durable=True) as f:
                 func(checkpoint, f, **self.kwargs)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(partial, path)
         except OSError as e:  # disk full, quota, read-only: a user's problem, one line; the old file is kept
-            partial.unlink(missing_ok=True)
             raise CheckpointError(
                 f"{path}: cannot write checkpoint ({e.strerror or e}); nothing was removed, the previous checkpoint is intact"
             ) from None
-        except BaseException:
-            partial.unlink(missing_ok=True)
-            raise
-        _fsync_dir(path.parent)
         pending, self._pending_removals = self._pending_removals, []
         for name in pending:
             if name != path.name:
@@ -77,19 +101,6 @@ class SafeDiskSaver(DiskSaver):
 
     def remove(self, filename: str) -> None:
         self._pending_removals.append(filename)
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def clean_partial_files(dirname: str | Path) -> list[Path]:
@@ -109,7 +120,7 @@ class Snapshot:
     """Puts a plain value in a checkpoint through Ignite's ``state_dict()`` protocol; loading is a no-op.
 
     ``Checkpoint({"epoch": Snapshot(lambda: trainer.state.epoch), ...})`` stores ``epoch`` as an int at the
-    top level of the file, as the seed's checkpoint format has it.
+    top level of the file, readable without rebuilding any object.
 
     Example::
 
@@ -178,25 +189,57 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" in str(e) or "Unsupported" in str(e) or "global" in str(e).lower():
+        if _unsafe_globals(path):
             raise CheckpointError(
                 f"{path}: refused: the file holds objects other than tensors and plain containers "
                 f"(it could run code when loaded); it was not loaded"
             ) from None
-        raise CheckpointError(f"{path}: not a readable checkpoint ({first})") from None
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({first[:160]})") from None
+        raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)[:160]})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dictionary, found {type(obj).__name__}")
     return obj
 
 
+def _unsafe_globals(path: Path) -> list[str]:
+    """The classes and functions a refused file's pickle would build, as torch itself lists them (none when
+    the file cannot even be read that far: then it is damaged, not dangerous)."""
+    try:
+        return list(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+    except Exception:  # noqa: BLE001 - any failure to list means: not classifiable as unsafe
+        return []
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 def checkpoint_epoch(path: Path) -> int:
-    """Epoch number in a ``last_checkpoint_<epoch>.pt`` file name (-1 when there is none)."""
-    m = re.search(r"_(\d+)\.pt$", path.name)
-    return int(m.group(1)) if m else -1
+    """Epoch number in a checkpoint's file name (-1 when the name is not one of ours)."""
+    parsed = parse_checkpoint_name(Path(path).name)
+    return parsed.epoch if parsed else -1
+
+
+def find_best_checkpoint(run_dir: str | Path) -> Path:
+    """The best checkpoint of a run: the highest score among its ``best_checkpoint_*`` files.
+
+    Scores in the names are "larger is better" (a loss is stored negated); ties go to the later epoch.
+
+    Example::
+
+        path = find_best_checkpoint("runs/quick")   # runs/quick/checkpoints/best_checkpoint_9_...pt
+    """
+    ckpt_dir = Path(run_dir) / "checkpoints"
+    ranked = []
+    for p in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
+        parsed = parse_checkpoint_name(p.name)
+        if parsed is not None and parsed.kind == "best":
+            ranked.append((parsed.score, parsed.epoch, p))
+    if not ranked:
+        raise CheckpointError(f"{run_dir}: no best_checkpoint_*.pt in {ckpt_dir} (has the run validated an epoch?)")
+    return max(ranked)[2]
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -213,7 +256,8 @@ def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no checkpoints folder; nothing to resume")
     clean_partial_files(ckpt_dir)
-    candidates = sorted(ckpt_dir.glob("last_checkpoint_*.pt"), key=checkpoint_epoch, reverse=True)
+    candidates = sorted((p for p in ckpt_dir.iterdir() if getattr(parse_checkpoint_name(p.name), "kind", None) == "last"),
+                        key=checkpoint_epoch, reverse=True)
     problems = []
     for path in candidates:
         try:
@@ -228,13 +272,10 @@ def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     raise CheckpointError(f"{run_dir}: no complete checkpoint to resume from{detail}")
 
 
-def load_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str | Path) -> None:
-    """``model.load_state_dict`` with a one-line explanation of mismatched keys or shapes.
+def check_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """Raise a one-line `CheckpointError` when ``state_dict`` does not fit ``model`` (keys or shapes).
 
-    Example::
-
-        model = build_model("attention_cnn", n_mels=64)
-        load_model_weights(model, load_checkpoint(path)["model_state_dict"], path)
+    ``model.load_state_dict`` would say it in a multi-line RuntimeError listing every key.
     """
     own = model.state_dict()
     missing = [k for k in own if k not in state_dict]
@@ -253,4 +294,43 @@ def load_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Te
             f"{source}: weights do not fit model {type(model).__name__} ({'; '.join(parts)}); "
             "was it trained with another --model or feature setting?"
         )
+
+
+def load_model_weights(model: torch.nn.Module, state_dict: Mapping[str, torch.Tensor], source: str | Path) -> None:
+    """``model.load_state_dict`` with a one-line explanation of mismatched keys or shapes.
+
+    Example::
+
+        model = build_model("attention_cnn", n_mels=64)
+        load_model_weights(model, load_checkpoint(path)["model_state_dict"], path)
+    """
+    check_model_weights(model, state_dict, source)
     model.load_state_dict(state_dict)
+
+
+def restore(path: str | Path, objects: Mapping[str, Any], map_location: str | torch.device = "cpu") -> int:
+    """Load a resume checkpoint into ``objects`` (the handler's ``to_save``); returns the trainer's iteration.
+
+    Ignite's `Checkpoint.load_objects` does the loading (it unwraps DDP models); this adds only the
+    project's rules: every object must be in the file (else one `CheckpointError` line, since the run
+    could not continue exactly), except a `Snapshot` (a plain value added by a later version: nothing to
+    restore); model weights that do not fit are one line too; and `RNGStates` are restored last, so that
+    nothing loaded before them draws from the restored generators.
+
+    Example::
+
+        iteration = restore(find_resume_checkpoint(run_dir)[0], to_save)
+    """
+    path = Path(path)
+    ckpt = load_checkpoint(path, map_location=map_location)
+    for key, obj in objects.items():
+        if key not in ckpt and not isinstance(obj, Snapshot):
+            raise CheckpointError(f"{path}: checkpoint lacks '{key}'; it cannot resume this run exactly")
+        if isinstance(obj, torch.nn.Module):
+            inner = obj.module if isinstance(obj, (torch.nn.DataParallel, torch.nn.parallel.DistributedDataParallel)) else obj
+            check_model_weights(inner, ckpt[key], path)
+    rng = {k: o for k, o in objects.items() if isinstance(o, RNGStates)}
+    Checkpoint.load_objects({k: o for k, o in objects.items() if k not in rng and not isinstance(o, Snapshot)}, ckpt)
+    for key, obj in rng.items():
+        obj.load_state_dict(ckpt[key])
+    return int(ckpt["trainer"]["iteration"]) if "trainer" in ckpt else 0

@@ -1,4 +1,4 @@
-"""TrainConfig: every setting of a run, with the seed's defaults, loaded from YAML and overridden from the CLI.
+"""TrainConfig: every setting of a run, with the reference recipe's defaults, loaded from YAML and overridden from the CLI.
 
 One flat dataclass, so that a run directory's ``config.yaml`` is exactly enough to re-run it and a resume
 can compare two configs field by field. Every value is checked here, once, so that the rest of the code
@@ -16,12 +16,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from ignite_trainer.errors import ConfigError
-
-FORMATS = ("circor2022", "physionet2016")
-SCHEDULERS = ("cosine_annealing", "none")
-DEVICES = ("auto", "cpu", "cuda")
-LABEL_NAMES = ("heart", "murmur")
-METRIC_NAMES = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1")
+from ignite_trainer.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS, OBJECTIVES, STATS, is_score
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -30,7 +25,8 @@ def _f(default: Any, help: str, **kw: Any) -> Any:
 
 @dataclass
 class TrainConfig:
-    """All settings of a training run. Defaults for the optimisation fields are the seed's (step 4).
+    """All settings of a training run. The optimisation defaults are the reference recipe's (AdamW 1e-3,
+    weight decay 0.01, batch 32, cosine annealing over 100 epochs, patience 15, clip 1.0, pos weights 1 / 2.5).
 
     Example::
 
@@ -41,7 +37,7 @@ class TrainConfig:
 
     # data
     data: str | None = _f(None, "dataset root; empty for the embedded synthetic CirCor-format set")
-    format: Literal["circor2022", "physionet2016"] = _f("circor2022", "on-disk layout of --data")
+    format: Literal[FORMATS] = _f("circor2022", "on-disk layout of --data")
     unknown_murmur: Literal["mask", "positive"] = _f("mask", "CirCor 'Unknown' murmur: leave out or count as present")
     skip_bad: bool = _f(False, "warn about and skip unreadable recordings instead of stopping")
     synthetic_patients: int = _f(300, "patients in the embedded synthetic set", min=4)
@@ -60,7 +56,7 @@ class TrainConfig:
     val_fraction: float = _f(0.2, "share of patients held out for validation", min=0.0, max=0.9)
     n_folds: int = _f(0, "k for k-fold splitting; 0 uses val_fraction", min=0, max=20)
     fold: int = _f(0, "which fold is validation when n_folds > 0", min=0)
-    # optimisation (the seed's defaults)
+    # optimisation (the reference recipe's defaults)
     batch_size: int = _f(32, "global batch size (split across processes)", min=1)
     learning_rate: float = _f(0.001, "AdamW learning rate", min=0.0, exclusive_min=True)
     weight_decay: float = _f(0.01, "AdamW weight decay", min=0.0)
@@ -76,15 +72,15 @@ class TrainConfig:
     monitor: str = _f("val_loss", "score for early stopping and the best checkpoint: val_loss, macro_f1, heart.f1, ...")
     # run
     seed: int = _f(0, "seed of model init, splits and crops", min=0)
-    device: Literal["auto", "cpu", "cuda"] = _f("auto", "where to train")
+    device: Literal[DEVICES] = _f("auto", "where to train")
     num_workers: int = _f(0, "DataLoader worker processes", min=0)
     output_dir: str = _f("runs", "parent folder of run directories")
     name: str | None = _f(None, "run directory name; default a timestamp")
     n_saved_best: int = _f(1, "best checkpoints kept", min=1)
     progress: bool = _f(True, "show Ignite's progress bar")
     # evaluation
-    aggregation: Literal["mean", "any"] = _f("mean", "recording/patient prediction: mean probability or any positive")
-    threshold_objective: Literal["f1", "challenge", "fixed"] = _f("f1", "how per-label thresholds are tuned on validation")
+    aggregation: Literal[AGGREGATIONS] = _f("mean", "recording/patient prediction: mean probability or any positive")
+    threshold_objective: Literal[OBJECTIVES] = _f("f1", "how per-label thresholds are tuned on validation")
     # distributed
     nproc_per_node: int = _f(1, "processes on this node (idist.Parallel)", min=1)
     backend: Literal["gloo", "nccl"] | None = _f(None, "distributed backend; default gloo on CPU, nccl on CUDA")
@@ -172,10 +168,10 @@ class TrainConfig:
             raise ConfigError(f"{source}: val_fraction must be > 0 (training needs a validation split)")
         if self.win_ms * self.sample_rate / 1000 > self.n_fft:
             raise ConfigError(f"{source}: win_ms={self.win_ms} is longer than n_fft={self.n_fft} samples")
-        if not _valid_monitor(self.monitor):
+        if not is_score(self.monitor):
             raise ConfigError(
                 f"{source}: monitor={self.monitor!r} is not a score (val_loss, macro_f1, or <label>.<metric> "
-                f"with label heart|murmur and metric one of {', '.join(METRIC_NAMES)})"
+                f"with label {'|'.join(LABELS)} and metric one of {', '.join(STATS)})"
             )
         if self.name is not None and (not self.name.strip() or "/" in self.name or self.name in (".", "..")):
             raise ConfigError(f"{source}: name={self.name!r} is not a valid run directory name")
@@ -245,18 +241,6 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
             raise ConfigError(f"{source}: {name}={value!r} must be a string")
         return value
     return value
-
-
-def _valid_monitor(name: str) -> bool:
-    if name in ("val_loss", "macro_f1"):
-        return True
-    label, _, metric = name.partition(".")
-    return label in LABEL_NAMES and metric in METRIC_NAMES
-
-
-def monitor_mode(name: str) -> Literal["min", "max"]:
-    """Loss is minimised; every other monitored score is maximised."""
-    return "min" if name == "val_loss" else "max"
 
 
 def _closest(key: str, known: set[str]) -> str | None:

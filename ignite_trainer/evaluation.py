@@ -11,11 +11,7 @@ thresholds tuned on validation and stored with the model. It writes ``report/met
 
 from __future__ import annotations
 
-import csv
-import json
 import logging
-import math
-import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,25 +19,27 @@ import numpy as np
 
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.datasets import split_patients
+from ignite_trainer.data.discovery import detect_format, has_labels
+from ignite_trainer.data.prepare import prepare_data
 from ignite_trainer.data.readers import read_recordings
-from ignite_trainer.data.records import LABELS, Recording
+from ignite_trainer.data.records import Recording
 from ignite_trainer.errors import ConfigError, DataError
-from ignite_trainer.inference import TrainedModel, detect_format, has_labels, load_trained_model, run_windows
+from ignite_trainer.inference import run_windows
+from ignite_trainer.model_files import TrainedModel, load_trained_model
 from ignite_trainer.predictions import LevelPredictions, murmur_classes, unknown_band
 from ignite_trainer.report import write_report
-from ignite_trainer.run import prepare_data
+from ignite_trainer.rundir import RunDirectory
 from ignite_trainer.scores import (
     auprc, auroc, binary_stats, binary_weighted_accuracy, macc, murmur_weighted_accuracy, outcome_cost,
 )
+from ignite_trainer.vocabulary import AGGREGATIONS, LABELS
+from ignite_trainer.writers import PATIENT_COLUMNS, write_json, write_patients_csv, write_recordings_csv
 
 __all__ = ["evaluate", "label_scores", "level_scores", "challenge_scores", "PATIENT_COLUMNS", "LEVELS"]
 
 log = logging.getLogger("ignite_trainer")
 
 LEVELS = ("window", "recording", "patient")
-PATIENT_COLUMNS = ("patient_id", "heart_true", "heart_prob", "heart_pred", "murmur_true", "murmur_prob", "murmur_pred")
-RECORDING_COLUMNS = ("recording_id", "patient_id", "windows", "heart_true", "heart_prob", "heart_pred",
-                     "murmur_true", "murmur_prob", "murmur_pred")
 
 
 # ---------------------------------------------------------------------------------------------- scores
@@ -152,8 +150,8 @@ def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None =
     """
     if split not in (None, "val", "all"):
         raise ConfigError(f"split={split!r} is not one of: val, all")
-    if aggregation not in (None, "mean", "any"):
-        raise ConfigError(f"aggregation={aggregation!r} is not one of: mean, any")
+    if aggregation is not None and aggregation not in AGGREGATIONS:
+        raise ConfigError(f"aggregation={aggregation!r} is not one of: {', '.join(AGGREGATIONS)}")
     if not (isinstance(unknown_margin, (int, float)) and 0.0 <= unknown_margin <= 0.5):
         raise ConfigError(f"unknown_margin={unknown_margin!r} must be a number in [0, 0.5]")
     trained = load_trained_model(path)
@@ -190,9 +188,9 @@ def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None =
     results["files"] = {k: str(v) for k, v in files.items()}
     write_patients_csv(levels["patient"], thresholds, files["patients"])
     write_recordings_csv(levels["recording"], thresholds, files["recordings"])
-    metrics_log = trained.run_dir / "metrics.jsonl" if trained.run_dir is not None else None
+    metrics_log = RunDirectory(trained.run_dir).metrics_log.path if trained.run_dir is not None else None
     results["files"]["figures"] = [str(p) for p in write_report(out, results, levels, metrics_log, figures=figures)]
-    _write_json(files["metrics"], results)
+    write_json(files["metrics"], results)
     return results
 
 
@@ -208,49 +206,3 @@ def _output_dir(trained: TrainedModel, out_dir: str | Path | None) -> Path:
     except OSError as e:
         raise DataError(f"{out}: cannot create the report folder ({e.strerror or e})") from None
     return out
-
-
-def _write_json(path: Path, value: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_finite(value), indent=2) + "\n")
-    os.replace(tmp, path)
-
-
-def _finite(value: Any) -> Any:
-    """JSON has no NaN: scores never produce one, but guard the file format anyway."""
-    if isinstance(value, dict):
-        return {k: _finite(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_finite(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _label_cells(level: LevelPredictions, i: int, thresholds: dict[str, float]) -> dict[str, Any]:
-    cells: dict[str, Any] = {}
-    for j, label in enumerate(LABELS):
-        cells[f"{label}_true"] = int(level.targets[i, j]) if level.mask[i, j] else ""
-        cells[f"{label}_prob"] = repr(float(level.probs[i, j]))
-        cells[f"{label}_pred"] = int(level.probs[i, j] >= thresholds[label])
-    return cells
-
-
-def write_patients_csv(patients: LevelPredictions, thresholds: dict[str, float], path: Path) -> None:
-    """``patients.csv``: one row per patient; ``*_true`` empty where the label is missing, probabilities in
-    full precision so that thresholding them reproduces ``*_pred`` and every patient score exactly."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=PATIENT_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for i, pid in enumerate(patients.ids):
-            writer.writerow({"patient_id": pid, **_label_cells(patients, i, thresholds)})
-
-
-def write_recordings_csv(recs: LevelPredictions, thresholds: dict[str, float], path: Path) -> None:
-    """``recordings.csv``: the same per recording (its location-level murmur label), with its window count."""
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=RECORDING_COLUMNS, lineterminator="\n")
-        writer.writeheader()
-        for i, rid in enumerate(recs.ids):
-            writer.writerow({"recording_id": rid, "patient_id": recs.patient_ids[i], "windows": int(recs.n_windows[i]),
-                             **_label_cells(recs, i, thresholds)})

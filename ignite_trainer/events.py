@@ -4,8 +4,9 @@ Registered on the trainer by `create_trainer` through Ignite's ``register_events
 with ``trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, fn)`` or ``@trainer.on(...)``.
 What each event leaves in ``trainer.state`` for its handlers:
 
-- ``VALIDATION_COMPLETED``: ``state.validation_metrics`` (flat dict: ``val_loss``, ``macro_f1``,
-  ``heart.f1``, ...), ``state.validation_output`` (the evaluator's ``state``, for predictions or ids).
+- ``VALIDATION_COMPLETED``: ``state.validation_metrics`` (flat dict of scores: ``val_loss``, ``macro_f1``,
+  ``heart.f1``, ...), ``state.validation_output`` (the evaluator's ``state``, for predictions or ids) and,
+  once threshold tuning has run on this event, ``state.thresholds`` (``{"heart": t, "murmur": t}``).
 - ``BEST_MODEL_SAVED``: ``state.best_model_path`` (a `Path`) and ``state.best_score``.
 - ``EARLY_STOPPED``: ``state.early_stopped_epoch``; training ends after this epoch.
 

@@ -1,17 +1,18 @@
 """``attach_*`` functions: each wires one of Ignite's handlers (or a small one of ours) to the trainer.
 
-Each returns the handler it attached, so a custom script can keep, inspect or checkpoint it.
-Order matters and `ignite_trainer.run` attaches in this order: validation first (it fires
-``VALIDATION_COMPLETED``), then early stopping and the best checkpoint (on that event), then the
-last-epoch checkpoint and the LR scheduler (on ``EPOCH_COMPLETED``, after validation).
+Each returns the object it registered (or, for Ignite's loggers, the logger whose handlers it registered),
+so a custom script can keep, inspect, checkpoint or remove it: ``trainer.has_event_handler(returned)`` is
+true and ``trainer.remove_event_handler(returned, event)`` detaches it.
+
+Handlers on one event run in the order they were attached, and several read what an earlier one left in
+``trainer.state``; `standard.attach_standard_handlers` attaches the whole set in the one order that is
+right, and says why. Use it rather than re-deriving the order.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-import os
 import time
 import warnings
 from pathlib import Path
@@ -22,15 +23,13 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, LRScheduler, ProgressBar, TensorboardLogger
 from torch.utils.data import DataLoader, DistributedSampler
 
-from ignite_trainer.checkpoint import SafeDiskSaver, Snapshot
-from ignite_trainer.config import LABEL_NAMES, METRIC_NAMES, monitor_mode
+from ignite_trainer.checkpoint import BEST_PATTERN, LAST_PATTERN, SafeDiskSaver, Snapshot
 from ignite_trainer.errors import TrainingAborted
 from ignite_trainer.events import TrainerEvents
+from ignite_trainer.rundir import MetricsLog
+from ignite_trainer.vocabulary import LABELS, STATS, score_mode
 
 log = logging.getLogger("ignite_trainer")
-
-#: The scalar validation scores, in the order they are logged.
-VALIDATION_SCORES = ["val_loss", "macro_f1"] + [f"{label}.{m}" for label in LABEL_NAMES for m in METRIC_NAMES]
 
 
 def attach_validation(trainer: Engine, evaluator: Engine, loader: Any, every: int = 1) -> Callable[[Engine], None]:
@@ -68,7 +67,7 @@ def _scalar(v: Any) -> float:
 
 def monitored_score(monitor: str) -> Callable[[Engine], float]:
     """A score function over ``trainer.state.validation_metrics`` where larger is better."""
-    sign = -1.0 if monitor_mode(monitor) == "min" else 1.0
+    sign = -1.0 if score_mode(monitor) == "min" else 1.0
 
     def score(engine: Engine) -> float:
         return sign * engine.state.validation_metrics[monitor]
@@ -76,25 +75,30 @@ def monitored_score(monitor: str) -> Callable[[Engine], float]:
     return score
 
 
-def attach_early_stopping(trainer: Engine, patience: int, monitor: str = "val_loss") -> EarlyStopping:
+class ValidationEarlyStopping(EarlyStopping):
+    """Ignite's `EarlyStopping` that also records ``state.early_stopped_epoch`` and fires ``EARLY_STOPPED``."""
+
+    def __call__(self, engine: Engine) -> None:
+        super().__call__(engine)
+        if self.counter >= self.patience and engine.should_terminate:
+            engine.state.early_stopped_epoch = engine.state.epoch
+            engine.fire_event(TrainerEvents.EARLY_STOPPED)
+
+
+def attach_early_stopping(trainer: Engine, patience: int, monitor: str = "val_loss") -> ValidationEarlyStopping:
     """Ignite's `EarlyStopping` on the monitored validation score; fires ``EARLY_STOPPED`` when it stops.
 
     It is attached to the trainer's ``VALIDATION_COMPLETED`` rather than with ``attach(evaluator,
-    reset_engine=trainer)``, which would reset a counter restored from a checkpoint (pitfall 7).
+    reset_engine=trainer)``: Ignite's ``reset_engine`` resets the counter when a run starts, which would
+    throw away a counter just restored from a checkpoint.
 
     Example::
 
         es = attach_early_stopping(trainer, patience=15, monitor="macro_f1")
+        assert trainer.has_event_handler(es)
     """
-    handler = EarlyStopping(patience=patience, score_function=monitored_score(monitor), trainer=trainer)
-
-    def check(engine: Engine) -> None:
-        handler(engine)
-        if handler.counter >= handler.patience and engine.should_terminate:
-            engine.state.early_stopped_epoch = engine.state.epoch
-            engine.fire_event(TrainerEvents.EARLY_STOPPED)
-
-    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, check)
+    handler = ValidationEarlyStopping(patience=patience, score_function=monitored_score(monitor), trainer=trainer)
+    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, handler)
     return handler
 
 
@@ -102,38 +106,46 @@ def epoch_step(engine: Engine, _event: Any = None) -> int:
     return engine.state.epoch
 
 
+class BestCheckpoint(Checkpoint):
+    """Ignite's `Checkpoint` kept by score that also records ``state.best_model_path``/``best_score`` and
+    fires ``BEST_MODEL_SAVED`` whenever it writes a new file."""
+
+    def __init__(self, *args: Any, monitor: str, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.monitor = monitor
+
+    def __call__(self, engine: Engine) -> None:
+        before = self.last_checkpoint
+        super().__call__(engine)
+        if self.last_checkpoint is not None and self.last_checkpoint != before:
+            engine.state.best_model_path = Path(self.last_checkpoint)
+            engine.state.best_score = engine.state.validation_metrics[self.monitor]
+            engine.fire_event(TrainerEvents.BEST_MODEL_SAVED)
+
+
 def attach_best_checkpoint(
     trainer: Engine, to_save: Mapping[str, Any], dirname: str | Path, monitor: str = "val_loss", n_saved: int = 1
-) -> Checkpoint:
+) -> BestCheckpoint:
     """Keep the ``n_saved`` best checkpoints by the monitored score; fire ``BEST_MODEL_SAVED`` on each new one.
 
-    Files are ``best_checkpoint_<epoch>_<score name>=<score>.pt`` (val_loss is stored negated, so that
-    larger is better, as Ignite's `Checkpoint` expects).
+    Files are named by `checkpoint.BEST_PATTERN` (val_loss is stored negated, so that larger is better, as
+    Ignite's `Checkpoint` expects); `checkpoint.find_best_checkpoint` reads them back.
 
     Example::
 
         best = attach_best_checkpoint(trainer, {"model_state_dict": model}, "runs/x/checkpoints", "macro_f1")
     """
-    score_name = f"neg_{monitor}" if monitor_mode(monitor) == "min" else monitor
-    best = Checkpoint(
-        to_save, SafeDiskSaver(dirname), filename_prefix="best", score_function=monitored_score(monitor),
-        score_name=score_name, n_saved=n_saved, global_step_transform=epoch_step,
+    score_name = f"neg_{monitor}" if score_mode(monitor) == "min" else monitor
+    best = BestCheckpoint(
+        to_save, SafeDiskSaver(dirname), score_function=monitored_score(monitor), score_name=score_name,
+        n_saved=n_saved, global_step_transform=epoch_step, filename_pattern=BEST_PATTERN, monitor=monitor,
     )
-
-    def save_if_best(engine: Engine) -> None:
-        before = best.last_checkpoint
-        best(engine)
-        if best.last_checkpoint is not None and best.last_checkpoint != before:
-            engine.state.best_model_path = Path(best.last_checkpoint)
-            engine.state.best_score = engine.state.validation_metrics[monitor]
-            engine.fire_event(TrainerEvents.BEST_MODEL_SAVED)
-
-    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, save_if_best)
+    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, best)
     return best
 
 
 def attach_last_checkpoint(trainer: Engine, to_save: Mapping[str, Any], dirname: str | Path, n_saved: int = 2) -> Checkpoint:
-    """Save the full resume state after every epoch (``last_checkpoint_<epoch>.pt``), keeping ``n_saved``.
+    """Save the full resume state after every epoch (`checkpoint.LAST_PATTERN`), keeping ``n_saved``.
 
     Saved at ``EPOCH_COMPLETED``, never mid-epoch: Ignite's engine state holds no data-loader position,
     so only epoch boundaries resume exactly. Two files are kept so that one survives any kill.
@@ -144,8 +156,8 @@ def attach_last_checkpoint(trainer: Engine, to_save: Mapping[str, Any], dirname:
         attach_last_checkpoint(trainer, to_save, run_dir / "checkpoints")
     """
     last = Checkpoint(
-        to_save, SafeDiskSaver(dirname), filename_prefix="last", n_saved=n_saved,
-        global_step_transform=epoch_step, include_self=True,
+        to_save, SafeDiskSaver(dirname), n_saved=n_saved, global_step_transform=epoch_step, include_self=True,
+        filename_pattern=LAST_PATTERN,
     )
     trainer.add_event_handler(Events.EPOCH_COMPLETED, last)
     return last
@@ -213,7 +225,8 @@ def attach_tensorboard(
     trainer: Engine, optimizer: torch.optim.Optimizer, log_dir: str | Path, purge_step: int | None = None
 ) -> TensorboardLogger:
     """Ignite's `TensorboardLogger` (tensorboardX writer): per iteration the training loss, learning rate
-    and pre-clip gradient norm; per validation every validation score.
+    and pre-clip gradient norm; per validation every validation score and the tuned thresholds
+    (``trainer.state.thresholds``, when threshold tuning is attached before it).
 
     Every tag is stepped by the trainer's iteration, so that on resume ``purge_step`` (the first
     iteration after the checkpoint) hides whatever a killed run logged past it and steps stay monotonic.
@@ -239,80 +252,87 @@ def attach_tensorboard(
         step = engine.state.iteration
         for name, value in engine.state.validation_metrics.items():
             tb.writer.add_scalar(f"val/{name}", value, step)
+        for label, value in (getattr(engine.state, "thresholds", None) or {}).items():
+            tb.writer.add_scalar(f"val/{label}.threshold", value, step)
 
     trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, validation_scalars)
     return tb
 
 
-def attach_metrics_log(trainer: Engine, optimizer: torch.optim.Optimizer, path: str | Path) -> Callable[[Engine], None]:
-    """Append one JSON line per validated epoch to ``path`` (``metrics.jsonl``), flushed and fsynced.
+class MetricsLogWriter:
+    """Writes one `rundir.MetricsLog` record per validated epoch; the LR is the one the epoch trained with.
 
-    Keys: ``epoch``, ``train_loss``, ``val_loss``, ``lr`` (the rate used during the epoch), ``seconds``
-    (training), ``val_seconds``, ``macro_f1``, and ``heart``/``murmur`` objects with ``accuracy``,
-    ``precision``, ``recall``, ``sensitivity``, ``specificity``, ``f1``. A plain file that survives a
-    kill line by line, for scripts and reports that should not need TensorBoard to read a run.
-
-    Example::
-
-        attach_metrics_log(trainer, optimizer, run_dir / "metrics.jsonl")
+    The LR is read when the epoch *starts*: read at validation time it would depend on whether the
+    scheduler (also on ``EPOCH_COMPLETED``) happened to be attached before or after validation.
     """
-    path = Path(path)
 
-    def write(engine: Engine) -> None:
+    def __init__(self, optimizer: torch.optim.Optimizer, path: str | Path) -> None:
+        self.optimizer = optimizer
+        self.log = MetricsLog(path)
+        self.lr: float | None = None
+
+    def capture_lr(self, engine: Engine) -> None:
+        self.lr = self.optimizer.param_groups[0]["lr"]
+
+    def __call__(self, engine: Engine) -> None:
         m = engine.state.validation_metrics
+        thresholds = getattr(engine.state, "thresholds", None)
         record: dict[str, Any] = {
             "epoch": engine.state.epoch,
             "train_loss": _scalar(engine.state.metrics["train_loss"]),
             "val_loss": m.get("val_loss"),
-            "lr": optimizer.param_groups[0]["lr"],
+            "lr": self.lr if self.lr is not None else self.optimizer.param_groups[0]["lr"],
             "seconds": round(engine.state.times.get(Events.EPOCH_COMPLETED.name) or 0.0, 4),
             "val_seconds": round(getattr(engine.state, "validation_seconds", 0.0), 4),
             "macro_f1": m.get("macro_f1"),
         }
-        for label in LABEL_NAMES:
-            record[label] = {k: m.get(f"{label}.{k}") for k in METRIC_NAMES}
-        with open(path, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-
-    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, write)
-    return write
+        for label in LABELS:
+            record[label] = {k: m.get(f"{label}.{k}") for k in STATS}
+            if thresholds is not None:
+                record[label]["threshold"] = thresholds.get(label)
+        self.log.append(record)
 
 
-def truncate_metrics_log(path: str | Path, last_epoch: int) -> None:
-    """Keep only complete lines of epochs ``<= last_epoch`` (a resumed run rewrites what came after)."""
-    path = Path(path)
-    if not path.exists():
-        return
-    kept = []
-    for line in path.read_text().splitlines():
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue  # a line cut by a kill
-        if isinstance(record, dict) and record.get("epoch", math.inf) <= last_epoch:
-            kept.append(line)
-    tmp = path.with_suffix(".jsonl.tmp")
-    tmp.write_text("".join(line + "\n" for line in kept))
-    os.replace(tmp, path)
+def attach_metrics_log(trainer: Engine, optimizer: torch.optim.Optimizer, path: str | Path) -> MetricsLogWriter:
+    """Append one JSON line per validated epoch to ``path`` (``metrics.jsonl``), flushed and fsynced.
+
+    Keys: ``epoch``, ``train_loss``, ``val_loss``, ``lr`` (the rate used during the epoch), ``seconds``
+    (training), ``val_seconds``, ``macro_f1``, and ``heart``/``murmur`` objects with ``accuracy``,
+    ``precision``, ``recall``, ``sensitivity``, ``specificity``, ``f1`` and, when thresholds are tuned
+    (``trainer.state.thresholds``), ``threshold``. Read it back with `rundir.MetricsLog`.
+
+    Example::
+
+        writer = attach_metrics_log(trainer, optimizer, run_dir / "metrics.jsonl")
+        assert trainer.has_event_handler(writer)
+    """
+    writer = MetricsLogWriter(optimizer, path)
+    trainer.add_event_handler(Events.EPOCH_STARTED, writer.capture_lr)
+    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, writer)
+    return writer
 
 
-def attach_sampler_epoch(trainer: Engine, loader: DataLoader) -> None:
+def attach_sampler_epoch(trainer: Engine, loader: DataLoader) -> Callable[[Engine], None] | None:
     """Call ``sampler.set_epoch`` each epoch: Ignite never does, so a `DistributedSampler` would repeat
-    the same shuffle every epoch (pitfall 13). A no-op for a loader without one.
+    the same shuffle every epoch. Returns the handler, or None (nothing attached) for a loader without one.
 
     Example::
 
         attach_sampler_epoch(trainer, train_loader)
     """
     sampler = getattr(loader, "sampler", None)
-    if isinstance(sampler, DistributedSampler):
-        trainer.add_event_handler(Events.EPOCH_STARTED, lambda engine: sampler.set_epoch(engine.state.epoch - 1))
+    if not isinstance(sampler, DistributedSampler):
+        return None
+
+    def set_epoch(engine: Engine) -> None:
+        sampler.set_epoch(engine.state.epoch - 1)
+
+    trainer.add_event_handler(Events.EPOCH_STARTED, set_epoch)
+    return set_epoch
 
 
 def training_state(trainer: Engine, config: Mapping[str, Any]) -> dict[str, Snapshot]:
-    """The plain values every checkpoint carries at its top level (the seed's ``epoch`` and ``val_loss``).
+    """The plain values every checkpoint carries at its top level (``epoch``, ``val_loss``, ``finished``, ``config``).
 
     ``finished`` is true once the run reached its last epoch or stopped early: resuming it has nothing to
     do. A run stopped any other way (a kill, a time limit, a hook calling ``terminate()``) resumes.

@@ -20,11 +20,12 @@ from ignite.metrics.metric import Metric, reinit__is_reduced, sync_all_reduce
 
 from ignite_trainer.data.records import LABELS
 from ignite_trainer.scores import stats_from_counts
+from ignite_trainer.vocabulary import STATS
 
-__all__ = ["PerLabelMetrics", "MaskedLoss", "as_nested", "logits_y_mask", "STAT_NAMES"]
+__all__ = ["PerLabelMetrics", "MaskedLoss", "logits_y_mask", "STAT_NAMES"]
 
 #: Per-label statistics `PerLabelMetrics` reports, as ``"<label>.<stat>"`` keys.
-STAT_NAMES: tuple[str, ...] = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "support")
+STAT_NAMES: tuple[str, ...] = (*STATS, "support")
 
 
 def logits_y_mask(output: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -68,7 +69,8 @@ class PerLabelMetrics(Metric):
     float64 so a threshold tuned by `scores.tune_threshold` reproduces its predictions exactly), and
     TP/FP/FN/TN are counted over present entries only. ``compute()`` returns a flat dict with keys
     ``"<label>.<stat>"`` for every stat in `STAT_NAMES`, plus ``"macro_f1"``; the prefixes keep the
-    keys apart from other metrics in ``engine.state.metrics`` (ignite-notes pitfall 10), and the
+    keys apart from other metrics in ``engine.state.metrics`` (Ignite flattens a dict-valued metric
+    into the same namespace, so a bare ``f1`` would collide with any other metric's), and the
     metric is flattened only (no nested copy under its attach name).
 
     ``support`` is the number of *present* examples of the label (not scikit-learn's count of true
@@ -245,29 +247,3 @@ class MaskedLoss(Metric):
             raise NotComputableError("MaskedLoss: every label of every example was masked; the loss is undefined.")
         return float(self._sum / self._count)
 
-
-def as_nested(metrics: Mapping[str, Any], labels: Sequence[str] = LABELS) -> dict[str, Any]:
-    """Regroup flat ``"<label>.<stat>"`` keys into one object per label, for metrics.jsonl.
-
-    ``{"heart.f1": 0.8, "murmur.f1": 0.6, "macro_f1": 0.7, "val_loss": 0.4}`` becomes
-    ``{"heart": {"f1": 0.8}, "murmur": {"f1": 0.6}, "macro_f1": 0.7, "val_loss": 0.4}``: keys that
-    are not prefixed by a known label are kept as they are. A label without any key gets no entry.
-
-    Example:
-
-        >>> as_nested({"heart.f1": 0.75, "macro_f1": 0.75})
-        {'heart': {'f1': 0.75}, 'macro_f1': 0.75}
-    """
-    known = set(labels)
-    groups: dict[str, dict[str, Any]] = {}
-    others: dict[str, Any] = {}
-    for key, value in metrics.items():
-        label, dot, stat = key.partition(".")
-        if dot and stat and label in known:
-            groups.setdefault(label, {})[stat] = value
-        else:
-            others[key] = value
-    clashes = sorted(set(groups) & set(others))
-    if clashes:
-        raise ValueError(f"metric keys {clashes} clash with the per-label groups of the same name")
-    return {**groups, **others}

@@ -28,6 +28,7 @@ from ignite.metrics.metric import Metric, reinit__is_reduced
 from ignite_trainer.data.records import LABELS, Recording
 from ignite_trainer.events import TrainerEvents
 from ignite_trainer.scores import probs_to_murmur_class, tune_threshold
+from ignite_trainer.vocabulary import AGGREGATIONS, OBJECTIVES
 
 __all__ = [
     "WindowPredictions", "LevelPredictions", "PredictionCollector", "aggregate", "window_level",
@@ -37,9 +38,15 @@ __all__ = [
 
 log = logging.getLogger("ignite_trainer")
 
-Aggregation = Literal["mean", "any"]
-Objective = Literal["f1", "challenge", "fixed"]
+Aggregation = Literal[AGGREGATIONS]
+Objective = Literal[OBJECTIVES]
 DEFAULT_THRESHOLDS: dict[str, float] = {label: 0.5 for label in LABELS}
+
+
+def _choices(names: Sequence[str]) -> str:
+    """``'a', 'b' or 'c'``."""
+    quoted = [repr(n) for n in names]
+    return ", ".join(quoted[:-1]) + " or " + quoted[-1]
 
 
 # ---------------------------------------------------------------------------------------------- containers
@@ -161,8 +168,8 @@ def aggregate(values: np.ndarray, groups: Sequence[Hashable],
         >>> keys, out.ravel().tolist()
         (['a', 'b'], [0.6, 0.9])
     """
-    if how not in ("mean", "any"):
-        raise ValueError(f"how must be 'mean' or 'any', got {how!r}")
+    if how not in AGGREGATIONS:
+        raise ValueError(f"how must be {_choices(AGGREGATIONS)}, got {how!r}")
     values = np.asarray(values, dtype=np.float64)
     if values.shape[0] != len(groups):
         raise ValueError(f"values has {values.shape[0]} rows but groups has {len(groups)} keys")
@@ -300,8 +307,8 @@ def tune_thresholds(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray,
         ...                 np.array([[True, False], [True, False]]))
         {'heart': 0.2, 'murmur': 0.5}
     """
-    if objective not in ("f1", "challenge", "fixed"):
-        raise ValueError(f"objective must be 'f1', 'challenge' or 'fixed', got {objective!r}")
+    if objective not in OBJECTIVES:
+        raise ValueError(f"objective must be {_choices(OBJECTIVES)}, got {objective!r}")
     probs, targets, mask = np.asarray(probs, dtype=np.float64), np.asarray(targets), np.asarray(mask, dtype=bool)
     thresholds = dict(DEFAULT_THRESHOLDS)
     if objective == "fixed":
@@ -341,10 +348,10 @@ def attach_threshold_tuning(trainer: Engine, evaluator_metric_name: str, objecti
                             val_dataset: Any) -> Callable[[Engine], None]:
     """After each validation, tune per-label thresholds on the validation recordings.
 
-    Sets ``trainer.state.thresholds = {"heart": t, "murmur": t}`` and adds ``"<label>.threshold"`` to
-    ``trainer.state.validation_metrics`` (so TensorBoard logs them). Attach it right after
-    `handlers.attach_validation`, before the best checkpoint, so that a ``Snapshot`` of the thresholds in
-    the checkpoint sees this validation's values. ``val_dataset`` is the `EvalWindows` the evaluator ran on.
+    Sets ``trainer.state.thresholds = {"heart": t, "murmur": t}`` (the metrics log and TensorBoard read
+    them from there). Attach it right after `handlers.attach_validation`, before the best checkpoint, so
+    that a ``Snapshot`` of the thresholds in the checkpoint sees this validation's values
+    (`standard.attach_standard_handlers` does). ``val_dataset`` is the `EvalWindows` the evaluator ran on.
 
     Example::
 
@@ -357,9 +364,6 @@ def attach_threshold_tuning(trainer: Engine, evaluator_metric_name: str, objecti
     def tune(engine: Engine) -> None:
         recs = _validation_recordings(engine, evaluator_metric_name, val_dataset)
         engine.state.thresholds = tune_thresholds(recs.probs, recs.targets, recs.mask, objective)
-        metrics = getattr(engine.state, "validation_metrics", None)
-        if isinstance(metrics, dict):
-            metrics.update({f"{label}.threshold": t for label, t in engine.state.thresholds.items()})
 
     trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, tune)
     return tune

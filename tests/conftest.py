@@ -10,13 +10,14 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
-from ignite_trainer.checkpoint import load_checkpoint
+from ignite_trainer.checkpoint import find_best_checkpoint, load_checkpoint
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.inference import find_best_checkpoint
+from ignite_trainer.predictions import LevelPredictions
 from ignite_trainer.run import train
 
 torch.set_num_threads(1)
@@ -118,3 +119,17 @@ def circor_subset(src: Path, dst: Path, n_patients: int, strip_labels: bool = Fa
 def read_csv(path: Path) -> list[dict]:
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
+
+
+def by_id(recordings) -> dict:
+    """Recordings keyed by their id."""
+    return {r.recording_id: r for r in recordings}
+
+
+def level_predictions(probs, targets, mask=None, classes=None, level="patient", id_prefix="p") -> LevelPredictions:
+    """A `LevelPredictions` from plain lists: items ``<id_prefix><i>`` of patients ``p<i>``, one window each."""
+    probs, targets = np.asarray(probs, float), np.asarray(targets, float)
+    n = len(probs)
+    return LevelPredictions(level, [f"{id_prefix}{i}" for i in range(n)], probs, targets,
+                            np.ones((n, 2), bool) if mask is None else np.asarray(mask, bool),
+                            [f"p{i}" for i in range(n)], classes or [None] * n, np.ones(n, dtype=np.int64))

@@ -9,6 +9,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
 from ignite_trainer.checkpoint import (
+    CheckpointName,
     RNGStates,
     SafeDiskSaver,
     Snapshot,
@@ -16,6 +17,7 @@ from ignite_trainer.checkpoint import (
     find_resume_checkpoint,
     load_checkpoint,
     load_model_weights,
+    restore,
 )
 from ignite_trainer.errors import CheckpointError
 
@@ -52,10 +54,70 @@ def test_safe_saver_keeps_the_old_file_when_the_new_write_fails(tmp_path):
     assert load_checkpoint(tmp_path / "last_checkpoint_1.pt")["epoch"] == 1
 
 
-def test_safe_saver_deletes_the_outgoing_file_only_after_the_new_one_exists(tmp_path):
+def test_safe_saver_keeps_the_end_state_of_n_saved(tmp_path):
     handler = _run_checkpointing(tmp_path, SafeDiskSaver(tmp_path), epochs=4, n_saved=2)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint_3.pt", "last_checkpoint_4.pt"]
     assert handler.last_checkpoint.name == "last_checkpoint_4.pt"
+
+
+def test_safe_saver_deletes_the_outgoing_file_only_after_the_new_one_exists(tmp_path, monkeypatch):
+    """While each new file is being written, the file it replaces is still on disk (Ignite's stock
+    `DiskSaver` has already deleted it by then: this test fails with it)."""
+    seen_while_writing = []
+    real_save = torch.save
+
+    def recording_save(obj, f, *args, **kwargs):
+        seen_while_writing.append(sorted(p.name for p in tmp_path.iterdir() if p.suffix == ".pt"))
+        return real_save(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", recording_save)
+    _run_checkpointing(tmp_path, SafeDiskSaver(tmp_path), epochs=3, n_saved=1)
+    assert seen_while_writing == [[], ["last_checkpoint_1.pt"], ["last_checkpoint_2.pt"]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last_checkpoint_3.pt"]
+
+
+def test_checkpoint_names_are_made_and_parsed_in_one_place(tmp_path):
+    from ignite_trainer.checkpoint import find_best_checkpoint, parse_checkpoint_name
+
+    assert parse_checkpoint_name("last_checkpoint_12.pt") == CheckpointName("last", 12)
+    assert parse_checkpoint_name("best_checkpoint_3_neg_val_loss=-0.5000.pt") == CheckpointName(
+        "best", 3, "neg_val_loss", -0.5)
+    for other in ("best_checkpoint_3.pt", "last_checkpoint_x.pt", "model.pt", "last_checkpoint_2_f1=0.1.pt"):
+        assert parse_checkpoint_name(other) is None
+    (tmp_path / "checkpoints").mkdir()
+    for name in ("best_checkpoint_2_macro_f1=0.5000.pt", "best_checkpoint_5_macro_f1=0.7000.pt",
+                 "best_checkpoint_7_macro_f1=0.7000.pt", "last_checkpoint_9.pt"):
+        (tmp_path / "checkpoints" / name).write_bytes(b"")
+    assert find_best_checkpoint(tmp_path).name == "best_checkpoint_7_macro_f1=0.7000.pt"  # ties: the later epoch
+
+
+def _resume_set(model, engine):
+    return {"model_state_dict": model, "trainer": engine, "rng": RNGStates(),
+            "epoch": Snapshot(lambda: engine.state.epoch), "thresholds": Snapshot(lambda: None)}
+
+
+def test_restore_loads_every_object_and_skips_a_snapshot_the_file_lacks(tmp_path):
+    model, engine = torch.nn.Linear(2, 2), Engine(lambda e, b: None)
+    engine.run([0, 0], max_epochs=2)
+    objects = _resume_set(model, engine)
+    ckpt = {k: v.state_dict() for k, v in objects.items() if k != "thresholds"}  # written before thresholds existed
+    torch.save(ckpt, tmp_path / "c.pt")
+    expected = torch.rand(1).item()
+
+    other, fresh = torch.nn.Linear(2, 2), Engine(lambda e, b: None)
+    iteration = restore(tmp_path / "c.pt", _resume_set(other, fresh))
+    assert iteration == 4 and fresh.state.epoch == 2
+    assert torch.equal(other.weight, model.weight)
+    assert torch.rand(1).item() == expected  # the RNG states were restored (last)
+
+
+def test_restore_refuses_a_checkpoint_that_lacks_a_key(tmp_path):
+    model, engine = torch.nn.Linear(2, 2), Engine(lambda e, b: None)
+    engine.run([0], max_epochs=1)
+    objects = _resume_set(model, engine)
+    torch.save({k: v.state_dict() for k, v in objects.items() if k != "trainer"}, tmp_path / "c.pt")
+    with pytest.raises(CheckpointError, match=r"c.pt: checkpoint lacks 'trainer'; it cannot resume this run exactly"):
+        restore(tmp_path / "c.pt", _resume_set(torch.nn.Linear(2, 2), Engine(lambda e, b: None)))
 
 
 def test_clean_partial_files_removes_ours_and_ignites(tmp_path):

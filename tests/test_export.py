@@ -12,7 +12,8 @@ import yaml
 import cli
 from ignite_trainer.errors import CheckpointError
 from ignite_trainer.evaluation import evaluate
-from ignite_trainer.inference import export_safetensors, load_trained_model, predict
+from ignite_trainer.inference import predict
+from ignite_trainer.model_files import export_safetensors, load_trained_model
 
 from conftest import circor_subset
 

@@ -10,13 +10,13 @@ from ignite.engine import Events
 from ignite_trainer.checkpoint import Snapshot
 from ignite_trainer.engine import create_trainer
 from ignite_trainer.events import TrainerEvents
+from ignite_trainer.rundir import MetricsLog
 from ignite_trainer.handlers import (
     attach_best_checkpoint,
     attach_early_stopping,
     attach_lr_scheduler,
     attach_metrics_log,
     attach_tensorboard,
-    truncate_metrics_log,
 )
 
 
@@ -147,7 +147,7 @@ def test_metrics_log_writes_one_line_per_epoch_and_truncates_on_resume(tmp_path,
 
     with open(path, "a") as f:
         f.write('{"epoch": 4, "train_lo')  # a line cut by a kill
-    truncate_metrics_log(path, last_epoch=2)
+    MetricsLog(path).truncate(last_epoch=2)
     assert [json.loads(line)["epoch"] for line in path.read_text().splitlines()] == [1, 2]
 
 
@@ -159,3 +159,94 @@ def test_custom_events_take_ignites_epoch_filters(tiny_model, batches):
     trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED(once=5), lambda e: seen.append(-e.state.epoch))
     trainer.run(batches[:1], max_epochs=6)
     assert seen == [2, 4, -5, 6]
+
+
+# ---------------------------------------------------------------------------------------------- the standard set
+def _standard_run(tmp_path, model, epochs=3):
+    """A trainer and evaluator on the tiny batches, with `attach_standard_handlers`' inputs."""
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from conftest import make_batches
+    from ignite_trainer.config import TrainConfig
+    from ignite_trainer.data.records import Recording
+    from ignite_trainer.engine import create_evaluator
+    from ignite_trainer.losses import WeightedBCELoss
+    from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
+    from ignite_trainer.predictions import PredictionCollector
+
+    train_batches, val_batches = make_batches(seed=1), make_batches(n_batches=2, seed=2)
+    labels = torch.cat([b[1] for b in val_batches])
+    recordings = [Recording(f"r{i}", f"p{i // 2}", Path(f"r{i}.wav"), tuple(labels[2 * i].tolist()), (True, True))
+                  for i in range(len(labels) // 2)]
+    val_dataset = SimpleNamespace(window_recording=[i // 2 for i in range(len(labels))], recordings=recordings)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    loss_fn = WeightedBCELoss()
+    trainer = create_trainer(model, optimizer, loss_fn)
+    evaluator = create_evaluator(model, {"val_loss": MaskedLoss(loss_fn), "labels": PerLabelMetrics(),
+                                         "predictions": PredictionCollector()})
+    config = TrainConfig(epochs=epochs, early_stopping_patience=5, progress=False, device="cpu")
+    return trainer, evaluator, dict(model=model, optimizer=optimizer, train_loader=train_batches,
+                                    val_loader=val_batches, val_dataset=val_dataset, config=config,
+                                    run_dir=tmp_path, writes_logs=True)
+
+
+def _position(trainer, event, handler):
+    registered = [h for h, _, _ in trainer._event_handlers[event]]
+    return next(i for i, h in enumerate(registered) if trainer._compare_handlers(handler, h))
+
+
+def test_standard_handlers_attach_in_the_documented_order_and_each_can_be_removed(tmp_path, tiny_model):
+    from ignite_trainer.standard import attach_standard_handlers
+
+    trainer, evaluator, kwargs = _standard_run(tmp_path, tiny_model)
+    h = attach_standard_handlers(trainer, evaluator, **kwargs)
+    on_validation = [_position(trainer, TrainerEvents.VALIDATION_COMPLETED, x)
+                     for x in (h.threshold_tuning, h.early_stopping, h.best_checkpoint, h.metrics_log, h.pr_curves)]
+    assert on_validation == sorted(on_validation)
+    on_epoch = [_position(trainer, Events.EPOCH_COMPLETED, x) for x in (h.validation, h.lr_scheduler, h.last_checkpoint)]
+    assert on_epoch == sorted(on_epoch)
+    assert trainer.has_event_handler(h.metrics_log.capture_lr, Events.EPOCH_STARTED)
+    for handler in (h.nan_guard, h.validation, h.threshold_tuning, h.lr_scheduler, h.early_stopping,
+                    h.best_checkpoint, h.last_checkpoint, h.metrics_log, h.pr_curves):
+        assert trainer.has_event_handler(handler), handler
+    trainer.remove_event_handler(h.early_stopping, TrainerEvents.VALIDATION_COMPLETED)
+    assert not trainer.has_event_handler(h.early_stopping)
+    h.close()
+
+
+def test_the_best_checkpoint_holds_its_epochs_thresholds_and_the_log_its_epochs_lr(tmp_path, tiny_model):
+    from ignite_trainer.checkpoint import find_best_checkpoint, load_checkpoint
+    from ignite_trainer.rundir import MetricsLog
+    from ignite_trainer.standard import attach_standard_handlers
+
+    trainer, evaluator, kwargs = _standard_run(tmp_path, tiny_model)
+    h = attach_standard_handlers(trainer, evaluator, **kwargs)
+    used = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda: used.append(kwargs["optimizer"].param_groups[0]["lr"]))
+    try:
+        trainer.run(kwargs["train_loader"], max_epochs=3)
+    finally:
+        h.close()
+    records = MetricsLog(tmp_path / "metrics.jsonl").records()
+    assert [r["lr"] for r in records] == used and used[0] > used[1] > used[2]
+    best = load_checkpoint(find_best_checkpoint(tmp_path))
+    logged = records[best["epoch"] - 1]
+    assert best["thresholds"] == {label: logged[label]["threshold"] for label in ("heart", "murmur")}
+    assert not any(k.endswith(".threshold") for k in trainer.state.validation_metrics)
+
+
+@pytest.mark.parametrize("scheduler_first", [True, False])
+def test_the_logged_lr_is_the_epochs_whatever_the_scheduler_order(tmp_path, tiny_model, batches, scheduler_first):
+    opt = torch.optim.SGD(tiny_model.parameters(), lr=0.1)
+    trainer = create_trainer(tiny_model, opt, bce)
+    if scheduler_first:
+        attach_lr_scheduler(trainer, opt, 4)
+    fake_validation(trainer, [{"val_loss": 0.5}] * 4)
+    writer = attach_metrics_log(trainer, opt, tmp_path / "metrics.jsonl")
+    if not scheduler_first:
+        attach_lr_scheduler(trainer, opt, 4)
+    used = []
+    trainer.add_event_handler(Events.EPOCH_STARTED, lambda: used.append(opt.param_groups[0]["lr"]))
+    trainer.run(batches[:1], max_epochs=4)
+    assert [r["lr"] for r in writer.log.records()] == used and len(set(used)) == 4

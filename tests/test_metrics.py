@@ -16,7 +16,7 @@ from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from ignite_trainer.data.records import LABELS
 from ignite_trainer.losses import WeightedBCELoss
-from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics, as_nested
+from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
 from ignite_trainer.scores import tune_threshold
 
 STATS = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1")
@@ -292,7 +292,7 @@ def test_masked_loss_ignores_all_masked_batches_and_fails_on_an_all_masked_epoch
         _run_metric(MaskedLoss(criterion), empty)
 
 
-# ---------------------------------------------------------------- checkpointing and as_nested
+# ---------------------------------------------------------------- checkpointing
 def test_state_dict_round_trip_restores_the_counts() -> None:
     first, second = _make_batches(40, [10, 10]), _make_batches(41, [10])
     metric = PerLabelMetrics(thresholds=(0.3, 0.6))
@@ -309,17 +309,6 @@ def test_state_dict_round_trip_restores_the_counts() -> None:
     loss_restored.load_state_dict(loss.state_dict())
     assert loss_restored.compute() == loss.compute()
 
-
-def test_as_nested_groups_label_keys_and_keeps_the_rest() -> None:
-    flat = _run_metric(PerLabelMetrics(), _make_batches(50, [12]))
-    nested = as_nested({**flat, "val_loss": 0.25})
-    assert set(nested) == {"heart", "murmur", "macro_f1", "val_loss"}
-    assert nested["heart"] == {s: flat[f"heart.{s}"] for s in (*STATS, "support")}
-    assert nested["murmur"]["f1"] == flat["murmur.f1"]
-    assert nested["macro_f1"] == flat["macro_f1"] and nested["val_loss"] == 0.25
-    assert as_nested({"other.f1": 1.0}) == {"other.f1": 1.0}  # not a known label: left alone
-    with pytest.raises(ValueError):
-        as_nested({"heart.f1": 1.0, "heart": 2.0})
 
 
 # ---------------------------------------------------------------- two processes (gloo)

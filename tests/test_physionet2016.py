@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import by_id
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.physionet2016 import read_physionet2016
 from ignite_trainer.data.readers import read_recordings
@@ -26,10 +27,6 @@ def write_folder(root: Path, letter: str, labels: dict[str, str], quality: dict[
     if quality is not None:
         (folder / "REFERENCE_withSQI.csv").write_text("".join(f"{n},{v},{quality[n]}\n" for n, v in labels.items()))
     return folder
-
-
-def by_id(recordings) -> dict:
-    return {r.recording_id: r for r in recordings}
 
 
 def test_reads_back_what_the_generator_wrote(tmp_path: Path) -> None:
@@ -100,19 +97,11 @@ def _malformed_row(root: Path):
     return folder / "REFERENCE.csv", "line 2: 'c0002' is not '<record>,<1|-1>'", {"c0001"}
 
 
-@pytest.mark.parametrize("make_bad", [_missing_wav, _unknown_label, _bad_quality, _duplicate_id, _rate_mismatch,
-                                      _malformed_row], ids=lambda f: f.__name__.strip("_"))
-def test_bad_input_stops_a_strict_read_and_is_skipped_and_counted_otherwise(tmp_path: Path, make_bad) -> None:
-    write_folder(tmp_path, "a", {"a0001": "1", "a0002": "-1"})
-    bad_file, problem, survivors = make_bad(tmp_path)
-    with pytest.raises(DataError) as info:
-        read_physionet2016(tmp_path)
-    message = str(info.value)
-    assert message.startswith(f"{bad_file}: ") and problem in message and "\n" not in message
 
-    policy = BadInputPolicy(skip=True)
-    assert set(by_id(read_physionet2016(tmp_path, policy=policy))) == {"a0001", "a0002"} | survivors
-    assert policy.skipped == [message]
+#: Each writes one bad input into a folder of a0001 and a0002 and returns (bad file, problem, surviving ids);
+#: `test_readers` runs them against the reader contract.
+BAD_INPUTS = [_missing_wav, _unknown_label, _bad_quality, _duplicate_id, _rate_mismatch, _malformed_row]
+
 
 
 def test_folder_without_reference_is_bad_input(tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ import cli
 from ignite_trainer.data.synthetic import write_synthetic
 from ignite_trainer.data.wav import write_wav
 from ignite_trainer.errors import DataError
-from ignite_trainer.inference import CHALLENGE_CLASSES, PREDICTION_COLUMNS, detect_format, discover_recordings, predict
+from ignite_trainer.data.discovery import detect_format, discover_recordings
+from ignite_trainer.inference import predict
+from ignite_trainer.writers import CHALLENGE_CLASSES, PREDICTION_COLUMNS
 
 from conftest import circor_subset, read_csv
 
@@ -79,7 +81,7 @@ def test_predict_agrees_with_evaluate_on_the_same_recordings(trained_run, tmp_pa
 
 
 def _rows(result):
-    from ignite_trainer.inference import write_predictions_csv
+    from ignite_trainer.writers import write_predictions_csv
 
     buffer = io.StringIO()
     write_predictions_csv(result, buffer)

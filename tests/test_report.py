@@ -9,18 +9,14 @@ import numpy as np
 from matplotlib.image import imread
 
 from ignite_trainer.evaluation import challenge_scores, level_scores
-from ignite_trainer.predictions import LevelPredictions
+from conftest import level_predictions
 from ignite_trainer.report import (
     plot_confusion_matrices, plot_roc_pr, plot_training_curves, read_metrics_log, write_report,
 )
 
 
 def level(name, probs, targets, mask=None, classes=None):
-    probs, targets = np.asarray(probs, float), np.asarray(targets, float)
-    n = len(probs)
-    return LevelPredictions(name, [f"{name}{i}" for i in range(n)], probs, targets,
-                            np.ones((n, 2), bool) if mask is None else np.asarray(mask, bool),
-                            [f"p{i}" for i in range(n)], classes or [None] * n, np.ones(n, dtype=np.int64))
+    return level_predictions(probs, targets, mask, classes, level=name, id_prefix=name)
 
 
 def _levels():

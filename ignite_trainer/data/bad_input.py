@@ -33,5 +33,3 @@ class BadInputPolicy:
             return None
         return f"skipped {len(self.skipped)} bad item(s); see the warnings above"
 
-
-STRICT = BadInputPolicy(skip=False)

@@ -1,6 +1,7 @@
-"""One entry point from a dataset folder to `Recording` objects, whatever its on-disk format.
+"""One entry point from a labelled dataset folder to `Recording` objects, whatever its on-disk format.
 
-Everything after reading is format-agnostic, so this is the only place that knows which formats exist.
+Everything after reading is format-agnostic. The list of formats is `vocabulary.FORMATS`; this module maps
+each to its reader, and `data.discovery` recognises them in an unknown folder (for prediction).
 """
 
 from __future__ import annotations
@@ -12,8 +13,7 @@ from ignite_trainer.data.circor import read_circor
 from ignite_trainer.data.physionet2016 import read_physionet2016
 from ignite_trainer.data.records import Recording
 from ignite_trainer.errors import ConfigError
-
-FORMATS = ("circor2022", "physionet2016")
+from ignite_trainer.vocabulary import FORMATS
 
 
 def read_recordings(root: str | Path, fmt: str, unknown_murmur: str = "mask",

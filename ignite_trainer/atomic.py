@@ -1,0 +1,112 @@
+"""Replace a file all at once: readers see the old file or the new one, never half of either.
+
+Every file the project rewrites (checkpoints, the metrics log after a resume, an export, reports, cache
+entries) goes through `atomic_write`: the new content goes to a hidden temp file beside the target (a
+unique name, so that two processes writing the same target never share one), then ``os.replace`` swaps it
+in. A generated folder goes through `atomic_directory` the same way. With ``durable=True`` the file and its folder are also fsynced, so that the
+swap survives a power cut, not just a killed process: use it where losing the file loses training work;
+a report that can be regenerated does not need it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import IO, Iterator
+
+PARTIAL_SUFFIX = ".partial"
+
+
+def partial_path(path: str | Path) -> Path:
+    """A fresh temp name to write ``path`` to first: ``.<name>.<random>.partial`` in the same folder."""
+    path = Path(path)
+    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+
+
+def fsync_dir(path: str | Path) -> None:
+    """Make a rename in ``path`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
+    """Yield a temp path to write ``path`` through (for writers that want a file name, not a stream).
+
+    On a clean exit the temp file is fsynced (``durable``) and renamed over ``path``; on any exception it is
+    removed and ``path`` is left as it was.
+
+    Example::
+
+        with atomic_path("model.safetensors") as tmp:
+            safetensors.torch.save_file(state, str(tmp))
+    """
+    path = Path(path)
+    tmp = partial_path(path)
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb+") as f:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | Path, mode: str = "w", durable: bool = True, **open_kwargs) -> Iterator[IO]:
+    """Open a temp file for writing that replaces ``path`` when the block ends without an exception.
+
+    Example::
+
+        with atomic_write("report/metrics.json", durable=False) as f:
+            json.dump(results, f)
+    """
+    with atomic_path(path, durable=False) as tmp:
+        with open(tmp, mode, **open_kwargs) as f:
+            yield f
+            if durable:
+                f.flush()
+                os.fsync(f.fileno())
+    if durable:
+        fsync_dir(Path(path).parent)
+
+
+@contextlib.contextmanager
+def atomic_directory(target: str | Path) -> Iterator[Path]:
+    """Yield a staging folder that becomes ``target`` when the block ends without an exception.
+
+    A killed writer never leaves half a folder at ``target``; when two processes race to create the same
+    ``target``, both end up with one complete copy (the loser's staging folder is discarded).
+
+    Example::
+
+        with atomic_directory(cache / "synthetic" / "circor2022-p300-s2022") as staging:
+            write_synthetic(staging, 300, 2022)
+    """
+    target = Path(target)
+    staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+    try:
+        yield staging
+        try:
+            os.replace(staging, target)
+        except OSError:
+            if not target.is_dir():  # not a lost race: a real failure
+                raise
+    finally:
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)

@@ -1,0 +1,71 @@
+"""From a config to what training needs from its data: recordings read, features cached, patients split.
+
+Training reads the data once in the launching process (and validates it before any run directory is
+touched); evaluation reproduces the same split from the config stored with a model. Both call
+`prepare_data`, so the two can never disagree about which patients were held out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ignite_trainer.config import TrainConfig
+from ignite_trainer.data.bad_input import BadInputPolicy
+from ignite_trainer.data.datasets import split_patients
+from ignite_trainer.data.features import FeatureCache, FeatureSettings, feature_workers
+from ignite_trainer.data.readers import read_recordings
+from ignite_trainer.data.records import Recording
+from ignite_trainer.data.synthetic import ensure_embedded_dataset
+from ignite_trainer.errors import DataError
+from ignite_trainer.runtime import cache_root
+
+__all__ = ["PreparedData", "prepare_data", "checked_data"]
+
+
+@dataclass
+class PreparedData:
+    """What every rank needs to build its loaders: the split and the feature cache folder that holds them."""
+
+    train: list[Recording]
+    val: list[Recording]
+    features_dir: Path
+    settings: FeatureSettings
+    source: Path
+    skipped: list[str] = field(default_factory=list)
+
+    def feature_cache(self) -> FeatureCache:
+        """The (already filled) cache the datasets read features from."""
+        return FeatureCache(self.features_dir, self.settings)
+
+
+def prepare_data(config: TrainConfig) -> PreparedData:
+    """Read the dataset, fill the feature cache once (every epoch reuses it) and split by patient.
+
+    Example::
+
+        data = prepare_data(TrainConfig(synthetic_patients=24))
+        print(len(data.train), len(data.val), data.source)
+    """
+    policy = BadInputPolicy(skip=config.skip_bad)
+    root_dir = cache_root(config)
+    if config.data:
+        source, fmt = Path(config.data).expanduser(), config.format
+    else:
+        source, fmt = ensure_embedded_dataset(root_dir, config.synthetic_patients, config.synthetic_seed), "circor2022"
+    recordings = read_recordings(source, fmt, unknown_murmur=config.unknown_murmur, policy=policy)
+    settings = FeatureSettings.from_config(config)
+    features_dir = root_dir / "features"
+    recordings = FeatureCache(features_dir, settings).prepare(recordings, policy=policy, workers=feature_workers())
+    if not recordings:
+        raise DataError(f"{source}: no usable recordings")
+    train, val = split_patients(recordings, config.val_fraction, config.seed, n_folds=config.n_folds, fold=config.fold)
+    return PreparedData(train, val, features_dir, settings, source, policy.skipped)
+
+
+def checked_data(config: TrainConfig) -> PreparedData:
+    """`prepare_data`, refusing an empty validation split (nothing to monitor, stop or checkpoint on)."""
+    data = prepare_data(config)
+    if not data.val:
+        raise DataError(f"{data.source}: the validation split is empty; raise val_fraction or add patients")
+    return data
