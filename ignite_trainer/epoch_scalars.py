@@ -21,7 +21,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-from ignite_trainer.config import monitor_mode
+from ignite_trainer.vocabulary import score_mode as monitor_mode
 from ignite_trainer.data.records import LABELS
 from ignite_trainer.events import TrainerEvents
 from ignite_trainer.predictions import recording_predictions

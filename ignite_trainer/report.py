@@ -19,7 +19,8 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from ignite_trainer.config import monitor_mode
+from ignite_trainer.rundir import read_metrics_log
+from ignite_trainer.vocabulary import score_mode as monitor_mode
 from ignite_trainer.data.records import LABELS
 from ignite_trainer.predictions import LevelPredictions
 
@@ -124,23 +125,6 @@ def plot_roc_pr(levels: Mapping[str, LevelPredictions], label: str, path: str | 
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower right" if ax is roc_ax else "lower left", fontsize=8)
     return _save(fig, Path(path))
-
-
-def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
-    """The epochs of a run's ``metrics.jsonl`` (lines cut short by a kill are skipped)."""
-    records = []
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and "epoch" in record:
-            records.append(record)
-    return records
 
 
 def _series(records: Sequence[Mapping[str, Any]], *keys: str) -> list[float]:

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from ignite_trainer.config import monitor_mode
+from ignite_trainer.vocabulary import score_mode as monitor_mode
 from ignite_trainer.errors import CheckpointError
 from ignite_trainer.run_lock import is_running
 
@@ -43,7 +43,7 @@ __all__ = ["RunRow", "STATES", "is_run_dir", "read_run", "read_runs", "format_ta
 STATES = ("running", "finished", "stopped early", "failed", "interrupted")
 _BEST = re.compile(r"^best_checkpoint_(\d+)_.*=(-?[0-9.]+(?:e[-+]?\d+)?)\.pt$", re.IGNORECASE)
 _LAST = re.compile(r"^last_checkpoint_(\d+)\.pt$")
-#: A record of `run.setup_logging`'s file format: "2026-11-29 20:31:08,123 LEVEL message".
+#: A record of `ignite_trainer.logs.setup_logging`'s file format: "2026-11-29 20:31:08,123 LEVEL message".
 _LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([A-Z]+) (.*)$")
 CHALLENGE_KEYS = ("murmur_weighted_accuracy", "outcome_cost", "heart_macc")
 

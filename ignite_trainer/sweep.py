@@ -44,7 +44,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.errors import CheckpointError, ConfigError, UserError
-from ignite_trainer.report import read_metrics_log
+from ignite_trainer.rundir import read_metrics_log
 from ignite_trainer.sweep_space import Param, SweepSpace, load_space, space_to_dict
 
 log = logging.getLogger("ignite_trainer")

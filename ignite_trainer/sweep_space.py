@@ -26,7 +26,8 @@ from typing import Any, Mapping
 
 import yaml
 
-from ignite_trainer.config import LABEL_NAMES, METRIC_NAMES, TrainConfig, monitor_mode
+from ignite_trainer.config import TrainConfig
+from ignite_trainer.vocabulary import LABELS as LABEL_NAMES, STATS as METRIC_NAMES, score_mode as monitor_mode
 from ignite_trainer.errors import ConfigError
 
 #: Every score a run writes to ``metrics.jsonl`` each epoch (the names ``monitor`` accepts).

@@ -128,7 +128,7 @@ def _best_file(run_dir: Path, best_checkpoint: Checkpoint | None) -> Path | None
     """The file the best-checkpoint handler holds as best, else the run directory's best by name."""
     if best_checkpoint is not None and best_checkpoint.last_checkpoint is not None:
         return Path(best_checkpoint.last_checkpoint)
-    from ignite_trainer.inference import find_best_checkpoint
+    from ignite_trainer.checkpoint import find_best_checkpoint
 
     try:
         return find_best_checkpoint(run_dir)

@@ -20,7 +20,7 @@ from cli import main
 from conftest import read_csv, tiny_config
 from ignite_trainer.checkpoint import find_resume_checkpoint
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.report import read_metrics_log
+from ignite_trainer.rundir import read_metrics_log
 from ignite_trainer import sweep as sweep_module
 from ignite_trainer.errors import ConfigError
 from ignite_trainer.sweep import (SurplusTrial, counted_trials, make_objective, open_storage, open_study, storage_url,

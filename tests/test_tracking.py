@@ -87,7 +87,7 @@ def test_mlflow_run_holds_params_epoch_metrics_and_artifacts(tmp_path):
 
     checkpoints = [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")]
     assert checkpoints == [f"checkpoints/{p.name}" for p in (run_dir / "checkpoints").glob("best_*.pt")]
-    assert checkpoints[0].startswith(f"checkpoints/best_model_{best_epoch}_")
+    assert checkpoints[0].startswith(f"checkpoints/best_checkpoint_{best_epoch}_")
     assert [a.path for a in client.list_artifacts(run.info.run_id, "report")] == ["report/report.md"]
     top = {a.path for a in client.list_artifacts(run.info.run_id)}
     assert {"config.yaml", "checkpoints", "report"} <= top
