@@ -1,0 +1,136 @@
+"""Training order and crops as functions of (seed, epoch, index): the same batches for any worker count and
+process count, a different epoch gets different ones, and an epoch can start at batch k (mid-epoch resume)."""
+
+from __future__ import annotations
+
+import os
+import time
+
+import numpy as np
+import pytest
+import torch
+from scipy.io import wavfile
+
+from ignite_trainer.data.datasets import EvalWindows, TrainWindows, sample_generator, sample_seed
+from ignite_trainer.data.features import FeatureCache, FeatureSettings
+from ignite_trainer.data.loaders import EpochSampler, ResidentTrainLoader, epoch_order, make_train_loader
+from ignite_trainer.data.records import Recording
+
+SETTINGS = FeatureSettings(n_mels=8, sample_rate=1000, hop_ms=20.0, n_fft=64)
+W = 1.0  # 50 frames
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> TrainWindows:
+    """14 noise recordings of 0.6-3 s (some shorter than a window), labels alternating."""
+    root = tmp_path_factory.mktemp("loaders")
+    rng = np.random.default_rng(1)
+    recs = []
+    for i in range(14):
+        path = root / f"r{i}.wav"
+        wavfile.write(path, 2000, (rng.standard_normal(int(2000 * (0.6 + 0.2 * i))) * 3000).astype(np.int16))
+        os.utime(path, (time.time() - 60,) * 2)
+        recs.append(Recording(f"rec{i}", f"pat{i}", path, (float(i % 2), float(i % 3 == 0)), (True, i % 4 != 0)))
+    cache = FeatureCache(root / "cache", SETTINGS)
+    assert cache.prepare(recs) == recs
+    return TrainWindows(recs, cache, W, seed=11)
+
+
+def epoch_batches(loader, epoch: int) -> list[tuple[torch.Tensor, ...]]:
+    loader.sampler.set_epoch(epoch)
+    return [tuple(t.clone() for t in batch) for batch in loader]
+
+
+def assert_same(a: list, b: list) -> None:
+    assert len(a) == len(b)
+    for batch_a, batch_b in zip(a, b):
+        assert all(torch.equal(x, y) for x, y in zip(batch_a, batch_b))
+
+
+def test_seeds_depend_on_every_input_and_nothing_else() -> None:
+    assert sample_seed(0, 0, 5) == sample_seed(0, 0, 5)
+    seeds = {sample_seed(0, 0, 5), sample_seed(0, 1, 5), sample_seed(1, 0, 5), sample_seed(0, 0, 6),
+             sample_seed(0, 0, 5, stream=1), sample_seed(1, 0, 0), sample_seed(0, 1, 0)}
+    assert len(seeds) == 7 and all(0 <= s < 2**63 for s in seeds)
+    a = torch.rand(3, generator=sample_generator(3, 2, 1))
+    torch.manual_seed(99)
+    assert torch.equal(a, torch.rand(3, generator=sample_generator(3, 2, 1)))
+    assert epoch_order(20, 0, 1) == epoch_order(20, 0, 1) != epoch_order(20, 0, 2)
+    assert sorted(epoch_order(20, 0, 1)) == list(range(20))
+
+
+def test_workers_0_and_2_give_identical_batches_in_every_epoch(dataset) -> None:
+    plain = make_train_loader(dataset, 4, 0, torch.device("cpu"))
+    workers = make_train_loader(dataset, 4, 2, torch.device("cpu"))  # persistent workers: the epoch must still reach them
+    for epoch in range(2):
+        a, b = epoch_batches(plain, epoch), epoch_batches(workers, epoch)
+        assert len(a) == 14 // 4
+        assert_same(a, b)
+
+
+def test_different_epochs_get_different_orders_and_crops(dataset) -> None:
+    loader = make_train_loader(dataset, 14, 0, torch.device("cpu"))
+    (x0, _, _, i0), = epoch_batches(loader, 0)
+    (x1, _, _, i1), = epoch_batches(loader, 1)
+    assert i0.tolist() != i1.tolist() and sorted(i0.tolist()) == sorted(i1.tolist()) == list(range(14))
+    by_index_0 = x0[torch.argsort(i0)]
+    by_index_1 = x1[torch.argsort(i1)]
+    long_ones = [i for i in range(14) if dataset.n_frames[i] > dataset.window_frames + 5]
+    changed = [i for i in long_ones if not torch.equal(by_index_0[i], by_index_1[i])]
+    assert len(changed) >= len(long_ones) - 1  # a new crop almost every time (spare >= 5 frames each)
+
+
+def test_two_process_shards_make_up_the_one_process_batches_with_the_same_crops(dataset) -> None:
+    one = EpochSampler(len(dataset), 6, seed=dataset.seed)
+    ranks = [EpochSampler(len(dataset), 3, seed=dataset.seed, num_replicas=2, rank=r) for r in range(2)]
+    for s in (one, *ranks):
+        s.set_epoch(3)
+    keys_one, keys_ranks = list(one), [list(s) for s in ranks]
+    assert len(keys_one) == 12 and [len(k) for k in keys_ranks] == [6, 6]  # 14 // 6 = 2 steps either way
+    for j in range(2):
+        global_batch = keys_one[6 * j:6 * (j + 1)]
+        shards = keys_ranks[0][3 * j:3 * (j + 1)] + keys_ranks[1][3 * j:3 * (j + 1)]
+        assert sorted(global_batch) == sorted(shards)
+    crops_one = {k: dataset[k][0] for k in keys_one}
+    for k in keys_ranks[0] + keys_ranks[1]:
+        assert torch.equal(dataset[k][0], crops_one[k])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_an_epoch_started_at_batch_k_continues_exactly_the_uninterrupted_epoch(dataset, workers) -> None:
+    loader = make_train_loader(dataset, 3, workers, torch.device("cpu"))
+    full = epoch_batches(loader, 2)
+    assert len(full) == 4
+    loader.sampler.set_start(2)
+    assert_same(epoch_batches(loader, 2), full[2:])
+    assert_same(epoch_batches(loader, 2), full)  # applies to one iterator only
+    assert len(loader) == 4  # Ignite's epoch_length stays the whole epoch's
+    resumed = make_train_loader(dataset, 3, workers, torch.device("cpu"), start_batch=3)
+    assert_same(epoch_batches(resumed, 2), full[3:])
+    with pytest.raises(ValueError, match="start batch 5"):
+        loader.sampler.set_start(5)
+
+
+def test_resident_loader_gives_the_same_batches_bit_for_bit(dataset) -> None:
+    mapped = make_train_loader(dataset, 4, 0, torch.device("cpu"))
+    resident = ResidentTrainLoader(dataset, 4, torch.device("cpu"))
+    assert len(resident) == len(mapped)
+    for epoch in (0, 1):
+        assert_same(epoch_batches(resident, epoch), epoch_batches(mapped, epoch))
+    resident.sampler.set_start(1)
+    assert_same(epoch_batches(resident, 1), epoch_batches(mapped, 1)[1:])
+    evaluation = EvalWindows(dataset.recordings, dataset.cache, W)
+    on_device = evaluation.features_on("cpu")
+    idx = torch.arange(len(evaluation))
+    recs = torch.tensor(evaluation.window_recording)
+    starts = torch.tensor(evaluation.window_start)
+    assert torch.equal(on_device.windows(recs[idx], starts[idx]), torch.stack([evaluation[int(i)][0] for i in idx]))
+
+
+def test_every_feature_file_stays_mapped_after_an_epoch(dataset) -> None:
+    import pickle
+
+    clone = pickle.loads(pickle.dumps(dataset))
+    for i in range(len(clone)):
+        clone[(0, i)]
+    assert len(clone._open) == len(clone) and clone.max_open_files >= len(clone)
