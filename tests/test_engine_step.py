@@ -192,3 +192,33 @@ def test_amp_float16_is_available_on_request() -> None:
     assert seen == [torch.float16, torch.float16] and trainer.state.scaler is None  # no scaler on CPU
     with pytest.raises(ConfigError, match="amp_dtype='int8'"):
         create_trainer(model, adamw(model), masked_bce, amp=True, amp_dtype_name="int8")
+
+
+def test_device_check_reads_nothing_to_the_host_inside_an_iteration(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A CPU stand-in for CUDA's sync check: no Python-level read of a tensor's value inside the step."""
+    reads: list[str] = []
+    counting = [False]
+    for name in ("item", "tolist", "__bool__", "__float__", "__int__"):
+        original = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _name=name, _original=original, **kwargs):
+            if counting[0]:
+                reads.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    model = fresh()
+    trainer = create_trainer(model, adamw(model, fused=True), masked_bce, accumulation_steps=3, check_on_device=True)
+    step = trainer._process_function
+
+    def watched(engine, batch):
+        counting[0] = True
+        try:
+            return step(engine, batch)
+        finally:
+            counting[0] = False
+
+    trainer._process_function = watched
+    trainer.run(make_batches(n_batches=4), max_epochs=2)
+    assert reads == []
+    assert trainer.state.step_stats.iterations == [5, 6, 7, 8]  # and the reads happened outside the step
