@@ -124,14 +124,15 @@ class StepStats:
         trainer.add_event_handler(StepEvents.STATS_READ, lambda e: print(e.state.step_stats.losses))
     """
 
-    _NONE = 2**52  # "no bad step yet": larger than any iteration, exact in the float64 transfer
-
     def __init__(self, device: torch.device, capacity: int = SYNC_EVERY) -> None:
         self.device = torch.device(device)
         self.capacity = capacity
-        self._first_bad = torch.tensor(float(self._NONE), dtype=torch.float64, device=self.device)
-        self._bad_values = torch.zeros(2, dtype=torch.float64, device=self.device)
-        self._values = torch.zeros(capacity, 2, dtype=torch.float64, device=self.device)
+        # float64 keeps every value and iteration number exact in one transfer; MPS has no float64.
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64
+        self._NONE = 2**24 - 1 if dtype == torch.float32 else 2**52  # "no bad step yet": above any iteration
+        self._first_bad = torch.tensor(float(self._NONE), dtype=dtype, device=self.device)
+        self._bad_values = torch.zeros(2, dtype=dtype, device=self.device)
+        self._values = torch.zeros(capacity, 2, dtype=dtype, device=self.device)
         self._pending: list[int] = []
         self.iterations: list[int] = []
         self.losses: list[float] = []
@@ -148,7 +149,8 @@ class StepStats:
     def record(self, iteration: int, loss: torch.Tensor, grad_norm: torch.Tensor, bad: torch.Tensor) -> None:
         if len(self._pending) == self.capacity:
             self._grow()
-        values = torch.stack([loss.detach().to(torch.float64), grad_norm.detach().to(torch.float64)])
+        dtype = self._values.dtype
+        values = torch.stack([loss.detach().to(dtype), grad_norm.detach().to(dtype)])
         self._values[len(self._pending)] = values
         self._pending.append(iteration)
         first = bad & ~self.poisoned()

@@ -134,3 +134,45 @@ def test_every_feature_file_stays_mapped_after_an_epoch(dataset) -> None:
     for i in range(len(clone)):
         clone[(0, i)]
     assert len(clone._open) == len(clone) and clone.max_open_files >= len(clone)
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_a_run_resumed_mid_epoch_equals_the_uninterrupted_run(dataset, workers) -> None:
+    """Ignite resumes mid-epoch by counting the epoch from ``iteration % epoch_length`` with a new iterator;
+    `set_sampler_position` on EPOCH_STARTED makes that iterator start at the right batch."""
+    import copy
+
+    from ignite.engine import Events
+
+    from ignite_trainer.data.loaders import set_sampler_position
+    from ignite_trainer.engine import create_trainer
+
+    from conftest import TinyModel
+
+    def build(seed: int):
+        torch.manual_seed(seed)
+        model = TinyModel(n_mels=8)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
+        loader = make_train_loader(dataset, 3, workers, torch.device("cpu"))
+        trainer = create_trainer(model, optimizer, torch.nn.functional.binary_cross_entropy_with_logits)
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: set_sampler_position(loader.sampler, e))
+        seen = []
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.batch[3].tolist()))
+        return model, optimizer, loader, trainer, seen
+
+    model, _, loader, trainer, seen_whole = build(0)
+    trainer.run(loader, max_epochs=3)
+
+    first, opt, loader1, trainer1, seen_first = build(0)
+    trainer1.add_event_handler(Events.ITERATION_COMPLETED(once=6), lambda e: e.terminate())  # epoch 2, batch 2 of 4
+    trainer1.run(loader1, max_epochs=3)
+    saved = copy.deepcopy({"model": first.state_dict(), "opt": opt.state_dict(), "trainer": trainer1.state_dict()})
+
+    resumed, opt2, loader2, trainer2, seen_rest = build(1)
+    resumed.load_state_dict(saved["model"])
+    opt2.load_state_dict(saved["opt"])
+    trainer2.load_state_dict(saved["trainer"])
+    trainer2.run(loader2, max_epochs=3)
+    assert seen_first + seen_rest == seen_whole
+    for (name, a), b in zip(resumed.state_dict().items(), model.state_dict().values()):
+        assert torch.equal(a, b), name

@@ -22,6 +22,7 @@ from typing import Iterator, Sized
 
 import ignite.distributed as idist
 import torch
+from ignite.engine import Engine
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ignite_trainer.data.datasets import STREAM_SHUFFLE, ResidentFeatures, TrainWindows, sample_seed
@@ -95,6 +96,25 @@ class EpochSampler(DistributedSampler):
 
     def __len__(self) -> int:
         return self.num_samples
+
+
+def set_sampler_position(sampler: Sampler, engine: Engine) -> None:
+    """Point ``sampler`` at the engine's epoch and, after a mid-epoch resume, at its next batch.
+
+    Call it on the trainer's ``EPOCH_STARTED`` (before Ignite creates the epoch's iterator): it calls
+    ``set_epoch(epoch - 1)`` and, for an `EpochSampler`, ``set_start(iteration % epoch_length)``, which is
+    0 except in the first epoch of a run resumed from a checkpoint written after that many iterations
+    (Ignite then counts the epoch from there, and the sampler yields exactly the remaining batches).
+
+    Example::
+
+        trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: set_sampler_position(loader.sampler, e))
+    """
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(engine.state.epoch - 1)
+    length = engine.state.epoch_length
+    if isinstance(sampler, EpochSampler) and length:
+        sampler.set_start(engine.state.iteration % length)
 
 
 def _sampler_for(dataset: Sized, batch_size: int, start_batch: int) -> EpochSampler:
