@@ -101,6 +101,20 @@ def accumulation_window(position: int, accumulation_steps: int, epoch_length: in
     return size, position == start + size - 1
 
 
+def closes_window(engine: Engine, accumulation_steps: int) -> bool:
+    """Whether the iteration just completed closed an accumulation window, i.e. no gradient is pending.
+
+    A mid-epoch checkpoint (a graceful stop) must be written only then: gradients of an open window are
+    not part of any checkpoint, so stopping inside one would lose them.
+
+    Example::
+
+        if stop_requested and closes_window(engine, config.accumulation_steps):
+            engine.terminate()
+    """
+    return accumulation_window(position_in_epoch(engine), accumulation_steps, engine.state.epoch_length)[1]
+
+
 def position_in_epoch(engine: Engine) -> int:
     """The 1-based number of the current iteration within its epoch."""
     length = engine.state.epoch_length

@@ -136,8 +136,8 @@ def test_every_feature_file_stays_mapped_after_an_epoch(dataset) -> None:
     assert len(clone._open) == len(clone) and clone.max_open_files >= len(clone)
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_a_run_resumed_mid_epoch_equals_the_uninterrupted_run(dataset, workers) -> None:
+@pytest.mark.parametrize("workers, accumulation, stop_at", [(0, 1, 6), (2, 1, 6), (0, 3, 7), (2, 3, 7)])
+def test_a_run_resumed_mid_epoch_equals_the_uninterrupted_run(dataset, workers, accumulation, stop_at) -> None:
     """Ignite resumes mid-epoch by counting the epoch from ``iteration % epoch_length`` with a new iterator;
     `set_sampler_position` on EPOCH_STARTED makes that iterator start at the right batch."""
     import copy
@@ -145,7 +145,7 @@ def test_a_run_resumed_mid_epoch_equals_the_uninterrupted_run(dataset, workers) 
     from ignite.engine import Events
 
     from ignite_trainer.data.loaders import set_sampler_position
-    from ignite_trainer.engine import create_trainer
+    from ignite_trainer.engine import closes_window, create_trainer
 
     from conftest import TinyModel
 
@@ -154,7 +154,8 @@ def test_a_run_resumed_mid_epoch_equals_the_uninterrupted_run(dataset, workers) 
         model = TinyModel(n_mels=8)
         optimizer = torch.optim.AdamW(model.parameters(), lr=0.05)
         loader = make_train_loader(dataset, 3, workers, torch.device("cpu"))
-        trainer = create_trainer(model, optimizer, torch.nn.functional.binary_cross_entropy_with_logits)
+        trainer = create_trainer(model, optimizer, torch.nn.functional.binary_cross_entropy_with_logits,
+                                 accumulation_steps=accumulation)
         trainer.add_event_handler(Events.EPOCH_STARTED, lambda e: set_sampler_position(loader.sampler, e))
         seen = []
         trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: seen.append(e.state.batch[3].tolist()))
@@ -164,7 +165,13 @@ def test_a_run_resumed_mid_epoch_equals_the_uninterrupted_run(dataset, workers) 
     trainer.run(loader, max_epochs=3)
 
     first, opt, loader1, trainer1, seen_first = build(0)
-    trainer1.add_event_handler(Events.ITERATION_COMPLETED(once=6), lambda e: e.terminate())  # epoch 2, batch 2 of 4
+    stops = []
+
+    def stop(e) -> None:  # epoch 2, after batch 2 (or 3: the end of a window of 3) of 4
+        stops.append(closes_window(e, accumulation))
+        e.terminate()
+
+    trainer1.add_event_handler(Events.ITERATION_COMPLETED(once=stop_at), stop)
     trainer1.run(loader1, max_epochs=3)
     saved = copy.deepcopy({"model": first.state_dict(), "opt": opt.state_dict(), "trainer": trainer1.state_dict()})
 
@@ -173,6 +180,7 @@ def test_a_run_resumed_mid_epoch_equals_the_uninterrupted_run(dataset, workers) 
     opt2.load_state_dict(saved["opt"])
     trainer2.load_state_dict(saved["trainer"])
     trainer2.run(loader2, max_epochs=3)
+    assert stops == [True]
     assert seen_first + seen_rest == seen_whole
     for (name, a), b in zip(resumed.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
