@@ -440,3 +440,11 @@ def test_a_cache_entry_deleted_during_training_is_rebuilt_or_named(tmp_path: Pat
     rec.wav_path.unlink()
     with pytest.raises(DataError, match=r"vanished during training and could not be rebuilt"):
         gone[(0, 0)]
+
+
+def test_a_cache_root_that_is_a_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    rec = recording(write_wav(tmp_path / "a.wav", 0.2 * np.random.default_rng(13).standard_normal(8000)))
+    (tmp_path / "file").write_text("not a folder")
+    cache = FeatureCache(tmp_path / "file" / "features", FeatureSettings())
+    with pytest.raises(DataError, match=r"file/features: cannot use this folder as the feature cache"):
+        cache.prepare([rec])

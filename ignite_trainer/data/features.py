@@ -505,6 +505,9 @@ class FeatureCache:
                             continue  # a line cut short by a killed writer
             except FileNotFoundError:
                 pass
+            except OSError as e:  # the cache root is a file, or cannot be read
+                raise DataError(f"{self.root}: cannot use this folder as the feature cache "
+                                f"({e.strerror or e}); choose another --cache-dir") from None
             if lines > 2 * len(self._index) + 1000:
                 self._compact()
         return self._index
