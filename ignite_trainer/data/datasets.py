@@ -17,10 +17,12 @@ them: a dataset pickled to DataLoader workers carries only paths and frame count
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import random
 import resource
+import struct
 from collections import OrderedDict, defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -47,16 +49,16 @@ STREAM_SHUFFLE = 2  # per epoch, not per sample: the order of the epoch (`ignite
 def sample_seed(seed: int, epoch: int, index: int, stream: int = STREAM_CROP) -> int:
     """A 63-bit seed that depends only on ``(seed, epoch, index, stream)``.
 
-    Derived through numpy's `SeedSequence` (a hash built for this), so neighbouring inputs give unrelated
-    seeds and ``(seed=1, epoch=0)`` is not ``(seed=0, epoch=1)``. ``epoch`` counts from 0.
+    A keyed hash (BLAKE2b of the four numbers), so neighbouring inputs give unrelated seeds and
+    ``(seed=1, epoch=0)`` is not ``(seed=0, epoch=1)``; about a microsecond, cheap enough for every item
+    of every epoch. ``epoch`` counts from 0.
 
     Example::
 
         sample_seed(0, 0, 5) == sample_seed(0, 0, 5) != sample_seed(0, 1, 5)
     """
-    entropy = [int(seed) % 2**64, int(epoch), int(index), int(stream)]
-    high, low = np.random.SeedSequence(entropy).generate_state(2, np.uint32)
-    return ((int(high) << 32) | int(low)) >> 1
+    message = struct.pack("<QqqQ", int(seed) % 2**64, int(epoch), int(index), int(stream) % 2**64)
+    return int.from_bytes(hashlib.blake2b(message, digest_size=8, person=b"ignite-trainer").digest(), "little") >> 1
 
 
 def sample_generator(seed: int, epoch: int, index: int, stream: int = STREAM_AUGMENT,
@@ -75,10 +77,14 @@ def sample_generator(seed: int, epoch: int, index: int, stream: int = STREAM_AUG
 
 
 def crop_start(seed: int, epoch: int, index: int, spare: int) -> int:
-    """The first frame of the training crop of recording ``index`` in ``epoch``: uniform in ``0..spare``."""
+    """The first frame of the training crop of recording ``index`` in ``epoch``: uniform in ``0..spare``.
+
+    Taken straight from `sample_seed` (its modulo bias, below 1e-13 for any recording length, is far
+    beneath notice), which is several times cheaper than building a generator per item.
+    """
     if spare <= 0:
         return 0
-    return int(torch.randint(0, spare + 1, (), generator=sample_generator(seed, epoch, index, STREAM_CROP)))
+    return sample_seed(seed, epoch, index, STREAM_CROP) % (spare + 1)
 
 
 def frames_per_window(settings: FeatureSettings, window_seconds: float) -> int:
