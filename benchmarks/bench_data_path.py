@@ -28,7 +28,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ignite_trainer.data.datasets import EvalWindows, TrainWindows, split_patients  # noqa: E402
 from ignite_trainer.data.features import FeatureCache, FeatureSettings, feature_workers  # noqa: E402
-from ignite_trainer.data.loaders import ResidentTrainLoader, make_eval_loader, make_train_loader  # noqa: E402
+from ignite_trainer.data.loaders import (  # noqa: E402
+    ResidentEvalLoader,
+    ResidentTrainLoader,
+    make_eval_loader,
+    make_train_loader,
+)
 from ignite_trainer.data.readers import read_recordings  # noqa: E402
 from ignite_trainer.data.synthetic import write_synthetic  # noqa: E402
 
@@ -40,7 +45,9 @@ def fresh(dataset, max_open: int | None):
 
 
 def epoch_rate(loader, epoch: int) -> float:
-    loader.sampler.set_epoch(epoch) if hasattr(loader.sampler, "set_epoch") else None
+    sampler = getattr(loader, "sampler", None)
+    if hasattr(sampler, "set_epoch"):
+        sampler.set_epoch(epoch)
     started = time.perf_counter()
     n = sum(1 for _ in loader)
     return n / (time.perf_counter() - started)
@@ -76,6 +83,7 @@ def main() -> None:
             variants["train  float32  resident"] = ("resident", train_set, None)
             variants["eval   float32  reopen 64"] = ("eval", val_set, 64)
             variants["eval   float32  all mapped"] = ("eval", val_set, None)
+            variants["eval   float32  resident"] = ("resident eval", val_set, None)
         else:
             variants["train  float16  all mapped"] = ("train", train_set, None)
             variants["eval   float16  all mapped"] = ("eval", val_set, None)
@@ -89,7 +97,9 @@ def main() -> None:
                 started = time.perf_counter()
                 loader = ResidentTrainLoader(ds, args.batch_size, device)
                 setup = time.perf_counter() - started
-                rates.setdefault("  (resident: load all features, s)", []).append(setup)
+                rates.setdefault("  (train resident: load, seconds)", []).append(setup)
+            elif kind == "resident eval":
+                loader = ResidentEvalLoader(ds, args.batch_size, device)
             else:
                 loader = make_eval_loader(ds, args.batch_size, args.workers, device)
             rates[name].append(epoch_rate(loader, r))

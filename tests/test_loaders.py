@@ -13,7 +13,14 @@ from scipy.io import wavfile
 
 from ignite_trainer.data.datasets import EvalWindows, TrainWindows, sample_generator, sample_seed
 from ignite_trainer.data.features import FeatureCache, FeatureSettings
-from ignite_trainer.data.loaders import EpochSampler, ResidentTrainLoader, epoch_order, make_train_loader
+from ignite_trainer.data.loaders import (
+    EpochSampler,
+    ResidentEvalLoader,
+    ResidentTrainLoader,
+    epoch_order,
+    make_eval_loader,
+    make_train_loader,
+)
 from ignite_trainer.data.records import Recording
 
 SETTINGS = FeatureSettings(n_mels=8, sample_rate=1000, hop_ms=20.0, n_fft=64)
@@ -120,11 +127,8 @@ def test_resident_loader_gives_the_same_batches_bit_for_bit(dataset) -> None:
     resident.sampler.set_start(1)
     assert_same(epoch_batches(resident, 1), epoch_batches(mapped, 1)[1:])
     evaluation = EvalWindows(dataset.recordings, dataset.cache, W)
-    on_device = evaluation.features_on("cpu")
-    idx = torch.arange(len(evaluation))
-    recs = torch.tensor(evaluation.window_recording)
-    starts = torch.tensor(evaluation.window_start)
-    assert torch.equal(on_device.windows(recs[idx], starts[idx]), torch.stack([evaluation[int(i)][0] for i in idx]))
+    assert_same(list(ResidentEvalLoader(evaluation, 5, torch.device("cpu"))),
+                list(make_eval_loader(evaluation, 5, 0, torch.device("cpu"))))
 
 
 def test_every_feature_file_stays_mapped_after_an_epoch(dataset) -> None:

@@ -49,7 +49,7 @@ STREAM_SHUFFLE = 2  # per epoch, not per sample: the order of the epoch (`ignite
 def sample_seed(seed: int, epoch: int, index: int, stream: int = STREAM_CROP) -> int:
     """A 63-bit seed that depends only on ``(seed, epoch, index, stream)``.
 
-    A keyed hash (BLAKE2b of the four numbers), so neighbouring inputs give unrelated seeds and
+    A hash (BLAKE2b of the four numbers), so neighbouring inputs give unrelated seeds and
     ``(seed=1, epoch=0)`` is not ``(seed=0, epoch=1)``; about a microsecond, cheap enough for every item
     of every epoch. ``epoch`` counts from 0.
 

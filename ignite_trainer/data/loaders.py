@@ -25,7 +25,7 @@ import torch
 from ignite.engine import Engine
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from ignite_trainer.data.datasets import STREAM_SHUFFLE, ResidentFeatures, TrainWindows, sample_seed
+from ignite_trainer.data.datasets import STREAM_SHUFFLE, EvalWindows, ResidentFeatures, TrainWindows, sample_seed
 from ignite_trainer.errors import DataError
 
 
@@ -201,3 +201,35 @@ class ResidentTrainLoader:
             on_device = index.to(self.device, non_blocking=True)
             x = self.resident.windows(on_device, starts)
             yield x, self._targets[on_device], self._masks[on_device], index
+
+
+class ResidentEvalLoader:
+    """Evaluation batches cut on the device from `ResidentFeatures`: the batches of `make_eval_loader`
+    (same order, same sharding across processes, same float32 values) without reading any file.
+
+    Example::
+
+        loader = ResidentEvalLoader(EvalWindows(val, cache, 4.0), 64, torch.device("cuda"))
+        evaluator.run(loader)
+    """
+
+    def __init__(self, dataset: EvalWindows, batch_size: int, device: torch.device,
+                 resident: ResidentFeatures | None = None) -> None:
+        world = idist.get_world_size()
+        self.batch_size = max(1, batch_size // world)
+        self.indices = torch.arange(idist.get_rank(), len(dataset), world)
+        self.device = torch.device(device)
+        self.resident = resident if resident is not None else dataset.features_on(self.device)
+        self._recording = torch.tensor(dataset.window_recording, dtype=torch.int64)
+        self._start = torch.tensor(dataset.window_start, dtype=torch.int64)
+        self._targets = dataset._targets.to(self.device)
+        self._masks = dataset._masks.to(self.device)
+
+    def __len__(self) -> int:
+        return -(-len(self.indices) // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        for index in self.indices.split(self.batch_size):
+            recording = self._recording[index].to(self.device, non_blocking=True)
+            x = self.resident.windows(recording, self._start[index])
+            yield x, self._targets[recording], self._masks[recording], index
