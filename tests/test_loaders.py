@@ -188,3 +188,11 @@ def test_a_run_resumed_mid_epoch_equals_the_uninterrupted_run(dataset, workers, 
     assert seen_first + seen_rest == seen_whole
     for (name, a), b in zip(resumed.state_dict().items(), model.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_a_dataset_without_epoch_keys_gets_plain_indices_in_the_same_order() -> None:
+    plain = torch.utils.data.TensorDataset(torch.arange(10))
+    loader = make_train_loader(plain, 4, 0, torch.device("cpu"))
+    loader.sampler.set_epoch(1)
+    seen = [int(i) for (batch,) in loader for i in batch]
+    assert seen == epoch_order(10, 0, 1)[:8]

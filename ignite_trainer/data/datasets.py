@@ -283,6 +283,9 @@ class TrainWindows(_FeatureWindows):
         x, y, mask, index = dataset[(3, 0)]  # epoch 3 (from 0), recording 0: x is [n_mels, frames of 4 s]
     """
 
+    #: Tells `ignite_trainer.data.loaders.EpochSampler` to send ``(epoch, index)`` keys.
+    accepts_epoch_keys = True
+
     def __init__(self, recordings: Sequence[Recording], cache: FeatureCache, window_seconds: float,
                  seed: int = 0) -> None:
         super().__init__(recordings, cache, window_seconds)

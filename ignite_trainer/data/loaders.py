@@ -51,6 +51,9 @@ def epoch_order(length: int, seed: int, epoch: int) -> list[int]:
 class EpochSampler(DistributedSampler):
     """This rank's ``(epoch, index)`` keys of an epoch: a shard of `epoch_order`, from batch ``start`` on.
 
+    With ``keyed=False`` it yields plain indices, for a dataset that draws nothing at random (any
+    map-style dataset); `make_train_loader` asks the dataset's ``accepts_epoch_keys`` attribute.
+
     Rank ``r`` of ``R`` takes positions ``r, r + R, ...`` of the epoch's order, cut to a multiple of
     ``R * local_batch_size``; so its ``j``-th local batch and the other ranks' ``j``-th batches together
     are positions ``[j * B, (j + 1) * B)`` of the order, ``B`` the global batch: the batch one process
@@ -70,12 +73,13 @@ class EpochSampler(DistributedSampler):
     """
 
     def __init__(self, length: int, local_batch_size: int, seed: int = 0, num_replicas: int = 1, rank: int = 0,
-                 shuffle: bool = True) -> None:
+                 shuffle: bool = True, keyed: bool = True) -> None:
         super().__init__(range(length), num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
                          drop_last=True)
         self.length = length
         self.local_batch_size = local_batch_size
         self.start_batch = 0
+        self.keyed = keyed
         batches = (length // num_replicas) // local_batch_size
         self.num_samples = batches * local_batch_size
         self.total_size = self.num_samples * num_replicas
@@ -87,10 +91,12 @@ class EpochSampler(DistributedSampler):
             raise ValueError(f"start batch {batch} is outside the epoch's 0..{batches} batches")
         self.start_batch = batch
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, int] | int]:
         order = epoch_order(self.length, self.seed, self.epoch) if self.shuffle else list(range(self.length))
         shard = order[self.rank:self.total_size:self.num_replicas]
         skip, self.start_batch = self.start_batch * self.local_batch_size, 0
+        if not self.keyed:
+            return iter(shard[skip:])
         epoch = self.epoch
         return iter([(epoch, i) for i in shard[skip:]])
 
@@ -123,7 +129,7 @@ def _sampler_for(dataset: Sized, batch_size: int, start_batch: int) -> EpochSamp
         raise DataError(f"batch_size={batch_size} is larger than the training set ({n} recordings); lower --batch-size")
     world = idist.get_world_size()
     sampler = EpochSampler(n, batch_size // world, seed=getattr(dataset, "seed", 0), num_replicas=world,
-                           rank=idist.get_rank())
+                           rank=idist.get_rank(), keyed=getattr(dataset, "accepts_epoch_keys", False))
     sampler.set_start(start_batch)
     return sampler
 
