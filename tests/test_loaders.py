@@ -196,3 +196,14 @@ def test_a_dataset_without_epoch_keys_gets_plain_indices_in_the_same_order() -> 
     loader.sampler.set_epoch(1)
     seen = [int(i) for (batch,) in loader for i in batch]
     assert seen == epoch_order(10, 0, 1)[:8]
+
+
+def test_a_float16_cache_stays_float16_when_resident_and_gives_the_mapped_batches(dataset, tmp_path) -> None:
+    half = FeatureCache(dataset.cache.root, FeatureSettings(**{**SETTINGS.__dict__, "feature_dtype": "float16"}))
+    assert half.prepare(dataset.recordings) == dataset.recordings
+    half_set = TrainWindows(dataset.recordings, half, W, seed=dataset.seed)
+    resident = ResidentTrainLoader(half_set, 4, torch.device("cpu"))
+    assert resident.resident.features.dtype == torch.float16
+    mapped = epoch_batches(make_train_loader(half_set, 4, 0, torch.device("cpu")), 1)
+    assert_same(epoch_batches(resident, 1), mapped)
+    assert mapped[0][0].dtype == torch.float32

@@ -351,13 +351,15 @@ class EvalWindows(_FeatureWindows):
 
 # ---------------------------------------------------------------------------------------------- resident
 class ResidentFeatures:
-    """All of a dataset's features in one float32 tensor on a device, and windows cut from it there.
+    """All of a dataset's features in one tensor on a device, and float32 windows cut from it there.
 
     With the features resident on the training device an epoch reads no file and copies nothing from the
     host: a batch is one gather. Each recording is stored zero-padded to at least one window, laid end to
     end in ``[n_mels, total frames]``; `windows` cuts exactly the windows `TrainWindows` / `EvalWindows`
-    would (bit-identical: the same float32 values, the same zero padding). Memory: ``4 * n_mels * frames``
-    bytes (about 1.8 GB for a CirCor-size set at 64 mels, 10 ms); `fits` says whether a device has room.
+    would (bit-identical: the same float32 values, the same zero padding). The tensor keeps the cache's
+    dtype and windows are widened after the gather, so a float16 cache takes half the device memory:
+    ``2 or 4 * n_mels * frames`` bytes (about 0.9 / 1.8 GB for a CirCor-size set at 64 mels, 10 ms);
+    `fits` says whether a device has room.
 
     Example::
 
@@ -370,7 +372,8 @@ class ResidentFeatures:
         self.window_frames = dataset.window_frames
         lengths = [max(n, dataset.window_frames) for n in dataset.n_frames]
         offsets = np.concatenate([[0], np.cumsum(lengths)[:-1]]).astype(np.int64)
-        host = torch.zeros(dataset.n_mels, int(sum(lengths)), dtype=torch.float32)
+        dtype = torch.float16 if dataset.cache.settings.feature_dtype == "float16" else torch.float32
+        host = torch.zeros(dataset.n_mels, int(sum(lengths)), dtype=dtype)
         for rec, (offset, n) in enumerate(zip(offsets, dataset.n_frames)):
             host[:, offset:offset + n] = torch.from_numpy(np.array(dataset._features(rec)))
         self.features = host.to(self.device)
@@ -380,7 +383,8 @@ class ResidentFeatures:
     @staticmethod
     def nbytes(dataset: _FeatureWindows) -> int:
         """Bytes the resident copy of ``dataset`` takes."""
-        return 4 * dataset.n_mels * sum(max(n, dataset.window_frames) for n in dataset.n_frames)
+        width = 2 if dataset.cache.settings.feature_dtype == "float16" else 4
+        return width * dataset.n_mels * sum(max(n, dataset.window_frames) for n in dataset.n_frames)
 
     @staticmethod
     def fits(dataset: _FeatureWindows, device: str | torch.device, headroom: float = 0.5) -> bool:
@@ -394,4 +398,4 @@ class ResidentFeatures:
     def windows(self, recordings: torch.Tensor, starts: torch.Tensor) -> torch.Tensor:
         """``[B, n_mels, W]``: window ``starts[b]`` of recording ``recordings[b]``, gathered on the device."""
         columns = (self.offsets[recordings.to(self.device)] + starts.to(self.device))[:, None] + self._frame
-        return self.features[:, columns].permute(1, 0, 2).contiguous()
+        return self.features[:, columns].permute(1, 0, 2).float().contiguous()
