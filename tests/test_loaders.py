@@ -207,3 +207,18 @@ def test_a_float16_cache_stays_float16_when_resident_and_gives_the_mapped_batche
     mapped = epoch_batches(make_train_loader(half_set, 4, 0, torch.device("cpu")), 1)
     assert_same(epoch_batches(resident, 1), mapped)
     assert mapped[0][0].dtype == torch.float32
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_loaders_leave_torch_s_global_generator_alone(dataset, workers) -> None:
+    """Dropout draws from the global generator: a loader drawing from it too would make the model's
+    randomness depend on the worker count (per-epoch iterators with 0 workers, one with persistent ones)."""
+    loader = make_train_loader(dataset, 4, workers, torch.device("cpu"))
+    evaluation = make_eval_loader(EvalWindows(dataset.recordings, dataset.cache, W), 4, workers, torch.device("cpu"))
+    torch.manual_seed(5)
+    expected = torch.rand(3)
+    torch.manual_seed(5)
+    for epoch in range(2):
+        epoch_batches(loader, epoch)
+        list(evaluation)
+    assert torch.equal(torch.rand(3), expected)

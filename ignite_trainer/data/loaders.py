@@ -153,7 +153,18 @@ def make_train_loader(dataset: Dataset, batch_size: int, num_workers: int, devic
     return DataLoader(
         dataset, batch_size=sampler.local_batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
+        generator=_own_generator(),
     )
+
+
+def _own_generator() -> torch.Generator:
+    """A generator for the DataLoader's own draw (its workers' base seed) at every new iterator.
+
+    Without it that draw comes from torch's global generator, once per epoch with ``num_workers=0`` but
+    only once per run with persistent workers, so the model's dropout would see a different global
+    stream depending on the worker count. Nothing of ours uses the workers' seeds.
+    """
+    return torch.Generator().manual_seed(0)
 
 
 def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device: torch.device) -> DataLoader:
@@ -169,6 +180,7 @@ def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device
     return DataLoader(
         dataset, batch_size=max(1, batch_size // world), shuffle=False, sampler=sampler, num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
+        generator=_own_generator(),
     )
 
 
