@@ -63,8 +63,11 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(name: str, n_mels: int, **kwargs: object) -> nn.Module:
+def build_model(name: str, n_mels: int, *, demographics: bool = False, **kwargs: object) -> nn.Module:
     """Instantiate a registered model; an unknown name or option is a `ConfigError` that lists the choices.
+
+    ``demographics=True`` wraps it in `ignite_trainer.fusion.DemographicsFusion` (its forward then also takes
+    the batch's ``demographics`` tensor, fused into the heart logit); the model needs ``embed`` for that.
 
     Example::
 
@@ -78,7 +81,12 @@ def build_model(name: str, n_mels: int, **kwargs: object) -> nn.Module:
         inspect.signature(factory).bind(n_mels=n_mels, **kwargs)
     except TypeError as e:
         raise ConfigError(f"model {name!r}: {e}") from None
-    return factory(n_mels=n_mels, **kwargs)
+    model = factory(n_mels=n_mels, **kwargs)
+    if demographics:
+        from ignite_trainer.fusion import DemographicsFusion
+
+        model = DemographicsFusion(model)
+    return model
 
 
 # ---------------------------------------------------------------------------------------------- building blocks
@@ -157,7 +165,9 @@ class ConvTrunk(nn.Module):
             conv, bn, act, pool = layers[i:i + 4]
             h = pool(act(conv_bn(h, conv, bn, self.fold_bn)))
         b, c, f, t = h.shape  # [B, C, F', T']
-        return self.dropout(h.reshape(b, c * f, t).transpose(1, 2))  # [B, T', C*F']
+        # Back to NCHW order first (a small copy): dropout draws its mask in memory order, so the same seed
+        # drops the same features whichever layout computed them.
+        return self.dropout(h.contiguous().reshape(b, c * f, t).transpose(1, 2))  # [B, T', C*F']
 
 
 DOWNSAMPLING = ("maxpool", "stride")
@@ -256,3 +266,6 @@ class StridedAttentionCNN(AttentionCNN):
                  hidden: int = 128, dropout: float = 0.1, channels_last: bool = True, fold_bn: bool = True) -> None:
         super().__init__(n_mels, n_labels, channels, hidden, dropout, downsample="stride",
                          channels_last=channels_last, fold_bn=fold_bn)
+
+
+from ignite_trainer import models_resnet  # noqa: E402,F401  (registers "resnet_attention"; it imports the blocks above)
