@@ -144,7 +144,9 @@ def cpu_table(args: argparse.Namespace) -> None:
     device = torch.device("cpu")
     data = batches(args.batch_size, args.val_batch_size, args.n_mels, args.frames)
     runners = []
-    for variant in variants(args.compile):
+    chosen = [v for v in variants(args.compile)
+              if v.label.startswith("attention_cnn before") or not args.only or any(k in v.label for k in args.only)]
+    for variant in chosen:
         runner = Runner(variant, *data, device)
         start = time.perf_counter()
         runner.train_step()  # warm-up; for compiled variants this is the compilation
@@ -180,7 +182,7 @@ def cpu_table(args: argparse.Namespace) -> None:
         print(f"{runner.variant.label:<42}{runner.parameter_count:>8}{args.batch_size / tr:>9.1f}"
               f"{flops[i][0] / tr / 1e9:>9.1f}{args.val_batch_size / va:>9.1f}{flops[i][1] / va / 1e9:>9.1f}"
               f"{ep:>9.2f}{ratio_tr:>9.2f}{ratio_va:>8.2f}{ratio_ep:>9.2f}{runner.startup_s:>9.1f}")
-    print(f"FLOPs per sample: " + ", ".join(
+    print("FLOPs per sample: " + ", ".join(
         f"{r.variant.name} train {f[0] / args.batch_size / 1e6:.0f} M / val {f[1] / args.val_batch_size / 1e6:.0f} M"
         for r, f in {r.variant.name: (r, f) for r, f in zip(runners, flops)}.values()))
     print(f"machine peak {PEAK_GFLOPS_2_CORES:.0f} GFLOP/s (2 cores, AVX2 FMA); ratios x are before / variant, "
@@ -225,6 +227,8 @@ def main() -> None:
     parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
                         help="cpu: this process's CPU seconds, steadier than wall time on a shared machine with "
                              "--threads 1 (with more threads it also counts threads spinning in wait)")
+    parser.add_argument("--only", nargs="*", default=[], metavar="TEXT",
+                        help="run only the variants whose label contains one of these (the 'before' row always runs)")
     parser.add_argument("--compile", action="store_true", help="add torch.compile rows (slow start-up)")
     parser.add_argument("--cuda-batch-size", type=int, default=256)
     parser.add_argument("--cuda-steps", type=int, default=20)
