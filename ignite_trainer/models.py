@@ -250,11 +250,12 @@ class MeanPoolCNN(nn.Module):
 class StridedAttentionCNN(AttentionCNN):
     """`AttentionCNN` whose convolutions stride instead of max-pooling (``downsample="stride"``).
 
-    Same shapes, parameter count and output contract, about a third of the work and none of the
-    full-resolution normalisation, activation and pooling passes: on 2 CPU cores a training step runs
-    about 3x and an evaluation pass about 5x faster than ``attention_cnn``. ``attention_cnn`` keeps its
-    function under its own name, so its checkpoints still load as what they were trained as. The validation
-    scores of the two layouts over several seeds are in ``docs/benchmarks.md``.
+    Same shapes, parameter count and output contract, half the FLOPs and none of the full-resolution
+    normalisation, activation and pooling passes: on one CPU core a training step runs about 3.8x and an
+    evaluation pass about 6.5x faster than ``attention_cnn`` computed the original way. It learns more
+    slowly per epoch, though (validation scores over several seeds in ``docs/benchmarks.md``).
+    ``attention_cnn`` keeps its function under its own name, so its checkpoints still load as what they
+    were trained as.
 
     Example::
 

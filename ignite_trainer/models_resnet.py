@@ -66,7 +66,7 @@ class ResNetAttention(nn.Module):
 
     With the defaults (64 mels, 4 s at a 10 ms hop): stem and first stage halve frequency and time, the later
     stages only frequency, so attention is over T' = T / 4 steps of 40 ms, as in ``attention_cnn``. About
-    0.33 M parameters. ``embed(x)`` gives the pooled embedding ``[B, hidden]`` for late fusion
+    0.26 M parameters. ``embed(x)`` gives the pooled embedding ``[B, hidden]`` for late fusion
     (`ignite_trainer.fusion`).
 
     Example::
