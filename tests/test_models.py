@@ -1,4 +1,5 @@
-"""Model registry and the output contract ``(logits [B, 2], attention [B, T'])``."""
+"""Model registry, the output contract ``(logits [B, 2], attention [B, T'])``, the ways a model is computed
+(channels-last, BatchNorm folded at evaluation) and demographics fusion."""
 
 from __future__ import annotations
 
@@ -7,10 +8,14 @@ import torch
 from torch import nn
 
 from ignite_trainer import models
-from ignite_trainer.errors import ConfigError
+from ignite_trainer.errors import ConfigError, DataError
+from ignite_trainer.fusion import DEMOGRAPHIC_FEATURES, N_DEMOGRAPHIC, DemographicsFusion, encode_demographics
 from ignite_trainer.models import available_models, build_model, register_model
 
-BUILT_IN = ["attention_cnn", "mean_pool_cnn"]
+#: The attention score's output bias adds the same number to every step before the softmax, so its gradient is
+#: zero up to rounding: it is the one parameter no loss can move.
+SHIFT_INVARIANT = "pool.score.2.bias"
+BUILT_IN = ["attention_cnn", "mean_pool_cnn", "strided_attention_cnn", "resnet_attention"]
 
 
 @pytest.mark.parametrize("name", BUILT_IN)
@@ -40,7 +45,8 @@ def test_gradients_reach_every_parameter(name: str) -> None:
     nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[1.0, 0.0]] * 4)).backward()
     for pname, p in model.named_parameters():
         assert p.grad is not None and torch.isfinite(p.grad).all(), pname
-        assert p.grad.abs().sum() > 0, pname
+        if not pname.endswith(SHIFT_INVARIANT):
+            assert p.grad.abs().sum() > 0, pname
 
 
 @pytest.fixture
@@ -109,3 +115,183 @@ def test_registry_lists_builds_and_rejects(monkeypatch: pytest.MonkeyPatch) -> N
     assert "resnet9000" in str(info.value)
     with pytest.raises(ConfigError, match="attention_cnn.*hidden_size"):
         build_model("attention_cnn", n_mels=64, hidden_size=3)
+
+
+# ---------------------------------------------------------------------------------------------- how it is computed
+def trained_a_little(name: str, n_mels: int = 16, **options: object) -> nn.Module:
+    """A model after three optimiser steps, so that BatchNorm's running statistics and affine are not trivial."""
+    torch.manual_seed(0)
+    model = build_model(name, n_mels=n_mels, **options)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    model.train()
+    for _ in range(3):
+        logits, _ = model(torch.randn(6, n_mels, 40) * 2 + 0.5)
+        logits.square().mean().backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    return model.eval()
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_folded_batchnorm_in_evaluation_equals_the_unfolded_output(name: str) -> None:
+    folded = trained_a_little(name)
+    unfolded = build_model(name, n_mels=16, fold_bn=False).eval()
+    unfolded.load_state_dict(folded.state_dict())
+    x = torch.randn(5, 16, 40)
+    with torch.no_grad():
+        (a, att_a), (b, att_b) = folded(x), unfolded(x)
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(att_a, att_b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_channels_last_computes_the_same_function(name: str) -> None:
+    """Training mode (batch statistics, same dropout draws) and evaluation, forward and gradients."""
+    nhwc = build_model(name, n_mels=16)
+    nchw = build_model(name, n_mels=16, channels_last=False)
+    nchw.load_state_dict(nhwc.state_dict())
+    convs = [m for m in nhwc.modules() if isinstance(m, nn.Conv2d)]
+    assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    x = torch.randn(4, 16, 40)
+    outputs = []
+    for model in (nhwc, nchw):
+        torch.manual_seed(1)
+        logits, attention = model.train()(x)
+        logits.sum().backward()
+        with torch.no_grad():
+            outputs.append((logits, attention, model.eval()(x)[0]))
+    for a, b in zip(*outputs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    for (pname, p), q in zip(nhwc.named_parameters(), nchw.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=pname)
+
+
+def test_attention_cnn_keeps_its_original_function() -> None:
+    """conv 3x3 -> BN -> GELU -> max-pool per block, written out by hand: checkpoints of the original model
+    must keep meaning what they meant."""
+    model = trained_a_little("attention_cnn")
+    layers: list[nn.Module] = []
+    for i in range(4):
+        conv, bn = model.trunk.blocks[4 * i], model.trunk.blocks[4 * i + 1]
+        plain = nn.Conv2d(conv.in_channels, conv.out_channels, 3, padding=1, bias=False)
+        plain.weight.data.copy_(conv.weight.contiguous())
+        layers += [plain, bn, nn.GELU(), nn.MaxPool2d((2, 2 if i < 2 else 1), ceil_mode=True)]
+    reference = nn.Sequential(*layers).eval()
+    x = torch.randn(3, 16, 40)
+    with torch.no_grad():
+        h = reference(x.unsqueeze(1))
+        b, c, f, t = h.shape
+        pooled, _ = model.pool(model.project(h.reshape(b, c * f, t).transpose(1, 2)))
+        torch.testing.assert_close(model(x)[0], model.head(pooled), rtol=1e-5, atol=1e-5)
+
+
+def test_strided_layout_is_its_own_name_with_the_same_shapes() -> None:
+    torch.manual_seed(0)
+    pooled, strided = build_model("attention_cnn", n_mels=64), build_model("strided_attention_cnn", n_mels=64)
+    assert isinstance(strided, models.StridedAttentionCNN)
+    assert {k: v.shape for k, v in pooled.state_dict().items()} == {k: v.shape for k, v in strided.state_dict().items()}
+    assert not any(isinstance(m, nn.MaxPool2d) for m in strided.modules())
+    assert build_model("attention_cnn", n_mels=64, downsample="stride").trunk.blocks[0].stride == (2, 2)
+    with pytest.raises(ConfigError, match="downsample='avg'"):
+        build_model("attention_cnn", n_mels=64, downsample="avg")
+    with pytest.raises(ConfigError, match="downsample"):
+        build_model("strided_attention_cnn", n_mels=64, downsample="maxpool")
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_same_seed_same_model_same_outputs(name: str) -> None:
+    x = torch.randn(3, 16, 40)
+    runs = []
+    for _ in range(2):
+        torch.manual_seed(7)
+        model = build_model(name, n_mels=16)
+        train_logits, _ = model.train()(x)
+        with torch.no_grad():
+            runs.append((train_logits.detach(), *model.eval()(x)))
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+# ---------------------------------------------------------------------------------------------- demographics
+def demographics_batch() -> torch.Tensor:
+    return torch.stack([
+        encode_demographics(age="Child", sex="Male", height_cm=120.0, weight_kg=24.0, pregnant=False),
+        encode_demographics(age=None, sex="Female", height_cm=160.0, weight_kg=None, pregnant=True),
+        encode_demographics(),
+    ])
+
+
+def test_encoded_demographics_layout_and_bad_values() -> None:
+    row = encode_demographics(age="Infant", sex="Female", height_cm=66.0, weight_kg=float("nan"), pregnant=None)
+    values, known = row[:N_DEMOGRAPHIC], row[N_DEMOGRAPHIC:]
+    expected = dict.fromkeys(DEMOGRAPHIC_FEATURES, 0.0) | {"age_infant": 1.0, "sex_female": 1.0, "height_cm": 66.0}
+    assert values.tolist() == [expected[f] for f in DEMOGRAPHIC_FEATURES]
+    missing = {"weight_kg", "pregnant"}
+    assert known.tolist() == [0.0 if f in missing else 1.0 for f in DEMOGRAPHIC_FEATURES]
+    assert encode_demographics(age="nan", sex="").tolist() == [0.0] * (2 * N_DEMOGRAPHIC)
+    with pytest.raises(DataError, match="'Elderly'"):
+        encode_demographics(age="Elderly")
+    with pytest.raises(DataError, match="height -3"):
+        encode_demographics(height_cm=-3)
+    with pytest.raises(DataError, match="sex 'X'"):
+        encode_demographics(sex="X")
+
+
+@pytest.mark.parametrize("name", BUILT_IN)
+def test_fusion_shapes_and_only_the_heart_logit_sees_demographics(name: str) -> None:
+    torch.manual_seed(0)
+    model = build_model(name, n_mels=16, demographics=True).eval()
+    assert isinstance(model, DemographicsFusion)
+    x, demo = torch.randn(3, 16, 40), demographics_batch()
+    with torch.no_grad():
+        logits, attention = model(x, demo)
+        alone, _ = model(x)
+        nothing_known, _ = model(x, torch.zeros_like(demo))
+        base_logits, _ = model.base(x)
+    assert logits.shape == (3, 2) and attention.shape == (3, 10)
+    torch.testing.assert_close(attention.sum(dim=1), torch.ones(3))
+    assert torch.equal(logits[:, 1], base_logits[:, 1])  # murmur: audio only
+    assert torch.equal(alone, nothing_known)  # no tensor is "nothing known"
+    assert torch.equal(logits[2], alone[2])  # the all-missing patient
+    assert not torch.allclose(logits[:2, 0], alone[:2, 0])  # known fields move the heart logit
+
+
+def test_a_missing_value_contributes_nothing_beyond_its_mask() -> None:
+    torch.manual_seed(0)
+    model = build_model("attention_cnn", n_mels=16, demographics=True).eval()
+    x, demo = torch.randn(3, 16, 40), demographics_batch()
+    garbage = demo.clone()
+    missing = garbage[:, N_DEMOGRAPHIC:] == 0
+    garbage[:, :N_DEMOGRAPHIC][missing] = torch.tensor([float("nan"), 1e6, -5.0]).repeat(int(missing.sum()))[
+        :int(missing.sum())]
+    with torch.no_grad():
+        assert torch.equal(model(x, demo)[0], model(x, garbage)[0])
+        flagged_missing = demo.clone()
+        height = DEMOGRAPHIC_FEATURES.index("height_cm")
+        flagged_missing[0, N_DEMOGRAPHIC + height] = 0.0  # same value, now flagged missing: the mask itself counts
+        assert not torch.equal(model(x, demo)[0][0], model(x, flagged_missing)[0][0])
+        taller = demo.clone()
+        taller[0, height] = 150.0
+        assert not torch.equal(model(x, demo)[0][0, 0], model(x, taller)[0][0, 0])
+    with pytest.raises(ValueError, match=r"\(3, 18\)"):
+        model(x, demo[:, :N_DEMOGRAPHIC])
+
+
+def test_fusion_gradients_reach_every_parameter_and_runs_are_deterministic() -> None:
+    x, demo = torch.randn(4, 16, 40), torch.cat([demographics_batch(), demographics_batch()[:1]])
+    results = []
+    for _ in range(2):
+        torch.manual_seed(3)
+        model = build_model("resnet_attention", n_mels=16, demographics=True).train()
+        logits, _ = model(x, demo)
+        nn.functional.binary_cross_entropy_with_logits(logits, torch.tensor([[1.0, 0.0]] * 4)).backward()
+        for pname, p in model.named_parameters():
+            assert p.grad is not None and torch.isfinite(p.grad).all(), pname
+            assert pname.endswith(SHIFT_INVARIANT) or p.grad.abs().sum() > 0, pname
+        results.append([logits.detach()] + [p.grad.clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*results))
+
+
+def test_fusion_needs_an_embedding() -> None:
+    with pytest.raises(ConfigError, match="embed"):
+        DemographicsFusion(nn.Linear(3, 2))
