@@ -115,7 +115,13 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     recordings = FeatureCache(cache_dir, settings).prepare(recordings, policy=policy, workers=feature_workers())
     if not recordings:
         raise DataError(f"{source}: no usable recordings")
-    train, val = split_patients(recordings, config.val_fraction, config.seed, n_folds=config.n_folds, fold=config.fold)
+    # Folds (a split file, or n_folds >= 2) come from splits.py; split_seed (empty: seed) places the patients.
+    if config.split_file or config.n_folds >= 2:
+        from ignite_trainer.splits import fold_split
+
+        train, val = fold_split(recordings, config.n_folds, config.fold, config.effective_split_seed, config.split_file)
+    else:
+        train, val = split_patients(recordings, config.val_fraction, config.effective_split_seed)
     return PreparedData(train, val, cache_dir, settings, source, policy.skipped)
 
 
