@@ -299,13 +299,13 @@ def _print_cv(summary: dict[str, Any]) -> None:
                + (f", missing {', '.join(summary['missing'])}" if summary["missing"] else "") + ")")
     final = list(summary["sets"])[-1]
     interval = summary["sets"][final]["pooled_interval"]
-    click.echo(f"{'score':<28}{'pooled (' + final + ')':>22}{'95% CI':>20}{'runs mean ± sd':>20}")
+    click.echo(f"{'score':<26}{'pooled (' + final + ')':>22}{'95% CI':>26}{'runs mean ± sd':>24}")
     for metric in ("murmur_weighted_accuracy", "outcome_cost", "heart.f1", "murmur.f1", "heart.auroc", "murmur.auroc"):
         ci = interval.get(metric)
         runs = summary["runs"][metric]
         spread = number(runs["mean"]) + ("" if runs["sd"] is None else f" ± {runs['sd']:.3f}")
-        click.echo(f"{metric:<28}{number(summary['pooled'][metric]):>22}"
-                   f"{'' if ci is None else f'[{ci[0]:.3f}, {ci[1]:.3f}]':>20}{spread:>20}")
+        click.echo(f"{metric:<26}{number(summary['pooled'][metric]):>22}"
+                   f"{'' if ci is None else f'[{ci[0]:.3f}, {ci[1]:.3f}]':>26}{spread:>24}")
     t = summary["thresholds"]
     click.echo(f"out-of-fold thresholds: heart {t['heart']:.4f}, murmur {t['murmur']:.4f}")
     click.echo(f"report: {Path(summary['experiment']) / 'report' / 'report.md'}")

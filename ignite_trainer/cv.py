@@ -411,8 +411,8 @@ def cross_validate(config: TrainConfig, folds: int | None = 5, seeds: Sequence[i
     ``failed`` (member name -> message).
 
     ``folds`` patient folds stratified by both labels, dealt with ``split_seed`` (default: the config's
-    ``split_seed``, else its ``seed``), or the folds of the split file ``splits`` (``folds`` None or equal
-    to its fold count). Each training seed of ``seeds`` trains one model per fold. ``exp_dir`` defaults to
+    ``split_seed``, else its ``seed``), or the folds of the split file ``splits`` (default: the config's
+    ``split_file``; ``folds`` None or equal to its fold count). Each training seed of ``seeds`` trains one model per fold. ``exp_dir`` defaults to
     ``output_dir/name`` (name: ``cv-<timestamp>``); an existing one is refused unless ``overwrite``, or
     unless ``only`` is given and it holds this very experiment (members started on several machines).
     ``only`` runs just those members (``"FOLD:SEED"`` or `Member`) and does not collect. With ``jobs`` > 1
@@ -429,6 +429,8 @@ def cross_validate(config: TrainConfig, folds: int | None = 5, seeds: Sequence[i
     seeds = _check_args(seeds, jobs, setup, threads)
     if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
         raise ConfigError(f"folds={folds!r}: cross-validation needs an integer >= 2")
+    if splits is None and config.split_file and split_seed is None:
+        splits = config.split_file  # the base config names the folds already
     if splits is None and folds is None:
         raise ConfigError("give the number of folds or a split file")
     if splits is not None and split_seed is not None:
