@@ -180,7 +180,14 @@ def member_status(run_dir: str | Path) -> str:
     return "done" if (run_dir / "oof" / "metrics.json").is_file() else "trained"
 
 
+def _speaks_for_run() -> bool:
+    """Under ``torchrun`` (one member over several processes) rank 0 alone predicts and records the member."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _write_state(exp: Experiment, member: Member, **values: Any) -> None:
+    if not _speaks_for_run():
+        return
     path = exp.exp_dir / "state" / f"{member.name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
@@ -232,6 +239,8 @@ def run_member(exp: Experiment, member: Member, threads: int | None = None, prog
             action = "trained"
         else:
             action = "skipped"
+        if not _speaks_for_run():
+            return action
         if member_status(run_dir) == "trained":
             config = TrainConfig.from_yaml(run_dir / "config.yaml")
             result = evaluate(run_dir, out_dir=run_dir / "oof", figures=False, device=config.device)
