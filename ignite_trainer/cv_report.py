@@ -411,6 +411,8 @@ def _markdown(report: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- figures
 def _figures(exp: "Experiment", done: Sequence["Member"], sets: Sequence[OOFSet], report: Mapping[str, Any],
              fig_dir: Path) -> list[Path]:
+    from matplotlib.ticker import MaxNLocator
+
     from ignite_trainer.report import _figure, _save, plot_roc_pr, read_metrics_log
 
     made = []
@@ -453,6 +455,7 @@ def _figures(exp: "Experiment", done: Sequence["Member"], sets: Sequence[OOFSet]
         if config_epochs is not None and epochs[-1] < config_epochs:
             ax.plot([epochs[-1]], [loss[-1]], "x", color=line.get_color(), ms=8, mew=2)
     ax.set(title="validation loss of every run (● best checkpoint, ✕ early stop)", xlabel="epoch", ylabel="val_loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(alpha=0.3)
     if len(done) <= 12:
         ax.legend(fontsize=7)
