@@ -218,7 +218,7 @@ def export(model_path: str, out_path: str) -> None:
 @click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to train [auto].")
 @click.option("--progress/--no-progress", default=None, help="Progress bar of runs in this process [on].")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Set any config field; repeatable.")
-@click.option("--folds", type=int, default=None, help="Patient folds, stratified by heart x murmur [5].")
+@click.option("--folds", type=int, default=None, help="Patient folds, stratified by heart x murmur [n_folds, else 5].")
 @click.option("--seeds", type=str, default="0", show_default=True, help="Training seeds, comma separated (0,1,2).")
 @click.option("--split-seed", type=int, default=None, help="Seed that deals the folds [the config's split_seed, else seed].")
 @click.option("--splits", "splits_file", type=click.Path(dir_okay=False), default=None,
@@ -277,7 +277,9 @@ def cv(config_file: str | None, data: str | None, fmt: str | None, epochs: int |
                  "output_dir": output_dir, "name": name}
         config = config.updated({k: v for k, v in flags.items() if v is not None}, source="command line")
         config = config.with_overrides(list(assignments))
-        summary = cross_validate(config, folds if folds is not None or splits_file else 5, seed_list,
+        if folds is None and not splits_file:
+            folds = config.n_folds if config.n_folds >= 2 else 5
+        summary = cross_validate(config, folds, seed_list,
                                  split_seed=split_seed, splits=splits_file, jobs=jobs, only=members,
                                  overwrite=overwrite, bootstrap=bootstrap, figures=figures,
                                  echo=lambda line: click.echo(line, err=True))
