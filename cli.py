@@ -240,7 +240,7 @@ def cv(config_file: str | None, data: str | None, fmt: str | None, epochs: int |
        resume_dir: str | None, collect_dir: str | None, overwrite: bool, bootstrap: int, figures: bool) -> None:
     """Cross-validate: k patient folds x training seeds, out-of-fold predictions and thresholds, a report
     with spread and intervals, and the fold models as an ensemble (EXP_DIR/report/, EXP_DIR/ensemble.json)."""
-    from ignite_trainer.cv import collect, cross_validate, parse_member, resume_cross_validation
+    from ignite_trainer.cv import collect_experiment, cross_validate, parse_member, resume_cross_validation
 
     if bootstrap < 0:
         raise click.BadParameter(f"--bootstrap={bootstrap} must be >= 0")
@@ -259,7 +259,7 @@ def cv(config_file: str | None, data: str | None, fmt: str | None, epochs: int |
     if collect_dir:
         if members or overwrite:
             raise click.UsageError("--collect takes no --only or --overwrite")
-        summary = collect(collect_dir, bootstrap=bootstrap, figures=figures)
+        summary = collect_experiment(collect_dir, bootstrap=bootstrap, figures=figures)
         _print_cv(summary)
         return
     if resume_dir:

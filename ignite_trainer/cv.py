@@ -12,7 +12,7 @@ ensemble. `cross_validate` does all of it with the normal `train` and `evaluate`
   (``runs/<member>/oof/patients.csv``): the model that never saw those patients;
 - members run one after another in this process, or ``jobs`` at once as separate processes, each with
   its share of the cores; a failed member is reported by name and the others go on;
-- `collect` pools the out-of-fold predictions, tunes the decision thresholds on them and writes the
+- `collect_experiment` pools the out-of-fold predictions, tunes the decision thresholds on them and writes the
   report (`cv_report`) and the ensemble's manifest (`ensemble`).
 
 A killed experiment resumes with `resume_cross_validation`: finished members are skipped, an interrupted
@@ -53,7 +53,7 @@ from ignite_trainer.data.records import Recording
 from ignite_trainer.errors import CheckpointError, ConfigError, DataError, UserError
 from ignite_trainer.splits import assign_folds, check_folds, patient_strata, read_split_file, write_split_file
 
-__all__ = ["Member", "Experiment", "cross_validate", "resume_cross_validation", "collect", "run_member",
+__all__ = ["Member", "Experiment", "cross_validate", "resume_cross_validation", "collect_experiment", "run_member",
            "member_status", "parse_member", "EXPERIMENT_FORMAT"]
 
 EXPERIMENT_FORMAT = "ignite_trainer/cv/1"
@@ -416,7 +416,7 @@ def cross_validate(config: TrainConfig, folds: int | None = 5, seeds: Sequence[i
                    jobs: int = 1, only: Sequence[Member | str] | None = None, overwrite: bool = False,
                    bootstrap: int = 1000, figures: bool = True, setup: Callable | None = None,
                    threads: int | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
-    """Run a k-fold x seeds experiment of ``config`` and report it; returns `collect`'s summary plus
+    """Run a k-fold x seeds experiment of ``config`` and report it; returns `collect_experiment`'s summary plus
     ``failed`` (member name -> message).
 
     ``folds`` patient folds stratified by both labels, dealt with ``split_seed`` (default: the config's
@@ -479,7 +479,7 @@ def cross_validate(config: TrainConfig, folds: int | None = 5, seeds: Sequence[i
     failures = _run_members(exp, chosen, jobs, setup, echo, threads)
     if only:
         return {"exp_dir": str(exp_dir), "failed": failures, "collected": False}
-    summary = collect(exp_dir, bootstrap=bootstrap, figures=figures)
+    summary = collect_experiment(exp_dir, bootstrap=bootstrap, figures=figures)
     return {**summary, "failed": failures, "collected": True}
 
 
@@ -524,7 +524,7 @@ def resume_cross_validation(exp_dir: str | Path, *, jobs: int = 1, only: Sequenc
                             bootstrap: int = 1000, figures: bool = True, setup: Callable | None = None,
                             threads: int | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
     """Continue an experiment: finished members are skipped, an interrupted one resumes from its last
-    checkpoint, the rest start; then `collect` (not with ``only``).
+    checkpoint, the rest start; then `collect_experiment` (not with ``only``).
 
     Example::
 
@@ -538,18 +538,18 @@ def resume_cross_validation(exp_dir: str | Path, *, jobs: int = 1, only: Sequenc
     failures = _run_members(exp, chosen, jobs, setup, echo, threads)
     if only:
         return {"exp_dir": str(exp.exp_dir), "failed": failures, "collected": False}
-    summary = collect(exp.exp_dir, bootstrap=bootstrap, figures=figures)
+    summary = collect_experiment(exp.exp_dir, bootstrap=bootstrap, figures=figures)
     return {**summary, "failed": failures, "collected": True}
 
 
-def collect(exp_dir: str | Path, *, bootstrap: int = 1000, figures: bool = True) -> dict[str, Any]:
+def collect_experiment(exp_dir: str | Path, *, bootstrap: int = 1000, figures: bool = True) -> dict[str, Any]:
     """Pool what finished: write ``oof_predictions.csv``, ``thresholds.json``, ``ensemble.json`` and the
     report; returns the content of ``report/summary.json``. Members whose training finished but whose
     out-of-fold predictions are missing (run elsewhere with ``--only``) are predicted here first.
 
     Example::
 
-        summary = collect("runs/cv-a")
+        summary = collect_experiment("runs/cv-a")
         print(summary["missing"], summary["thresholds"])
     """
     from ignite_trainer.cv_report import build_report

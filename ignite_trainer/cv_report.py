@@ -275,7 +275,7 @@ def _write_json(path: Path, value: Any) -> None:
 # ---------------------------------------------------------------------------------------------- the report
 def build_report(exp: "Experiment", done: Sequence["Member"], recordings: Sequence[Recording], bootstrap: int = 1000,
                  figures: bool = True, unknown_margin: float = UNKNOWN_MARGIN) -> dict[str, Any]:
-    """Everything `cv.collect` writes from the finished members ``done``; returns ``summary.json``'s content.
+    """Everything `cv.collect_experiment` writes from the finished members ``done``; returns ``summary.json``'s content.
 
     Example::
 

@@ -7,7 +7,7 @@ with ``mean`` aggregation a patient's probability is also the mean of the member
 Probability averaging, not a vote: it keeps a ranking (AUROC, AUPRC) and lets one threshold decide.
 
 Decisions use thresholds that were tuned where the members never trained: a cross-validation
-experiment's out-of-fold thresholds (``EXP_DIR/ensemble.json``, written by `cv.collect`). For a plain
+experiment's out-of-fold thresholds (``EXP_DIR/ensemble.json``, written by `cv.collect_experiment`). For a plain
 list of models they can be given; otherwise the mean of the members' own validation thresholds is used,
 and `Ensemble.threshold_source` says which.
 
