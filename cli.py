@@ -270,6 +270,108 @@ def sweep_command(space_file: str, n_trials: int, sweep_dir: str | None, storage
         click.echo(f"best: trial {best['number']} {summary['objective']['metric']} {best['score']:.4f} ({params})")
         click.echo(f"best run: {best['run_dir']}")
     click.echo(f"report: {Path(summary['files']['trials']).parent}")
+# ---------------------------------------------------------------------------------------------- cross-validation
+@cli.command()
+@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of config fields.")
+@click.option("--data", type=str, default=None, help="Dataset root (default: the embedded synthetic set).")
+@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="On-disk layout of --data.")
+@click.option("--epochs", type=int, default=None, help="Maximum epochs of every run [100].")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to train [auto].")
+@click.option("--progress/--no-progress", default=None, help="Progress bar of runs in this process [on].")
+@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Set any config field; repeatable.")
+@click.option("--folds", type=int, default=None, help="Patient folds, stratified by heart x murmur [n_folds, else 5].")
+@click.option("--seeds", type=str, default="0", show_default=True, help="Training seeds, comma separated (0,1,2).")
+@click.option("--split-seed", type=int, default=None, help="Seed that deals the folds [the config's split_seed, else seed].")
+@click.option("--splits", "splits_file", type=click.Path(dir_okay=False), default=None,
+              help="Take the folds from this file (JSON lists of patient ids, or CSV patient_id,fold).")
+@click.option("--output-dir", type=str, default=None, help="Parent folder of the experiment [runs].")
+@click.option("--name", type=str, default=None, help="Experiment directory name [cv-<timestamp>].")
+@click.option("--jobs", type=int, default=1, show_default=True, help="Runs at once, each its own process.")
+@click.option("--only", multiple=True, metavar="FOLD:SEED", help="Run only this member (repeatable); no report.")
+@click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
+              help="Continue the experiment in EXP_DIR: finished runs are skipped, an interrupted one resumes.")
+@click.option("--collect", "collect_dir", type=click.Path(file_okay=False), default=None,
+              help="Only build the report and the ensemble of EXP_DIR from the runs that finished.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing experiment directory.")
+@click.option("--bootstrap", type=int, default=1000, show_default=True, help="Resamples of the 95 % intervals.")
+@click.option("--figures/--no-figures", default=True, help="Draw the report's figures [on].")
+def cv(config_file: str | None, data: str | None, fmt: str | None, epochs: int | None, device: str | None,
+       progress: bool | None, assignments: tuple[str, ...], folds: int | None, seeds: str, split_seed: int | None,
+       splits_file: str | None, output_dir: str | None, name: str | None, jobs: int, only: tuple[str, ...],
+       resume_dir: str | None, collect_dir: str | None, overwrite: bool, bootstrap: int, figures: bool) -> None:
+    """Cross-validate: k patient folds x training seeds, out-of-fold predictions and thresholds, a report
+    with spread and intervals, and the fold models as an ensemble (EXP_DIR/report/, EXP_DIR/ensemble.json)."""
+    from ignite_trainer.cv import collect_experiment, cross_validate, parse_member, resume_cross_validation
+
+    if bootstrap < 0:
+        raise click.BadParameter(f"--bootstrap={bootstrap} must be >= 0")
+    if jobs < 1:
+        raise click.BadParameter(f"--jobs={jobs} must be >= 1")
+    members = [parse_member(o) for o in only]  # a malformed FOLD:SEED fails before any work
+    new_flags = {"--config": config_file, "--data": data, "--format": fmt, "--epochs": epochs, "--set": assignments,
+                 "--folds": folds, "--split-seed": split_seed, "--splits": splits_file, "--output-dir": output_dir,
+                 "--name": name, "--device": device, "--progress": progress}
+    given = [flag for flag, v in new_flags.items() if v not in (None, ())] + (["--seeds"] if seeds != "0" else [])
+    if resume_dir and collect_dir:
+        raise click.UsageError("--resume and --collect cannot be combined")
+    if (resume_dir or collect_dir) and given:
+        raise click.UsageError(f"{', '.join(given)} cannot be combined with --resume/--collect "
+                               "(the experiment's own settings are used)")
+    if collect_dir:
+        if members or overwrite:
+            raise click.UsageError("--collect takes no --only or --overwrite")
+        summary = collect_experiment(collect_dir, bootstrap=bootstrap, figures=figures)
+        _print_cv(summary)
+        return
+    if resume_dir:
+        if overwrite:
+            raise click.UsageError("--overwrite cannot be combined with --resume")
+        summary = resume_cross_validation(resume_dir, jobs=jobs, only=members, bootstrap=bootstrap, figures=figures,
+                                          echo=lambda line: click.echo(line, err=True))
+    else:
+        try:
+            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
+        except ValueError:
+            raise click.BadParameter(f"--seeds={seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
+        config = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
+        flags = {"data": data, "format": fmt, "epochs": epochs, "device": device, "progress": progress,
+                 "output_dir": output_dir, "name": name}
+        config = config.updated({k: v for k, v in flags.items() if v is not None}, source="command line")
+        config = config.with_overrides(list(assignments))
+        if folds is None and not splits_file:
+            folds = config.n_folds if config.n_folds >= 2 else 5
+        summary = cross_validate(config, folds, seed_list,
+                                 split_seed=split_seed, splits=splits_file, jobs=jobs, only=members,
+                                 overwrite=overwrite, bootstrap=bootstrap, figures=figures,
+                                 echo=lambda line: click.echo(line, err=True))
+    if summary.get("collected"):
+        _print_cv(summary)
+    failed = summary.get("failed") or {}
+    if failed:
+        listing = "; ".join(f"{name} ({message})" for name, message in failed.items())
+        raise UserError(f"{len(failed)} run(s) of {summary['exp_dir'] if 'exp_dir' in summary else summary['experiment']} "
+                        f"failed: {listing}; the others finished; rerun them with cv --resume")
+
+
+def _print_cv(summary: dict[str, Any]) -> None:
+    """Pooled out-of-fold scores with their intervals, and the spread over runs."""
+    def number(v: Any) -> str:
+        return "n/a" if v is None else f"{v:.3f}"
+
+    click.echo(f"\nexperiment: {summary['experiment']}  ({len(summary['members_finished'])} runs"
+               + (f", missing {', '.join(summary['missing'])}" if summary["missing"] else "") + ")")
+    final = list(summary["sets"])[-1]
+    interval = summary["sets"][final]["pooled_interval"]
+    click.echo(f"{'score':<26}{'pooled (' + final + ')':>22}{'95% CI':>26}{'runs mean ± sd':>24}")
+    for metric in ("murmur_weighted_accuracy", "outcome_cost", "heart.f1", "murmur.f1", "heart.auroc", "murmur.auroc"):
+        ci = interval.get(metric)
+        runs = summary["runs"][metric]
+        spread = number(runs["mean"]) + ("" if runs["sd"] is None else f" ± {runs['sd']:.3f}")
+        click.echo(f"{metric:<26}{number(summary['pooled'][metric]):>22}"
+                   f"{'' if ci is None else f'[{ci[0]:.3f}, {ci[1]:.3f}]':>26}{spread:>24}")
+    t = summary["thresholds"]
+    click.echo(f"out-of-fold thresholds: heart {t['heart']:.4f}, murmur {t['murmur']:.4f}")
+    click.echo(f"report: {Path(summary['experiment']) / 'report' / 'report.md'}")
 
 
 def main(argv: list[str] | None = None) -> int:

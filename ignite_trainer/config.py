@@ -56,6 +56,9 @@ class TrainConfig:
     val_fraction: float = _f(0.2, "share of patients held out for validation", min=0.0, max=0.9)
     n_folds: int = _f(0, "k for k-fold splitting; 0 uses val_fraction", min=0, max=20)
     fold: int = _f(0, "which fold is validation when n_folds > 0", min=0)
+    # None keeps the behaviour of configs written before these fields existed: the split follows `seed`.
+    split_seed: int | None = _f(None, "seed of the patient split (folds or val_fraction); empty uses seed", min=0)
+    split_file: str | None = _f(None, "JSON/CSV file of patient ids per fold (cli.py cv writes one); fold picks validation")
     # optimisation (the reference recipe's defaults)
     batch_size: int = _f(32, "global batch size (split across processes)", min=1)
     learning_rate: float = _f(0.001, "AdamW learning rate", min=0.0, exclusive_min=True)
@@ -71,7 +74,7 @@ class TrainConfig:
     model: str = _f("attention_cnn", "model name from the registry")
     monitor: str = _f("val_loss", "score for early stopping and the best checkpoint: val_loss, macro_f1, heart.f1, ...")
     # run
-    seed: int = _f(0, "seed of model init, splits and crops", min=0)
+    seed: int = _f(0, "seed of model init and crops (and of the split when split_seed is empty)", min=0)
     device: Literal[DEVICES] = _f("auto", "where to train")
     num_workers: int = _f(0, "DataLoader worker processes", min=0)
     output_dir: str = _f("runs", "parent folder of run directories")
@@ -162,6 +165,8 @@ class TrainConfig:
             )
         if self.n_folds == 1:
             raise ConfigError(f"{source}: n_folds=1 is not a split (use 0 for a val_fraction split, or >= 2)")
+        if self.split_file is not None and not self.split_file.strip():
+            raise ConfigError(f"{source}: split_file is empty (leave it out, or name a split file)")
         if self.n_folds and self.fold >= self.n_folds:
             raise ConfigError(f"{source}: fold={self.fold} must be below n_folds={self.n_folds}")
         if self.n_folds == 0 and self.val_fraction <= 0:
@@ -182,6 +187,11 @@ class TrainConfig:
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @property
+    def effective_split_seed(self) -> int:
+        """The seed that places patients in folds or sides: ``split_seed``, or ``seed`` where it is empty."""
+        return self.seed if self.split_seed is None else self.split_seed
 
     @property
     def pos_weight(self) -> tuple[float, float]:

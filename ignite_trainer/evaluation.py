@@ -1,7 +1,7 @@
 """Score a trained model the way the field does: every window, then recordings, then patients.
 
 `evaluate` reproduces the run's own validation split from the config stored with the model (same reader,
-same feature cache, same `split_patients` arguments) or reads another labelled folder, runs the model over
+same feature cache, same `split_recordings` rule) or reads another labelled folder, runs the model over
 every window, aggregates, and scores each level and label with the functions of `ignite_trainer.scores`
 (accuracy, precision, recall = sensitivity, specificity, F1, AUROC, AUPRC; MAcc on the heart label) plus
 the 2022 Challenge's patient scores: the murmur weighted accuracy and the outcome cost. Decisions use the
@@ -18,7 +18,7 @@ from typing import Any, Literal
 import numpy as np
 
 from ignite_trainer.data.bad_input import BadInputPolicy
-from ignite_trainer.data.datasets import split_patients
+from ignite_trainer.data.prepare import split_recordings
 from ignite_trainer.data.discovery import detect_format, has_labels
 from ignite_trainer.data.prepare import prepare_data
 from ignite_trainer.data.readers import read_recordings
@@ -126,8 +126,7 @@ def _select_recordings(trained: TrainedModel, data: str | Path | None, fmt: str 
     recordings = read_recordings(root, fmt, unknown_murmur=config.unknown_murmur,
                                  policy=BadInputPolicy(skip=config.skip_bad))
     if split == "val":
-        _, recordings = split_patients(recordings, config.val_fraction, config.seed,
-                                       n_folds=config.n_folds, fold=config.fold)
+        _, recordings = split_recordings(recordings, config)
     return recordings, str(root), fmt
 
 

@@ -59,8 +59,21 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     recordings = FeatureCache(features_dir, settings).prepare(recordings, policy=policy, workers=feature_workers())
     if not recordings:
         raise DataError(f"{source}: no usable recordings")
-    train, val = split_patients(recordings, config.val_fraction, config.seed, n_folds=config.n_folds, fold=config.fold)
+    train, val = split_recordings(recordings, config)
     return PreparedData(train, val, features_dir, settings, source, policy.skipped)
+
+
+def split_recordings(recordings: list[Recording], config: TrainConfig) -> tuple[list[Recording], list[Recording]]:
+    """``(train, validation)`` as the config defines them; training and evaluation both split through here.
+
+    Folds (a split file, or ``n_folds >= 2``) come from `ignite_trainer.splits`; otherwise ``val_fraction`` of
+    the patients are held out. ``split_seed`` (empty: ``seed``) places the patients.
+    """
+    if config.split_file or config.n_folds >= 2:
+        from ignite_trainer.splits import fold_split
+
+        return fold_split(recordings, config.n_folds, config.fold, config.effective_split_seed, config.split_file)
+    return split_patients(recordings, config.val_fraction, config.effective_split_seed)
 
 
 def checked_data(config: TrainConfig) -> PreparedData:
