@@ -35,7 +35,14 @@ SAFETENSORS_FORMAT = "ignite_trainer/1"
 
 @dataclass
 class TrainedModel:
-    """A model ready to run (eval mode) with everything needed to feed it and read its output."""
+    """A model ready to run (eval mode) with everything needed to feed it and read its output.
+
+    Example::
+
+        trained = load_trained_model("runs/quick")
+        layer = trained.decision_layer()  # what evaluate and predict decide the Challenge classes with
+        predictor = Predictor([trained])
+    """
 
     model: torch.nn.Module
     config: TrainConfig
