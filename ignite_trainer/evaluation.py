@@ -136,7 +136,8 @@ def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None =
 
     Without ``data`` the run's own validation split is scored (``split="all"``: train and validation);
     with ``data`` every recording of that labelled folder is (``split="val"``: its validation split by the
-    run's split settings). ``aggregation`` (recordings -> patients) defaults to the run's. Output goes to
+    run's split settings). ``aggregation`` (recordings -> patients) defaults to the run's. ``unknown_margin``
+    only applies to a model saved without a decision layer (the legacy Unknown band). Output goes to
     ``<run>/report/`` (or ``<checkpoint stem>_report/`` beside a file outside a run, or ``out_dir``).
 
     Example::
