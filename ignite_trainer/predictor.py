@@ -113,7 +113,7 @@ def _as_float_audio(samples: np.ndarray) -> np.ndarray:
     if samples.dtype.kind == "u":
         half = 2.0 ** (8 * samples.dtype.itemsize - 1)
         return ((samples.astype(np.float64) - half) / half).astype(np.float32)
-    if samples.dtype.kind == "b" or samples.dtype.kind not in "f":
+    if samples.dtype.kind != "f":
         raise DataError(f"samples of dtype {samples.dtype} are not audio")
     return samples
 
