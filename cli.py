@@ -127,7 +127,8 @@ def synth(out_dir: str, patients: int, seed: int, fmt: str) -> None:
 
 _UNKNOWN_MARGIN = click.option(
     "--unknown-margin", type=click.FloatRange(0.0, 0.5), default=0.1, show_default=True,
-    help="Murmur probabilities within this distance of the murmur threshold are called Unknown (2022 scoring).")
+    help="For a model saved without a decision layer: murmur probabilities within this distance of the murmur "
+         "threshold are called Unknown (2022 scoring).")
 _DEVICE = click.option("--device", type=click.Choice(DEVICES), default="cpu", show_default=True,
                        help="Where to run the model.")
 
@@ -163,11 +164,12 @@ def print_evaluation(result: dict[str, Any]) -> None:
     for label in LABELS:
         scores = result["levels"]["patient"][label]
         click.echo(f"{label:<10}" + "".join(f"{scores[n]:>12.3f}" for n in names))
-    for name, key in (("2016 MAcc (heart, recordings)", "heart_macc"),
-                      ("2022 murmur weighted accuracy", "murmur_weighted_accuracy"),
-                      ("2022 outcome cost", "outcome_cost")):
-        value = ch[key]
+    for name, value in (("project's 2016 MAcc (heart, recordings)", result.get("project", {}).get("heart_macc")),
+                        ("2022 Challenge murmur weighted accuracy", ch["murmur_weighted_accuracy"]),
+                        ("2022 Challenge outcome cost", ch["outcome_cost"])):
         click.echo(f"{name}: {'n/a' if value is None else f'{value:.3f}'}")
+    if "challenge_scores" in result["files"]:
+        click.echo(f"official scores file: {result['files']['challenge_scores']}")
     click.echo(f"report: {result['files']['report']}")
 
 

@@ -10,6 +10,16 @@ Data flow: `read_recordings` -> `FeatureCache` (log-mel features, computed once)
 `attach_standard_handlers` (or the single ``attach_*`` handlers, in its order).
 
 ``LABELS`` is the label order everywhere (model outputs, targets, masks, metrics): ``("heart", "murmur")``.
+The 2022 Challenge's classes: ``MURMUR_CLASSES`` ``("Present", "Unknown", "Absent")``, ``OUTCOME_CLASSES``
+``("Abnormal", "Normal")`` and ``CHALLENGE_OUTPUT_CLASSES`` (both, in the order of its output files).
+The official scores of decisions already made: ``ignite_trainer.challenge_scores.challenge_scores`` (the
+module shares the function's name, so the function itself is not a package-level name).
+
+A Challenge entry (see ``examples/challenge/team_code.py``)::
+
+    predictor = Predictor.load("runs/quick")
+    result = predictor.predict_patient(challenge_recordings(metadata_text, arrays), metadata_text)
+    print(dict(zip(result.classes, result.probabilities)))
 
 Names are imported on first use (module ``__getattr__``), so ``import ignite_trainer`` stays cheap
 (torch and Ignite load only when a name that needs them is touched).
@@ -83,6 +93,26 @@ _EXPORTS: dict[str, str] = {
     "predict": "ignite_trainer.inference",
     "load_trained_model": "ignite_trainer.model_files",
     "export_safetensors": "ignite_trainer.model_files",
+    "TrainedModel": "ignite_trainer.model_files",
+    "Predictor": "ignite_trainer.predictor",
+    "PatientPrediction": "ignite_trainer.predictor",
+    "challenge_recordings": "ignite_trainer.predictor",
+    "write_predictions_csv": "ignite_trainer.writers",
+    "write_challenge_outputs": "ignite_trainer.writers",
+    # the 2022 Challenge: official scores, output files and the decision layer
+    "MURMUR_CLASSES": "ignite_trainer.challenge_scores",
+    "OUTCOME_CLASSES": "ignite_trainer.challenge_scores",
+    "CHALLENGE_OUTPUT_CLASSES": "ignite_trainer.challenge_scores",
+    "ChallengeScores": "ignite_trainer.challenge_scores",
+    "format_challenge_output": "ignite_trainer.challenge_scores",
+    "read_challenge_outputs": "ignite_trainer.challenge_scores",
+    "scores_from_outputs": "ignite_trainer.challenge_scores",
+    "write_scores_csv": "ignite_trainer.challenge_scores",
+    "DecisionLayer": "ignite_trainer.decision",
+    "PatientFeatures": "ignite_trainer.decision",
+    "patient_features": "ignite_trainer.decision",
+    "fit_decision": "ignite_trainer.decision",
+    "attach_decision_fitting": "ignite_trainer.predictions",
     # errors
     "UserError": "ignite_trainer.errors",
     "ConfigError": "ignite_trainer.errors",
@@ -127,11 +157,17 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
                                          attach_progress_bar, attach_sampler_epoch, attach_tensorboard,
                                          attach_validation, training_state)
     from ignite_trainer.inference import predict
-    from ignite_trainer.model_files import export_safetensors, load_trained_model
+    from ignite_trainer.challenge_scores import (CHALLENGE_OUTPUT_CLASSES, MURMUR_CLASSES, OUTCOME_CLASSES,
+                                                 ChallengeScores, format_challenge_output,
+                                                 read_challenge_outputs, scores_from_outputs, write_scores_csv)
+    from ignite_trainer.decision import DecisionLayer, PatientFeatures, fit_decision, patient_features
+    from ignite_trainer.model_files import TrainedModel, export_safetensors, load_trained_model
+    from ignite_trainer.predictor import PatientPrediction, Predictor, challenge_recordings
+    from ignite_trainer.writers import write_challenge_outputs, write_predictions_csv
     from ignite_trainer.losses import WeightedBCELoss
     from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
     from ignite_trainer.models import available_models, build_model, register_model
-    from ignite_trainer.predictions import (PredictionCollector, attach_pr_curves, attach_threshold_tuning,
-                                            recording_predictions)
+    from ignite_trainer.predictions import (PredictionCollector, attach_decision_fitting, attach_pr_curves,
+                                            attach_threshold_tuning, recording_predictions)
     from ignite_trainer.run import train
     from ignite_trainer.standard import attach_standard_handlers

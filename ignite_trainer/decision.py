@@ -22,7 +22,8 @@ Outcome (`OutcomeThreshold`): Abnormal when the outcome probability is at or abo
 minimise the official cost on the validation patients (ties: the cut nearest 0.5, then the lower one),
 counting either their observed outcomes or, for a steadier cut, their calibrated P(Abnormal).
 
-`DecisionLayer` holds both and serialises to a flat dict of strings and floats: it fits in a checkpoint
+`DecisionLayer` holds both, plus the validation patients' class frequencies (``prior``: the answer for a
+patient with no usable recording), and serialises to a flat dict of strings and floats: it fits in a checkpoint
 loaded with ``weights_only=True`` and, as JSON, in safetensors metadata; a malformed dict is refused with
 a `CheckpointError` naming the key.
 """
@@ -50,6 +51,10 @@ __all__ = [
     "OutcomeThreshold",
     "DecisionLayer",
     "DECISION_WEIGHTS",
+    "FALLBACK_PRIOR",
+    "patient_truth",
+    "class_frequencies",
+    "fit_decision",
 ]
 
 #: Weight of a correct murmur call by true class (the Challenge's), used as ``argmax w·P``.
@@ -60,6 +65,10 @@ FEATURES: tuple[str, ...] = ("murmur_logit", "murmur_spread", "heart_logit")
 _EPS = 1e-6
 #: Prior Unknown score: P(Unknown) stays below 1/7 and ``3·P(U)`` never beats ``max(5·P(P), P(A))``.
 _PRIOR_UNKNOWN_BIAS = math.log(1.0 / 6.0)
+#: Class frequencies assumed where a layer stores none (a legacy model) or a task had no true class:
+#: every class equally likely, in `CHALLENGE_OUTPUT_CLASSES` order. With the 5/3/1 weights that calls
+#: a patient nobody could hear Present, and Abnormal at any outcome threshold up to 0.5: refer when in doubt.
+FALLBACK_PRIOR: tuple[float, ...] = (1 / 3, 1 / 3, 1 / 3, 0.5, 0.5)
 
 
 # ---------------------------------------------------------------------------------------------- features
@@ -429,12 +438,18 @@ class DecisionLayer:
 
     murmur: MurmurDecision
     outcome: OutcomeThreshold
+    #: Validation class frequencies in `CHALLENGE_OUTPUT_CLASSES` order (None: `FALLBACK_PRIOR` is used).
+    prior: tuple[float, ...] | None = None
+
+    def __post_init__(self) -> None:
+        if self.prior is not None:
+            _check_prior(self.prior, ValueError)
 
     @classmethod
     def fit(cls, features: Sequence[PatientFeatures], murmur_truth: Sequence[str | None],
             outcome_truth: Sequence[str | None], murmur: str = "logistic", outcome: str = "observed"
             ) -> DecisionLayer:
-        """Fit both decisions on validation patients.
+        """Fit both decisions on validation patients, and keep their class frequencies as the prior.
 
         ``murmur`` is ``"logistic"`` or ``"band"`` (tuned band); ``outcome`` is the `OutcomeThreshold.fit`
         method, ``"observed"`` or ``"calibrated"``.
@@ -442,7 +457,28 @@ class DecisionLayer:
         if murmur not in _MURMUR_KINDS:
             raise ValueError(f"murmur must be one of {', '.join(_MURMUR_KINDS)}, got {murmur!r}")
         return cls(_MURMUR_KINDS[murmur].fit(features, murmur_truth),
-                   OutcomeThreshold.fit(features, outcome_truth, method=outcome))
+                   OutcomeThreshold.fit(features, outcome_truth, method=outcome),
+                   class_frequencies(murmur_truth, outcome_truth))
+
+    def prior_outputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """The answer for a patient the model cannot hear: binary calls [5] and probabilities [5].
+
+        The probabilities are the stored class frequencies (`FALLBACK_PRIOR` without them); the murmur
+        call is ``argmax w·P`` over them, the outcome call the layer's threshold applied to P(Abnormal).
+
+        Example:
+
+            >>> labels, probs = DecisionLayer(MurmurLogistic.prior(), OutcomeThreshold(0.4),
+            ...                               (0.1, 0.1, 0.8, 0.3, 0.7)).prior_outputs()
+            >>> labels.tolist(), probs.tolist()
+            ([0, 0, 1, 0, 1], [0.1, 0.1, 0.8, 0.3, 0.7])
+        """
+        probs = np.asarray(self.prior if self.prior is not None else FALLBACK_PRIOR, dtype=np.float64)
+        murmur = _weighted_calls(probs[None, :3])[0]
+        outcome = "Abnormal" if probs[3] >= self.outcome.threshold else "Normal"
+        labels = np.array([int(murmur == c) for c in MURMUR_CLASSES] + [int(outcome == c) for c in OUTCOME_CLASSES],
+                          dtype=np.int64)
+        return labels, probs
 
     @classmethod
     def legacy(cls, murmur_threshold: float, heart_threshold: float, margin: float = 0.1) -> DecisionLayer:
@@ -463,6 +499,8 @@ class DecisionLayer:
         d: dict[str, Any] = {"format": _FORMAT}
         d.update({f"murmur.{k}": v for k, v in self.murmur.to_dict().items()})
         d.update({f"outcome.{k}": v for k, v in self.outcome.to_dict().items()})
+        if self.prior is not None:
+            d.update({f"prior.{c}": float(p) for c, p in zip(CHALLENGE_OUTPUT_CLASSES, self.prior)})
         return d
 
     @classmethod
@@ -472,7 +510,8 @@ class DecisionLayer:
             raise CheckpointError(f"decision layer must be a dict, got {type(d).__name__}")
         if _string(d, "", "format") != _FORMAT:
             raise CheckpointError(f"decision key 'format' is {d['format']!r}; expected {_FORMAT!r}")
-        unknown = sorted(str(k) for k in d if k != "format" and not str(k).startswith(("murmur.", "outcome.")))
+        unknown = sorted(str(k) for k in d
+                         if k != "format" and not str(k).startswith(("murmur.", "outcome.", "prior.")))
         if unknown:
             raise CheckpointError(f"decision key '{unknown[0]}' is not part of a decision layer")
         kind = _string(d, "murmur.", "kind")
@@ -482,7 +521,7 @@ class DecisionLayer:
             raise CheckpointError(f"decision key 'outcome.kind' is {d['outcome.kind']!r}; expected 'threshold'")
         murmur = _MURMUR_KINDS[kind].from_dict({k: v for k, v in d.items() if str(k).startswith("murmur.")}, "murmur.")
         outcome = OutcomeThreshold.from_dict({k: v for k, v in d.items() if str(k).startswith("outcome.")}, "outcome.")
-        return cls(murmur, outcome)
+        return cls(murmur, outcome, _prior_from(d))
 
     def to_json(self) -> str:
         """`to_dict` as JSON, for safetensors metadata (whose values are strings)."""
@@ -495,6 +534,85 @@ class DecisionLayer:
         except (TypeError, ValueError) as e:
             raise CheckpointError(f"decision layer metadata is not JSON ({e})") from None
         return cls.from_dict(d)
+
+
+def _prior_from(d: Mapping[str, Any]) -> tuple[float, ...] | None:
+    """The ``prior.*`` keys (all or none: a layer written before priors were stored has none)."""
+    keys = [f"prior.{c}" for c in CHALLENGE_OUTPUT_CLASSES]
+    present = [k for k in keys if k in d]
+    extra = sorted(str(k) for k in d if str(k).startswith("prior.") and k not in keys)
+    if extra:
+        raise CheckpointError(f"decision key '{extra[0]}' is not part of a decision layer")
+    if not present:
+        return None
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise CheckpointError(f"decision key '{missing[0]}' is missing")
+    prior = tuple(_number(d, "", k) for k in keys)
+    _check_prior(prior, CheckpointError)
+    return prior
+
+
+def _check_prior(prior: Sequence[float], error: type[Exception]) -> None:
+    values = [float(p) for p in prior]
+    if (len(values) != len(CHALLENGE_OUTPUT_CLASSES) or not all(0.0 <= p <= 1.0 for p in values)
+            or abs(sum(values[:3]) - 1.0) > 1e-9 or abs(sum(values[3:]) - 1.0) > 1e-9):
+        raise error(f"decision prior {tuple(prior)!r}: need 5 frequencies in [0, 1] "
+                    f"({', '.join(CHALLENGE_OUTPUT_CLASSES)}), the murmur three and the outcome two each summing to 1")
+
+
+# ---------------------------------------------------------------------------------------------- fitting
+def class_frequencies(murmur_truth: Sequence[str | None], outcome_truth: Sequence[str | None]) -> tuple[float, ...]:
+    """Share of each class among the patients with a true class, in `CHALLENGE_OUTPUT_CLASSES` order.
+
+    A task with no true class at all takes `FALLBACK_PRIOR`'s values.
+
+    Example:
+
+        >>> class_frequencies(["Present", "Absent", "Absent", None], ["Abnormal", None, "Normal", "Normal"])
+        (0.3333333333333333, 0.0, 0.6666666666666666, 0.3333333333333333, 0.6666666666666666)
+    """
+    out: list[float] = []
+    for truth, classes, fallback in ((murmur_truth, MURMUR_CLASSES, FALLBACK_PRIOR[:3]),
+                                     (outcome_truth, OUTCOME_CLASSES, FALLBACK_PRIOR[3:])):
+        known = [t for t in truth if t is not None]
+        out.extend([known.count(c) / len(known) for c in classes] if known else fallback)
+    return tuple(out)
+
+
+def patient_truth(patients: Any) -> tuple[list[str | None], list[str | None]]:
+    """The true murmur class and outcome of each patient of a patient-level `LevelPredictions`.
+
+    The murmur class is CirCor's Present/Unknown/Absent (None where the format has none: the Challenge's
+    murmur task needs all three); the outcome is "Abnormal" or "Normal" from the heart label (None where it
+    is missing).
+
+    Example::
+
+        murmur_truth, outcome_truth = patient_truth(patients)
+    """
+    murmur = [c if c in MURMUR_CLASSES else None for c in patients.murmur_classes]
+    outcome = [("Abnormal" if patients.targets[i, 0] > 0.5 else "Normal") if patients.mask[i, 0] else None
+               for i in range(len(patients.ids))]
+    return murmur, outcome
+
+
+def fit_decision(patients: Any, recordings: Any, murmur: str = "logistic", outcome: str = "observed"
+                 ) -> DecisionLayer:
+    """Fit a `DecisionLayer` on validation predictions: patient- and recording-level `LevelPredictions`.
+
+    This is what training does after each validation (the layer goes into the best checkpoint); with
+    cross-validation, call it once on the out-of-fold predictions of all folds together.
+
+    Example::
+
+        windows, recordings, patients = run.levels("mean")
+        layer = fit_decision(patients, recordings)
+        labels, probs = layer.outputs(patient_features(patients, recordings))
+    """
+    murmur_truth, outcome_truth = patient_truth(patients)
+    return DecisionLayer.fit(patient_features(patients, recordings), murmur_truth, outcome_truth,
+                             murmur=murmur, outcome=outcome)
 
 
 # ---------------------------------------------------------------------------------------------- validation

@@ -2,11 +2,19 @@
 
 `evaluate` reproduces the run's own validation split from the config stored with the model (same reader,
 same feature cache, same `split_recordings` rule) or reads another labelled folder, runs the model over
-every window, aggregates, and scores each level and label with the functions of `ignite_trainer.scores`
-(accuracy, precision, recall = sensitivity, specificity, F1, AUROC, AUPRC; MAcc on the heart label) plus
-the 2022 Challenge's patient scores: the murmur weighted accuracy and the outcome cost. Decisions use the
-thresholds tuned on validation and stored with the model. It writes ``report/metrics.json``,
-``report/patients.csv``, ``report/recordings.csv`` and ``report/report.md`` with figures (`report`).
+every window and aggregates. Two kinds of figures come out, kept apart:
+
+- the 2022 Challenge's scores (``challenge`` in ``metrics.json``, ``report/challenge_scores.csv`` in the
+  official scores file's layout): every metric of the official evaluator (`challenge_scores`), computed
+  from exactly the calls and probabilities ``predict --challenge-dir`` writes for these patients, i.e. the
+  decision layer stored with the model (`decision`), or the legacy threshold ± margin rule for a file
+  without one;
+- the project's own per-level, per-label figures (``levels``; `ignite_trainer.scores`: accuracy,
+  precision, recall = sensitivity, specificity, F1, AUROC, AUPRC, and the 2016 MAcc on the heart label)
+  at the per-label thresholds tuned on validation.
+
+It writes ``report/metrics.json``, ``report/challenge_scores.csv``, ``report/patients.csv``,
+``report/recordings.csv`` and ``report/report.md`` with figures (`report`).
 """
 
 from __future__ import annotations
@@ -22,20 +30,20 @@ from ignite_trainer.data.prepare import split_recordings
 from ignite_trainer.data.discovery import detect_format, has_labels
 from ignite_trainer.data.prepare import prepare_data
 from ignite_trainer.data.readers import read_recordings
+from ignite_trainer.challenge_scores import ChallengeScores, challenge_scores, write_scores_csv
 from ignite_trainer.data.records import Recording
+from ignite_trainer.decision import DecisionLayer, patient_features, patient_truth
 from ignite_trainer.errors import ConfigError, DataError
 from ignite_trainer.inference import run_windows
 from ignite_trainer.model_files import TrainedModel, load_trained_model
-from ignite_trainer.predictions import LevelPredictions, murmur_classes, unknown_band
+from ignite_trainer.predictions import LevelPredictions
 from ignite_trainer.report import write_report
 from ignite_trainer.rundir import RunDirectory
-from ignite_trainer.scores import (
-    auprc, auroc, binary_stats, binary_weighted_accuracy, macc, murmur_weighted_accuracy, outcome_cost,
-)
+from ignite_trainer.scores import auprc, auroc, binary_stats, macc
 from ignite_trainer.vocabulary import AGGREGATIONS, LABELS
 from ignite_trainer.writers import PATIENT_COLUMNS, write_json, write_patients_csv, write_recordings_csv
 
-__all__ = ["evaluate", "label_scores", "level_scores", "challenge_scores", "PATIENT_COLUMNS", "LEVELS"]
+__all__ = ["evaluate", "label_scores", "level_scores", "challenge_section", "PATIENT_COLUMNS", "LEVELS"]
 
 log = logging.getLogger("ignite_trainer")
 
@@ -71,41 +79,29 @@ def level_scores(level: LevelPredictions, thresholds: dict[str, float]) -> dict[
     return result
 
 
-def _true_murmur_class(patients: LevelPredictions, i: int) -> str | None:
-    """The patient's true Present/Unknown/Absent, from CirCor's class or, lacking one, the binary label."""
-    if patients.murmur_classes[i] is not None:
-        return patients.murmur_classes[i]
-    if not patients.mask[i, 1]:
-        return None
-    return "Present" if patients.targets[i, 1] > 0.5 else "Absent"
+def challenge_section(patients: LevelPredictions, recordings: LevelPredictions, layer: DecisionLayer
+                      ) -> tuple[dict[str, Any], ChallengeScores | None]:
+    """The 2022 Challenge's scores of ``layer``'s calls, as the official evaluator computes them.
 
-
-def challenge_scores(patients: LevelPredictions, thresholds: dict[str, float], unknown_margin: float) -> dict[str, Any]:
-    """The 2022 patient scores: murmur weighted accuracy and outcome cost (None where no label allows them).
-
-    When the truth holds "Unknown" patients, the binary murmur output is mapped to Present/Unknown/Absent
-    through the band ``threshold ± unknown_margin`` and scored 5/3/1; otherwise the two-class form
-    ``(5·TP + TN) / (5·(TP+FN) + FP + TN)`` is used. The outcome cost scores the heart label's binary
-    decisions as referrals.
+    The calls and probabilities are exactly those `writers.write_challenge_outputs` writes for these
+    patients. Scored are the patients with both a murmur class (Present/Unknown/Absent) and an outcome;
+    without any (e.g. the 2016 format), every score is None. Returns the ``metrics.json`` section and the
+    `ChallengeScores` (None when nothing could be scored).
     """
-    truth = [_true_murmur_class(patients, i) for i in range(len(patients))]
-    keep = [i for i, t in enumerate(truth) if t is not None]
-    low, high = unknown_band(thresholds["murmur"], unknown_margin)
-    murmur: dict[str, Any] = {"murmur_weighted_accuracy": None, "murmur_scoring": None, "murmur_patients": len(keep),
-                              "murmur_unknown_band": [low, high]}
-    if keep:
-        probs = patients.probs[keep, 1]
-        if any(truth[i] == "Unknown" for i in keep):
-            predicted = murmur_classes(probs, thresholds["murmur"], unknown_margin)
-            murmur["murmur_weighted_accuracy"] = murmur_weighted_accuracy([truth[i] for i in keep], predicted)
-            murmur["murmur_scoring"] = "three_class"
-        else:
-            y_true = np.array([truth[i] == "Present" for i in keep], dtype=np.int64)
-            murmur["murmur_weighted_accuracy"] = binary_weighted_accuracy(y_true, probs >= thresholds["murmur"])
-            murmur["murmur_scoring"] = "binary"
-    y_heart, p_heart = patients.label("heart")
-    cost = outcome_cost(y_heart, p_heart >= thresholds["heart"]) if y_heart.size else None
-    return {**murmur, "outcome_cost": cost, "outcome_patients": int(y_heart.size)}
+    labels, probs = layer.outputs(patient_features(patients, recordings))
+    murmur_truth, outcome_truth = patient_truth(patients)
+    keep = [i for i, (m, o) in enumerate(zip(murmur_truth, outcome_truth)) if m is not None and o is not None]
+    section: dict[str, Any] = {"murmur_weighted_accuracy": None, "outcome_cost": None, "scored_patients": len(keep),
+                               "decision_layer": layer.to_dict(), "murmur": None, "outcome": None}
+    if not keep:
+        return section, None
+    scores = challenge_scores([murmur_truth[i] for i in keep], [outcome_truth[i] for i in keep],
+                              labels[keep, :3], probs[keep, :3], labels[keep, 3:], probs[keep, 3:])
+    section.update(scores.as_dict())
+    section.pop("patients", None)
+    section["murmur_weighted_accuracy"] = scores.murmur.weighted_accuracy
+    section["outcome_cost"] = scores.outcome.cost
+    return section, scores
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -139,13 +135,15 @@ def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None =
 
     Without ``data`` the run's own validation split is scored (``split="all"``: train and validation);
     with ``data`` every recording of that labelled folder is (``split="val"``: its validation split by the
-    run's split settings). ``aggregation`` (recordings -> patients) defaults to the run's. Output goes to
+    run's split settings). ``aggregation`` (recordings -> patients) defaults to the run's. ``unknown_margin``
+    only applies to a model saved without a decision layer (the legacy Unknown band). Output goes to
     ``<run>/report/`` (or ``<checkpoint stem>_report/`` beside a file outside a run, or ``out_dir``).
 
     Example::
 
         result = evaluate("runs/quick")
-        print(result["levels"]["patient"]["murmur"]["f1"], result["challenge"]["outcome_cost"])
+        print(result["challenge"]["murmur_weighted_accuracy"], result["challenge"]["outcome_cost"])
+        print(result["levels"]["patient"]["murmur"]["f1"])  # the project's own per-label figure
     """
     if split not in (None, "val", "all"):
         raise ConfigError(f"split={split!r} is not one of: val, all")
@@ -163,6 +161,10 @@ def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None =
     run = run_windows(trained, recordings, device=device)
     levels = dict(zip(LEVELS, run.levels(how)))
     thresholds = trained.thresholds
+    layer = trained.decision_layer(unknown_margin)
+    challenge, scores = challenge_section(levels["patient"], levels["recording"], layer)
+    challenge["decision"] = ("fitted on the validation patients at training time" if trained.decision is not None
+                             else f"legacy rule: murmur threshold ± {unknown_margin:g} is Unknown, heart threshold")
     results: dict[str, Any] = {
         "model": str(trained.source),
         "epoch": trained.epoch,
@@ -176,15 +178,21 @@ def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None =
         "unknown_margin": float(unknown_margin),
         "counts": {name: len(level) for name, level in levels.items()},
         "levels": {name: level_scores(level, thresholds) for name, level in levels.items()},
-        "challenge": {"heart_macc": None, **challenge_scores(levels["patient"], thresholds, unknown_margin)},
+        "challenge": challenge,
         "warnings": list(run.warnings),
     }
-    results["challenge"]["heart_macc"] = results["levels"]["recording"]["heart"]["macc"]
+    results["project"] = {"heart_macc": results["levels"]["recording"]["heart"]["macc"],
+                          "note": "the project's own figures (levels, heart_macc = 2016 MAcc per recording), "
+                                  "not the 2022 Challenge's; those are under 'challenge'"}
 
     out = _output_dir(trained, out_dir)
     files = {"metrics": out / "metrics.json", "patients": out / "patients.csv", "recordings": out / "recordings.csv",
              "report": out / "report.md"}
+    if scores is not None:
+        files["challenge_scores"] = out / "challenge_scores.csv"
     results["files"] = {k: str(v) for k, v in files.items()}
+    if scores is not None:
+        write_scores_csv(scores, files["challenge_scores"])
     write_patients_csv(levels["patient"], thresholds, files["patients"])
     write_recordings_csv(levels["recording"], thresholds, files["recordings"])
     metrics_log = RunDirectory(trained.run_dir).metrics_log.path if trained.run_dir is not None else None

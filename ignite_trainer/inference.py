@@ -2,7 +2,8 @@
 
 `run_windows` is the one loop that feeds recordings to a model (through the feature cache, padding a
 recording shorter than one window), shared by `predict` and `evaluation.evaluate`; `predict` turns its
-output into per-recording and per-patient decisions with the thresholds stored with the model. Loading
+output into per-recording and per-patient decisions with the thresholds and the decision layer stored
+with the model. Loading
 models lives in `model_files`, finding inputs in `data.discovery`, writing files in `writers`.
 """
 
@@ -13,15 +14,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
+import numpy as np
+
 from ignite_trainer.data.datasets import EvalWindows
 from ignite_trainer.data.discovery import discover_recordings
 from ignite_trainer.data.features import FeatureCache, feature_workers
 from ignite_trainer.data.loaders import make_eval_loader
 from ignite_trainer.data.records import Recording
+from ignite_trainer.decision import DecisionLayer, PatientFeatures, patient_features
 from ignite_trainer.engine import create_evaluator
 from ignite_trainer.model_files import TrainedModel, load_trained_model
 from ignite_trainer.predictions import (
-    LevelPredictions, PredictionCollector, WindowPredictions, murmur_classes, patient_predictions,
+    LevelPredictions, PredictionCollector, WindowPredictions, patient_predictions,
     recording_predictions, unknown_band, window_level,
 )
 from ignite_trainer.runtime import cache_root, resolve_device
@@ -83,7 +87,8 @@ def run_windows(trained: TrainedModel, recordings: Sequence[Recording], device: 
 # ---------------------------------------------------------------------------------------------- predicting
 @dataclass
 class PredictionResult:
-    """Per-recording and per-patient probabilities with the thresholds and murmur band that decide them."""
+    """Per-recording and per-patient probabilities, the thresholds of the per-label decisions, and the
+    Challenge decision layer that makes the Present/Unknown/Absent and Abnormal/Normal calls."""
 
     recordings: LevelPredictions
     patients: LevelPredictions
@@ -91,14 +96,31 @@ class PredictionResult:
     unknown_margin: float
     source: Path
     warnings: list[str]
+    decision: DecisionLayer | None = None  # None: the legacy rule from the thresholds and unknown_margin
 
     @property
-    def band(self) -> tuple[float, float]:
-        """Murmur probabilities in ``[low, high)`` are called "Unknown"."""
-        return unknown_band(self.thresholds["murmur"], self.unknown_margin)
+    def layer(self) -> DecisionLayer:
+        """The decision layer in use (stored with the model, or the legacy band rule)."""
+        if self.decision is not None:
+            return self.decision
+        return DecisionLayer.legacy(self.thresholds["murmur"], self.thresholds["heart"], self.unknown_margin)
+
+    def _features(self, level: LevelPredictions) -> list[PatientFeatures]:
+        if level.level == "patient":
+            return patient_features(level, self.recordings)
+        return [PatientFeatures.single(float(m), float(h)) for h, m in level.probs[:, :2]]
 
     def murmur_classes(self, level: LevelPredictions) -> list[str]:
-        return murmur_classes(level.probs[:, 1], self.thresholds["murmur"], self.unknown_margin)
+        """Present/Unknown/Absent per item; a recording is decided as a patient with that one recording."""
+        return self.layer.murmur.decide(self._features(level))
+
+    def outcome_classes(self, level: LevelPredictions) -> list[str]:
+        """Abnormal/Normal per item, by the decision layer's outcome threshold."""
+        return self.layer.outcome.decide(self._features(level))
+
+    def challenge_outputs(self) -> tuple[np.ndarray, np.ndarray]:
+        """Per patient, the Challenge's binary calls [N, 5] and probabilities [N, 5] (`CHALLENGE_OUTPUT_CLASSES`)."""
+        return self.layer.outputs(self._features(self.patients))
 
 
 def predict(model: str | Path | TrainedModel, inputs: Sequence[str | Path], fmt: str | None = None,
@@ -106,9 +128,10 @@ def predict(model: str | Path | TrainedModel, inputs: Sequence[str | Path], fmt:
             device: str = "cpu") -> PredictionResult:
     """Run a trained model on WAV files or dataset folders (labels, if any, are ignored).
 
-    ``aggregation`` defaults to the run's own (``config.aggregation``); the thresholds are the tuned ones
-    stored with the model (0.5 where it holds none); murmur probabilities within ``unknown_margin`` of the
-    murmur threshold are called "Unknown" (see `predictions.unknown_band`).
+    ``aggregation`` defaults to the run's own (``config.aggregation``); the per-label thresholds are the
+    tuned ones stored with the model (0.5 where it holds none); the Challenge calls come from the decision
+    layer stored with the model or, for a model without one, from the legacy rule: murmur probabilities
+    within ``unknown_margin`` of the murmur threshold are called "Unknown" (see `predictions.unknown_band`).
 
     Example::
 
@@ -120,4 +143,5 @@ def predict(model: str | Path | TrainedModel, inputs: Sequence[str | Path], fmt:
     recordings = discover_recordings(inputs, fmt)
     run = run_windows(trained, recordings, device=device)
     _, recs, patients = run.levels(aggregation or trained.config.aggregation)
-    return PredictionResult(recs, patients, dict(trained.thresholds), unknown_margin, trained.source, run.warnings)
+    return PredictionResult(recs, patients, dict(trained.thresholds), unknown_margin, trained.source, run.warnings,
+                            trained.decision)

@@ -21,6 +21,7 @@ from ignite_trainer.atomic import atomic_path
 from ignite_trainer.checkpoint import find_best_checkpoint, load_checkpoint, load_model_weights
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.data.features import FeatureSettings
+from ignite_trainer.decision import DecisionLayer
 from ignite_trainer.errors import CheckpointError, ConfigError
 from ignite_trainer.models import build_model
 from ignite_trainer.predictions import DEFAULT_THRESHOLDS
@@ -34,7 +35,14 @@ SAFETENSORS_FORMAT = "ignite_trainer/1"
 
 @dataclass
 class TrainedModel:
-    """A model ready to run (eval mode) with everything needed to feed it and read its output."""
+    """A model ready to run (eval mode) with everything needed to feed it and read its output.
+
+    Example::
+
+        trained = load_trained_model("runs/quick")
+        layer = trained.decision_layer()  # what evaluate and predict decide the Challenge classes with
+        predictor = Predictor([trained])
+    """
 
     model: torch.nn.Module
     config: TrainConfig
@@ -44,6 +52,15 @@ class TrainedModel:
     source: Path
     run_dir: Path | None
     epoch: int | None
+    #: The Challenge decision layer fitted on validation when the model was trained (None: an older file).
+    decision: DecisionLayer | None = None
+
+    def decision_layer(self, unknown_margin: float = 0.1) -> DecisionLayer:
+        """The stored decision layer, or for a file without one the legacy rule: Unknown within
+        ``unknown_margin`` of the murmur threshold, Abnormal at or above the heart threshold."""
+        if self.decision is not None:
+            return self.decision
+        return DecisionLayer.legacy(self.thresholds["murmur"], self.thresholds["heart"], unknown_margin)
 
 
 def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu") -> TrainedModel:
@@ -69,13 +86,14 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
         parent = path.parent
         run_dir = parent.parent if parent.name == "checkpoints" and (parent.parent / "config.yaml").is_file() else None
     if path.suffix == ".safetensors":
-        state, saved, thresholds, epoch = _read_safetensors(path)
+        state, saved, thresholds, epoch, decision = _read_safetensors(path)
     else:
         ckpt = load_checkpoint(path, map_location="cpu")
         if "model_state_dict" not in ckpt:
             raise CheckpointError(f"{path}: checkpoint holds no model_state_dict")
         state, saved = ckpt["model_state_dict"], ckpt.get("config")
         thresholds, epoch = ckpt.get("thresholds"), ckpt.get("epoch")
+        decision = _decision_from(ckpt.get("decision"), path)
     config = _config_from(saved, path)
     try:
         model = build_model(config.model, n_mels=config.n_mels)
@@ -86,7 +104,8 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
     tuned = _thresholds_from(thresholds, path)
     return TrainedModel(model=model, config=config, settings=FeatureSettings.from_config(config),
                         thresholds=tuned or dict(DEFAULT_THRESHOLDS), thresholds_tuned=tuned is not None,
-                        source=path, run_dir=run_dir, epoch=int(epoch) if isinstance(epoch, int) else None)
+                        source=path, run_dir=run_dir, epoch=int(epoch) if isinstance(epoch, int) else None,
+                        decision=decision)
 
 
 def _config_from(saved: Any, path: Path) -> TrainConfig:
@@ -108,7 +127,17 @@ def _thresholds_from(value: Any, path: Path) -> dict[str, float] | None:
     return {label: float(value[label]) for label in LABELS}
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, Any]:
+def _decision_from(value: Any, path: Path) -> DecisionLayer | None:
+    """The decision layer a checkpoint carries (a `DecisionLayer.to_dict`), or None when it has none."""
+    if value is None:
+        return None
+    try:
+        return DecisionLayer.from_dict(value)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, Any, DecisionLayer | None]:
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
@@ -124,11 +153,16 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, An
     except (yaml.YAMLError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{path}: damaged metadata ({type(e).__name__})") from None
     epoch = int(metadata["epoch"]) if metadata.get("epoch", "").isdigit() else None
-    return state, saved, thresholds, epoch
+    try:
+        decision = DecisionLayer.from_json(metadata["decision"]) if metadata.get("decision") else None
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return state, saved, thresholds, epoch, decision
 
 
 def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path) -> Path:
-    """Write the model's weights as safetensors, with the config (YAML) and thresholds in its metadata.
+    """Write the model's weights as safetensors, with the config (YAML), thresholds and decision layer
+    (JSON) in its metadata.
 
     The export is enough on its own to evaluate or predict (`load_trained_model` reads it), holds no
     pickle at all, and is a fraction of a training checkpoint (no optimizer or resume state).
@@ -148,6 +182,7 @@ def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path) 
         "config": trained.config.to_yaml(),
         "thresholds": json.dumps(trained.thresholds) if trained.thresholds_tuned else "",
         "epoch": "" if trained.epoch is None else str(trained.epoch),
+        "decision": "" if trained.decision is None else trained.decision.to_json(),
         "source": trained.source.name,
     }
     try:

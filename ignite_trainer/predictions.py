@@ -26,6 +26,7 @@ from ignite.exceptions import NotComputableError
 from ignite.metrics.metric import Metric, reinit__is_reduced
 
 from ignite_trainer.data.records import LABELS, Recording
+from ignite_trainer.decision import fit_decision
 from ignite_trainer.events import TrainerEvents
 from ignite_trainer.scores import probs_to_murmur_class, tune_threshold
 from ignite_trainer.vocabulary import AGGREGATIONS, OBJECTIVES
@@ -33,7 +34,7 @@ from ignite_trainer.vocabulary import AGGREGATIONS, OBJECTIVES
 __all__ = [
     "WindowPredictions", "LevelPredictions", "PredictionCollector", "aggregate", "window_level",
     "recording_predictions", "patient_predictions", "patient_labels", "tune_thresholds", "unknown_band",
-    "murmur_classes", "attach_threshold_tuning", "attach_pr_curves", "DEFAULT_THRESHOLDS",
+    "murmur_classes", "attach_threshold_tuning", "attach_decision_fitting", "attach_pr_curves", "DEFAULT_THRESHOLDS",
 ]
 
 log = logging.getLogger("ignite_trainer")
@@ -367,6 +368,31 @@ def attach_threshold_tuning(trainer: Engine, evaluator_metric_name: str, objecti
 
     trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, tune)
     return tune
+
+
+def attach_decision_fitting(trainer: Engine, evaluator_metric_name: str, val_dataset: Any,
+                            aggregation: Aggregation = "mean") -> Callable[[Engine], None]:
+    """After each validation, fit the Challenge decision layer on the validation patients.
+
+    Sets ``trainer.state.decision`` to a `decision.DecisionLayer` (`decision.fit_decision` on the patients
+    aggregated with ``aggregation``, as evaluation will aggregate them). Attach it before the best
+    checkpoint, whose ``decision`` snapshot stores ``state.decision.to_dict()`` (plain strings and floats,
+    so the file still loads with ``weights_only=True``).
+
+    Example::
+
+        attach_threshold_tuning(trainer, "predictions", config.threshold_objective, val_dataset)
+        attach_decision_fitting(trainer, "predictions", val_dataset, config.aggregation)
+        to_save["decision"] = Snapshot(lambda: trainer.state.decision.to_dict())
+    """
+
+    def fit(engine: Engine) -> None:
+        recs = _validation_recordings(engine, evaluator_metric_name, val_dataset)
+        patients = patient_predictions(recs, val_dataset.recordings, aggregation)
+        engine.state.decision = fit_decision(patients, recs)
+
+    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, fit)
+    return fit
 
 
 def attach_pr_curves(trainer: Engine, tb_logger: Any, evaluator_metric_name: str = "predictions",

@@ -246,6 +246,27 @@ def _table(scores: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return lines
 
 
+def _challenge_lines(ch: dict[str, Any]) -> list[str]:
+    """The official summary and per-class tables (``nan``-free: undefined is n/a), or why there are none."""
+    if not ch.get("murmur"):
+        return ["No patient holds both a murmur class (Present/Unknown/Absent) and an outcome: nothing to score.", ""]
+    lines = [f"{ch['scored_patients']} patients; decisions: {ch.get('decision', 'decision layer')}. The same "
+             "numbers, in the official scores file's layout: [challenge_scores.csv](challenge_scores.csv).", "",
+             "| task | AUROC | AUPRC | F-measure | accuracy | weighted accuracy | cost |", "|---|---|---|---|---|---|---|"]
+    for task in ("murmur", "outcome"):
+        t = ch[task]
+        lines.append(f"| {task} | " + " | ".join(_number(t[k]) for k in ("auroc", "auprc", "f_measure", "accuracy",
+                                                                        "weighted_accuracy", "cost")) + " |")
+    lines += ["", "| class | AUROC | AUPRC | F-measure | accuracy (recall) |", "|---|---|---|---|---|"]
+    for task in ("murmur", "outcome"):
+        t = ch[task]
+        for c in t["classes"]:
+            lines.append(f"| {c} | " + " | ".join(_number(t[k][c]) for k in ("auroc_classes", "auprc_classes",
+                                                                             "f_measure_classes", "accuracy_classes"))
+                         + " |")
+    return lines + [""]
+
+
 def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mapping[str, LevelPredictions],
                  metrics_log: str | Path | None = None, figures: bool = True) -> list[Path]:
     """Write the figures (``out_dir/figures/*.png``) and ``out_dir/report.md``; returns the figure paths.
@@ -281,19 +302,14 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mappin
         f"- windows → recordings: mean probability; recordings → patients: {results['aggregation']}",
         f"- thresholds: heart {t['heart']:.3f}, murmur {t['murmur']:.3f} ({how})",
         f"- evaluated: {counts['patient']} patients, {counts['recording']} recordings, {counts['window']} windows",
-        "", "## Challenge scores", "", "| score | value |", "|---|---|",
-        f"| 2016 MAcc, heart, per recording | {_number(ch['heart_macc'])} |",
-    ]
-    if ch["murmur_scoring"] == "three_class":
-        low, high = ch["murmur_unknown_band"]
-        form = f"Present/Unknown/Absent 5/3/1; Unknown for murmur probability in [{low:.3f}, {high:.3f})"
-    else:
-        form = "binary 5/1: the truth holds no Unknown" if ch["murmur_scoring"] == "binary" else "no murmur labels"
-    lines += [
-        f"| 2022 murmur weighted accuracy, per patient ({form}) | {_number(ch['murmur_weighted_accuracy'])} |",
-        f"| 2022 outcome cost per patient (lower is better) | {_number(ch['outcome_cost'])} |", "",
-        "Scores use only present labels; a zero denominator gives 0.0, and AUROC/AUPRC are 0.0 when a level holds "
-        "one class only.", "",
+        "", "## 2022 Challenge scores (official definitions)", "",
+        *_challenge_lines(ch),
+        "## The project's own figures", "",
+        "Per-label scores at the tuned thresholds (these are not Challenge scores: the murmur label is binary, "
+        "its Unknown patients left out). Scores use only present labels; a zero denominator gives 0.0, and "
+        "AUROC/AUPRC are 0.0 when a level holds one class only.", "",
+        "| score | value |", "|---|---|",
+        f"| 2016 MAcc, heart, per recording | {_number(results.get('project', {}).get('heart_macc'))} |", "",
     ]
     for level in ("patient", "recording", "window"):
         if level in results["levels"]:

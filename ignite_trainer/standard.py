@@ -7,8 +7,8 @@ left in ``trainer.state``, so the order is part of the contract:
    epoch will train with.
 2. ``ITERATION_COMPLETED``: the non-finite guard, before anything could save a broken step.
 3. ``EPOCH_COMPLETED``: validation, which fires ``VALIDATION_COMPLETED``, on which, in order:
-   threshold tuning (sets ``state.thresholds``), early stopping, then the best checkpoint (whose
-   ``thresholds`` snapshot must see this epoch's values, and whose ``early_stopping`` state must already
+   threshold tuning (sets ``state.thresholds``), the Challenge decision layer (``state.decision``), early
+   stopping, then the best checkpoint (whose ``thresholds`` and ``decision`` snapshots must see this epoch's values, and whose ``early_stopping`` state must already
    count this epoch), then, on rank 0, the metrics log, TensorBoard, PR curves and a TensorBoard flush.
    After validation, still on ``EPOCH_COMPLETED``: the LR scheduler steps, then the last checkpoint is
    written (it must hold the *next* epoch's LR and every state above).
@@ -39,7 +39,7 @@ from ignite_trainer.handlers import (
     attach_metrics_log, attach_nan_guard, attach_progress_bar, attach_sampler_epoch, attach_tensorboard,
     attach_validation, training_state,
 )
-from ignite_trainer.predictions import attach_pr_curves, attach_threshold_tuning
+from ignite_trainer.predictions import attach_decision_fitting, attach_pr_curves, attach_threshold_tuning
 from ignite_trainer.rundir import RunDirectory
 
 __all__ = ["StandardHandlers", "attach_standard_handlers"]
@@ -70,6 +70,7 @@ class StandardHandlers:
     pr_curves: Callable[[Engine], None] | None = None
     progress_bar: ProgressBar | None = None
     checkpoint_dir: Path | None = field(default=None, repr=False)
+    decision_fitting: Callable[[Engine], None] | None = None
 
     def close(self) -> None:
         """Flush and close TensorBoard; on the saving rank, remove temp files an interrupted save left behind."""
@@ -79,13 +80,18 @@ class StandardHandlers:
             clean_partial_files(self.checkpoint_dir)
 
 
+def _decision_dict(trainer: Engine) -> dict[str, Any] | None:
+    decision = getattr(trainer.state, "decision", None)
+    return None if decision is None else decision.to_dict()
+
+
 def attach_standard_handlers(
     trainer: Engine, evaluator: Engine, *, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
     train_loader: Any, val_loader: Any, val_dataset: Any, config: TrainConfig, run_dir: str | Path,
     scaler: torch.amp.GradScaler | None = None, extra_to_save: Mapping[str, Any] | None = None,
     resume_from: str | Path | None = None, writes_logs: bool | None = None,
 ) -> StandardHandlers:
-    """Attach validation, thresholds, early stopping, checkpoints, LR schedule and loggers, in order.
+    """Attach validation, thresholds, the decision layer, early stopping, checkpoints, LR schedule and loggers, in order.
 
     ``evaluator`` must carry a `PredictionCollector` named ``"predictions"`` (threshold tuning and PR curves
     read it). ``extra_to_save`` adds objects of a custom script to both checkpoints. With ``resume_from``
@@ -108,6 +114,7 @@ def attach_standard_handlers(
     nan_guard = attach_nan_guard(trainer, where=f"; resume from the last good checkpoint with --resume {run_dir}")
     validation = attach_validation(trainer, evaluator, val_loader)
     tuning = attach_threshold_tuning(trainer, "predictions", config.threshold_objective, val_dataset)
+    decision_fitting = attach_decision_fitting(trainer, "predictions", val_dataset, config.aggregation)
     scheduler = attach_lr_scheduler(trainer, optimizer, config.epochs) if config.scheduler == "cosine_annealing" else None
 
     to_save: dict[str, Any] = {
@@ -117,6 +124,7 @@ def attach_standard_handlers(
         "rng": RNGStates(),
         **training_state(trainer, config.to_dict()),
         "thresholds": Snapshot(lambda: getattr(trainer.state, "thresholds", None)),
+        "decision": Snapshot(lambda: _decision_dict(trainer)),
         **(extra_to_save or {}),
     }
     if scaler is not None:
@@ -130,7 +138,8 @@ def attach_standard_handlers(
     last = attach_last_checkpoint(trainer, {**to_save, "best_checkpointer": best}, directory.checkpoints)
     # Only the saving rank may clean up temp files: another rank finishing first would delete a file being written.
     handlers = StandardHandlers(sampler_epoch, nan_guard, validation, tuning, scheduler, early, best, last, to_save,
-                                checkpoint_dir=directory.checkpoints if idist.get_rank() == 0 else None)
+                                checkpoint_dir=directory.checkpoints if idist.get_rank() == 0 else None,
+                                decision_fitting=decision_fitting)
     if resume_from is not None:
         handlers.restored_iteration = restore(resume_from, {**to_save, "best_checkpointer": best, "checkpointer": last},
                                               map_location="cpu")

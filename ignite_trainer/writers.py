@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Mapping, Sequence, TextIO
 
 from ignite_trainer.atomic import atomic_write
+from ignite_trainer.challenge_scores import CHALLENGE_OUTPUT_CLASSES, format_challenge_output
 from ignite_trainer.errors import DataError
 from ignite_trainer.predictions import LevelPredictions
 from ignite_trainer.vocabulary import LABELS
@@ -29,9 +30,9 @@ __all__ = [
 ]
 
 #: The 2022 Challenge's class order in its per-patient output files.
-CHALLENGE_CLASSES = ("Present", "Unknown", "Absent", "Abnormal", "Normal")
+CHALLENGE_CLASSES = CHALLENGE_OUTPUT_CLASSES
 PREDICTION_COLUMNS = ("level", "id", "patient_id", "windows", "heart_prob", "heart_pred", "murmur_prob",
-                      "murmur_pred", "murmur_class")
+                      "murmur_pred", "murmur_class", "outcome_class")
 PATIENT_COLUMNS = ("patient_id", "heart_true", "heart_prob", "heart_pred", "murmur_true", "murmur_prob", "murmur_pred")
 RECORDING_COLUMNS = ("recording_id", "patient_id", "windows", "heart_true", "heart_prob", "heart_pred",
                      "murmur_true", "murmur_prob", "murmur_pred")
@@ -95,7 +96,8 @@ def write_predictions_csv(result: "PredictionResult", out: str | Path | TextIO |
     """One row per recording, then per patient (``level`` column); stdout when ``out`` is None.
 
     Probabilities are written with full precision (``repr``) so that re-thresholding the CSV gives exactly
-    the ``*_pred`` columns.
+    the ``*_pred`` columns (the project's per-label decisions at the tuned thresholds); ``murmur_class``
+    and ``outcome_class`` are the Challenge decision layer's calls, the ones the Challenge files hold.
 
     Example::
 
@@ -103,11 +105,11 @@ def write_predictions_csv(result: "PredictionResult", out: str | Path | TextIO |
     """
     rows = []
     for level in (result.recordings, result.patients):
-        classes = result.murmur_classes(level)
+        classes, outcomes = result.murmur_classes(level), result.outcome_classes(level)
         for i, item in enumerate(level.ids):
             rows.append({"level": level.level, "id": item, "patient_id": level.patient_ids[i],
                          "windows": int(level.n_windows[i]), **label_cells(level, i, result.thresholds, truth=False),
-                         "murmur_class": classes[i]})
+                         "murmur_class": classes[i], "outcome_class": outcomes[i]})
     write_csv(out, PREDICTION_COLUMNS, rows, what="predictions")
 
 
@@ -119,30 +121,24 @@ def write_challenge_outputs(result: "PredictionResult", out_dir: str | Path) -> 
         <five 0/1 labels>
         <five probabilities>
 
-    The murmur call is Present/Unknown/Absent through the murmur threshold's uncertainty band, the outcome
-    Abnormal when ``heart_prob >= threshold``. The model has one murmur output, so the probabilities are
-    ``p``, 0 and ``1 - p`` for Present, Unknown, Absent, and ``q``, ``1 - q`` for Abnormal, Normal.
+    Calls and probabilities are the decision layer's (`inference.PredictionResult.challenge_outputs`), the
+    same ones `evaluation.evaluate` scores, and probabilities are written at full precision (the shortest
+    text that reads back as the same float64), so the official evaluator sees exactly what was scored.
 
     Example::
 
         write_challenge_outputs(predict("runs/quick", ["test_data/"]), "outputs/")
     """
+    labels, probs = result.challenge_outputs()
+    texts = [format_challenge_output(pid, CHALLENGE_OUTPUT_CLASSES, labels[i].tolist(), probs[i].tolist())
+             for i, pid in enumerate(result.patients.ids)]
     out_dir = Path(out_dir)
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{out_dir}: cannot create the output folder ({e.strerror or e})") from None
-    patients = result.patients
-    calls = result.murmur_classes(patients)
     written = []
-    for i, pid in enumerate(patients.ids):
-        p_murmur, p_heart, call = float(patients.probs[i, 1]), float(patients.probs[i, 0]), calls[i]
-        abnormal = p_heart >= result.thresholds["heart"]
-        labels = [int(call == "Present"), int(call == "Unknown"), int(call == "Absent"),
-                  int(abnormal), int(not abnormal)]
-        probs = [p_murmur, 0.0, 1.0 - p_murmur, p_heart, 1.0 - p_heart]
-        text = (f"#{pid}\n{','.join(CHALLENGE_CLASSES)}\n{','.join(map(str, labels))}\n"
-                f"{','.join(f'{p:.6g}' for p in probs)}\n")
+    for pid, text in zip(result.patients.ids, texts):
         path = out_dir / f"{pid}.csv"
         try:
             with atomic_write(path, "w", durable=False) as f:

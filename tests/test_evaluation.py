@@ -18,13 +18,13 @@ from ignite_trainer.checkpoint import load_checkpoint
 from ignite_trainer.data.datasets import split_patients
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.errors import CheckpointError, DataError
-from ignite_trainer.evaluation import challenge_scores, evaluate, level_scores
+from ignite_trainer.challenge_scores import challenge_cost
+from ignite_trainer.decision import DecisionLayer
+from ignite_trainer.evaluation import challenge_section, evaluate, level_scores
 from ignite_trainer.model_files import load_trained_model
 from ignite_trainer.writers import PATIENT_COLUMNS
-from ignite_trainer.predictions import LevelPredictions, murmur_classes
-from ignite_trainer.scores import (
-    auprc, auroc, binary_stats, macc, murmur_weighted_accuracy, outcome_cost,
-)
+from ignite_trainer.predictions import LevelPredictions
+from ignite_trainer.scores import auprc, auroc, binary_stats, macc
 
 
 # ---------------------------------------------------------------------------------------------- score wiring
@@ -58,34 +58,37 @@ def test_level_scores_no_positives_and_all_positives_are_defined():
     assert (every["recall"], every["specificity"], every["precision"], every["auprc"]) == (0.5, 0.0, 1.0, 0.0)
 
 
-def test_challenge_scores_three_class_band_and_outcome_cost_by_hand():
-    # Murmur threshold 0.3, margin 0.1 -> Unknown band [0.2, 0.4).
+def test_challenge_section_scores_the_layers_calls_by_hand():
+    # Legacy layer: murmur threshold 0.3, margin 0.1 -> Unknown band [0.2, 0.4); heart threshold 0.5.
     murmur = [0.9, 0.25, 0.3, 0.1, 0.35]  # -> Present, Unknown, Unknown, Absent, Unknown
     classes = ["Present", "Present", "Unknown", "Absent", "Absent"]
-    heart = [0.8, 0.6, 0.2, 0.1, 0.4]  # t=0.5 -> 1, 1, 0, 0, 0 vs truth 1, 0, 1, 0, 0
+    heart = [0.8, 0.6, 0.2, 0.1, 0.4]  # -> Abnormal, Abnormal, Normal, Normal, Normal vs truth A, N, A, N, N
     probs = np.stack([heart, murmur], 1)
     targets = [[1, 1], [0, 1], [1, 0], [0, 0], [0, 0]]
     mask = [[1, 1], [1, 1], [1, 0], [1, 1], [1, 1]]
-    ch = challenge_scores(lp(probs, targets, mask, classes), {"heart": 0.5, "murmur": 0.3}, 0.1)
-    assert ch["murmur_scoring"] == "three_class"
+    patients = lp(probs, targets, mask, classes)
+    ch, scores = challenge_section(patients, lp(probs, targets, mask, classes, level="recording"),
+                                   DecisionLayer.legacy(0.3, 0.5, 0.1))
+    assert ch["scored_patients"] == 5 and scores.n_patients == 5
     assert ch["murmur_weighted_accuracy"] == pytest.approx((5 * 1 + 3 * 1 + 1 * 1) / (5 * 2 + 3 * 1 + 1 * 2))
-    assert ch["murmur_unknown_band"] == pytest.approx([0.2, 0.4])
-    # TP 1, FP 1, FN 1, TN 2, n 5, s = 2/5.
+    # Outcome: TP 1, FP 1, FN 1, TN 2, n 5, s = 2/5.
     expert = (25 + 397 * 0.4 - 1718 * 0.4**2 + 11296 * 0.4**4) * 5
     assert ch["outcome_cost"] == pytest.approx((10 * 5 + expert + 10000 * 1 + 50000 * 1) / 5)
     assert ch["outcome_cost"] == pytest.approx(12208.0976)
+    # The murmur cost refers Present and Unknown calls (patients 0, 1, 2, 4) against the outcome truth.
+    assert ch["murmur"]["cost"] == pytest.approx(challenge_cost(2, 2, 0, 1))
+    assert ch["murmur"]["accuracy_classes"] == {"Present": 0.5, "Unknown": 1.0, "Absent": 0.5}
+    assert ch["outcome"]["weighted_accuracy"] == pytest.approx((5 * 1 + 1 * 2) / (5 * 2 + 1 * 3))
+    assert ch["decision_layer"]["murmur.kind"] == "band"
 
 
-def test_challenge_scores_binary_form_without_unknown_and_none_without_labels():
-    murmur = [0.9, 0.25, 0.3, 0.1, 0.35]  # t=0.3 -> 1, 0, 1, 0, 1 vs truth 1, 1, 0, 0, 0
-    probs = np.stack([[0.5] * 5, murmur], 1)
-    targets = [[1, 1], [1, 1], [1, 0], [1, 0], [1, 0]]
-    ch = challenge_scores(lp(probs, targets), {"heart": 0.5, "murmur": 0.3}, 0.1)
-    assert ch["murmur_scoring"] == "binary"
-    assert ch["murmur_weighted_accuracy"] == pytest.approx((5 * 1 + 1) / (5 * 2 + 3))  # TP 1, FN 1, FP 2, TN 1
-    no_murmur = challenge_scores(lp(probs, targets, [[1, 0]] * 5), {"heart": 0.5, "murmur": 0.3}, 0.1)
-    assert no_murmur["murmur_weighted_accuracy"] is None and no_murmur["murmur_scoring"] is None
-    assert no_murmur["outcome_cost"] == pytest.approx(outcome_cost([1] * 5, [1] * 5))
+def test_challenge_section_is_empty_without_murmur_classes():
+    probs = np.stack([[0.5] * 4, [0.9, 0.2, 0.6, 0.1]], 1)
+    targets = [[1, 1], [0, 1], [1, 0], [0, 0]]
+    patients = lp(probs, targets)  # 2016-like: binary labels, no Present/Unknown/Absent class
+    ch, scores = challenge_section(patients, lp(probs, targets, level="recording"), DecisionLayer.legacy(0.5, 0.5))
+    assert scores is None and ch["scored_patients"] == 0
+    assert ch["murmur_weighted_accuracy"] is None and ch["outcome_cost"] is None and ch["murmur"] is None
 
 
 # ---------------------------------------------------------------------------------------------- on a trained run
@@ -128,14 +131,8 @@ def test_patients_csv_agrees_with_metrics_json(trained_run, tmp_path):
     heart = metrics["levels"]["patient"]["heart"]
     assert heart["macc"] == pytest.approx(macc(heart["sensitivity"], heart["specificity"]))
 
-    ch = metrics["challenge"]
-    assert ch["murmur_scoring"] == "three_class"  # the truth holds Unknown patients
-    truth = ["Unknown" if r["murmur_true"] == "" else "Present" if r["murmur_true"] == "1" else "Absent" for r in rows]
-    calls = murmur_classes([float(r["murmur_prob"]) for r in rows], t["murmur"], metrics["unknown_margin"])
-    assert ch["murmur_weighted_accuracy"] == pytest.approx(murmur_weighted_accuracy(truth, calls))
-    heart_y = [int(r["heart_true"]) for r in rows]
-    assert ch["outcome_cost"] == pytest.approx(outcome_cost(heart_y, [int(r["heart_pred"]) for r in rows]))
-    assert ch["heart_macc"] == metrics["levels"]["recording"]["heart"]["macc"]
+    assert metrics["challenge"]["scored_patients"] == 12
+    assert metrics["project"]["heart_macc"] == metrics["levels"]["recording"]["heart"]["macc"]
     assert result["levels"] == metrics["levels"]
 
 
@@ -217,7 +214,7 @@ def test_a_checkpoint_without_thresholds_falls_back_to_half(trained_run, tmp_pat
 def test_cli_evaluate_prints_scores_and_errors_are_one_line(trained_run, tmp_path, capsys):
     assert cli.main(["evaluate", str(trained_run.checkpoint), "--output-dir", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert "2022 murmur weighted accuracy" in out and str(tmp_path / "report.md") in out
+    assert "2022 Challenge murmur weighted accuracy" in out and str(tmp_path / "report.md") in out
     assert cli.main(["evaluate", str(tmp_path / "missing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: {tmp_path / 'missing'}: no such run directory or checkpoint file"]

@@ -8,7 +8,8 @@ import matplotlib
 import numpy as np
 from matplotlib.image import imread
 
-from ignite_trainer.evaluation import challenge_scores, level_scores
+from ignite_trainer.decision import DecisionLayer
+from ignite_trainer.evaluation import challenge_section, level_scores
 from conftest import level_predictions
 from ignite_trainer.report import (
     plot_confusion_matrices, plot_roc_pr, plot_training_curves, read_metrics_log, write_report,
@@ -76,7 +77,10 @@ def _results(levels, thresholds):
         "thresholds": thresholds, "thresholds_tuned": True, "threshold_objective": "f1", "unknown_margin": 0.1,
         "counts": {k: len(v) for k, v in levels.items()},
         "levels": {k: level_scores(v, thresholds) for k, v in levels.items()},
-        "challenge": {"heart_macc": 0.5, **challenge_scores(levels["patient"], thresholds, 0.1)},
+        "challenge": {**challenge_section(levels["patient"], levels["recording"],
+                                          DecisionLayer.legacy(thresholds["murmur"], thresholds["heart"], 0.1))[0],
+                      "decision": "legacy rule"},
+        "project": {"heart_macc": 0.5},
         "warnings": ["x.wav: 1.00 s is shorter than one 4 s window; zero-padded to one window"],
     }
 
@@ -102,7 +106,8 @@ def test_report_md_tables_and_links(tmp_path):
     assert cells[1] == str(s["support"]) and cells[7] == f"{s['f1']:.3f}" and cells[8] == f"{s['auroc']:.3f}"
     assert cells[10] == f"{s['macc']:.3f}"
     assert "heart 0.450, murmur 0.550 (tuned on the validation recordings (f1))" in text
-    assert "binary 5/1" in text  # no Unknown in the truth
+    assert "No patient holds both a murmur class" in text  # _levels() has no CirCor murmur classes
+    assert "| 2016 MAcc, heart, per recording | 0.500 |" in text.split("## The project's own figures")[1]
     assert "zero-padded" in text.split("## Warnings")[1]
 
 
@@ -113,13 +118,20 @@ def test_report_without_figures_writes_only_markdown(tmp_path):
     assert "![" not in (tmp_path / "report.md").read_text()
 
 
-def test_report_names_the_unknown_band_for_three_class_scoring(tmp_path):
+def test_report_shows_the_official_scores_per_task_and_class(tmp_path):
     classes = ["Present", "Unknown", "Absent", "Absent"]
     levels = _levels()
     levels["patient"] = level("patient", [[0.5, 0.9]] * 4, [[1, 1], [0, 0], [0, 0], [1, 0]],
                               [[True, True], [True, False], [True, True], [True, True]], classes)
-    write_report(tmp_path, _results(levels, {"heart": 0.5, "murmur": 0.3}), levels, figures=False)
-    assert "Unknown for murmur probability in [0.200, 0.400)" in (tmp_path / "report.md").read_text()
+    results = _results(levels, {"heart": 0.5, "murmur": 0.3})
+    write_report(tmp_path, results, levels, figures=False)
+    text = (tmp_path / "report.md").read_text()
+    section = text.split("## 2022 Challenge scores (official definitions)")[1].split("## The project's")[0]
+    murmur = results["challenge"]["murmur"]
+    row = next(line for line in section.splitlines() if line.startswith("| murmur |"))
+    assert row.split("|")[6].strip() == f"{murmur['weighted_accuracy']:.3f}"
+    assert next(line for line in section.splitlines() if line.startswith("| Unknown |"))
+    assert "challenge_scores.csv" in section
 
 
 # ---------------------------------------------------------------------------------------------- what figures say
