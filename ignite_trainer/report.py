@@ -230,7 +230,7 @@ def plot_training_curves(metrics_log: str | Path, path: str | Path, checkpoint_e
 # ---------------------------------------------------------------------------------------------- report.md
 def _number(value: Any) -> str:
     if value is None:
-        return "–"
+        return "n/a"
     if isinstance(value, int):
         return str(value)
     return f"{value:.3f}"
@@ -239,7 +239,7 @@ def _number(value: Any) -> str:
 def _table(scores: Mapping[str, Mapping[str, Any]]) -> list[str]:
     header = ["label"] + [title for _, title in TABLE_COLUMNS] + ["MAcc"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label in LABELS:
+    for label in (label for label in LABELS if label in scores):  # a label present nowhere has no row
         s = scores[label]
         cells = [label] + [_number(s.get(key)) for key, _ in TABLE_COLUMNS] + [_number(s.get("macc"))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -256,7 +256,7 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mappin
     fig_dir = out_dir / "figures"
     made: dict[str, list[Path]] = {}
     if figures:
-        for label in LABELS:
+        for label in (label for label in LABELS if label in results["levels"].get("patient", {})):
             made[label] = [
                 plot_confusion_matrices({lvl: results["levels"][lvl][label] for lvl in levels}, label,
                                         fig_dir / f"confusion_{label}.png"),
@@ -292,8 +292,9 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mappin
     lines += [
         f"| 2022 murmur weighted accuracy, per patient ({form}) | {_number(ch['murmur_weighted_accuracy'])} |",
         f"| 2022 outcome cost per patient (lower is better) | {_number(ch['outcome_cost'])} |", "",
-        "Scores use only present labels; a zero denominator gives 0.0, and AUROC/AUPRC are 0.0 when a level holds "
-        "one class only.", "",
+        "Scores use only present labels; a label present nowhere has no row. A ratio with a zero denominator "
+        "(e.g. recall without positives) and AUROC/AUPRC of a level holding one class only are n/a (null in "
+        "metrics.json), never 0.0.", "",
     ]
     for level in ("patient", "recording", "window"):
         if level in results["levels"]:
