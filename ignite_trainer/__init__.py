@@ -26,6 +26,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+#: The package version; setup.cfg reads it from here (``attr:``), so it is written once.
+__version__ = "0.1.0"
+
 # Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
     # config

@@ -95,9 +95,9 @@ def _skip_undefined(engine: Engine, monitor: str, what: str) -> bool:
 
 
 class ValidationEarlyStopping(EarlyStopping):
-    """Ignite's `EarlyStopping` that also records ``state.early_stopped_epoch``, fires ``EARLY_STOPPED``,
-    says why in the project's log (Ignite's own "Stop training" line is silenced), and skips an epoch whose
-    monitored score is undefined."""
+    """Ignite's `EarlyStopping` that also records ``state.early_stopped_epoch`` and ``state.early_stop_reason``
+    (the sentence the epoch lines log after the epoch's line; Ignite's own "Stop training" line is silenced),
+    fires ``EARLY_STOPPED``, and skips an epoch whose monitored score is undefined."""
 
     def __init__(self, *args: Any, monitor: str = "val_loss", **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -110,8 +110,8 @@ class ValidationEarlyStopping(EarlyStopping):
         super().__call__(engine)
         if self.counter >= self.patience and engine.should_terminate:
             engine.state.early_stopped_epoch = engine.state.epoch
-            log.info("early stopping at epoch %d: %s has not improved for %d epochs", engine.state.epoch,
-                     self.monitor, self.patience)
+            engine.state.early_stop_reason = (f"early stopping at epoch {engine.state.epoch}: {self.monitor} has not "
+                                              f"improved for {self.patience} epochs")
             engine.fire_event(TrainerEvents.EARLY_STOPPED)
 
 
