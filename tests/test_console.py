@@ -214,6 +214,23 @@ def test_best_summary_of_an_empty_folder_is_none(tmp_path):
     assert best_summary(tmp_path, "val_loss") is None
 
 
+def test_filling_the_feature_cache_shows_counts_on_a_terminal_only(early_run, tmp_path, capsys):
+    from ignite_trainer.config import TrainConfig
+    from ignite_trainer.data.features import FeatureCache, FeatureSettings
+    from ignite_trainer.data.readers import read_recordings
+
+    base, data, _, _ = early_run
+    recordings = read_recordings(data, "circor2022")[:3]
+    settings = FeatureSettings.from_config(TrainConfig.from_yaml(base / "runs" / "early" / "config.yaml"))
+    FeatureCache(tmp_path / "quiet", settings).prepare(recordings)  # stderr is no terminal: nothing drawn
+    assert capsys.readouterr().err == ""
+    FeatureCache(tmp_path / "shown", settings).prepare(recordings, progress=True)
+    err = capsys.readouterr().err
+    assert "feature cache" in err and "0/3 [" in err  # counts of the total, then the rate and time left
+    FeatureCache(tmp_path / "shown", settings).prepare(recordings, progress=True)  # warm: nothing to say
+    assert capsys.readouterr().err == ""
+
+
 # ---------------------------------------------------------------------------------------------- CLI
 def test_click_usage_errors_are_one_error_line_with_exit_2(capsys):
     for args in (["train", "--epochs", "many"], ["train", "--no-such-flag"], ["evaluate"], ["nonsense"]):
