@@ -176,9 +176,11 @@ def plot_training_curves(metrics_log: str | Path, path: str | Path, checkpoint_e
 
     Every panel marks the best epoch by the run's monitored score (from ``config.yaml`` beside the log) and,
     when given and different, ``checkpoint_epoch``, the epoch of the checkpoint the report evaluated. The
-    F1 curves are what training logs each epoch: windows at threshold 0.5; the panel says so, and
-    ``tuned_f1`` (per label, the evaluated recordings' F1 at the tuned thresholds) is drawn as stars at
-    the checkpoint's epoch, the number the report's table holds.
+    F1 curves are what training logs each epoch: validation recordings at that epoch's tuned thresholds
+    (solid, where the log holds them) and windows at threshold 0.5 (dotted), which stays flat at 0 on a
+    small run whose probabilities never reach 0.5; the panel says so, and ``tuned_f1`` (per label, the
+    evaluated recordings' F1 at the tuned thresholds) is drawn as stars at the checkpoint's epoch, the
+    number the report's table holds. An undefined F1 (null) leaves a gap.
 
     Example::
 
@@ -199,16 +201,27 @@ def plot_training_curves(metrics_log: str | Path, path: str | Path, checkpoint_e
     loss_ax.plot(epochs, _series(records, "val_loss"), marker=marker, label="validation")
     loss_ax.set(title="loss", xlabel="epoch", ylabel="masked weighted BCE")
     colours = {}
+    tuned_logged = False
     for label in LABELS:
-        (line,) = f1_ax.plot(epochs, _series(records, label, "f1"), marker=marker, label=f"{label} (windows, 0.5)")
+        tuned_curve = _series(records, label, "at_threshold", "f1")
+        has_tuned = any(math.isfinite(v) for v in tuned_curve)
+        tuned_logged |= has_tuned
+        (line,) = f1_ax.plot(epochs, _series(records, label, "f1"), marker=marker, label=f"{label} (windows, 0.5)",
+                             ls=":" if has_tuned else "-", alpha=0.6 if has_tuned else 1.0)
         colours[label] = line.get_color()
+        if has_tuned:
+            f1_ax.plot(epochs, tuned_curve, marker=marker, color=colours[label],
+                       label=f"{label} (recordings, tuned threshold)")
     f1_ax.plot(epochs, _series(records, "macro_f1"), ls="--", color="black", label="macro (windows, 0.5)")
     at = checkpoint_epoch if checkpoint_epoch is not None else best
     for label, value in (tuned_f1 or {}).items():
         if value is not None and at is not None:
             f1_ax.plot([at], [value], marker="*", ms=13, ls="none", color=colours.get(label, "black"),
                        markeredgecolor="black", label=f"{label}: recordings, tuned threshold")
-    f1_ax.set(title="validation F1: windows at threshold 0.5", xlabel="epoch", ylabel="F1", ylim=(-0.02, 1.02))
+    title = ("validation F1: recordings at the epoch's tuned thresholds (solid), windows at 0.5 (dotted)"
+             if tuned_logged else "validation F1: windows at threshold 0.5")
+    f1_ax.set(title=title, xlabel="epoch", ylabel="F1", ylim=(-0.02, 1.02))
+    f1_ax.title.set_fontsize(8)
     lr_ax.plot(epochs, _series(records, "lr"), marker=marker, color="tab:green")
     lr_ax.set(title="learning rate", xlabel="epoch")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
@@ -307,8 +320,9 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mappin
         for p in made.get("training", []):
             lines += ["### Training curves", "", f"![training curves](figures/{p.name})", "",
                       "Dashed line: the best epoch by the run's monitored score (the best checkpoint); dash-dotted, the "
-                      "checkpoint evaluated here when it is another. The F1 curves are what training logs each epoch "
-                      "(windows at threshold 0.5); the stars are this report's recording F1 at the tuned thresholds.",
+                      "checkpoint evaluated here when it is another. The F1 curves are what training logs each epoch: "
+                      "solid, validation recordings at that epoch's tuned thresholds; dotted, windows at threshold "
+                      "0.5; the stars are this report's recording F1 at the tuned thresholds.",
                       ""]
     if results.get("warnings"):
         lines += ["## Warnings", "", *[f"- {w}" for w in results["warnings"]], ""]
