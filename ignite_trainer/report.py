@@ -218,10 +218,11 @@ def plot_training_curves(metrics_log: str | Path, path: str | Path, checkpoint_e
         if value is not None and at is not None:
             f1_ax.plot([at], [value], marker="*", ms=13, ls="none", color=colours.get(label, "black"),
                        markeredgecolor="black", label=f"{label}: recordings, tuned threshold")
-    title = ("validation F1: recordings at the epoch's tuned thresholds (solid), windows at 0.5 (dotted)"
+    title = ("validation F1\nsolid: recordings, the epoch's tuned thresholds; dotted: windows at 0.5"
              if tuned_logged else "validation F1: windows at threshold 0.5")
     f1_ax.set(title=title, xlabel="epoch", ylabel="F1", ylim=(-0.02, 1.02))
-    f1_ax.title.set_fontsize(8)
+    if tuned_logged:
+        f1_ax.title.set_fontsize(9)
     lr_ax.plot(epochs, _series(records, "lr"), marker=marker, color="tab:green")
     lr_ax.set(title="learning rate", xlabel="epoch")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))

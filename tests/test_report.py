@@ -198,7 +198,7 @@ def test_training_curves_draw_the_tuned_threshold_f1_of_each_epoch(tmp_path, mon
     [curve] = [line for line in f1_ax.get_lines() if line.get_label() == "heart (recordings, tuned threshold)"]
     ys = list(curve.get_ydata())
     assert ys[0] == 0.4 and math.isnan(ys[1]) and ys[2] == 0.7
-    assert "tuned thresholds (solid)" in f1_ax.get_title() and "windows at 0.5 (dotted)" in f1_ax.get_title()
+    assert "solid: recordings, the epoch's tuned thresholds; dotted: windows at 0.5" in f1_ax.get_title()
     assert not any("murmur (recordings" in line.get_label() for line in f1_ax.get_lines())  # none logged
 
 
