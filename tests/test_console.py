@@ -267,3 +267,26 @@ def test_a_wav_folder_with_a_readme_is_not_a_circor_layout(tmp_path):
     assert sorted(r.recording_id for r in discover_recordings([tmp_path])) == ["a", "b"]
     (tmp_path / "9001.txt").write_text("9001 1 4000\nAV 9001_AV.hea 9001_AV.wav\n")
     assert detect_format(tmp_path) == "circor2022"
+
+
+def _sleep_until_told(started, event):
+    started.set()
+    event.wait(30)
+
+
+def test_a_forked_worker_alive_after_training_does_not_keep_the_run_locked(tmp_path):
+    import multiprocessing
+
+    from ignite_trainer.run_lock import hold_run_lock, is_running
+
+    context = multiprocessing.get_context("fork")
+    started, done = context.Event(), context.Event()
+    with hold_run_lock(tmp_path):
+        worker = context.Process(target=_sleep_until_told, args=(started, done))  # like a DataLoader worker
+        worker.start()
+        assert started.wait(30) and is_running(tmp_path)
+    try:
+        assert worker.is_alive() and is_running(tmp_path) is False
+    finally:
+        done.set()
+        worker.join()
