@@ -30,7 +30,10 @@ from typing import Any, Iterable, Mapping
 import torch
 from ignite.engine import Engine, Events
 
+from ignite_trainer.checkpoint import find_best_checkpoint, parse_checkpoint_name
+from ignite_trainer.errors import CheckpointError
 from ignite_trainer.events import TrainerEvents
+from ignite_trainer.rundir import RunDirectory
 from ignite_trainer.vocabulary import LABELS
 
 __all__ = ["EpochLines", "attach_epoch_lines", "format_score", "best_summary", "summary_lines", "split_fingerprint",
@@ -168,10 +171,6 @@ def best_summary(run_dir: str | Path, monitor: str) -> dict[str, Any] | None:
         best = best_summary("runs/quick", "val_loss")
         print(best["epoch"], best["score"], best["file"])
     """
-    from ignite_trainer.checkpoint import find_best_checkpoint, parse_checkpoint_name
-    from ignite_trainer.errors import CheckpointError
-    from ignite_trainer.rundir import RunDirectory
-
     directory = RunDirectory(Path(run_dir))
     try:
         path = find_best_checkpoint(directory.path)
