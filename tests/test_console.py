@@ -290,3 +290,30 @@ def test_a_forked_worker_alive_after_training_does_not_keep_the_run_locked(tmp_p
     finally:
         done.set()
         worker.join()
+
+
+def test_evaluate_prints_na_and_no_row_for_a_label_present_nowhere(tmp_path, capsys):
+    import numpy as np
+
+    from ignite_trainer.evaluation import level_scores
+    from ignite_trainer.predictions import LevelPredictions
+    from ignite_trainer.writers import write_json
+
+    # PhysioNet 2016: murmur masked everywhere; every heart label positive, so specificity does not exist
+    level = LevelPredictions(level="patient", ids=["a", "b"], probs=np.array([[0.9, 0.5], [0.2, 0.5]]),
+                             targets=np.array([[1.0, 0.0], [1.0, 0.0]]), mask=np.array([[True, False], [True, False]]),
+                             patient_ids=["a", "b"], murmur_classes=[None, None], n_windows=np.array([1, 1]))
+    scores = level_scores(level, {"heart": 0.5, "murmur": 0.5})
+    write_json(tmp_path / "m.json", {"patient": scores})
+    raw = (tmp_path / "m.json").read_text()
+    assert '"specificity": null' in raw and '"auroc": null' in raw and "murmur" not in raw
+    result = {"data": "d", "split": "all", "counts": {"patient": 2, "recording": 2, "window": 2},
+              "thresholds": {"heart": 0.5, "murmur": 0.5}, "thresholds_tuned": False,
+              "levels": {"patient": scores}, "files": {"report": "r.md"},
+              "challenge": {"heart_macc": None, "murmur_weighted_accuracy": None, "outcome_cost": 1.0}}
+    cli.print_evaluation(result)
+    out = capsys.readouterr().out
+    assert "\nheart" in out and "\nmurmur" not in out
+    heart = next(line for line in out.splitlines() if line.startswith("heart")).split()
+    assert heart[4] == "n/a" and heart[6] == "n/a"  # specificity and AUROC
+    assert "2016 MAcc (heart, recordings): n/a" in out
