@@ -13,6 +13,7 @@ from typing import Any
 
 import click
 
+from ignite_trainer import __version__
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS
 from ignite_trainer.errors import TrainingAborted, UserError
@@ -26,11 +27,14 @@ TRAIN_FLAGS: dict[str, str] = {
     "weight_decay": "weight_decay", "patience": "early_stopping_patience", "grad_clip": "gradient_clip",
     "seed": "seed", "output_dir": "output_dir", "name": "name", "device": "device", "amp": "amp",
     "num_workers": "num_workers", "model": "model", "skip_bad": "skip_bad", "progress": "progress",
-    "nproc_per_node": "nproc_per_node", "backend": "backend",
+    "nproc_per_node": "nproc_per_node", "backend": "backend", "monitor": "monitor",
+    "window_seconds": "window_seconds", "n_folds": "n_folds", "fold": "fold", "cache_dir": "cache_dir",
+    "tracker": "tracker", "tracking_uri": "tracking_uri",
 }
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(__version__, "--version", prog_name="ignite_trainer", message="%(prog)s %(version)s")
 def cli() -> None:
     """Train and evaluate multi-label heart-sound classifiers (labels: heart, murmur) on PyTorch Ignite."""
 
@@ -55,7 +59,18 @@ def cli() -> None:
 @click.option("--num-workers", type=int, default=None, help="DataLoader workers [0].")
 @click.option("--model", type=str, default=None, help="Model name from the registry [attention_cnn].")
 @click.option("--skip-bad/--no-skip-bad", default=None, help="Skip unreadable recordings with a warning [stop].")
-@click.option("--progress/--no-progress", default=None, help="Show the progress bar [on].")
+@click.option("--progress/--no-progress", default=None,
+              help="Draw the progress bar [only when stderr is a terminal]; epoch lines are always written.")
+@click.option("--monitor", type=str, default=None,
+              help="Score for early stopping and the best checkpoint: val_loss, macro_f1, heart.f1, ... [val_loss].")
+@click.option("--window-seconds", type=float, default=None, help="Length of one training/evaluation window (s) [4].")
+@click.option("--n-folds", type=int, default=None, help="k-fold split by patient; 0 uses val_fraction [0].")
+@click.option("--fold", type=int, default=None, help="Which fold is validation when --n-folds > 0 [0].")
+@click.option("--cache-dir", type=str, default=None,
+              help="Feature and synthetic-data cache [$IGNITE_TRAINER_CACHE or ~/.cache/ignite_trainer].")
+@click.option("--tracker", type=click.Choice(["none", "mlflow"]), default=None,
+              help="Also log to MLflow (optional extra: pip install 'ignite_trainer[mlflow]') [none].")
+@click.option("--tracking-uri", type=str, default=None, help="MLflow tracking URI [OUTPUT_DIR/mlruns].")
 @click.option("--nproc-per-node", type=int, default=None, help="Processes on this node (ignite.distributed) [1].")
 @click.option("--backend", type=click.Choice(["gloo", "nccl"]), default=None, help="Distributed backend [gloo on CPU].")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Set any config field; repeatable.")
@@ -71,6 +86,8 @@ def train(config_file: str | None, resume: str | None, overwrite: bool, assignme
         config = None
     else:
         config = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
+        if config_file and _is_run_config(Path(config_file)) and "name" not in overrides:
+            config = config.updated({"name": None})  # re-running a run: a new run directory, not a clash
         config = config.updated(overrides, source="command line").with_overrides(list(assignments))
 
     from ignite_trainer.run import train as run_training  # imported after validation: bad flags fail fast
@@ -87,6 +104,12 @@ def train(config_file: str | None, resume: str | None, overwrite: bool, assignme
     print_summary(summary)
 
 
+def _is_run_config(path: Path) -> bool:
+    """Whether ``path`` is a run directory's own ``config.yaml`` (its folder holds ``checkpoints/``): its
+    ``name`` is that run's, so re-running it gets a new name unless ``--name`` is given."""
+    return path.name == "config.yaml" and (path.parent / "checkpoints").is_dir()
+
+
 def _parse_sets(assignments: tuple[str, ...]) -> dict[str, Any]:
     """``--set`` values as a mapping (validated later against the resumed config)."""
     base = TrainConfig()
@@ -96,18 +119,11 @@ def _parse_sets(assignments: tuple[str, ...]) -> dict[str, Any]:
 
 
 def print_summary(summary: dict[str, Any]) -> None:
-    metrics = summary.get("metrics")
-    click.echo(f"\nrun directory: {summary['run_dir']}")
+    """Where the run is and what was skipped; training itself has already logged the epochs and the summary
+    of the best checkpoint (console and train.log)."""
+    click.echo(f"run directory: {summary['run_dir']}")
     for line in summary.get("skipped") or []:
         click.echo(f"skipped: {line}")
-    if not metrics:
-        return
-    click.echo(f"epoch {metrics['epoch']}: train_loss {metrics['train_loss']:.4f}  val_loss {metrics['val_loss']:.4f}"
-               f"  macro_f1 {metrics['macro_f1']:.3f}")
-    names = ["accuracy", "precision", "recall", "specificity", "f1"]
-    click.echo(f"{'label':<8}" + "".join(f"{n:>12}" for n in names))
-    for label in LABELS:
-        click.echo(f"{label:<8}" + "".join(f"{metrics[label][n]:>12.3f}" for n in names))
 
 
 @cli.command()
@@ -134,7 +150,7 @@ _DEVICE = click.option("--device", type=click.Choice(DEVICES), default="cpu", sh
 
 
 @cli.command()
-@click.argument("model_path", metavar="RUN_DIR|CHECKPOINT", type=click.Path())
+@click.argument("model_path", metavar="RUN_DIR|CHECKPOINT|MODEL.safetensors", type=click.Path())
 @click.option("--data", type=click.Path(), default=None, help="Labelled dataset folder [the run's own data].")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Layout of --data [detected].")
 @click.option("--split", type=click.Choice(["val", "all"]), default=None,
@@ -155,6 +171,8 @@ def evaluate(model_path: str, data: str | None, fmt: str | None, split: str | No
 
 
 def print_evaluation(result: dict[str, Any]) -> None:
+    from ignite_trainer.console import format_score
+
     counts, t, ch = result["counts"], result["thresholds"], result["challenge"]
     click.echo(f"{result['data']} ({result['split']}): {counts['patient']} patients, {counts['recording']} recordings, "
                f"{counts['window']} windows; thresholds heart {t['heart']:.3f} murmur {t['murmur']:.3f}"
@@ -162,19 +180,21 @@ def print_evaluation(result: dict[str, Any]) -> None:
     names = ["accuracy", "precision", "recall", "specificity", "f1", "auroc", "auprc"]
     click.echo(f"{'patients':<10}" + "".join(f"{n:>12}" for n in names))
     for label in LABELS:
-        scores = result["levels"]["patient"][label]
-        click.echo(f"{label:<10}" + "".join(f"{scores[n]:>12.3f}" for n in names))
+        scores = result["levels"]["patient"].get(label)
+        if scores is None:
+            continue  # no patient holds this label (murmur on PhysioNet 2016 data)
+        click.echo(f"{label:<10}" + "".join(f"{format_score(scores[n]):>12}" for n in names))
     for name, value in (("project's 2016 MAcc (heart, recordings)", result.get("project", {}).get("heart_macc")),
                         ("2022 Challenge murmur weighted accuracy", ch["murmur_weighted_accuracy"]),
                         ("2022 Challenge outcome cost", ch["outcome_cost"])):
-        click.echo(f"{name}: {'n/a' if value is None else f'{value:.3f}'}")
+        click.echo(f"{name}: {format_score(value)}")
     if "challenge_scores" in result["files"]:
         click.echo(f"official scores file: {result['files']['challenge_scores']}")
     click.echo(f"report: {result['files']['report']}")
 
 
 @cli.command()
-@click.argument("model_path", metavar="CHECKPOINT", type=click.Path())
+@click.argument("model_path", metavar="RUN_DIR|CHECKPOINT|MODEL.safetensors", type=click.Path())
 @click.argument("inputs", metavar="PATH...", nargs=-1, required=True, type=click.Path())
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="CSV file [stdout].")
 @click.option("--challenge-dir", type=click.Path(file_okay=False), default=None,
@@ -186,7 +206,10 @@ def print_evaluation(result: dict[str, Any]) -> None:
 @_DEVICE
 def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challenge_dir: str | None, fmt: str | None,
             aggregation: str | None, unknown_margin: float, device: str) -> None:
-    """Predict heart and murmur per recording and per patient for WAV files or dataset folders."""
+    """Predict heart and murmur per recording and per patient for WAV files or dataset folders.
+
+    The model is a run directory (its best checkpoint), a checkpoint file or a .safetensors export.
+    """
     from ignite_trainer.inference import predict as run_prediction
     from ignite_trainer.writers import write_challenge_outputs, write_predictions_csv
 
@@ -385,8 +408,13 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
+    except click.UsageError as e:
+        # click's own "Usage: ... Error: ..." block becomes the project's one line (same exit code 2)
+        where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
+        click.echo(f"error: {where}{e.format_message()}", err=True)
+        return EXIT_BAD_INPUT
     except click.ClickException as e:
-        e.show()
+        click.echo(f"error: {e.format_message()}", err=True)
         return EXIT_BAD_INPUT
     except TrainingAborted as e:
         click.echo(f"error: {e}", err=True)

@@ -14,7 +14,7 @@ Every event seen is also appended to ``<run>/hooks.jsonl`` with the state it car
 Run::
 
     python examples/event_hooks.py --patients 40 --epochs 8 --out runs --name hooks
-    tensorboard --logdir runs/hooks/tb
+    make tensorboard        # or: pip install -e '.[tensorboard]' && tensorboard --logdir runs/hooks/tb
 """
 
 from __future__ import annotations

@@ -36,6 +36,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
+#: The package version; setup.cfg reads it from here (``attr:``), so it is written once.
+__version__ = "0.1.0"
+
 # Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
     # config
@@ -80,6 +83,15 @@ _EXPORTS: dict[str, str] = {
     "attach_pr_curves": "ignite_trainer.predictions",
     "training_state": "ignite_trainer.handlers",
     "attach_standard_handlers": "ignite_trainer.standard",
+    "attach_epoch_tensorboard": "ignite_trainer.tensorboard_epoch",
+    "EpochScalars": "ignite_trainer.epoch_scalars",
+    "attach_epoch_lines": "ignite_trainer.console",
+    "best_summary": "ignite_trainer.console",
+    "attach_mlflow": "ignite_trainer.tracking",
+    "close_mlflow": "ignite_trainer.tracking",
+    "read_runs": "ignite_trainer.runs_table",
+    "RunRow": "ignite_trainer.runs_table",
+    "hold_run_lock": "ignite_trainer.run_lock",
     # checkpoints
     "load_checkpoint": "ignite_trainer.checkpoint",
     "find_resume_checkpoint": "ignite_trainer.checkpoint",
@@ -170,4 +182,10 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from ignite_trainer.predictions import (PredictionCollector, attach_decision_fitting, attach_pr_curves,
                                             attach_threshold_tuning, recording_predictions)
     from ignite_trainer.run import train
+    from ignite_trainer.console import attach_epoch_lines, best_summary
+    from ignite_trainer.epoch_scalars import EpochScalars
+    from ignite_trainer.run_lock import hold_run_lock
+    from ignite_trainer.runs_table import RunRow, read_runs
     from ignite_trainer.standard import attach_standard_handlers
+    from ignite_trainer.tensorboard_epoch import attach_epoch_tensorboard
+    from ignite_trainer.tracking import attach_mlflow, close_mlflow

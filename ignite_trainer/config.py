@@ -80,7 +80,9 @@ class TrainConfig:
     output_dir: str = _f("runs", "parent folder of run directories")
     name: str | None = _f(None, "run directory name; default a timestamp")
     n_saved_best: int = _f(1, "best checkpoints kept", min=1)
-    progress: bool = _f(True, "show Ignite's progress bar")
+    progress: bool | None = _f(None, "Ignite's progress bar: null = only when stderr is a terminal, true/false = always/never")
+    tracker: Literal["none", "mlflow"] = _f("none", "also log params, epoch scores and artifacts to MLflow")
+    tracking_uri: str | None = _f(None, "MLflow tracking URI; default a local store <output_dir>/mlruns")
     # evaluation
     aggregation: Literal[AGGREGATIONS] = _f("mean", "recording/patient prediction: mean probability or any positive")
     threshold_objective: Literal[OBJECTIVES] = _f("f1", "how per-label thresholds are tuned on validation")
@@ -200,7 +202,7 @@ class TrainConfig:
 
 #: Fields that may differ between a run and its resume: they change where or how fast it runs, not the math.
 RESUMABLE_CHANGES = frozenset({"device", "num_workers", "progress", "output_dir", "name", "cache_dir", "skip_bad",
-                                "nproc_per_node", "backend", "data"})
+                                "nproc_per_node", "backend", "data", "tracker", "tracking_uri"})
 
 
 def config_conflicts(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:

@@ -51,8 +51,9 @@ LEVELS = ("window", "recording", "patient")
 
 
 # ---------------------------------------------------------------------------------------------- scores
-def label_scores(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float | int]:
-    """Every per-label score at one decision threshold (``prob >= threshold`` is positive).
+def label_scores(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict[str, float | int | None]:
+    """Every per-label score at one decision threshold (``prob >= threshold`` is positive); a score that
+    does not exist on this data (zero denominator, AUROC of one class) is None.
 
     Example:
 
@@ -62,20 +63,26 @@ def label_scores(y_true: np.ndarray, prob: np.ndarray, threshold: float) -> dict
     """
     y_true = np.asarray(y_true, dtype=np.int64)
     prob = np.asarray(prob, dtype=np.float64)
-    stats: dict[str, float | int] = dict(binary_stats(y_true, prob >= threshold))
+    stats: dict[str, float | int | None] = dict(binary_stats(y_true, prob >= threshold))
     stats.update(auroc=auroc(y_true, prob), auprc=auprc(y_true, prob), support=int(y_true.size),
                  positives=int(y_true.sum()), threshold=float(threshold))
     return stats
 
 
-def level_scores(level: LevelPredictions, thresholds: dict[str, float]) -> dict[str, dict[str, float | int]]:
-    """`label_scores` per label over the items where the label is present; MAcc (2016) on the heart label."""
+def level_scores(level: LevelPredictions, thresholds: dict[str, float]) -> dict[str, dict[str, Any]]:
+    """`label_scores` per label over the items where the label is present; MAcc (2016) on the heart label.
+
+    A label present nowhere (murmur on PhysioNet 2016 data) is left out: it has no score at all.
+    """
     result = {}
     for label in LABELS:
         y_true, prob = level.label(label)
-        result[label] = label_scores(y_true, prob, thresholds[label])
-    heart = result["heart"]
-    heart["macc"] = macc(heart["sensitivity"], heart["specificity"])
+        if y_true.size:
+            result[label] = label_scores(y_true, prob, thresholds[label])
+    heart = result.get("heart")
+    if heart is not None:
+        se, sp = heart["sensitivity"], heart["specificity"]
+        heart["macc"] = None if se is None or sp is None else macc(se, sp)
     return result
 
 
@@ -181,7 +188,7 @@ def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None =
         "challenge": challenge,
         "warnings": list(run.warnings),
     }
-    results["project"] = {"heart_macc": results["levels"]["recording"]["heart"]["macc"],
+    results["project"] = {"heart_macc": results["levels"]["recording"].get("heart", {}).get("macc"),
                           "note": "the project's own figures (levels, heart_macc = 2016 MAcc per recording), "
                                   "not the 2022 Challenge's; those are under 'challenge'"}
 

@@ -48,7 +48,9 @@ def attach_validation(trainer: Engine, evaluator: Engine, loader: Any, every: in
     def validate(engine: Engine) -> None:
         started = time.perf_counter()
         state = evaluator.run(loader)
-        engine.state.validation_metrics = {k: _scalar(v) for k, v in state.metrics.items() if _is_scalar(v)}
+        # None is an undefined score (n/a), kept so that every reader sees the same keys every epoch
+        engine.state.validation_metrics = {k: None if v is None else _scalar(v) for k, v in state.metrics.items()
+                                           if v is None or _is_scalar(v)}
         engine.state.validation_output = state
         engine.state.validation_seconds = time.perf_counter() - started
         engine.fire_event(TrainerEvents.VALIDATION_COMPLETED)
@@ -65,23 +67,51 @@ def _scalar(v: Any) -> float:
     return float(v.item() if torch.is_tensor(v) else v)
 
 
-def monitored_score(monitor: str) -> Callable[[Engine], float]:
-    """A score function over ``trainer.state.validation_metrics`` where larger is better."""
+def monitored_score(monitor: str) -> Callable[[Engine], float | None]:
+    """A score function over ``trainer.state.validation_metrics`` where larger is better.
+
+    It returns None when the score is undefined this epoch (e.g. ``murmur.f1`` on a validation split
+    without murmur positives): early stopping and the best checkpoint then skip the epoch, neither
+    counting it as an improvement nor against the patience.
+    """
     sign = -1.0 if score_mode(monitor) == "min" else 1.0
 
-    def score(engine: Engine) -> float:
-        return sign * engine.state.validation_metrics[monitor]
+    def score(engine: Engine) -> float | None:
+        value = engine.state.validation_metrics.get(monitor)
+        return None if value is None else sign * value
 
     return score
 
 
+def _skip_undefined(engine: Engine, monitor: str, what: str) -> bool:
+    """True (and one warning per epoch) when the monitored score is undefined this epoch."""
+    if engine.state.validation_metrics.get(monitor) is not None:
+        return False
+    if getattr(engine.state, "_undefined_warned", None) != engine.state.epoch:
+        engine.state._undefined_warned = engine.state.epoch
+        log.warning("epoch %d: %s is undefined on this validation split; the epoch is not compared for %s",
+                    engine.state.epoch, monitor, what)
+    return True
+
+
 class ValidationEarlyStopping(EarlyStopping):
-    """Ignite's `EarlyStopping` that also records ``state.early_stopped_epoch`` and fires ``EARLY_STOPPED``."""
+    """Ignite's `EarlyStopping` that also records ``state.early_stopped_epoch`` and ``state.early_stop_reason``
+    (the sentence the epoch lines log after the epoch's line; Ignite's own "Stop training" line is silenced),
+    fires ``EARLY_STOPPED``, and skips an epoch whose monitored score is undefined."""
+
+    def __init__(self, *args: Any, monitor: str = "val_loss", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.monitor = monitor
+        self.logger.setLevel(logging.WARNING)
 
     def __call__(self, engine: Engine) -> None:
+        if _skip_undefined(engine, self.monitor, "early stopping and the best checkpoint"):
+            return
         super().__call__(engine)
         if self.counter >= self.patience and engine.should_terminate:
             engine.state.early_stopped_epoch = engine.state.epoch
+            engine.state.early_stop_reason = (f"early stopping at epoch {engine.state.epoch}: {self.monitor} has not "
+                                              f"improved for {self.patience} epochs")
             engine.fire_event(TrainerEvents.EARLY_STOPPED)
 
 
@@ -97,7 +127,8 @@ def attach_early_stopping(trainer: Engine, patience: int, monitor: str = "val_lo
         es = attach_early_stopping(trainer, patience=15, monitor="macro_f1")
         assert trainer.has_event_handler(es)
     """
-    handler = ValidationEarlyStopping(patience=patience, score_function=monitored_score(monitor), trainer=trainer)
+    handler = ValidationEarlyStopping(patience=patience, score_function=monitored_score(monitor), trainer=trainer,
+                                      monitor=monitor)
     trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, handler)
     return handler
 
@@ -115,6 +146,8 @@ class BestCheckpoint(Checkpoint):
         self.monitor = monitor
 
     def __call__(self, engine: Engine) -> None:
+        if _skip_undefined(engine, self.monitor, "early stopping and the best checkpoint"):
+            return
         before = self.last_checkpoint
         super().__call__(engine)
         if self.last_checkpoint is not None and self.last_checkpoint != before:
@@ -225,8 +258,8 @@ def attach_tensorboard(
     trainer: Engine, optimizer: torch.optim.Optimizer, log_dir: str | Path, purge_step: int | None = None
 ) -> TensorboardLogger:
     """Ignite's `TensorboardLogger` (tensorboardX writer): per iteration the training loss, learning rate
-    and pre-clip gradient norm; per validation every validation score and the tuned thresholds
-    (``trainer.state.thresholds``, when threshold tuning is attached before it).
+    and pre-clip gradient norm. Validation scores are per epoch and live in their own folder
+    (`tensorboard_epoch.attach_epoch_tensorboard`): a purge step counts in one unit only.
 
     Every tag is stepped by the trainer's iteration, so that on resume ``purge_step`` (the first
     iteration after the checkpoint) hides whatever a killed run logged past it and steps stay monotonic.
@@ -240,22 +273,15 @@ def attach_tensorboard(
         finally:
             tb.close()
     """
-    tb = TensorboardLogger(log_dir=str(log_dir), purge_step=purge_step)
+    # tensorboardX names a file by the second it was opened and truncates a file of the same name: a resume
+    # within the same second would erase the earlier iterations. The nanosecond suffix keeps names apart.
+    tb = TensorboardLogger(log_dir=str(log_dir), purge_step=purge_step, filename_suffix=f".{time.time_ns()}")
 
     def train_scalars(out: Mapping[str, Any]) -> dict[str, float]:
         return {k: out[k] for k in ("loss", "grad_norm") if math.isfinite(out[k])}
 
     tb.attach_output_handler(trainer, event_name=Events.ITERATION_COMPLETED, tag="train", output_transform=train_scalars)
     tb.attach_opt_params_handler(trainer, event_name=Events.ITERATION_STARTED, optimizer=optimizer)
-
-    def validation_scalars(engine: Engine) -> None:
-        step = engine.state.iteration
-        for name, value in engine.state.validation_metrics.items():
-            tb.writer.add_scalar(f"val/{name}", value, step)
-        for label, value in (getattr(engine.state, "thresholds", None) or {}).items():
-            tb.writer.add_scalar(f"val/{label}.threshold", value, step)
-
-    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, validation_scalars)
     return tb
 
 
@@ -286,10 +312,13 @@ class MetricsLogWriter:
             "val_seconds": round(getattr(engine.state, "validation_seconds", 0.0), 4),
             "macro_f1": m.get("macro_f1"),
         }
+        tuned = getattr(engine.state, "threshold_scores", None) or {}
         for label in LABELS:
             record[label] = {k: m.get(f"{label}.{k}") for k in STATS}
             if thresholds is not None:
                 record[label]["threshold"] = thresholds.get(label)
+            if label in tuned:
+                record[label]["at_threshold"] = {k: tuned[label][k] for k in (*STATS, "tp", "fp", "fn", "tn")}
         self.log.append(record)
 
 
@@ -299,7 +328,9 @@ def attach_metrics_log(trainer: Engine, optimizer: torch.optim.Optimizer, path: 
     Keys: ``epoch``, ``train_loss``, ``val_loss``, ``lr`` (the rate used during the epoch), ``seconds``
     (training), ``val_seconds``, ``macro_f1``, and ``heart``/``murmur`` objects with ``accuracy``,
     ``precision``, ``recall``, ``sensitivity``, ``specificity``, ``f1`` and, when thresholds are tuned
-    (``trainer.state.thresholds``), ``threshold``. Read it back with `rundir.MetricsLog`.
+    (``trainer.state.thresholds``), ``threshold`` and ``at_threshold`` (the same ratios and the confusion
+    counts per validation *recording* at that threshold; the other ratios are per window at 0.5). Undefined
+    ratios are null. Read it back with `rundir.MetricsLog`.
 
     Example::
 

@@ -1,5 +1,9 @@
 """Where a run's messages go: ``train.log`` in the run directory and stderr, from rank 0 only.
 
+The console handler writes through ``tqdm.write``: while a progress bar is drawn, a message (a warning,
+an epoch line) lifts the bar, prints on its own line and the bar is redrawn below it, instead of being
+spliced into the bar. Without a bar ``tqdm.write`` is a plain write.
+
 Other ranks log warnings only (their INFO lines would repeat rank 0's), and Ignite's per-run INFO lines
 about its own launcher and wrappers are lowered to WARNING: the run's summary says it once.
 """
@@ -9,6 +13,8 @@ from __future__ import annotations
 import logging
 import sys
 from pathlib import Path
+
+from tqdm.auto import tqdm
 
 log = logging.getLogger("ignite_trainer")
 
@@ -40,6 +46,15 @@ def setup_logging(path: Path) -> None:
     quiet_ignite()
 
 
+def progress_bar_wanted(progress: bool | None) -> bool:
+    """``progress`` None (the default) draws the bar only when stderr is a terminal: in a file (``tee``, a job
+    scheduler's log) a bar is thousands of ``\r`` fragments, and the epoch lines already say everything."""
+    if progress is not None:
+        return progress
+    isatty = getattr(sys.stderr, "isatty", None)
+    return bool(isatty and isatty())
+
+
 def quiet_non_zero_rank() -> None:
     """Warnings only on ranks other than 0; a spawned rank starts without the parent's settings."""
     log.setLevel(logging.WARNING)
@@ -53,11 +68,18 @@ def quiet_ignite() -> None:
 
 
 class _CurrentStderr(logging.StreamHandler):
-    """Writes to whatever ``sys.stderr`` is at the time: pytest and notebooks swap it between runs, and a
-    handler holding the old stream would write into a closed file."""
+    """Writes to whatever ``sys.stderr`` is at the time (pytest and notebooks swap it between runs, and a
+    handler holding the old stream would write into a closed file), through ``tqdm.write`` so that an
+    active progress bar is never split by a message."""
 
     def __init__(self) -> None:
         super().__init__()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            tqdm.write(self.format(record), file=sys.stderr)
+        except Exception:  # noqa: BLE001 - logging must never raise into the training loop
+            self.handleError(record)
 
     @property  # type: ignore[override]
     def stream(self):  # noqa: D102

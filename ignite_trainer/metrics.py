@@ -74,9 +74,10 @@ class PerLabelMetrics(Metric):
     metric is flattened only (no nested copy under its attach name).
 
     ``support`` is the number of *present* examples of the label (not scikit-learn's count of true
-    positives); ``macro_f1`` averages F1 over labels whose support is > 0 (0.0 if none is). Zero
-    denominators give 0.0, as scikit-learn's ``zero_division=0``. Computing before any update raises
-    `NotComputableError`; updates whose labels are all masked give zeros.
+    positives). A ratio with a zero denominator is None (undefined, ``n/a``; a 0.0 would read as a bad
+    model): e.g. recall and, without positive predictions, F1 of a label with no positive example, and
+    every ratio of a label that is masked everywhere. ``macro_f1`` averages the *defined* F1 values only
+    (None when no label has one). Computing before any update raises `NotComputableError`.
 
     Args:
         thresholds: one decision threshold in [0, 1] per label; may be replaced later through the
@@ -166,13 +167,13 @@ class PerLabelMetrics(Metric):
         self._num_examples += y.shape[0]
 
     @sync_all_reduce("_counts", "_invalid", "_num_examples")
-    def compute(self) -> dict[str, float]:
+    def compute(self) -> dict[str, float | None]:
         if self._num_examples == 0:
             raise NotComputableError("PerLabelMetrics must have at least one example before it can be computed.")
         if int(self._invalid):
             raise ValueError(f"present targets y must be 0 or 1; {int(self._invalid)} were not")
-        result: dict[str, float] = {}
-        f1_of_supported: list[float] = []
+        result: dict[str, float | None] = {}
+        defined_f1: list[float] = []
         for label, (tp, fp, fn, tn) in zip(self.labels, self._counts.tolist()):
             stats = stats_from_counts(tp, fp, fn, tn)
             support = tp + fp + fn + tn
@@ -180,14 +181,14 @@ class PerLabelMetrics(Metric):
                 result[f"{label}.{name}"] = value
             result[f"{label}.support"] = support
             if support > 0 and tp + fn == 0 and label not in self._warned_no_positives:
-                # 0.0 recall/F1 here says nothing about the model: the split cannot measure them. Said once.
+                # the split cannot measure recall here, whatever the model does. Said once.
                 self._warned_no_positives.add(label)
                 logging.getLogger("ignite_trainer").warning(
-                    "%s: no positive examples among %d evaluated; its precision, recall and F1 are reported as 0.0",
-                    label, support)
-            if support > 0:
-                f1_of_supported.append(stats["f1"])
-        result["macro_f1"] = sum(f1_of_supported) / len(f1_of_supported) if f1_of_supported else 0.0
+                    "%s: no positive examples among %d evaluated; its recall is n/a and macro_f1 averages "
+                    "the labels whose F1 is defined", label, support)
+            if stats["f1"] is not None:
+                defined_f1.append(stats["f1"])
+        result["macro_f1"] = sum(defined_f1) / len(defined_f1) if defined_f1 else None
         return result
 
 

@@ -14,7 +14,7 @@ A level's predictions are a `LevelPredictions`: one row per item, ``probs``/``ta
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -28,7 +28,7 @@ from ignite.metrics.metric import Metric, reinit__is_reduced
 from ignite_trainer.data.records import LABELS, Recording
 from ignite_trainer.decision import fit_decision
 from ignite_trainer.events import TrainerEvents
-from ignite_trainer.scores import probs_to_murmur_class, tune_threshold
+from ignite_trainer.scores import binary_stats, probs_to_murmur_class, tune_threshold
 from ignite_trainer.vocabulary import AGGREGATIONS, OBJECTIVES
 
 __all__ = [
@@ -321,6 +321,29 @@ def tune_thresholds(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray,
     return thresholds
 
 
+def scores_at_thresholds(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray,
+                         thresholds: Mapping[str, float]) -> dict[str, dict[str, Any]]:
+    """Per-label confusion counts and ratios (`scores.binary_stats`) at the given thresholds, over present items.
+
+    This is what the tuned thresholds achieve on the data they were tuned on: the numbers a run's summary
+    reports for its best epoch. A label with no present item is left out (there is nothing to score).
+
+    Example:
+
+        >>> s = scores_at_thresholds(np.array([[0.9, 0.5]]), np.array([[1, 0]]), np.array([[True, False]]),
+        ...                          {"heart": 0.5, "murmur": 0.5})
+        >>> list(s), s["heart"]["f1"]
+        (['heart'], 1.0)
+    """
+    probs, targets, mask = np.asarray(probs, dtype=np.float64), np.asarray(targets), np.asarray(mask, dtype=bool)
+    out: dict[str, dict[str, Any]] = {}
+    for i, label in enumerate(LABELS):
+        keep = mask[:, i]
+        if keep.any():
+            out[label] = binary_stats(targets[keep, i].astype(np.int64), probs[keep, i] >= thresholds[label])
+    return out
+
+
 def unknown_band(threshold: float, margin: float) -> tuple[float, float]:
     """``[low, high)`` of murmur probabilities called "Unknown": ``threshold ± margin``, clipped to [0, 1].
 
@@ -350,7 +373,8 @@ def attach_threshold_tuning(trainer: Engine, evaluator_metric_name: str, objecti
     """After each validation, tune per-label thresholds on the validation recordings.
 
     Sets ``trainer.state.thresholds = {"heart": t, "murmur": t}`` (the metrics log and TensorBoard read
-    them from there). Attach it right after `handlers.attach_validation`, before the best checkpoint, so
+    them from there) and ``trainer.state.threshold_scores``, each label's `scores_at_thresholds` on those
+    recordings. Attach it right after `handlers.attach_validation`, before the best checkpoint, so
     that a ``Snapshot`` of the thresholds in the checkpoint sees this validation's values
     (`standard.attach_standard_handlers` does). ``val_dataset`` is the `EvalWindows` the evaluator ran on.
 
@@ -365,6 +389,8 @@ def attach_threshold_tuning(trainer: Engine, evaluator_metric_name: str, objecti
     def tune(engine: Engine) -> None:
         recs = _validation_recordings(engine, evaluator_metric_name, val_dataset)
         engine.state.thresholds = tune_thresholds(recs.probs, recs.targets, recs.mask, objective)
+        engine.state.threshold_scores = scores_at_thresholds(recs.probs, recs.targets, recs.mask,
+                                                             engine.state.thresholds)
 
     trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, tune)
     return tune
@@ -401,12 +427,13 @@ def attach_pr_curves(trainer: Engine, tb_logger: Any, evaluator_metric_name: str
 
     With ``val_dataset`` (the validation `EvalWindows`) the curve is over recordings, the level the
     thresholds are tuned on; without it, over windows. Masked labels are left out; a label with no
-    present example gets no curve. Step = ``trainer.state.iteration``, like every other validation tag.
+    present example gets no curve. Step = ``trainer.state.epoch``, like every other validation tag
+    (`tensorboard_epoch.attach_epoch_tensorboard`: pass the logger it returns).
 
     Example::
 
-        tb = attach_tensorboard(trainer, optimizer, run_dir / "tb")
-        attach_pr_curves(trainer, tb, "predictions", val_dataset)
+        tb_epoch = attach_epoch_tensorboard(trainer, run_dir / "tb" / "epoch", val_dataset=val_dataset)
+        attach_pr_curves(trainer, tb_epoch, "predictions", val_dataset)
     """
 
     def write(engine: Engine) -> None:
@@ -420,7 +447,7 @@ def attach_pr_curves(trainer: Engine, tb_logger: Any, evaluator_metric_name: str
             keep = mask[:, i]
             if keep.any():
                 tb_logger.writer.add_pr_curve(f"val_pr/{label}", targets[keep, i].astype(np.int64),
-                                              probs[keep, i], engine.state.iteration)
+                                              probs[keep, i], engine.state.epoch)
 
     trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, write)
     return write

@@ -176,9 +176,11 @@ def plot_training_curves(metrics_log: str | Path, path: str | Path, checkpoint_e
 
     Every panel marks the best epoch by the run's monitored score (from ``config.yaml`` beside the log) and,
     when given and different, ``checkpoint_epoch``, the epoch of the checkpoint the report evaluated. The
-    F1 curves are what training logs each epoch: windows at threshold 0.5; the panel says so, and
-    ``tuned_f1`` (per label, the evaluated recordings' F1 at the tuned thresholds) is drawn as stars at
-    the checkpoint's epoch, the number the report's table holds.
+    F1 curves are what training logs each epoch: validation recordings at that epoch's tuned thresholds
+    (solid, where the log holds them) and windows at threshold 0.5 (dotted), which stays flat at 0 on a
+    small run whose probabilities never reach 0.5; the panel says so, and ``tuned_f1`` (per label, the
+    evaluated recordings' F1 at the tuned thresholds) is drawn as stars at the checkpoint's epoch, the
+    number the report's table holds. An undefined F1 (null) leaves a gap.
 
     Example::
 
@@ -199,16 +201,28 @@ def plot_training_curves(metrics_log: str | Path, path: str | Path, checkpoint_e
     loss_ax.plot(epochs, _series(records, "val_loss"), marker=marker, label="validation")
     loss_ax.set(title="loss", xlabel="epoch", ylabel="masked weighted BCE")
     colours = {}
+    tuned_logged = False
     for label in LABELS:
-        (line,) = f1_ax.plot(epochs, _series(records, label, "f1"), marker=marker, label=f"{label} (windows, 0.5)")
+        tuned_curve = _series(records, label, "at_threshold", "f1")
+        has_tuned = any(math.isfinite(v) for v in tuned_curve)
+        tuned_logged |= has_tuned
+        (line,) = f1_ax.plot(epochs, _series(records, label, "f1"), marker=marker, label=f"{label} (windows, 0.5)",
+                             ls=":" if has_tuned else "-", alpha=0.6 if has_tuned else 1.0)
         colours[label] = line.get_color()
+        if has_tuned:
+            f1_ax.plot(epochs, tuned_curve, marker=marker, color=colours[label],
+                       label=f"{label} (recordings, tuned threshold)")
     f1_ax.plot(epochs, _series(records, "macro_f1"), ls="--", color="black", label="macro (windows, 0.5)")
     at = checkpoint_epoch if checkpoint_epoch is not None else best
     for label, value in (tuned_f1 or {}).items():
         if value is not None and at is not None:
             f1_ax.plot([at], [value], marker="*", ms=13, ls="none", color=colours.get(label, "black"),
                        markeredgecolor="black", label=f"{label}: recordings, tuned threshold")
-    f1_ax.set(title="validation F1: windows at threshold 0.5", xlabel="epoch", ylabel="F1", ylim=(-0.02, 1.02))
+    title = ("validation F1\nsolid: recordings, the epoch's tuned thresholds; dotted: windows at 0.5"
+             if tuned_logged else "validation F1: windows at threshold 0.5")
+    f1_ax.set(title=title, xlabel="epoch", ylabel="F1", ylim=(-0.02, 1.02))
+    if tuned_logged:
+        f1_ax.title.set_fontsize(9)
     lr_ax.plot(epochs, _series(records, "lr"), marker=marker, color="tab:green")
     lr_ax.set(title="learning rate", xlabel="epoch")
     lr_ax.ticklabel_format(axis="y", style="sci", scilimits=(-2, 2))
@@ -230,7 +244,7 @@ def plot_training_curves(metrics_log: str | Path, path: str | Path, checkpoint_e
 # ---------------------------------------------------------------------------------------------- report.md
 def _number(value: Any) -> str:
     if value is None:
-        return "–"
+        return "n/a"
     if isinstance(value, int):
         return str(value)
     return f"{value:.3f}"
@@ -239,7 +253,7 @@ def _number(value: Any) -> str:
 def _table(scores: Mapping[str, Mapping[str, Any]]) -> list[str]:
     header = ["label"] + [title for _, title in TABLE_COLUMNS] + ["MAcc"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for label in LABELS:
+    for label in (label for label in LABELS if label in scores):  # a label present nowhere has no row
         s = scores[label]
         cells = [label] + [_number(s.get(key)) for key, _ in TABLE_COLUMNS] + [_number(s.get("macc"))]
         lines.append("| " + " | ".join(cells) + " |")
@@ -277,7 +291,7 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mappin
     fig_dir = out_dir / "figures"
     made: dict[str, list[Path]] = {}
     if figures:
-        for label in LABELS:
+        for label in (label for label in LABELS if label in results["levels"].get("patient", {})):
             made[label] = [
                 plot_confusion_matrices({lvl: results["levels"][lvl][label] for lvl in levels}, label,
                                         fig_dir / f"confusion_{label}.png"),
@@ -306,8 +320,9 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mappin
         *_challenge_lines(ch),
         "## The project's own figures", "",
         "Per-label scores at the tuned thresholds (these are not Challenge scores: the murmur label is binary, "
-        "its Unknown patients left out). Scores use only present labels; a zero denominator gives 0.0, and "
-        "AUROC/AUPRC are 0.0 when a level holds one class only.", "",
+        "its Unknown patients left out). Scores use only present labels; a label present nowhere has no row. A "
+        "ratio with a zero denominator (e.g. recall without positives) and AUROC/AUPRC of a level holding one "
+        "class only are n/a (null in metrics.json), never 0.0.", "",
         "| score | value |", "|---|---|",
         f"| 2016 MAcc, heart, per recording | {_number(results.get('project', {}).get('heart_macc'))} |", "",
     ]
@@ -322,8 +337,9 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mappin
         for p in made.get("training", []):
             lines += ["### Training curves", "", f"![training curves](figures/{p.name})", "",
                       "Dashed line: the best epoch by the run's monitored score (the best checkpoint); dash-dotted, the "
-                      "checkpoint evaluated here when it is another. The F1 curves are what training logs each epoch "
-                      "(windows at threshold 0.5); the stars are this report's recording F1 at the tuned thresholds.",
+                      "checkpoint evaluated here when it is another. The F1 curves are what training logs each epoch: "
+                      "solid, validation recordings at that epoch's tuned thresholds; dotted, windows at threshold "
+                      "0.5; the stars are this report's recording F1 at the tuned thresholds.",
                       ""]
     if results.get("warnings"):
         lines += ["## Warnings", "", *[f"- {w}" for w in results["warnings"]], ""]

@@ -15,26 +15,37 @@ from typing import Any, Callable
 
 import ignite.distributed as idist
 import torch
+import yaml
 from ignite.engine import Engine
 
+from ignite_trainer.atomic import atomic_write
 from ignite_trainer.config import TrainConfig
+from ignite_trainer.console import best_summary, split_line, summary_lines
 from ignite_trainer.data.datasets import EvalWindows, TrainWindows
 from ignite_trainer.data.loaders import make_eval_loader, make_train_loader
 from ignite_trainer.data.prepare import PreparedData, checked_data, prepare_data
 from ignite_trainer.engine import create_evaluator, create_trainer
+from ignite_trainer.errors import DistributedFailure
 from ignite_trainer.launch import broadcast_from_rank0, check_global_batch, run_joined, run_spawned
 from ignite_trainer.logs import quiet_non_zero_rank, setup_logging
 from ignite_trainer.losses import WeightedBCELoss
 from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
 from ignite_trainer.models import build_model
 from ignite_trainer.predictions import PredictionCollector
+from ignite_trainer.run_lock import hold_run_lock
 from ignite_trainer.rundir import OpenedRun, RunDirectory, open_run
-from ignite_trainer.runtime import distributed_backend, resolve_device, seed_everything, torchrun_world_size
+from ignite_trainer.runtime import (
+    distributed_backend, resolve_device, resolved_settings, seed_everything, torchrun_world_size,
+)
 from ignite_trainer.standard import attach_standard_handlers
+from ignite_trainer.tracking import attach_mlflow, close_mlflow, require_mlflow
 
 __all__ = ["train", "training_process", "SetupHook"]
 
 log = logging.getLogger("ignite_trainer")
+
+#: Beside config.yaml: what ``auto``/empty settings resolved to on the machine that ran (`runtime.resolved_settings`).
+RESOLVED_FILE = "resolved.yaml"
 
 #: ``setup(trainer, evaluator)``: research code hooked on after the standard handlers, before training.
 SetupHook = Callable[[Engine, Engine], None]
@@ -42,7 +53,8 @@ SetupHook = Callable[[Engine, Engine], None]
 
 def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: bool = False,
           overrides: dict[str, Any] | None = None, setup: SetupHook | None = None) -> dict[str, Any]:
-    """Train (or resume) a run; returns a summary with ``run_dir``, ``finished`` and the last epoch's scores.
+    """Train (or resume) a run; returns a summary with ``run_dir``, ``finished``, the last epoch's scores
+    (``metrics``) and the best checkpoint's description (``best``, `console.best_summary`), which it also logs.
 
     With ``resume``, the run's saved config is used and ``overrides`` (explicit command-line values) may
     only change fields that do not affect the result (device, workers, progress bar, ...).
@@ -66,6 +78,8 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
 
     def validate(checked_config: TrainConfig) -> PreparedData:
         check_global_batch(checked_config.batch_size, checked_config.nproc_per_node)
+        if checked_config.tracker == "mlflow":
+            require_mlflow()  # a missing extra costs nothing: no run directory yet
         return checked_data(checked_config)
 
     run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate)
@@ -74,13 +88,38 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
     data = run.checked
     assert data is not None
     setup_logging(run.directory.train_log)
-    log.info("data %s: %d train / %d validation recordings (%d / %d patients)", data.source, len(data.train),
-             len(data.val), len({r.patient_id for r in data.train}), len({r.patient_id for r in data.val}))
+    log.info("data %s: %d train / %d validation recordings", data.source, len(data.train), len(data.val))
+    log.info(split_line(data.train, data.val))
     config = run.config
-    run_spawned(training_process, (config, run.directory.path, data, run.resume_from, setup), config.nproc_per_node,
-                distributed_backend(config.backend, config.device), run.directory.path)
-    return {"run_dir": run.directory.path, "finished": True, "already_finished": False,
-            "metrics": run.directory.metrics_log.last(), "skipped": data.skipped}
+    _write_resolved(run.directory, config, data)
+    with hold_run_lock(run.directory.path):
+        try:
+            run_spawned(training_process, (config, run.directory.path, data, run.resume_from, setup),
+                        config.nproc_per_node, distributed_backend(config.backend, config.device), run.directory.path)
+        except DistributedFailure as e:
+            log.error("%s", e)  # train.log's last record: the runs table reads the run as failed
+            raise
+    return _summary(run.directory, config, skipped=data.skipped)
+
+
+def _write_resolved(directory: RunDirectory, config: TrainConfig, data: PreparedData) -> None:
+    """``resolved.yaml``: the values ``auto``/empty settings took here (`runtime.resolved_settings`);
+    ``config.yaml`` keeps what was asked for. Rewritten by a resume, which may run elsewhere."""
+    with atomic_write(directory.path / RESOLVED_FILE, durable=True) as f:
+        f.write(yaml.safe_dump(resolved_settings(config, data.source), sort_keys=False))
+
+
+def _summary(directory: RunDirectory, config: TrainConfig, skipped: list[str]) -> dict[str, Any]:
+    """What `train` returns, with the best checkpoint described (and logged: console and ``train.log``)."""
+    records = directory.metrics_log.records()
+    last = records[-1] if records else None
+    best = best_summary(directory.path, config.monitor)
+    last_epoch = last["epoch"] if last else None
+    early = last_epoch is not None and last_epoch < config.epochs
+    for line in summary_lines(best, last_epoch=last_epoch, early_stopped=early):
+        log.info(line)
+    return {"run_dir": directory.path, "finished": True, "already_finished": False, "metrics": last,
+            "best": best, "skipped": skipped}
 
 
 def _finished_summary(run: OpenedRun) -> dict[str, Any]:
@@ -99,6 +138,8 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
             check_global_batch(checked_config.batch_size, world)
             checked_data(checked_config)  # fills the cache too
 
+        if config.tracker == "mlflow":
+            require_mlflow()
         run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate)
         setup_logging(run.directory.train_log)
         return run
@@ -112,9 +153,16 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
     data = prepare_data(run.config)
     if idist.get_local_rank() == 0:
         idist.barrier()
-    training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup)
-    result.update(run_dir=run.directory.path, finished=True, already_finished=False,
-                  metrics=run.directory.metrics_log.last(), skipped=data.skipped)
+    if idist.get_rank() == 0:
+        log.info(split_line(data.train, data.val))
+        _write_resolved(run.directory, run.config, data)
+        with hold_run_lock(run.directory.path):
+            training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup)
+        result.update(_summary(run.directory, run.config, skipped=data.skipped))
+    else:
+        training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup)
+        result.update(run_dir=run.directory.path, finished=True, already_finished=False,
+                      metrics=run.directory.metrics_log.last(), skipped=data.skipped)
 
 
 def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: PreparedData,
@@ -151,12 +199,27 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
         trainer, evaluator, model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
         val_dataset=val_dataset, config=config, run_dir=run_dir, scaler=scaler,
         resume_from=resume_path, writes_logs=rank == 0)
+    tracker = None
+    if rank == 0 and config.tracker == "mlflow":
+        tracker = attach_mlflow(trainer, optimizer, config, run_dir, tracking_uri=config.tracking_uri,
+                                val_dataset=val_dataset, best_checkpoint=handlers.best_checkpoint)
     if setup is not None:
         setup(trainer, evaluator)
+    error: BaseException | None = None
     try:
         trainer.run(train_loader, max_epochs=config.epochs)
+    except KeyboardInterrupt as e:
+        error = e
+        log.warning("interrupted at epoch %s; resume with --resume %s", trainer.state.epoch, run_dir)
+        raise
+    except BaseException as e:
+        error = e
+        log.error("stopped by an error at epoch %s: %s: %s", trainer.state.epoch, type(e).__name__, e)
+        raise
     finally:
         handlers.close()
+        if tracker is not None:
+            close_mlflow(tracker, error)
     if idist.get_world_size() > 1:
         # Leave together: a rank that tore down its gloo group while rank 0 was still closing its files
         # died with SIGABRT ("terminate called without an active exception") in 2 of 12 runs.

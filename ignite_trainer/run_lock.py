@@ -25,6 +25,24 @@ __all__ = ["LOCK_NAME", "hold_run_lock", "is_running"]
 
 LOCK_NAME = ".lock"
 
+#: Lock descriptors this process holds. A forked child (a DataLoader worker) inherits them, and an flock
+#: lives while any copy is open: a worker still alive after training would keep the run "running".
+_HELD: set[int] = set()
+
+
+def _close_held_in_child() -> None:
+    """In a forked child: drop the inherited copies, so that only the training process holds the lock."""
+    for fd in list(_HELD):
+        try:
+            os.close(fd)
+        except OSError:
+            pass
+    _HELD.clear()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_close_held_in_child)
+
 
 @contextlib.contextmanager
 def hold_run_lock(run_dir: str | Path) -> Iterator[None]:
@@ -45,8 +63,10 @@ def hold_run_lock(run_dir: str | Path) -> Iterator[None]:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise CheckpointError(f"{run_dir}: another process is training this run now") from None
+        _HELD.add(fd)
         yield
     finally:
+        _HELD.discard(fd)
         os.close(fd)  # closing releases the lock
 
 

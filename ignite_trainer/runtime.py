@@ -55,6 +55,25 @@ def distributed_backend(backend: str | None, device: str) -> str:
     return backend or ("nccl" if resolve_device(device).type == "cuda" else "gloo")
 
 
+def resolved_settings(config: "TrainConfig", data_source: str | Path) -> dict[str, object]:
+    """What this run's ``auto``/empty settings turned into on this machine: ``device``, ``backend``
+    (with more than one process), ``cache_dir`` and ``data`` (the dataset folder actually read).
+
+    `run.train` writes them to ``resolved.yaml`` beside ``config.yaml``, which keeps the *requested* values
+    so that the same config re-runs the same way elsewhere (``device: auto`` stays auto).
+
+    Example::
+
+        resolved_settings(TrainConfig(device="cpu"), "/data/circor")["device"]   # 'cpu'
+    """
+    values: dict[str, object] = {"device": str(resolve_device(config.device)),
+                                 "cache_dir": str(cache_root(config).resolve()),
+                                 "data": str(Path(data_source).expanduser().resolve())}
+    if config.nproc_per_node > 1 or torchrun_world_size() > 1:
+        values["backend"] = distributed_backend(config.backend, config.device)
+    return values
+
+
 def seed_everything(seed: int) -> None:
     """Seed python, numpy and torch: every rank builds the same initial model from the same seed."""
     random.seed(seed)

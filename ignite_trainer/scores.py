@@ -1,9 +1,9 @@
 """The scores the heart-sound field reports, as plain numpy functions (no Ignite, no torch).
 
 Evaluation and reports compute results that must compare with published ones (PhysioNet/CinC
-2016 and 2022, see docs/domain.md §4), so every formula lives here, once. Empty, single-class or
-otherwise degenerate input always gives a defined number (0.0 where a ratio has a zero
-denominator, like scikit-learn's ``zero_division=0``): never NaN, never a warning, never a crash.
+2016 and 2022), so every formula lives here, once. A per-label ratio whose denominator is zero, and an
+AUROC/AUPRC of single-class input, does not exist: it is None (``n/a`` in text, ``null`` in JSON), never
+NaN and never a 0.0 that would read as a bad model and drag averages down. Never a warning, never a crash.
 Predictions are positive when ``prob >= threshold``, the same rule as `metrics.PerLabelMetrics`.
 """
 
@@ -37,24 +37,36 @@ MURMUR_CLASS_WEIGHTS: dict[str, int] = {"Present": 5, "Unknown": 3, "Absent": 1}
 
 
 def _ratio(num: float, den: float) -> float:
+    """A Challenge score's ratio: the official code scores an empty denominator as 0 (``float('nan')`` nowhere)."""
     return float(num) / float(den) if den else 0.0
 
 
-def stats_from_counts(tp: int, fp: int, fn: int, tn: int) -> dict[str, float]:
+def _defined_ratio(num: float, den: float) -> float | None:
+    """A per-label ratio: None (undefined) when the denominator is zero."""
+    return float(num) / float(den) if den else None
+
+
+def stats_from_counts(tp: int, fp: int, fn: int, tn: int) -> dict[str, float | None]:
     """Per-label ratios from confusion counts; shared by `binary_stats` and the Ignite metric.
 
     Returns accuracy, precision, recall, sensitivity (= recall), specificity and F1. F1 is
     ``2·TP / (2·TP + FP + FN)``, which equals the harmonic mean of precision and recall and stays
-    defined when one of them is zero.
+    defined when one of them is zero. A ratio with a zero denominator is None: recall without any
+    positive, precision without any positive prediction, F1 with neither.
+
+    Example:
+
+        >>> stats_from_counts(tp=0, fp=0, fn=0, tn=5)["recall"] is None
+        True
     """
-    recall = _ratio(tp, tp + fn)
+    recall = _defined_ratio(tp, tp + fn)
     return {
-        "accuracy": _ratio(tp + tn, tp + fp + fn + tn),
-        "precision": _ratio(tp, tp + fp),
+        "accuracy": _defined_ratio(tp + tn, tp + fp + fn + tn),
+        "precision": _defined_ratio(tp, tp + fp),
         "recall": recall,
         "sensitivity": recall,
-        "specificity": _ratio(tn, tn + fp),
-        "f1": _ratio(2 * tp, 2 * tp + fp + fn),
+        "specificity": _defined_ratio(tn, tn + fp),
+        "f1": _defined_ratio(2 * tp, 2 * tp + fp + fn),
     }
 
 
@@ -94,7 +106,7 @@ def _counts(y_true: ArrayLike, y_pred: ArrayLike) -> tuple[int, int, int, int]:
     return tp, fp, fn, tn
 
 
-def binary_stats(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float]:
+def binary_stats(y_true: ArrayLike, y_pred: ArrayLike) -> dict[str, float | None]:
     """Confusion counts (``tp``, ``fp``, ``fn``, ``tn``, as ints) and the ratios of `stats_from_counts`.
 
     Example:
@@ -162,29 +174,29 @@ def _single_class(t: np.ndarray) -> bool:
     return t.size == 0 or bool(t.all()) or not bool(t.any())
 
 
-def auroc(y_true: ArrayLike, prob: ArrayLike) -> float:
+def auroc(y_true: ArrayLike, prob: ArrayLike) -> float | None:
     """Area under the ROC curve (scikit-learn).
 
     The AUROC is undefined when only one class is present (or the input is empty); this returns
-    0.0 then, as a "not measurable" marker, instead of scikit-learn's error or NaN.
+    None then, instead of scikit-learn's error or NaN.
     """
     t, p = _binary(y_true, "y_true"), _probabilities(prob, "prob")
     _same_length(t, p, "y_true and prob")
     if _single_class(t):
-        return 0.0
+        return None
     return float(roc_auc_score(t, p))
 
 
-def auprc(y_true: ArrayLike, prob: ArrayLike) -> float:
+def auprc(y_true: ArrayLike, prob: ArrayLike) -> float | None:
     """Area under the precision-recall curve as scikit-learn's average precision.
 
-    Like `auroc`, a single-class (or empty) input gives 0.0, including all-positive input whose
+    Like `auroc`, a single-class (or empty) input gives None, including all-positive input whose
     average precision would trivially be 1: with one class there is no ranking to measure.
     """
     t, p = _binary(y_true, "y_true"), _probabilities(prob, "prob")
     _same_length(t, p, "y_true and prob")
     if _single_class(t):
-        return 0.0
+        return None
     return float(average_precision_score(t, p))
 
 

@@ -8,8 +8,10 @@ left in ``trainer.state``, so the order is part of the contract:
 2. ``ITERATION_COMPLETED``: the non-finite guard, before anything could save a broken step.
 3. ``EPOCH_COMPLETED``: validation, which fires ``VALIDATION_COMPLETED``, on which, in order:
    threshold tuning (sets ``state.thresholds``), the Challenge decision layer (``state.decision``), early
-   stopping, then the best checkpoint (whose ``thresholds`` and ``decision`` snapshots must see this epoch's values, and whose ``early_stopping`` state must already
-   count this epoch), then, on rank 0, the metrics log, TensorBoard, PR curves and a TensorBoard flush.
+   stopping, then the best checkpoint (whose ``thresholds`` and ``decision`` snapshots must see this
+   epoch's values, and whose ``early_stopping`` state must already count this epoch), then, on rank 0, the
+   metrics log, the per-epoch TensorBoard (with PR curves) and the console's epoch line (all after the best
+   checkpoint, so that they know whether this epoch is the best).
    After validation, still on ``EPOCH_COMPLETED``: the LR scheduler steps, then the last checkpoint is
    written (it must hold the *next* epoch's LR and every state above).
 4. On resume, every object is restored after all of them exist and before the loggers open, since
@@ -33,14 +35,17 @@ from ignite.handlers import Checkpoint, EarlyStopping, LRScheduler, ProgressBar,
 
 from ignite_trainer.checkpoint import RNGStates, Snapshot, clean_partial_files, restore
 from ignite_trainer.config import TrainConfig
+from ignite_trainer.console import EpochLines, attach_epoch_lines
 from ignite_trainer.events import TrainerEvents
 from ignite_trainer.handlers import (
     MetricsLogWriter, attach_best_checkpoint, attach_early_stopping, attach_last_checkpoint, attach_lr_scheduler,
     attach_metrics_log, attach_nan_guard, attach_progress_bar, attach_sampler_epoch, attach_tensorboard,
     attach_validation, training_state,
 )
+from ignite_trainer.logs import progress_bar_wanted
 from ignite_trainer.predictions import attach_decision_fitting, attach_pr_curves, attach_threshold_tuning
 from ignite_trainer.rundir import RunDirectory
+from ignite_trainer.tensorboard_epoch import attach_epoch_tensorboard
 
 __all__ = ["StandardHandlers", "attach_standard_handlers"]
 
@@ -67,15 +72,20 @@ class StandardHandlers:
     restored_iteration: int = 0
     metrics_log: MetricsLogWriter | None = None
     tensorboard: TensorboardLogger | None = None
+    epoch_tensorboard: TensorboardLogger | None = None
     pr_curves: Callable[[Engine], None] | None = None
+    epoch_lines: EpochLines | None = None
     progress_bar: ProgressBar | None = None
     checkpoint_dir: Path | None = field(default=None, repr=False)
     decision_fitting: Callable[[Engine], None] | None = None
 
     def close(self) -> None:
         """Flush and close TensorBoard; on the saving rank, remove temp files an interrupted save left behind."""
-        if self.tensorboard is not None:
-            self.tensorboard.close()
+        if self.progress_bar is not None and self.progress_bar.pbar is not None:
+            self.progress_bar.pbar.close()  # a bar left open after an error would overdraw the error's line
+        for tb in (self.tensorboard, self.epoch_tensorboard):
+            if tb is not None:
+                tb.close()
         if self.checkpoint_dir is not None:
             clean_partial_files(self.checkpoint_dir)
 
@@ -96,7 +106,8 @@ def attach_standard_handlers(
     ``evaluator`` must carry a `PredictionCollector` named ``"predictions"`` (threshold tuning and PR curves
     read it). ``extra_to_save`` adds objects of a custom script to both checkpoints. With ``resume_from``
     every checkpointed object is restored before the loggers open. ``writes_logs`` (default: rank 0)
-    attaches the metrics log, TensorBoard, PR curves and the progress bar (``config.progress``).
+    attaches the metrics log, TensorBoard (per iteration in ``tb/``, per epoch with PR curves in
+    ``tb/epoch/``), the epoch lines and the progress bar (``config.progress``; by default only on a terminal).
 
     Example::
 
@@ -148,9 +159,13 @@ def attach_standard_handlers(
         handlers.metrics_log = attach_metrics_log(trainer, optimizer, directory.metrics_log.path)
         tb = handlers.tensorboard = attach_tensorboard(trainer, optimizer, directory.tensorboard,
                                                        purge_step=handlers.restored_iteration + 1 if resume_from else None)
-        handlers.pr_curves = attach_pr_curves(trainer, tb, "predictions", val_dataset)
+        tb_epoch = handlers.epoch_tensorboard = attach_epoch_tensorboard(
+            trainer, directory.tensorboard / "epoch", monitor=config.monitor, val_dataset=val_dataset,
+            best_checkpoint=best)
+        handlers.pr_curves = attach_pr_curves(trainer, tb_epoch, "predictions", val_dataset)
         # tensorboardX buffers events; flush before the epoch's last checkpoint so a kill after it loses none
         trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, lambda _: tb.writer.flush())
-        if config.progress:
+        handlers.epoch_lines = attach_epoch_lines(trainer, optimizer, config.monitor)
+        if progress_bar_wanted(config.progress):
             handlers.progress_bar = attach_progress_bar(trainer)
     return handlers

@@ -41,10 +41,13 @@ def test_train_with_no_data_argument_uses_the_embedded_synthetic_set(workdir, ca
     assert [r["epoch"] for r in lines] == [1, 2]
     for key in ("train_loss", "val_loss", "lr", "seconds"):
         assert isinstance(lines[-1][key], float)
-    assert set(lines[-1]["heart"]) == {"accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "threshold"}
+    assert set(lines[-1]["heart"]) == {"accuracy", "precision", "recall", "sensitivity", "specificity", "f1", "threshold",
+                                      "at_threshold"}
 
-    # The summary table names both labels with the last epoch's F1.
-    assert "label" in out and f"{lines[-1]['murmur']['f1']:.3f}" in out.split("murmur")[-1]
+    # The closing summary describes the best checkpoint, with its recording F1 at the tuned thresholds.
+    best = next(r for r in lines if r["epoch"] == int(err.split("best checkpoint: epoch ")[1].split(",")[0]))
+    heart_f1 = best["heart"]["at_threshold"]["f1"]
+    assert f"{heart_f1:.3f}" in err.split("  heart")[-1].splitlines()[0]
 
     # The resolved config is enough to re-run: it loads and equals what ran.
     saved = TrainConfig.from_yaml(run_dir / "config.yaml")

@@ -50,12 +50,15 @@ def test_level_scores_by_hand_with_masks_and_thresholds():
     assert m["auroc"] == pytest.approx(0.75)  # positives 0.7, 0.5 vs negatives 0.1, 0.6: 3 of 4
 
 
-def test_level_scores_no_positives_and_all_positives_are_defined():
+def test_level_scores_are_none_where_undefined_and_leave_out_an_absent_label():
     none = level_scores(lp([[0.2, 0.7], [0.6, 0.1]], [[0, 0], [0, 0]]), {"heart": 0.5, "murmur": 0.5})["heart"]
-    assert (none["precision"], none["recall"], none["f1"], none["auroc"]) == (0.0, 0.0, 0.0, 0.0)
-    assert none["specificity"] == 0.5
+    assert (none["precision"], none["recall"], none["f1"], none["auroc"]) == (0.0, None, 0.0, None)
+    assert none["specificity"] == 0.5 and none["macc"] is None
     every = level_scores(lp([[0.2, 0.7], [0.6, 0.1]], [[1, 1], [1, 1]]), {"heart": 0.5, "murmur": 0.5})["heart"]
-    assert (every["recall"], every["specificity"], every["precision"], every["auprc"]) == (0.5, 0.0, 1.0, 0.0)
+    assert (every["recall"], every["specificity"], every["precision"], every["auprc"]) == (0.5, None, 1.0, None)
+    heart_only = level_scores(lp([[0.2, 0.7], [0.6, 0.1]], [[1, 0], [0, 0]], [[1, 0], [1, 0]]),
+                              {"heart": 0.5, "murmur": 0.5})
+    assert list(heart_only) == ["heart"]  # murmur is present nowhere (PhysioNet 2016): no row at all
 
 
 def test_challenge_section_scores_the_layers_calls_by_hand():

@@ -88,7 +88,8 @@ def test_custom_model_is_registered_and_trained_through_the_cli(shared, tmp_path
     stdout = run_example("custom_model.py", "--", "--data", str(shared["data"]), "--epochs", "1", "--batch-size", "4",
                          "--output-dir", str(runs), "--name", "gru", "--device", "cpu", "--no-progress",
                          "--set", f"cache_dir={shared['cache']}", *TINY_SETS, cwd=tmp_path)
-    assert "macro_f1" in stdout
+    assert f"run directory: {runs / 'gru'}" in stdout
+    assert " INFO epoch 1/1  train_loss " in (runs / "gru" / "train.log").read_text()  # the epoch line
     [best] = (runs / "gru" / "checkpoints").glob("best_checkpoint_*.pt")
     ckpt = load_checkpoint(best)
     assert ckpt["config"]["model"] == "gru_attention"

@@ -146,31 +146,31 @@ def _batch(logits, y, mask=None) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_no_positives_gives_zero_precision_recall_f1_not_nan() -> None:
+def test_no_positives_gives_none_where_a_ratio_does_not_exist() -> None:
     # truth all negative; heart predicts one positive (FP), murmur predicts none
     result = _run_metric(PerLabelMetrics(), [_batch([[2.0, -2.0], [-2.0, -2.0]], [[0, 0], [0, 0]])])
-    assert result["heart.precision"] == result["heart.recall"] == result["heart.f1"] == 0.0
+    assert result["heart.precision"] == result["heart.f1"] == 0.0 and result["heart.recall"] is None
     assert result["heart.specificity"] == 0.5 and result["heart.accuracy"] == 0.5
-    assert result["murmur.precision"] == result["murmur.recall"] == result["murmur.f1"] == 0.0
+    assert result["murmur.precision"] is None and result["murmur.recall"] is None and result["murmur.f1"] is None
     assert result["murmur.specificity"] == 1.0 and result["murmur.accuracy"] == 1.0
-    assert result["macro_f1"] == 0.0
+    assert result["macro_f1"] == 0.0  # heart's F1 only: murmur's does not exist and does not halve it
 
 
-def test_all_positives_gives_zero_specificity_not_nan() -> None:
+def test_all_positives_gives_no_specificity() -> None:
     result = _run_metric(PerLabelMetrics(), [_batch([[2.0, 2.0], [-2.0, 2.0]], [[1, 1], [1, 1]])])
-    assert result["heart.specificity"] == 0.0 and result["murmur.specificity"] == 0.0
+    assert result["heart.specificity"] is None and result["murmur.specificity"] is None
     assert result["heart.recall"] == 0.5 and result["heart.precision"] == 1.0
     assert result["heart.f1"] == pytest.approx(2 / 3)
     assert result["murmur.f1"] == 1.0
     assert result["macro_f1"] == pytest.approx((2 / 3 + 1.0) / 2)
 
 
-def test_all_masked_gives_zeros_and_zero_support() -> None:
+def test_all_masked_gives_none_and_zero_support() -> None:
     nan = float("nan")
     result = _run_metric(PerLabelMetrics(), [_batch([[1.0, -1.0]] * 3, [[nan, nan]] * 3, [[False, False]] * 3)])
-    assert all(result[f"{label}.{s}"] == 0.0 for label in LABELS for s in STATS)
+    assert all(result[f"{label}.{s}"] is None for label in LABELS for s in STATS)
     assert result["heart.support"] == result["murmur.support"] == 0
-    assert result["macro_f1"] == 0.0
+    assert result["macro_f1"] is None
 
 
 def test_macro_f1_averages_only_labels_with_present_examples() -> None:

@@ -80,14 +80,24 @@ def test_nan_loss_stops_the_cli_with_the_iteration_named_and_the_last_good_check
     assert final["finished"] and all(torch.isfinite(v).all() for v in final["model_state_dict"].values())
 
 
-def test_a_validation_split_without_positives_gives_zero_metrics_and_a_warning(data, tmp_path, caplog):
+def test_a_validation_split_without_positives_gives_null_metrics_and_a_warning(data, tmp_path, caplog):
     negative = Path(shutil.copytree(data, tmp_path / "negative"))
     for path in [negative / "training_data.csv", *(negative / "training_data").glob("*.txt")]:
         path.write_text(path.read_text().replace("Present", "Absent").replace("Unknown", "Absent"))
-    with caplog.at_level(logging.WARNING, logger="ignite_trainer"):
-        summary = train(tiny_config(negative, tmp_path, epochs=2))
-    murmur = summary["metrics"]["murmur"]
-    assert murmur["precision"] == murmur["recall"] == murmur["f1"] == 0.0 and murmur["specificity"] > 0
+    with caplog.at_level(logging.INFO, logger="ignite_trainer"):
+        summary = train(tiny_config(negative, tmp_path, epochs=2, monitor="murmur.recall"))
+    # metrics.jsonl holds null (not 0.0) where a score does not exist: recall without any positive
+    raw = (summary["run_dir"] / "metrics.jsonl").read_text().splitlines()[-1]
+    assert '"recall": null' in raw
+    murmur, heart = summary["metrics"]["murmur"], summary["metrics"]["heart"]
+    assert murmur["recall"] is None and murmur["at_threshold"]["recall"] is None and murmur["specificity"] > 0
+    defined = [f for f in (heart["f1"], murmur["f1"]) if f is not None]
+    assert summary["metrics"]["macro_f1"] == pytest.approx(sum(defined) / len(defined))  # defined labels only
+    # monitoring an undefined score neither crashes nor saves: both epochs are skipped, and the summary says so
+    assert summary["best"] is None and not list((summary["run_dir"] / "checkpoints").glob("best_*"))
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("murmur.recall is undefined on this validation split" in m for m in said) == 2
+    assert any("never defined" in m for m in said) and any("murmur.recall n/a" in m for m in said)
     warnings = [r.getMessage() for r in caplog.records if "no positive examples" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].startswith("murmur:"), warnings  # once per run, not per epoch
 

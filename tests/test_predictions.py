@@ -206,13 +206,13 @@ def test_attach_threshold_tuning_stores_recording_level_thresholds():
     assert not any(k.endswith(".threshold") for k in trainer.state.validation_metrics)  # scores only
 
 
-def test_attach_pr_curves_writes_one_curve_per_present_label_at_the_iteration():
+def test_attach_pr_curves_writes_one_curve_per_present_label_at_the_epoch():
     trainer, dataset, _ = _validation_setup()
     calls = []
     writer = SimpleNamespace(add_pr_curve=lambda tag, labels, preds, step: calls.append((tag, labels, preds, step)))
     attach_pr_curves(trainer, SimpleNamespace(writer=writer), "predictions", dataset)
     trainer.run([0, 0, 0], max_epochs=1)
-    assert [(c[0], c[3]) for c in calls] == [("val_pr/heart", 3)]  # murmur fully masked: no curve
+    assert [(c[0], c[3]) for c in calls] == [("val_pr/heart", 1)]  # murmur fully masked: no curve
     assert calls[0][1].tolist() == [0, 1, 0, 1, 0, 1]  # one entry per recording, not per window
     assert len(calls[0][2]) == 6
 

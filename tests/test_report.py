@@ -1,6 +1,7 @@
 """report: PNG figures that hold something, and report.md tables and links that match the results."""
 
 import json
+import math
 import re
 from pathlib import Path
 
@@ -192,6 +193,25 @@ def test_training_curves_mark_the_best_epoch_the_checkpoint_and_say_what_f1_is(t
     _drawn(plot_training_curves(run / "metrics.jsonl", tmp_path / "b.png", checkpoint_epoch=4))
     texts = _texts(figures[-1].axes[0])
     assert "best macro_f1: epoch 2" in texts and "checkpoint used: epoch 4" in texts
+
+
+def test_training_curves_draw_the_tuned_threshold_f1_of_each_epoch(tmp_path, monkeypatch):
+    figures = _captured(monkeypatch)
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text("monitor: val_loss\n")
+    tuned = {1: 0.4, 2: None, 3: 0.7}  # epoch 2: undefined on the split, a gap and never a 0
+    (run / "metrics.jsonl").write_text("".join(
+        json.dumps({"epoch": e, "train_loss": 1.0, "val_loss": 1 / e, "lr": 1e-3, "macro_f1": 0.0,
+                    "heart": {"f1": 0.0, "at_threshold": {"f1": f}}, "murmur": {"f1": 0.0}}) + "\n"
+        for e, f in tuned.items()))
+    _drawn(plot_training_curves(run / "metrics.jsonl", tmp_path / "t.png"))
+    f1_ax = figures[-1].axes[1]
+    [curve] = [line for line in f1_ax.get_lines() if line.get_label() == "heart (recordings, tuned threshold)"]
+    ys = list(curve.get_ydata())
+    assert ys[0] == 0.4 and math.isnan(ys[1]) and ys[2] == 0.7
+    assert "solid: recordings, the epoch's tuned thresholds; dotted: windows at 0.5" in f1_ax.get_title()
+    assert not any("murmur (recordings" in line.get_label() for line in f1_ax.get_lines())  # none logged
 
 
 def test_confusion_matrices_name_the_classes(tmp_path, monkeypatch):

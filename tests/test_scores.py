@@ -48,31 +48,33 @@ def test_binary_stats_matches_sklearn_on_random_data() -> None:
         n = int(rng.integers(1, 40))
         t, p = rng.integers(0, 2, n), rng.integers(0, 2, n)
         s = binary_stats(t, p)
-        prec, rec, f1, _ = precision_recall_fscore_support(t, p, average="binary", zero_division=0)
+        prec, rec, f1, _ = precision_recall_fscore_support(t, p, average="binary", zero_division=np.nan)
         tn, fp, fn, tp = confusion_matrix(t, p, labels=[0, 1]).ravel()
         assert (s["tp"], s["fp"], s["fn"], s["tn"]) == (tp, fp, fn, tn)
-        assert s["precision"] == pytest.approx(prec)
-        assert s["recall"] == pytest.approx(rec)
-        assert s["f1"] == pytest.approx(f1)
+        for ours, theirs in ((s["precision"], prec), (s["recall"], rec), (s["f1"], f1)):
+            # scikit-learn's undefined (zero_division=nan) is our None
+            assert ours is None if np.isnan(theirs) else ours == pytest.approx(theirs)
 
 
-def test_binary_stats_edge_cases_give_zero_not_nan() -> None:
+def test_binary_stats_edge_cases_are_none_not_zero_or_nan() -> None:
     empty = binary_stats([], [])
     assert (empty["tp"], empty["fp"], empty["fn"], empty["tn"]) == (0, 0, 0, 0)
-    assert all(empty[k] == 0.0 for k in ("accuracy", "precision", "recall", "specificity", "f1"))
+    assert all(empty[k] is None for k in ("accuracy", "precision", "recall", "specificity", "f1"))
 
     no_positives = binary_stats([0, 0, 0], [0, 0, 0])  # nothing to find, nothing predicted
     assert no_positives["accuracy"] == 1.0 and no_positives["specificity"] == 1.0
-    assert no_positives["precision"] == no_positives["recall"] == no_positives["f1"] == 0.0
+    assert no_positives["precision"] is None and no_positives["recall"] is None and no_positives["f1"] is None
+
+    false_alarm = binary_stats([0, 0], [1, 0])  # no positives, one predicted: precision and F1 exist (0)
+    assert false_alarm["precision"] == 0.0 and false_alarm["f1"] == 0.0 and false_alarm["recall"] is None
 
     all_positive = binary_stats([1, 1], [1, 1])
-    assert all_positive["f1"] == 1.0 and all_positive["specificity"] == 0.0  # no negatives: 0/0 -> 0
+    assert all_positive["f1"] == 1.0 and all_positive["specificity"] is None  # no negatives: 0/0 is undefined
 
     none_predicted = binary_stats([1, 0], [0, 0])
-    assert none_predicted["precision"] == 0.0 and none_predicted["recall"] == 0.0
+    assert none_predicted["precision"] is None and none_predicted["recall"] == 0.0
 
-    s = stats_from_counts(0, 0, 0, 0)
-    assert all(v == 0.0 and not np.isnan(v) for v in s.values())
+    assert all(v is None for v in stats_from_counts(0, 0, 0, 0).values())
 
 
 def test_binary_stats_rejects_non_binary_or_mismatched_input() -> None:
@@ -140,10 +142,10 @@ def test_auroc_and_auprc_worked_example() -> None:
 
 
 @pytest.mark.parametrize("y", [[0, 0, 0], [1, 1, 1], []])
-def test_auroc_and_auprc_single_class_or_empty_give_zero_without_warnings(y) -> None:
+def test_auroc_and_auprc_single_class_or_empty_are_none_without_warnings(y) -> None:
     p = [0.2, 0.5, 0.9][: len(y)]
-    assert auroc(y, p) == 0.0
-    assert auprc(y, p) == 0.0
+    assert auroc(y, p) is None
+    assert auprc(y, p) is None
 
 
 def test_auroc_rejects_non_finite_probabilities() -> None:

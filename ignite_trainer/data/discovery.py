@@ -16,17 +16,35 @@ from ignite_trainer.data.circor import LOCATIONS, parse_patient_file, patient_fo
 from ignite_trainer.data.records import Recording
 from ignite_trainer.errors import DataError
 
-__all__ = ["detect_format", "has_labels", "discover_recordings"]
+__all__ = ["detect_format", "has_labels", "discover_recordings", "is_patient_file"]
 
 #: A CirCor recording name, ``<patient id>_<location>[_<n>]``.
 _CIRCOR_NAME = re.compile(r"^(?P<pid>.+?)_(?:" + "|".join(LOCATIONS) + r")(?:_\d+)?$", re.IGNORECASE)
 
 
+def is_patient_file(path: Path) -> bool:
+    """Whether a ``.txt`` file is a CirCor patient file: its first line is ``<its own name> <n> <rate>``.
+
+    Only the header is read: a README or notes file beside the WAVs is not a patient file, while a patient
+    file with a broken body still is one (and reading it reports what is wrong).
+    """
+    try:
+        with open(path, encoding="utf-8-sig", errors="replace") as f:
+            first = next((line.split() for line in f if line.strip()), [])
+    except OSError:
+        return False
+    return len(first) == 3 and first[0] == path.stem
+
+
+def _patient_files(folder: Path) -> list[Path]:
+    return [p for p in sorted(folder.glob("*.txt")) if is_patient_file(p)]
+
+
 def detect_format(root: str | Path) -> str | None:
-    """``"circor2022"`` (patient ``.txt`` files), ``"physionet2016"`` (``training-*`` or ``REFERENCE.csv``),
-    or None for a plain folder of WAV files."""
+    """``"circor2022"`` (patient ``.txt`` files, `is_patient_file`), ``"physionet2016"`` (``training-*`` or
+    ``REFERENCE.csv``), or None for a plain folder of WAV files (which may hold other ``.txt`` files)."""
     root = Path(root)
-    if any(patient_folder(root).glob("*.txt")):
+    if _patient_files(patient_folder(root)):
         return "circor2022"
     if any(p.is_dir() for p in root.glob("training-*")) or any(root.glob("REFERENCE*.csv")):
         return "physionet2016"
@@ -38,7 +56,7 @@ def has_labels(root: str | Path, fmt: str | None) -> bool:
     root = Path(root)
     if fmt == "circor2022":
         lenient = BadInputPolicy(skip=True)
-        for txt in sorted(patient_folder(root).glob("*.txt")):
+        for txt in _patient_files(patient_folder(root)):
             patient = parse_patient_file(txt, lenient)
             if patient and any(_given(patient.fields.get(k)) for k in ("outcome", "murmur")):
                 return True
@@ -99,7 +117,7 @@ def _folder_recordings(root: Path, fmt: str | None) -> list[Recording]:
     if fmt == "circor2022":
         data_dir = patient_folder(root)
         recordings = []
-        for txt in sorted(data_dir.glob("*.txt")):
+        for txt in _patient_files(data_dir):
             patient = parse_patient_file(txt)
             assert patient is not None  # the strict policy raises instead
             for location, names in patient.recordings:

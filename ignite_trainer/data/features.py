@@ -26,6 +26,7 @@ import multiprocessing
 import os
 import secrets
 import signal
+import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -36,6 +37,7 @@ from typing import TYPE_CHECKING, Iterable, Iterator, Literal, NamedTuple
 import numpy as np
 import scipy.signal
 import torch
+from tqdm import tqdm
 
 from ignite_trainer.data import wav as wav_io
 from ignite_trainer.data.records import Recording
@@ -418,12 +420,16 @@ class FeatureCache:
         return path if path.exists() else None
 
     def prepare(
-        self, recordings: Iterable[Recording], policy: "BadInputPolicy | None" = None, workers: int = 1
+        self, recordings: Iterable[Recording], policy: "BadInputPolicy | None" = None, workers: int = 1,
+        progress: bool | None = None,
     ) -> list[Recording]:
         """Make sure every recording has features; return those that do, in the given order.
 
         Misses are computed with ``workers`` processes. A recording that cannot be used is reported to
-        ``policy`` (``None``: strict, the `DataError` propagates) and left out of the result.
+        ``policy`` (``None``: strict, the `DataError` propagates) and left out of the result. Filling a
+        cold cache takes a while (about a minute for the embedded set on two cores), so it shows a tqdm bar
+        with counts, rate and time left: ``progress`` None draws it only when stderr is a terminal (never
+        ``\r`` fragments in a log file), True always, False never. A warm cache draws nothing.
         """
         recordings = list(recordings)
         missing = [r for r in recordings if self.cached_path(r) is None]
@@ -433,9 +439,12 @@ class FeatureCache:
             return recordings
         self._remove_stale_temp_files()
         token = secrets.token_hex(4)  # names this call's temporary files, to remove them if it is interrupted
+        bar = tqdm(total=len(jobs), desc="feature cache", unit="recording", file=sys.stderr, dynamic_ncols=True,
+                   leave=False, disable=None if progress is None else not progress)
         try:
-            with contextlib.closing(self._compute_many(jobs, workers, token)) as results:
+            with bar, contextlib.closing(self._compute_many(jobs, workers, token)) as results:
                 for done in results:
+                    bar.update(1)
                     if done.cache_error:
                         raise DataError(done.error)
                     if done.error is not None:

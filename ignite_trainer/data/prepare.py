@@ -52,11 +52,13 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     if config.data:
         source, fmt = Path(config.data).expanduser(), config.format
     else:
-        source, fmt = ensure_embedded_dataset(root_dir, config.synthetic_patients, config.synthetic_seed), "circor2022"
+        source, fmt = ensure_embedded_dataset(root_dir, config.synthetic_patients, config.synthetic_seed,
+                                              progress=config.progress is not False), "circor2022"
     recordings = read_recordings(source, fmt, unknown_murmur=config.unknown_murmur, policy=policy)
     settings = FeatureSettings.from_config(config)
     features_dir = root_dir / "features"
-    recordings = FeatureCache(features_dir, settings).prepare(recordings, policy=policy, workers=feature_workers())
+    recordings = FeatureCache(features_dir, settings).prepare(recordings, policy=policy, workers=feature_workers(),
+                                                              progress=config.progress)
     if not recordings:
         raise DataError(f"{source}: no usable recordings")
     train, val = split_recordings(recordings, config)
