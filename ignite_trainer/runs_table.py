@@ -170,7 +170,10 @@ def _challenge(run_dir: Path) -> dict[str, Any] | None:
     scores = report.get("challenge") if isinstance(report, dict) else None
     if not isinstance(scores, dict):
         return None
-    return {"split": report.get("split"), "data": report.get("data"), **{k: scores.get(k) for k in CHALLENGE_KEYS}}
+    # heart_macc is the project's own figure, kept apart from the Challenge's in metrics.json
+    project = report.get("project") if isinstance(report.get("project"), dict) else {}
+    values = {k: scores.get(k, project.get(k)) for k in CHALLENGE_KEYS}
+    return {"split": report.get("split"), "data": report.get("data"), **values}
 
 
 def _data_name(config: Mapping[str, Any]) -> str:
