@@ -64,7 +64,7 @@ def run_windows(trained: TrainedModel, recordings: Sequence[Recording], device: 
     root = Path(cache_dir) if cache_dir is not None else cache_root(config)
     cache = FeatureCache(root / "features", trained.settings)
     usable = cache.prepare(recordings, policy=None, workers=feature_workers())
-    dataset = EvalWindows(usable, cache, config.window_seconds)
+    dataset = EvalWindows(usable, cache, config.window_seconds, demographics=config.demographics)
     warnings = []
     for r, n in zip(dataset.recordings, dataset.n_frames):
         if n < dataset.window_frames:

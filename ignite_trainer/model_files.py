@@ -78,7 +78,7 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
         thresholds, epoch = ckpt.get("thresholds"), ckpt.get("epoch")
     config = _config_from(saved, path)
     try:
-        model = build_model(config.model, n_mels=config.n_mels)
+        model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
     except ConfigError as e:
         raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
     load_model_weights(model, state, path)
