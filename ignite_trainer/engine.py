@@ -46,7 +46,16 @@ SYNC_EVERY = 50
 
 
 class StepEvents(EventEnum):
-    """``STATS_READ``: `StepStats` were just read to the host (``engine.state.step_stats``)."""
+    """``STATS_READ``: `StepStats` were just read to the host (``engine.state.step_stats``).
+
+    Per-iteration values reach the host in batches (every ``sync_every`` iterations and at epoch end), so
+    handlers that want every step's loss read them here rather than on ``ITERATION_COMPLETED``.
+
+    Example::
+
+        trainer.add_event_handler(StepEvents.STATS_READ,
+                                  lambda e: print(e.state.step_stats.iterations, e.state.step_stats.losses))
+    """
 
     STATS_READ = "step_stats_read"
 
@@ -200,7 +209,13 @@ class StepStats:
 
 
 def read_step_stats(engine: Engine) -> StepStats:
-    """Read the trainer's `StepStats` now and fire ``STATS_READ`` (e.g. before a mid-epoch checkpoint)."""
+    """Read the trainer's `StepStats` now and fire ``STATS_READ`` (e.g. before a mid-epoch checkpoint).
+
+    Example::
+
+        stats = read_step_stats(trainer)   # the NaN guard and loggers on STATS_READ run now
+        print(stats.first_bad_iteration)
+    """
     stats: StepStats = engine.state.step_stats
     stats.read(engine.state.epoch_length)
     engine.fire_event(StepEvents.STATS_READ)

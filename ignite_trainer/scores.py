@@ -1,7 +1,7 @@
 """The scores the heart-sound field reports, as plain numpy functions (no Ignite, no torch).
 
 Evaluation and reports compute results that must compare with published ones (PhysioNet/CinC
-2016 and 2022, see docs/domain.md §4), so every formula lives here, once. Empty, single-class or
+2016 and 2022), so every formula lives here, once. Empty, single-class or
 otherwise degenerate input always gives a defined number (0.0 where a ratio has a zero
 denominator, like scikit-learn's ``zero_division=0``): never NaN, never a warning, never a crash.
 Predictions are positive when ``prob >= threshold``, the same rule as `metrics.PerLabelMetrics`.
