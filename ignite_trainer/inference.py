@@ -74,7 +74,7 @@ def run_windows(trained: TrainedModel, recordings: Sequence[Recording], device: 
             warnings.append(message)
     torch_device = resolve_device(device)
     model = trained.model.to(torch_device)
-    loader = make_eval_loader(dataset, batch_size or config.batch_size, 0, torch_device)
+    loader = make_eval_loader(dataset, batch_size or config.eval_batch_size or config.batch_size, 0, torch_device)
     evaluator = create_evaluator(model, {"predictions": PredictionCollector()}, torch_device)
     windows = evaluator.run(loader).metrics["predictions"]
     return WindowRun(windows, dataset, warnings)
