@@ -31,6 +31,12 @@ TRAIN_FLAGS: dict[str, str] = {
     "window_seconds": "window_seconds", "n_folds": "n_folds", "fold": "fold", "cache_dir": "cache_dir",
     "tracker": "tracker", "tracking_uri": "tracking_uri",
 }
+# precision, speed and model options (augmentation fields go through --config or --set augment_<name>=...)
+TRAIN_FLAGS.update({
+    "amp_dtype": "amp_dtype", "feature_dtype": "feature_dtype", "sync_every": "sync_every",
+    "resident_features": "resident_features", "compile": "compile", "eval_batch_size": "eval_batch_size",
+    "demographics": "demographics",
+})
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -73,6 +79,13 @@ def cli() -> None:
 @click.option("--tracking-uri", type=str, default=None, help="MLflow tracking URI [OUTPUT_DIR/mlruns].")
 @click.option("--nproc-per-node", type=int, default=None, help="Processes on this node (ignite.distributed) [1].")
 @click.option("--backend", type=click.Choice(["gloo", "nccl"]), default=None, help="Distributed backend [gloo on CPU].")
+@click.option("--amp-dtype", type=click.Choice(["bfloat16", "float16"]), default=None, help="Autocast type with --amp [bfloat16].")
+@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default=None, help="Cached feature dtype [float32].")
+@click.option("--sync-every", type=int, default=None, help="Iterations between reads of step statistics [50].")
+@click.option("--resident-features/--no-resident-features", default=None, help="Keep features on the device if they fit [off].")
+@click.option("--compile/--no-compile", default=None, help="torch.compile the model's steps [off].")
+@click.option("--eval-batch-size", type=int, default=None, help="Evaluation batch size [--batch-size].")
+@click.option("--demographics/--no-demographics", default=None, help="Fuse patient demographics (CirCor) [off].")
 @click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Set any config field; repeatable.")
 def train(config_file: str | None, resume: str | None, overwrite: bool, assignments: tuple[str, ...], **flags: Any) -> None:
     """Train a model; writes runs/<name>/ (config, checkpoints, metrics.jsonl, TensorBoard, train.log)."""
@@ -131,14 +144,19 @@ def print_summary(summary: dict[str, Any]) -> None:
 @click.option("--patients", type=int, default=300, show_default=True, help="Number of patients.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="circor2022", show_default=True)
-def synth(out_dir: str, patients: int, seed: int, fmt: str) -> None:
+@click.option("--difficulty", type=click.Choice(["default", "hard"]), default="default", show_default=True,
+              help="hard: noisier recordings, subtler murmurs and an age-linked outcome.")
+@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR (refused otherwise).")
+@click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
+def synth(out_dir: str, patients: int, seed: int, fmt: str, difficulty: str, overwrite: bool, progress: bool) -> None:
     """Write a synthetic PCG dataset in CirCor 2022 (or PhysioNet 2016) on-disk layout."""
     from ignite_trainer.data.synthetic import write_synthetic
 
     if patients < 1:
         raise click.BadParameter(f"--patients={patients} must be >= 1")
-    path = write_synthetic(Path(out_dir), patients, seed, fmt=fmt)
-    click.echo(f"wrote {patients} synthetic patients ({fmt}) to {path}")
+    path = write_synthetic(Path(out_dir), patients, seed, fmt=fmt, difficulty=difficulty, overwrite=overwrite,
+                           progress=progress)
+    click.echo(f"wrote {patients} synthetic patients ({fmt}, {difficulty}) to {path}")
 
 
 _UNKNOWN_MARGIN = click.option(

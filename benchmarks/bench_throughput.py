@@ -29,14 +29,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ignite_trainer.config import TrainConfig  # noqa: E402
 from ignite_trainer.data.datasets import EvalWindows, TrainWindows  # noqa: E402
-from ignite_trainer.data.features import FeatureCache  # noqa: E402
 from ignite_trainer.data.loaders import make_eval_loader, make_train_loader  # noqa: E402
 from ignite_trainer.data.synthetic import write_synthetic  # noqa: E402
 from ignite_trainer.engine import create_evaluator, create_trainer  # noqa: E402
 from ignite_trainer.losses import WeightedBCELoss  # noqa: E402
 from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics  # noqa: E402
 from ignite_trainer.models import build_model  # noqa: E402
-from ignite_trainer.run import prepare_data  # noqa: E402
+from ignite_trainer.data.prepare import prepare_data  # noqa: E402
 
 TARGET_WAIT = 0.05
 TARGET_RSS_GB = 2.0
@@ -69,8 +68,8 @@ def measure(config: TrainConfig, data, device: torch.device, amp: bool, batches:
     model = build_model(config.model, n_mels=config.n_mels).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     loss_fn = WeightedBCELoss(*config.pos_weight).to(device)
-    cache = FeatureCache(data.cache_dir, data.settings)
-    train_loader = make_train_loader(TrainWindows(data.train, cache, config.window_seconds), config.batch_size,
+    cache = data.feature_cache()
+    train_loader = make_train_loader(TrainWindows(data.train, cache, config.window_seconds, seed=config.seed), config.batch_size,
                                      config.num_workers, device)
     val_loader = make_eval_loader(EvalWindows(data.val, cache, config.window_seconds), config.batch_size,
                                   config.num_workers, device)

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ignite_trainer import register_model, write_synthetic
+from ignite_trainer import register_model
+from ignite_trainer.data.synthetic import ensure_embedded_dataset  # generated on the first run, reused after
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # cli.py lives at the repository root, beside the package
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "train":
         return cli_main([args.command, *rest])
     if "--data" not in rest and not any(a.startswith("--data=") for a in rest):
-        rest = ["--data", str(write_synthetic(args.data_out, args.patients, seed=1)), *rest]
+        rest = ["--data", str(ensure_embedded_dataset(Path(args.data_out), args.patients, seed=1)), *rest]
     if "--model" not in rest:
         rest = ["--model", MODEL_NAME, *rest]
     return cli_main(["train", *rest])

@@ -47,8 +47,8 @@ from ignite_trainer import (
     make_train_loader,
     read_recordings,
     split_patients,
-    write_synthetic,
 )
+from ignite_trainer.data.synthetic import ensure_embedded_dataset  # generated on the first run, reused after
 
 
 class WeightEMA:
@@ -111,7 +111,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.manual_seed(config.seed)
 
     # data: folder -> recordings -> cached features -> patient split -> window datasets -> loaders
-    data = Path(args.data) if args.data else write_synthetic(out / "data", args.patients, seed=1)
+    data = Path(args.data) if args.data else ensure_embedded_dataset(out / "data", args.patients, seed=1)
     recordings = read_recordings(data, "circor2022")
     cache = FeatureCache(Path(args.cache_dir or out / "cache"), FeatureSettings.from_config(config))
     recordings = cache.prepare(recordings)

@@ -35,8 +35,8 @@ from ignite_trainer import (
     load_trained_model,
     recording_predictions,
     train,
-    write_synthetic,
 )
+from ignite_trainer.data.synthetic import ensure_embedded_dataset  # generated on the first run, reused after
 
 
 class ResearchHooks:
@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     out = Path(args.out)
-    data = Path(args.data) if args.data else write_synthetic(out / f"{args.name}_data", args.patients, seed=1)
+    data = Path(args.data) if args.data else ensure_embedded_dataset(out / f"{args.name}_data", args.patients, seed=1)
     tiny = dict(n_mels=8, sample_rate=1000, hop_ms=20.0, n_fft=64) if args.tiny else {}
     config = TrainConfig(data=str(data), epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                          early_stopping_patience=args.patience, monitor=args.monitor, output_dir=str(out),

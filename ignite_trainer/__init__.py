@@ -6,8 +6,10 @@ research script can compose its own engine, attach its own handlers, or hook int
 
 Data flow: `read_recordings` -> `FeatureCache` (log-mel features, computed once) -> `split_patients` ->
 `TrainWindows` / `EvalWindows` -> `make_train_loader` / `make_eval_loader` -> batches
-``(x [B, n_mels, T], y [B, 2], mask [B, 2], index [B])`` -> `create_trainer` / `create_evaluator` ->
-`attach_standard_handlers` (or the single ``attach_*`` handlers, in its order).
+``(x [B, n_mels, T], y [B, 2], mask [B, 2], index [B])`` (plus ``demographics [B, 18]`` for a
+`DemographicsFusion` model) -> `create_trainer` (optionally with an `Augmenter`) / `create_evaluator` ->
+`attach_standard_handlers` (or the single ``attach_*`` handlers, in its order). Features may instead live
+on the device (`ResidentTrainLoader` / `ResidentEvalLoader`: the same batches without a file read).
 
 ``LABELS`` is the label order everywhere (model outputs, targets, masks, metrics): ``("heart", "murmur")``.
 The 2022 Challenge's classes: ``MURMUR_CLASSES`` ``("Present", "Unknown", "Absent")``, ``OUTCOME_CLASSES``
@@ -20,6 +22,10 @@ A Challenge entry (see ``examples/challenge/team_code.py``)::
     predictor = Predictor.load("runs/quick")
     result = predictor.predict_patient(challenge_recordings(metadata_text, arrays), metadata_text)
     print(dict(zip(result.classes, result.probabilities)))
+
+``DEMOGRAPHIC_FEATURES`` names the nine columns of an `encode_demographics` row (five age groups one-hot,
+``sex_female``, ``height``, ``weight``, ``pregnant``); a batch's demographics are those values, then their
+known-flags.
 
 Names are imported on first use (module ``__getattr__``), so ``import ignite_trainer`` stays cheap
 (torch and Ignite load only when a name that needs them is touched).
@@ -44,7 +50,7 @@ _EXPORTS: dict[str, str] = {
     # config
     "TrainConfig": "ignite_trainer.config",
     # data
-    "LABELS": "ignite_trainer.data.records",
+    "LABELS": "ignite_trainer.vocabulary",
     "Recording": "ignite_trainer.data.records",
     "read_recordings": "ignite_trainer.data.readers",
     "write_synthetic": "ignite_trainer.data.synthetic",
@@ -55,10 +61,21 @@ _EXPORTS: dict[str, str] = {
     "EvalWindows": "ignite_trainer.data.datasets",
     "make_train_loader": "ignite_trainer.data.loaders",
     "make_eval_loader": "ignite_trainer.data.loaders",
+    "EpochSampler": "ignite_trainer.data.loaders",
+    "set_sampler_position": "ignite_trainer.data.loaders",
+    "ResidentTrainLoader": "ignite_trainer.data.loaders",
+    "ResidentEvalLoader": "ignite_trainer.data.loaders",
+    "Demographics": "ignite_trainer.data.demographics",
+    "DEMOGRAPHIC_FEATURES": "ignite_trainer.data.demographics",
+    "encode_demographics": "ignite_trainer.data.demographics",
+    # augmentation
+    "AugmentSettings": "ignite_trainer.augment",
+    "Augmenter": "ignite_trainer.augment",
     # models
     "build_model": "ignite_trainer.models",
     "register_model": "ignite_trainer.models",
     "available_models": "ignite_trainer.models",
+    "DemographicsFusion": "ignite_trainer.fusion",
     # loss and metrics
     "WeightedBCELoss": "ignite_trainer.losses",
     "PerLabelMetrics": "ignite_trainer.metrics",
@@ -68,6 +85,8 @@ _EXPORTS: dict[str, str] = {
     # engines, events, handlers
     "create_trainer": "ignite_trainer.engine",
     "create_evaluator": "ignite_trainer.engine",
+    "StepEvents": "ignite_trainer.engine",
+    "read_step_stats": "ignite_trainer.engine",
     "TrainerEvents": "ignite_trainer.events",
     "attach_validation": "ignite_trainer.handlers",
     "attach_early_stopping": "ignite_trainer.handlers",
@@ -156,11 +175,14 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from ignite_trainer.config import TrainConfig
     from ignite_trainer.data.datasets import EvalWindows, TrainWindows, split_patients
     from ignite_trainer.data.features import FeatureCache, FeatureSettings
-    from ignite_trainer.data.loaders import make_eval_loader, make_train_loader
+    from ignite_trainer.data.loaders import (EpochSampler, ResidentEvalLoader, ResidentTrainLoader, make_eval_loader,
+                                             make_train_loader, set_sampler_position)
     from ignite_trainer.data.readers import read_recordings
-    from ignite_trainer.data.records import LABELS, Recording
+    from ignite_trainer.augment import Augmenter, AugmentSettings
+    from ignite_trainer.data.demographics import DEMOGRAPHIC_FEATURES, Demographics, encode_demographics
+    from ignite_trainer.data.records import Recording
     from ignite_trainer.data.synthetic import write_synthetic
-    from ignite_trainer.engine import create_evaluator, create_trainer
+    from ignite_trainer.engine import StepEvents, create_evaluator, create_trainer, read_step_stats
     from ignite_trainer.errors import CheckpointError, ConfigError, DataError, TrainingAborted, UserError
     from ignite_trainer.evaluation import evaluate
     from ignite_trainer.events import TrainerEvents
@@ -178,6 +200,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from ignite_trainer.writers import write_challenge_outputs, write_predictions_csv
     from ignite_trainer.losses import WeightedBCELoss
     from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
+    from ignite_trainer.fusion import DemographicsFusion
     from ignite_trainer.models import available_models, build_model, register_model
     from ignite_trainer.predictions import (PredictionCollector, attach_decision_fitting, attach_pr_curves,
                                             attach_threshold_tuning, recording_predictions)
@@ -189,3 +212,4 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from ignite_trainer.standard import attach_standard_handlers
     from ignite_trainer.tensorboard_epoch import attach_epoch_tensorboard
     from ignite_trainer.tracking import attach_mlflow, close_mlflow
+    from ignite_trainer.vocabulary import LABELS

@@ -20,10 +20,14 @@ from typing import IO, Iterator
 PARTIAL_SUFFIX = ".partial"
 
 
-def partial_path(path: str | Path) -> Path:
-    """A fresh temp name to write ``path`` to first: ``.<name>.<random>.partial`` in the same folder."""
+def partial_path(path: str | Path, tag: str = "") -> Path:
+    """A fresh temp name to write ``path`` to first: ``.<name>.[<tag>.]<random>.partial`` in the same folder.
+
+    A ``tag`` lets a writer find and remove the temp files of its own interrupted writes by name.
+    """
     path = Path(path)
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
+    middle = f"{tag}." if tag else ""
+    return path.with_name(f".{path.name}.{middle}{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
 
 
 def fsync_dir(path: str | Path) -> None:
@@ -41,7 +45,7 @@ def fsync_dir(path: str | Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
+def atomic_path(path: str | Path, durable: bool = True, tag: str = "") -> Iterator[Path]:
     """Yield a temp path to write ``path`` through (for writers that want a file name, not a stream).
 
     On a clean exit the temp file is fsynced (``durable``) and renamed over ``path``; on any exception it is
@@ -53,7 +57,7 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
             safetensors.torch.save_file(state, str(tmp))
     """
     path = Path(path)
-    tmp = partial_path(path)
+    tmp = partial_path(path, tag)
     try:
         yield tmp
         if durable:
@@ -68,7 +72,8 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | Path, mode: str = "w", durable: bool = True, **open_kwargs) -> Iterator[IO]:
+def atomic_write(path: str | Path, mode: str = "w", durable: bool = True, tag: str = "",
+                 **open_kwargs) -> Iterator[IO]:
     """Open a temp file for writing that replaces ``path`` when the block ends without an exception.
 
     Example::
@@ -76,7 +81,7 @@ def atomic_write(path: str | Path, mode: str = "w", durable: bool = True, **open
         with atomic_write("report/metrics.json", durable=False) as f:
             json.dump(results, f)
     """
-    with atomic_path(path, durable=False) as tmp:
+    with atomic_path(path, durable=False, tag=tag) as tmp:
         with open(tmp, mode, **open_kwargs) as f:
             yield f
             if durable:

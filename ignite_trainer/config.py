@@ -70,7 +70,7 @@ class TrainConfig:
     pos_weight_heart: float = _f(1.0, "BCE positive weight of the heart label", min=0.0, exclusive_min=True)
     pos_weight_murmur: float = _f(2.5, "BCE positive weight of the murmur label", min=0.0, exclusive_min=True)
     accumulation_steps: int = _f(1, "micro-batches per optimizer step", min=1)
-    amp: bool = _f(False, "mixed precision (bf16 autocast on CPU, fp16 + GradScaler on CUDA)")
+    amp: bool = _f(False, "mixed precision autocast (amp_dtype; bf16 by default)")
     model: str = _f("attention_cnn", "model name from the registry")
     monitor: str = _f("val_loss", "score for early stopping and the best checkpoint: val_loss, macro_f1, heart.f1, ...")
     # run
@@ -89,6 +89,38 @@ class TrainConfig:
     # distributed
     nproc_per_node: int = _f(1, "processes on this node (idist.Parallel)", min=1)
     backend: Literal["gloo", "nccl"] | None = _f(None, "distributed backend; default gloo on CPU, nccl on CUDA")
+    # ---- precision, speed, models and augmentation (everything off / as before by default)
+    feature_dtype: Literal["float32", "float16"] = _f("float32", "dtype of the cached features (float16 halves cache and memory)")
+    amp_dtype: Literal["bfloat16", "float16"] = _f("bfloat16", "autocast type with amp; float16 adds a GradScaler on CUDA")
+    sync_every: int = _f(50, "iterations between reads of the step statistics from the device", min=1)
+    resident_features: bool = _f(False, "keep all features on the training device when they fit")
+    compile: bool = _f(False, "torch.compile the model for the training and evaluation steps")
+    eval_batch_size: int | None = _f(None, "evaluation batch size; default batch_size", min=1)
+    demographics: bool = _f(False, "fuse age, sex, height, weight and pregnancy into the heart logit (CirCor only)")
+    synthetic_difficulty: Literal["default", "hard"] = _f("default", "embedded synthetic set: default, or hard")
+    augment_gain_prob: float = _f(0.0, "chance per sample and epoch of a random gain", min=0.0, max=1.0)
+    augment_gain_low_db: float = _f(-6.0, "lowest gain (dB)")
+    augment_gain_high_db: float = _f(6.0, "highest gain (dB)")
+    augment_noise_prob: float = _f(0.0, "chance of added coloured noise", min=0.0, max=1.0)
+    augment_noise_snr_low_db: float = _f(5.0, "lowest noise SNR (dB)")
+    augment_noise_snr_high_db: float = _f(30.0, "highest noise SNR (dB)")
+    augment_noise_beta_low: float = _f(0.0, "lowest noise colour 1/f^beta (0 white, 1 pink, 2 brown)")
+    augment_noise_beta_high: float = _f(2.0, "highest noise colour beta")
+    augment_shift_prob: float = _f(0.0, "chance of a time shift", min=0.0, max=1.0)
+    augment_shift_max_fraction: float = _f(0.5, "largest shift, as a share of the window", min=0.0, max=1.0)
+    augment_shift_mode: Literal["circular", "pad"] = _f("circular", "roll the window, or pad the gap with zeros")
+    augment_stretch_prob: float = _f(0.0, "chance of a time stretch", min=0.0, max=1.0)
+    augment_stretch_max: float = _f(0.1, "stretch rate drawn in [1 - max, 1 + max]", min=0.0, max=0.5)
+    augment_time_mask_prob: float = _f(0.0, "chance of SpecAugment time masks", min=0.0, max=1.0)
+    augment_time_masks: int = _f(2, "time masks per sample", min=0)
+    augment_time_mask_width: int = _f(40, "widest time mask (frames)", min=0)
+    augment_freq_mask_prob: float = _f(0.0, "chance of SpecAugment frequency masks", min=0.0, max=1.0)
+    augment_freq_masks: int = _f(2, "frequency masks per sample", min=0)
+    augment_freq_mask_width: int = _f(8, "widest frequency mask (mel bands)", min=0)
+    augment_mixup_prob: float = _f(0.0, "chance of mixup with a partner of the same batch", min=0.0, max=1.0)
+    augment_mixup_alpha: float = _f(0.4, "mixup Beta(alpha, alpha)", min=0.0, exclusive_min=True)
+    augment_log_power_scale: float = _f(3.0, "nepers of log power per z unit (see docs/augmentation.md)",
+                                        min=0.0, exclusive_min=True)
 
     # ------------------------------------------------------------------ construction and checks
     @classmethod
@@ -180,6 +212,9 @@ class TrainConfig:
                 f"{source}: monitor={self.monitor!r} is not a score (val_loss, macro_f1, or <label>.<metric> "
                 f"with label {'|'.join(LABELS)} and metric one of {', '.join(STATS)})"
             )
+        from ignite_trainer.augment import AugmentSettings  # augment imports the feature code, which reads configs
+
+        AugmentSettings.from_config(self, source)  # the ranges between fields (low <= high)
         if self.name is not None and (not self.name.strip() or "/" in self.name or self.name in (".", "..")):
             raise ConfigError(f"{source}: name={self.name!r} is not a valid run directory name")
 
@@ -202,7 +237,8 @@ class TrainConfig:
 
 #: Fields that may differ between a run and its resume: they change where or how fast it runs, not the math.
 RESUMABLE_CHANGES = frozenset({"device", "num_workers", "progress", "output_dir", "name", "cache_dir", "skip_bad",
-                                "nproc_per_node", "backend", "data", "tracker", "tracking_uri"})
+                                "nproc_per_node", "backend", "data", "tracker", "tracking_uri",
+                                "sync_every", "resident_features", "compile", "eval_batch_size"})
 
 
 def config_conflicts(saved: Mapping[str, Any], current: TrainConfig) -> list[str]:

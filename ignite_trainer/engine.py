@@ -23,13 +23,16 @@ iterations and at the end of each epoch, when ``StepEvents.STATS_READ`` fires; t
 iteration of the *first* non-finite step, so a guard reading them late still names it.
 
 A batch is ``(x, y, mask, index)``: features ``[B, n_mels, T]``, targets and label mask ``[B, 2]``,
-and the window/recording index ``[B]`` (see `ignite_trainer.data.datasets`).
+and the window/recording index ``[B]`` (see `ignite_trainer.data.datasets`); datasets built with
+``demographics=True`` add a fifth tensor ``[B, 2 * len(DEMOGRAPHIC_FEATURES)]`` (values, then known flags)
+that the model receives as ``model(x, demographics=...)``. Training batches may be augmented (``augment``)
+between the move to the device and the forward pass; evaluation never is.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from ignite.engine import Engine, EventEnum, Events
@@ -43,7 +46,16 @@ SYNC_EVERY = 50
 
 
 class StepEvents(EventEnum):
-    """``STATS_READ``: `StepStats` were just read to the host (``engine.state.step_stats``)."""
+    """``STATS_READ``: `StepStats` were just read to the host (``engine.state.step_stats``).
+
+    Per-iteration values reach the host in batches (every ``sync_every`` iterations and at epoch end), so
+    handlers that want every step's loss read them here rather than on ``ITERATION_COMPLETED``.
+
+    Example::
+
+        trainer.add_event_handler(StepEvents.STATS_READ,
+                                  lambda e: print(e.state.step_stats.iterations, e.state.step_stats.losses))
+    """
 
     STATS_READ = "step_stats_read"
 
@@ -61,10 +73,17 @@ def amp_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
 
 
 def prepare_batch(batch: Sequence[torch.Tensor], device: torch.device, non_blocking: bool = True):
-    """Move ``x, y, mask`` to ``device`` (asynchronously from pinned memory); ``index`` stays on the host."""
-    x, y, mask, index = batch
+    """Move ``x, y, mask`` (and demographics, if the batch has them) to ``device`` (asynchronously from
+    pinned memory); ``index`` stays on the host. Returns ``(x, y, mask, index, demographics or None)``."""
+    x, y, mask, index = batch[:4]
+    demographics = batch[4].to(device, non_blocking=non_blocking) if len(batch) > 4 else None
     return (x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking),
-            mask.to(device, non_blocking=non_blocking), index)
+            mask.to(device, non_blocking=non_blocking), index, demographics)
+
+
+def run_model(model: torch.nn.Module, x: torch.Tensor, demographics: torch.Tensor | None):
+    """``model(x)``, or ``model(x, demographics=...)`` when the batch carries demographics."""
+    return model(x) if demographics is None else model(x, demographics=demographics)
 
 
 # ---------------------------------------------------------------------------------------------- accumulation
@@ -141,9 +160,8 @@ class StepStats:
     def __init__(self, device: torch.device, capacity: int = SYNC_EVERY) -> None:
         self.device = torch.device(device)
         self.capacity = capacity
-        # float64 keeps every value and iteration number exact in one transfer; MPS has no float64.
-        dtype = torch.float32 if self.device.type == "mps" else torch.float64
-        self._NONE = 2**24 - 1 if dtype == torch.float32 else 2**52  # "no bad step yet": above any iteration
+        dtype = torch.float64  # keeps every value and iteration number exact in one transfer
+        self._NONE = 2**52  # "no bad step yet": above any iteration
         self._first_bad = torch.tensor(float(self._NONE), dtype=dtype, device=self.device)
         self._bad_values = torch.zeros(2, dtype=dtype, device=self.device)
         self._values = torch.zeros(capacity, 2, dtype=dtype, device=self.device)
@@ -191,7 +209,13 @@ class StepStats:
 
 
 def read_step_stats(engine: Engine) -> StepStats:
-    """Read the trainer's `StepStats` now and fire ``STATS_READ`` (e.g. before a mid-epoch checkpoint)."""
+    """Read the trainer's `StepStats` now and fire ``STATS_READ`` (e.g. before a mid-epoch checkpoint).
+
+    Example::
+
+        stats = read_step_stats(trainer)   # the NaN guard and loggers on STATS_READ run now
+        print(stats.first_bad_iteration)
+    """
     stats: StepStats = engine.state.step_stats
     stats.read(engine.state.epoch_length)
     engine.fire_event(StepEvents.STATS_READ)
@@ -212,6 +236,7 @@ def create_trainer(
     amp_dtype_name: str | None = None,
     sync_every: int = SYNC_EVERY,
     check_on_device: bool | None = None,
+    augment: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
 ) -> Engine:
     """An Ignite `Engine` running one optimisation step per batch (or per accumulation window).
 
@@ -230,7 +255,10 @@ def create_trainer(
     than an epoch. ``amp`` autocasts to bf16, or to fp16 with ``amp_dtype_name="float16"`` (with a
     GradScaler on CUDA). ``check_on_device`` None picks the device check on CUDA when the optimizer accepts
     ``found_inf`` (``AdamW(fused=True)``), else the host check. The custom `TrainerEvents` and
-    `StepEvents` are registered on the returned engine.
+    `StepEvents` are registered on the returned engine. fp16 autocast on CUDA needs loss scaling: pass the
+    ``scaler`` (it belongs in the checkpoint, so its owner creates it). ``augment(x, y, mask, index, epoch)``
+    (an `ignite_trainer.augment.Augmenter`) transforms each training batch on the device before the
+    forward pass; ``index`` is the batch's sample index and ``epoch`` the trainer's (from 1).
 
     Example::
 
@@ -246,7 +274,7 @@ def create_trainer(
         raise ConfigError(f"sync_every={sync_every} is out of range (must be >= 1)")
     dtype = amp_dtype(device, amp_dtype_name)
     if scaler is None and amp and dtype == torch.float16 and device.type == "cuda":
-        scaler = torch.amp.GradScaler("cuda")
+        raise ConfigError("amp_dtype=float16 on CUDA needs loss scaling: pass scaler=torch.amp.GradScaler('cuda')")
     supports_found_inf = bool(getattr(optimizer, "_step_supports_amp_scaling", False))
     if check_on_device is None:
         check_on_device = device.type == "cuda" and supports_found_inf
@@ -258,10 +286,12 @@ def create_trainer(
     nan = torch.tensor(math.nan, device=device)
     no = torch.tensor(False, device=device)
 
-    def forward_loss(batch: Sequence[torch.Tensor]) -> torch.Tensor:
-        x, y, mask, _ = prepare_batch(batch, device)
+    def forward_loss(engine: Engine, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+        x, y, mask, index, demographics = prepare_batch(batch, device)
+        if augment is not None:
+            x, y, mask = augment(x, y, mask, index, engine.state.epoch)
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-            logits, _ = model(x)
+            logits, _ = run_model(model, x, demographics)
         return loss_fn(logits.float(), y, mask)
 
     def backward(loss: torch.Tensor, window: int) -> None:
@@ -271,7 +301,7 @@ def create_trainer(
     def host_update(engine: Engine, batch: Sequence[torch.Tensor]) -> dict[str, Any]:
         window, closes = accumulation_window(position_in_epoch(engine), accumulation_steps, engine.state.epoch_length)
         model.train()
-        loss = forward_loss(batch)
+        loss = forward_loss(engine, batch)
         loss_value = loss.item()
         iteration = engine.state.iteration
         if not math.isfinite(loss_value):
@@ -301,7 +331,7 @@ def create_trainer(
     def device_update(engine: Engine, batch: Sequence[torch.Tensor]) -> dict[str, Any]:
         window, closes = accumulation_window(position_in_epoch(engine), accumulation_steps, engine.state.epoch_length)
         model.train()
-        loss = forward_loss(batch)
+        loss = forward_loss(engine, batch)
         loss_detached = loss.detach()
         bad_loss = ~torch.isfinite(loss_detached)
         backward(loss, window)  # a non-finite loss makes non-finite gradients: that step is skipped below
@@ -331,7 +361,6 @@ def create_trainer(
     trainer.register_events(*TrainerEvents, event_to_attr={event: "epoch" for event in TrainerEvents})
     trainer.register_events(*StepEvents)
     trainer.state.step_stats = stats
-    trainer.state.scaler = scaler
 
     @trainer.on(Events.ITERATION_COMPLETED)
     def read_now_and_then(engine: Engine) -> None:
@@ -339,7 +368,7 @@ def create_trainer(
         if engine.state.iteration % sync_every == 0 or (length is not None and position_in_epoch(engine) == length):
             read_step_stats(engine)
 
-    Average(output_transform=_loss_of, device=device if device.type != "mps" else "cpu").attach(trainer, "train_loss")
+    Average(output_transform=_loss_of, device=device).attach(trainer, "train_loss")
     return trainer
 
 
@@ -355,7 +384,7 @@ def create_evaluator(
     amp: bool = False,
     amp_dtype_name: str | None = None,
 ) -> Engine:
-    """An Ignite `Engine` that runs the model without gradients and feeds the attached metrics.
+    """An Ignite `Engine` that runs the model under `torch.inference_mode` and feeds the attached metrics.
 
     ``engine.state.output`` is ``{"logits", "y", "mask", "index"}`` (logits in float32, on the device),
     the input of every metric in `ignite_trainer.metrics`.
@@ -369,12 +398,12 @@ def create_evaluator(
     device = torch.device(device)
     dtype = amp_dtype(device, amp_dtype_name)
 
-    @torch.no_grad()
+    @torch.inference_mode()
     def step(engine: Engine, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         model.eval()
-        x, y, mask, index = prepare_batch(batch, device)
+        x, y, mask, index, demographics = prepare_batch(batch, device)
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-            logits, _ = model(x)
+            logits, _ = run_model(model, x, demographics)
         return {"logits": logits.float(), "y": y, "mask": mask, "index": index}
 
     evaluator = Engine(step)

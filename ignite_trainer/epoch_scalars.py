@@ -21,11 +21,11 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-from ignite_trainer.vocabulary import score_mode as monitor_mode
-from ignite_trainer.data.records import LABELS
 from ignite_trainer.events import TrainerEvents
 from ignite_trainer.predictions import recording_predictions
 from ignite_trainer.scores import auprc, auroc
+from ignite_trainer.vocabulary import LABELS
+from ignite_trainer.vocabulary import score_mode as monitor_mode
 
 __all__ = ["EpochScalars", "ranking_scores"]
 

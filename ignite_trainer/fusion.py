@@ -7,83 +7,22 @@ empty, and an empty field is not a zero: every feature travels with a "known" fl
 replaced by zero *inside* the model and only its flag reaches the weights, so a missing value contributes
 exactly what "missing" contributes, whatever number sits in its slot (NaN included).
 
-The tensor layout a batch carries (``demographics [B, 2 * len(DEMOGRAPHIC_FEATURES)]``, float32):
-columns ``[0, N)`` are the values in `DEMOGRAPHIC_FEATURES` order, columns ``[N, 2N)`` the matching flags
-(1 = known, 0 = missing). `encode_demographics` builds one row from a patient's fields.
+The tensor layout a batch carries (``demographics [B, 2 * len(DEMOGRAPHIC_FEATURES)]``, float32) is
+`ignite_trainer.data.demographics`'s, which owns the encoding: columns ``[0, N)`` are the values of
+`encode_demographics` (height and weight already standardised), columns ``[N, 2N)`` its mask (1 = known,
+0 = missing); the datasets built with ``demographics=True`` concatenate the two per recording.
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import nn
 
-from ignite_trainer.errors import ConfigError, DataError
-
-#: CirCor's age groups, in the order of the one-hot columns; an empty age ("nan", CirCor's adults) is missing.
-AGE_GROUPS = ("Neonate", "Infant", "Child", "Adolescent", "Young Adult")
+from ignite_trainer.data.demographics import DEMOGRAPHIC_FEATURES
+from ignite_trainer.errors import ConfigError
 
 #: Value columns of the demographics tensor; each has a "known" flag N columns further on.
-DEMOGRAPHIC_FEATURES = (
-    "age_neonate", "age_infant", "age_child", "age_adolescent", "age_young_adult",  # one-hot age group
-    "sex_female",  # 1 female, 0 male
-    "height_cm",
-    "weight_kg",
-    "pregnant",  # 1 pregnant, 0 not
-)
 N_DEMOGRAPHIC = len(DEMOGRAPHIC_FEATURES)
-
-#: Fixed centring and scale applied to the known values inside the model (roughly CirCor's spread), so that
-#: height and weight enter on the same footing as the 0/1 columns.
-DEMOGRAPHIC_CENTER = (0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 110.0, 25.0, 0.0)
-DEMOGRAPHIC_SCALE = (1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 35.0, 18.0, 1.0)
-
-
-def encode_demographics(age: str | None = None, sex: str | None = None, height_cm: float | None = None,
-                        weight_kg: float | None = None, pregnant: bool | None = None) -> torch.Tensor:
-    """One patient's demographics as a row ``[2 * N_DEMOGRAPHIC]``: values, then known flags.
-
-    ``None``, an empty string, ``"nan"`` or a non-finite number is missing. Unknown age or sex strings and a
-    height or weight that is not positive are a `DataError` that names the value.
-
-    Example::
-
-        row = encode_demographics(age="Child", sex="Female", height_cm=120.0, weight_kg=None, pregnant=False)
-        row[:N_DEMOGRAPHIC]   # age_child = 1, sex_female = 1, height 120, weight 0 (missing), pregnant 0
-        row[N_DEMOGRAPHIC:]   # flags: age 1 x5, sex 1, height 1, weight 0, pregnant 1
-    """
-    values = [0.0] * N_DEMOGRAPHIC
-    known = [0.0] * N_DEMOGRAPHIC
-    if not _missing(age):
-        if age not in AGE_GROUPS:
-            raise DataError(f"age {age!r}: expected one of {', '.join(AGE_GROUPS)} or empty")
-        values[AGE_GROUPS.index(age)] = 1.0
-        known[:len(AGE_GROUPS)] = [1.0] * len(AGE_GROUPS)
-    i = DEMOGRAPHIC_FEATURES.index("sex_female")
-    if not _missing(sex):
-        if str(sex).lower() not in ("female", "male"):
-            raise DataError(f"sex {sex!r}: expected Female, Male or empty")
-        values[i], known[i] = float(str(sex).lower() == "female"), 1.0
-    for name, value in (("height_cm", height_cm), ("weight_kg", weight_kg)):
-        if not _missing(value):
-            number = float(value)  # type: ignore[arg-type]
-            if number <= 0:
-                raise DataError(f"{name.split('_')[0]} {value!r}: must be positive")
-            i = DEMOGRAPHIC_FEATURES.index(name)
-            values[i], known[i] = number, 1.0
-    i = DEMOGRAPHIC_FEATURES.index("pregnant")
-    if not _missing(pregnant):
-        values[i], known[i] = float(bool(pregnant)), 1.0
-    return torch.tensor(values + known, dtype=torch.float32)
-
-
-def _missing(value: object) -> bool:
-    if value is None:
-        return True
-    if isinstance(value, str):
-        return value.strip().lower() in ("", "nan", "none")
-    return isinstance(value, float) and not math.isfinite(value)
 
 
 class DemographicsFusion(nn.Module):
@@ -92,7 +31,7 @@ class DemographicsFusion(nn.Module):
     ``forward(x, demographics=None)`` returns ``(logits [B, 2], attention [B, T'])`` like the audio model.
     The murmur logit is the audio model's; the heart logit is the audio model's plus a term from a small
     network over ``[audio embedding, demographics embedding]``, where the demographics embedding sees each
-    known value (centred and scaled) and every flag. Without ``demographics`` every field counts as missing.
+    known value and every flag. Without ``demographics`` every field counts as missing.
 
     Example::
 
@@ -111,11 +50,9 @@ class DemographicsFusion(nn.Module):
         self.encode = nn.Sequential(nn.Linear(2 * N_DEMOGRAPHIC, hidden), nn.GELU())
         self.heart = nn.Sequential(nn.Dropout(dropout), nn.Linear(int(base.embedding_size) + hidden, hidden),
                                    nn.GELU(), nn.Linear(hidden, 1))
-        self.register_buffer("center", torch.tensor(DEMOGRAPHIC_CENTER), persistent=False)
-        self.register_buffer("scale", torch.tensor(DEMOGRAPHIC_SCALE), persistent=False)
 
     def features(self, demographics: torch.Tensor | None, batch: int, like: torch.Tensor) -> torch.Tensor:
-        """``[B, 2N]`` model input: known values centred and scaled, missing ones exactly 0, then the flags."""
+        """``[B, 2N]`` model input: known values, missing ones exactly 0 (whatever their slot held), then the flags."""
         if demographics is None:
             return like.new_zeros(batch, 2 * N_DEMOGRAPHIC)
         if demographics.shape != (batch, 2 * N_DEMOGRAPHIC):
@@ -123,7 +60,7 @@ class DemographicsFusion(nn.Module):
                              f"({batch}, {2 * N_DEMOGRAPHIC}) (values, then known flags)")
         demographics = demographics.to(like.dtype)
         values, known = demographics[:, :N_DEMOGRAPHIC], demographics[:, N_DEMOGRAPHIC:] > 0
-        values = torch.where(known, (values - self.center) / self.scale, torch.zeros_like(values))
+        values = torch.where(known, values, torch.zeros_like(values))
         return torch.cat([values, known.to(like.dtype)], dim=1)
 
     def forward(self, x: torch.Tensor, demographics: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -24,6 +24,8 @@ from ignite.handlers import Checkpoint, EarlyStopping, LRScheduler, ProgressBar,
 from torch.utils.data import DataLoader, DistributedSampler
 
 from ignite_trainer.checkpoint import BEST_PATTERN, LAST_PATTERN, SafeDiskSaver, Snapshot
+from ignite_trainer.data.loaders import set_sampler_position
+from ignite_trainer.engine import StepEvents, read_step_stats
 from ignite_trainer.errors import TrainingAborted
 from ignite_trainer.events import TrainerEvents
 from ignite_trainer.rundir import MetricsLog
@@ -215,30 +217,38 @@ def attach_lr_scheduler(trainer: Engine, optimizer: torch.optim.Optimizer, epoch
 
 
 def attach_nan_guard(trainer: Engine, where: str = "") -> Callable[[Engine], None]:
-    """Stop training with `TrainingAborted` naming the epoch and iteration of a non-finite loss or gradient.
+    """Stop training with `TrainingAborted` naming the epoch and iteration of the first non-finite loss or gradient.
 
     Ignite's `TerminateOnNan` returns normally after the weights are already non-finite and builds a
-    tensor every iteration; the update step here never applies a non-finite step and flags it, so this
-    guard only reads a bool, and the last checkpoint written stays good and resumable.
+    tensor every iteration; the update step here never applies a non-finite step and records the first one
+    in ``trainer.state.step_stats``, so this guard reads those stats when they reach the host
+    (``StepEvents.STATS_READ``, every ``sync_every`` iterations and at each epoch's end, always before the
+    epoch's checkpoints) and names the first bad iteration however late it reads them. With the host check
+    (CPU) the step's own output says at once that it was not finite, and the stats are read then, so
+    training stops on that very iteration. The last checkpoint written stays good and resumable.
 
     Example::
 
         attach_nan_guard(trainer, where="; resume with --resume runs/x")
-        trainer.run(train_loader, max_epochs=10)   # raises TrainingAborted on the first non-finite step
+        trainer.run(train_loader, max_epochs=10)   # raises TrainingAborted naming the first non-finite step
     """
-
     def guard(engine: Engine) -> None:
-        out = engine.state.output
-        if out.get("finite", True):
+        stats = engine.state.step_stats
+        if stats.first_bad_iteration is None:
             return
-        what = "loss" if not math.isfinite(out["loss"]) else "gradient norm"
-        value = out["loss"] if what == "loss" else out["grad_norm"]
+        loss, norm = stats.first_bad_loss, stats.first_bad_grad_norm
+        what, value = ("loss", loss) if not math.isfinite(loss) else ("gradient norm", norm)
         raise TrainingAborted(
-            f"non-finite {what} ({value}) at epoch {engine.state.epoch}, iteration {engine.state.iteration}; "
+            f"non-finite {what} ({value}) at epoch {stats.first_bad_epoch}, iteration {stats.first_bad_iteration}; "
             f"the step was not applied and no non-finite weights were saved{where}"
         )
 
-    trainer.add_event_handler(Events.ITERATION_COMPLETED, guard)
+    def read_at_once(engine: Engine) -> None:
+        if engine.state.output.get("finite", True) is False:  # a Python False: the host check, nothing to wait for
+            read_step_stats(engine)
+
+    trainer.add_event_handler(StepEvents.STATS_READ, guard)
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, read_at_once)
     return guard
 
 
@@ -343,9 +353,11 @@ def attach_metrics_log(trainer: Engine, optimizer: torch.optim.Optimizer, path: 
     return writer
 
 
-def attach_sampler_epoch(trainer: Engine, loader: DataLoader) -> Callable[[Engine], None] | None:
-    """Call ``sampler.set_epoch`` each epoch: Ignite never does, so a `DistributedSampler` would repeat
-    the same shuffle every epoch. Returns the handler, or None (nothing attached) for a loader without one.
+def attach_sampler_epoch(trainer: Engine, loader: Any) -> Callable[[Engine], None] | None:
+    """Point the sampler at each epoch (`set_sampler_position`): Ignite never calls ``set_epoch``, so a
+    `DistributedSampler` would repeat the same shuffle every epoch, and after a resume from a checkpoint
+    written inside an epoch an `EpochSampler` must skip the batches already trained on. Returns the
+    handler, or None (nothing attached) for a loader without such a sampler.
 
     Example::
 
@@ -356,7 +368,7 @@ def attach_sampler_epoch(trainer: Engine, loader: DataLoader) -> Callable[[Engin
         return None
 
     def set_epoch(engine: Engine) -> None:
-        sampler.set_epoch(engine.state.epoch - 1)
+        set_sampler_position(sampler, engine)
 
     trainer.add_event_handler(Events.EPOCH_STARTED, set_epoch)
     return set_epoch

@@ -68,7 +68,7 @@ def run_windows(trained: TrainedModel, recordings: Sequence[Recording], device: 
     root = Path(cache_dir) if cache_dir is not None else cache_root(config)
     cache = FeatureCache(root / "features", trained.settings)
     usable = cache.prepare(recordings, policy=None, workers=feature_workers())
-    dataset = EvalWindows(usable, cache, config.window_seconds)
+    dataset = EvalWindows(usable, cache, config.window_seconds, demographics=config.demographics)
     warnings = []
     for r, n in zip(dataset.recordings, dataset.n_frames):
         if n < dataset.window_frames:
@@ -78,7 +78,7 @@ def run_windows(trained: TrainedModel, recordings: Sequence[Recording], device: 
             warnings.append(message)
     torch_device = resolve_device(device)
     model = trained.model.to(torch_device)
-    loader = make_eval_loader(dataset, batch_size or config.batch_size, 0, torch_device)
+    loader = make_eval_loader(dataset, batch_size or config.eval_batch_size or config.batch_size, 0, torch_device)
     evaluator = create_evaluator(model, {"predictions": PredictionCollector()}, torch_device)
     windows = evaluator.run(loader).metrics["predictions"]
     return WindowRun(windows, dataset, warnings)

@@ -18,9 +18,8 @@ import torch
 from ignite.exceptions import NotComputableError
 from ignite.metrics.metric import Metric, reinit__is_reduced, sync_all_reduce
 
-from ignite_trainer.data.records import LABELS
 from ignite_trainer.scores import stats_from_counts
-from ignite_trainer.vocabulary import STATS
+from ignite_trainer.vocabulary import LABELS, STATS
 
 __all__ = ["PerLabelMetrics", "MaskedLoss", "logits_y_mask", "STAT_NAMES"]
 

@@ -96,7 +96,7 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
         decision = _decision_from(ckpt.get("decision"), path)
     config = _config_from(saved, path)
     try:
-        model = build_model(config.model, n_mels=config.n_mels)
+        model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
     except ConfigError as e:
         raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
     load_model_weights(model, state, path)

@@ -25,11 +25,11 @@ from ignite.engine import Engine
 from ignite.exceptions import NotComputableError
 from ignite.metrics.metric import Metric, reinit__is_reduced
 
-from ignite_trainer.data.records import LABELS, Recording
+from ignite_trainer.data.records import Recording
 from ignite_trainer.decision import fit_decision
 from ignite_trainer.events import TrainerEvents
 from ignite_trainer.scores import binary_stats, probs_to_murmur_class, tune_threshold
-from ignite_trainer.vocabulary import AGGREGATIONS, OBJECTIVES
+from ignite_trainer.vocabulary import AGGREGATIONS, LABELS, OBJECTIVES
 
 __all__ = [
     "WindowPredictions", "LevelPredictions", "PredictionCollector", "aggregate", "window_level",

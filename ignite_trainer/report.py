@@ -20,9 +20,9 @@ from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_curve, roc_curve
 
 from ignite_trainer.rundir import read_metrics_log
-from ignite_trainer.vocabulary import score_mode as monitor_mode
-from ignite_trainer.data.records import LABELS
 from ignite_trainer.predictions import LevelPredictions
+from ignite_trainer.vocabulary import LABELS
+from ignite_trainer.vocabulary import score_mode as monitor_mode
 
 __all__ = ["plot_confusion_matrices", "plot_roc_pr", "plot_training_curves", "read_metrics_log", "best_epoch",
            "write_report", "CLASS_NAMES"]

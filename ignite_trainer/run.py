@@ -20,9 +20,11 @@ from ignite.engine import Engine
 
 from ignite_trainer.atomic import atomic_write
 from ignite_trainer.config import TrainConfig
+from ignite_trainer.augment import Augmenter, AugmentSettings
 from ignite_trainer.console import best_summary, split_line, summary_lines
-from ignite_trainer.data.datasets import EvalWindows, TrainWindows
-from ignite_trainer.data.loaders import make_eval_loader, make_train_loader
+from ignite_trainer.data.datasets import EvalWindows, ResidentFeatures, TrainWindows
+from ignite_trainer.data.features import FeatureSettings
+from ignite_trainer.data.loaders import ResidentEvalLoader, ResidentTrainLoader, make_eval_loader, make_train_loader
 from ignite_trainer.data.prepare import PreparedData, checked_data, prepare_data
 from ignite_trainer.engine import create_evaluator, create_trainer
 from ignite_trainer.errors import DistributedFailure
@@ -177,24 +179,28 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
     else:
         quiet_non_zero_rank()
 
-    model = idist.auto_model(build_model(config.model, n_mels=config.n_mels))
+    model = idist.auto_model(build_model(config.model, n_mels=config.n_mels, demographics=config.demographics))
+    # the fused kernel skips a non-finite step on the device (found_inf), so the step never waits for the host
     optimizer = idist.auto_optim(torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                                                   weight_decay=config.weight_decay))
+                                                   weight_decay=config.weight_decay, fused=device.type == "cuda"))
     loss_fn = WeightedBCELoss(*config.pos_weight).to(device)
-
-    cache = data.feature_cache()
-    train_loader = make_train_loader(TrainWindows(data.train, cache, config.window_seconds), config.batch_size,
-                                     config.num_workers, device)
-    val_dataset = EvalWindows(data.val, cache, config.window_seconds)
-    val_loader = make_eval_loader(val_dataset, config.batch_size, config.num_workers, device)
+    train_loader, val_dataset, val_loader = _loaders(config, data, device)
 
     # fp16 autocast on CUDA needs loss scaling; the one scaler is created here and checkpointed with the run
-    scaler = torch.amp.GradScaler("cuda") if config.amp and device.type == "cuda" else None
-    trainer = create_trainer(model, optimizer, loss_fn, device, gradient_clip=config.gradient_clip, amp=config.amp,
-                             accumulation_steps=config.accumulation_steps, scaler=scaler)
-    evaluator = create_evaluator(model, {"val_loss": MaskedLoss(loss_fn, device=device),
-                                         "labels": PerLabelMetrics(device=device),
-                                         "predictions": PredictionCollector(device=device)}, device, amp=config.amp)
+    fp16_on_cuda = config.amp and config.amp_dtype == "float16" and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if fp16_on_cuda else None
+    # checkpoints keep the plain model; only the steps run the compiled one
+    step_model = torch.compile(model) if config.compile else model
+    augment = Augmenter(AugmentSettings.from_config(config), seed=config.seed,
+                        feature_settings=FeatureSettings.from_config(config))
+    trainer = create_trainer(step_model, optimizer, loss_fn, device, gradient_clip=config.gradient_clip,
+                             amp=config.amp, accumulation_steps=config.accumulation_steps, scaler=scaler,
+                             amp_dtype_name=config.amp_dtype, sync_every=config.sync_every,
+                             augment=augment if augment.enabled else None)
+    evaluator = create_evaluator(step_model, {"val_loss": MaskedLoss(loss_fn, device=device),
+                                              "labels": PerLabelMetrics(device=device),
+                                              "predictions": PredictionCollector(device=device)},
+                                 device, amp=config.amp, amp_dtype_name=config.amp_dtype)
     handlers = attach_standard_handlers(
         trainer, evaluator, model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
         val_dataset=val_dataset, config=config, run_dir=run_dir, scaler=scaler,
@@ -224,3 +230,21 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
         # Leave together: a rank that tore down its gloo group while rank 0 was still closing its files
         # died with SIGABRT ("terminate called without an active exception") in 2 of 12 runs.
         idist.barrier()
+
+
+def _loaders(config: TrainConfig, data: PreparedData, device: torch.device) -> tuple[Any, EvalWindows, Any]:
+    """``(train loader, validation dataset, validation loader)``: on the device when ``resident_features``
+    is set and the features fit there (the same batches, bit for bit), else DataLoaders over the cache."""
+    cache = data.feature_cache()
+    train_dataset = TrainWindows(data.train, cache, config.window_seconds, seed=config.seed,
+                                 demographics=config.demographics)
+    val_dataset = EvalWindows(data.val, cache, config.window_seconds, demographics=config.demographics)
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    if config.resident_features and ResidentFeatures.fits(train_dataset, device) \
+            and ResidentFeatures.fits(val_dataset, device):
+        return (ResidentTrainLoader(train_dataset, config.batch_size, device), val_dataset,
+                ResidentEvalLoader(val_dataset, eval_batch_size, device))
+    if config.resident_features:
+        log.info("resident_features: the features do not fit on %s; reading them from the cache", device)
+    return (make_train_loader(train_dataset, config.batch_size, config.num_workers, device), val_dataset,
+            make_eval_loader(val_dataset, eval_batch_size, config.num_workers, device))

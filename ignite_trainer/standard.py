@@ -5,7 +5,8 @@ left in ``trainer.state``, so the order is part of the contract:
 
 1. ``EPOCH_STARTED``: the sampler's epoch (a fresh shuffle per epoch); the metrics log captures the LR the
    epoch will train with.
-2. ``ITERATION_COMPLETED``: the non-finite guard, before anything could save a broken step.
+2. ``StepEvents.STATS_READ`` (fired from ``ITERATION_COMPLETED``, at the latest on an epoch's last
+   iteration): the non-finite guard, before anything could save a broken step.
 3. ``EPOCH_COMPLETED``: validation, which fires ``VALIDATION_COMPLETED``, on which, in order:
    threshold tuning (sets ``state.thresholds``), the Challenge decision layer (``state.decision``), early
    stopping, then the best checkpoint (whose ``thresholds`` and ``decision`` snapshots must see this

@@ -285,7 +285,7 @@ def test_identical_files_share_one_feature_file(tmp_path: Path) -> None:
     cache = FeatureCache(tmp_path / "cache", FeatureSettings())
     assert cache.feature_path(recording(a)) == cache.feature_path(recording(b))
     assert len(list(cache.feature_dir.glob("*.npy"))) == 1
-    assert not list(cache.feature_dir.glob("*.tmp"))
+    assert not list(cache.feature_dir.glob("*.partial"))
 
 
 def test_damaged_feature_file_is_recomputed(tmp_path: Path) -> None:
@@ -379,22 +379,22 @@ def test_an_interrupted_prepare_leaves_no_temporary_file_and_stray_ones_are_igno
     recs = [recording(write_wav(tmp_path / f"r{i}.wav", 0.2 * rng.standard_normal(8000)), f"p{i}") for i in range(3)]
     cache = FeatureCache(tmp_path / "cache", FeatureSettings())
     cache.feature_dir.mkdir(parents=True)
-    old_stray = cache.feature_dir / ".0123.npy.x1.tmp"
-    fresh_stray = cache.feature_dir / ".4567.npy.x2.tmp"  # may belong to a run filling the cache right now
+    old_stray = cache.feature_dir / ".0123.npy.x1.partial"
+    fresh_stray = cache.feature_dir / ".4567.npy.x2.partial"  # may belong to a run filling the cache right now
     for p in (old_stray, fresh_stray):
         p.write_bytes(b"")
     os.utime(old_stray, (time.time() - 7200,) * 2)
-    original = features._atomic_write_bytes
+    original = features._write_entry
 
     def interrupted(target: Path, data: bytes, token: str = "") -> None:
-        (target.parent / f".{target.name}.{token}.half.tmp").write_bytes(data[:10])  # what a Ctrl-C leaves
+        (target.parent / f".{target.name}.{token}.half.partial").write_bytes(data[:10])  # what a Ctrl-C leaves
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(features, "_atomic_write_bytes", interrupted)
+    monkeypatch.setattr(features, "_write_entry", interrupted)
     with pytest.raises(KeyboardInterrupt):
         cache.prepare(recs)
-    assert sorted(p.name for p in cache.feature_dir.glob("*.tmp")) == [fresh_stray.name]
-    monkeypatch.setattr(features, "_atomic_write_bytes", original)
+    assert sorted(p.name for p in cache.feature_dir.glob("*.partial")) == [fresh_stray.name]
+    monkeypatch.setattr(features, "_write_entry", original)
     assert cache.prepare(recs) == recs
     assert len(list(cache.feature_dir.glob("*.npy"))) == 3
 
@@ -408,7 +408,7 @@ def test_a_cache_folder_that_cannot_be_written_is_blamed_not_the_wav(
     def disk_full(target: Path, data: bytes, token: str = "") -> None:
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
-    monkeypatch.setattr(features, "_atomic_write_bytes", disk_full)
+    monkeypatch.setattr(features, "_write_entry", disk_full)
     rng = np.random.default_rng(11)
     recs = [recording(write_wav(tmp_path / f"r{i}.wav", 0.2 * rng.standard_normal(8000)), f"p{i}") for i in range(2)]
     cache = FeatureCache(tmp_path / "cache", FeatureSettings())

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ignite_trainer.engine import create_trainer
+from ignite_trainer.errors import ConfigError
 from ignite_trainer.losses import WeightedBCELoss
 from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
 
@@ -67,11 +68,10 @@ def test_metric_updates_never_synchronise() -> None:
         per_label.compute()
 
 
-def test_bf16_is_the_default_autocast_and_fp16_brings_a_scaler() -> None:
+def test_fp16_on_cuda_needs_the_callers_scaler() -> None:
     model = CudaTiny().cuda()
-    default = create_trainer(model, torch.optim.AdamW(model.parameters(), fused=True), F.binary_cross_entropy_with_logits,
-                             "cuda", amp=True)
-    assert default.state.scaler is None
-    fp16 = create_trainer(model, torch.optim.AdamW(model.parameters(), fused=True), F.binary_cross_entropy_with_logits,
-                          "cuda", amp=True, amp_dtype_name="float16")
-    assert fp16.state.scaler is not None
+    with pytest.raises(ConfigError, match="GradScaler"):
+        create_trainer(model, torch.optim.AdamW(model.parameters(), fused=True), F.binary_cross_entropy_with_logits,
+                       "cuda", amp=True, amp_dtype_name="float16")
+    create_trainer(model, torch.optim.AdamW(model.parameters(), fused=True), F.binary_cross_entropy_with_logits,
+                   "cuda", amp=True, amp_dtype_name="float16", scaler=torch.amp.GradScaler("cuda"))

@@ -82,7 +82,7 @@ def test_custom_events_give_handlers_their_state(tmp_path: Path):
 
 
 def test_every_public_callable_shows_an_example():
-    """Issue 7: each public building block's docstring says why it exists and shows a short example."""
+    """Each public building block's docstring says why it exists and shows a short example."""
     import inspect
 
     import ignite_trainer

@@ -31,12 +31,15 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from ignite_trainer.data.demographics import encode_many
 from ignite_trainer.data.features import FeatureCache, FeatureSettings
 from ignite_trainer.data.records import Recording
 from ignite_trainer.errors import ConfigError, DataError
 
-#: ``(x [n_mels, W_frames], y [2], mask [2], index)``: what both datasets yield and the engines consume.
-Item = tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]
+#: ``(x [n_mels, W_frames], y [2], mask [2], index)``: what both datasets yield and the engines consume;
+#: built with ``demographics=True`` a fifth tensor follows, the patient's `encode_demographics` values and
+#: known-flags concatenated (``[2 * len(DEMOGRAPHIC_FEATURES)]``), for a fusion model.
+Item = tuple[torch.Tensor, ...]
 
 log = logging.getLogger("ignite_trainer")
 
@@ -194,7 +197,8 @@ def _open_files_allowance(wanted: int) -> int:
 class _FeatureWindows(Dataset):
     """Shared machinery: feature file paths and lengths, memory maps kept open, labels as tensors."""
 
-    def __init__(self, recordings: Sequence[Recording], cache: FeatureCache, window_seconds: float) -> None:
+    def __init__(self, recordings: Sequence[Recording], cache: FeatureCache, window_seconds: float,
+                 demographics: bool = False) -> None:
         self.recordings = list(recordings)
         self.cache = cache
         self.window_frames = frames_per_window(cache.settings, window_seconds)
@@ -205,6 +209,10 @@ class _FeatureWindows(Dataset):
                                       for r in self.recordings], dtype=torch.float32).reshape(-1, 2)
         self._masks = torch.tensor([[float(m) for m in r.mask] for r in self.recordings],
                                    dtype=torch.float32).reshape(-1, 2)
+        self.demographics: torch.Tensor | None = None
+        if demographics:
+            values, known = encode_many([r.demographics for r in self.recordings])
+            self.demographics = torch.cat([values, known], dim=1)  # [recordings, 2 * features]
         self._open: OrderedDict[int, np.ndarray] = OrderedDict()
         self.max_open_files: int | None = None  # decided in the process that opens them
 
@@ -263,7 +271,10 @@ class _FeatureWindows(Dataset):
         return ResidentFeatures(self, device)
 
     def _item(self, x: torch.Tensor, recording: int, index: int) -> Item:
-        return x, self._targets[recording].clone(), self._masks[recording].clone(), torch.tensor(index, dtype=torch.int64)
+        item = (x, self._targets[recording].clone(), self._masks[recording].clone(), torch.tensor(index, dtype=torch.int64))
+        if self.demographics is not None:
+            return (*item, self.demographics[recording].clone())
+        return item
 
 
 class TrainWindows(_FeatureWindows):
@@ -287,8 +298,8 @@ class TrainWindows(_FeatureWindows):
     accepts_epoch_keys = True
 
     def __init__(self, recordings: Sequence[Recording], cache: FeatureCache, window_seconds: float,
-                 seed: int = 0) -> None:
-        super().__init__(recordings, cache, window_seconds)
+                 seed: int = 0, demographics: bool = False) -> None:
+        super().__init__(recordings, cache, window_seconds, demographics)
         self.seed = int(seed)
         self.epoch = 0
 
@@ -321,8 +332,8 @@ class EvalWindows(_FeatureWindows):
     """
 
     def __init__(self, recordings: Sequence[Recording], cache: FeatureCache, window_seconds: float,
-                 hop_seconds: float | None = None) -> None:
-        super().__init__(recordings, cache, window_seconds)
+                 hop_seconds: float | None = None, demographics: bool = False) -> None:
+        super().__init__(recordings, cache, window_seconds, demographics)
         hop = self.window_frames if hop_seconds is None else frames_per_window(cache.settings, hop_seconds)
         self.window_recording: list[int] = []
         self.window_start: list[int] = []

@@ -27,7 +27,6 @@ import os
 import secrets
 import signal
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -39,6 +38,7 @@ import scipy.signal
 import torch
 from tqdm import tqdm
 
+from ignite_trainer.atomic import PARTIAL_SUFFIX, atomic_write
 from ignite_trainer.data import wav as wav_io
 from ignite_trainer.data.records import Recording
 from ignite_trainer.errors import ConfigError, DataError
@@ -456,7 +456,7 @@ class FeatureCache:
                         assert done.entry is not None
                         self._remember(done.path, done.entry)
         except BaseException:
-            self._remove_temp_files(f".*.{token}.*.tmp")
+            self._remove_temp_files(f".*.{token}.*{PARTIAL_SUFFIX}")
             raise
         return [r for r in recordings if _wav_key(r.wav_path) not in failed]
 
@@ -496,7 +496,7 @@ class FeatureCache:
     def _remove_stale_temp_files(self) -> None:
         """Temporary files a killed run left: never read (their names are not content hashes); removed
         once an hour old, so that a concurrent run's file being written is left alone."""
-        self._remove_temp_files(".*.npy.*.tmp", older_than_s=3600.0)
+        self._remove_temp_files(f".*.npy.*{PARTIAL_SUFFIX}", older_than_s=3600.0)
 
     # ------------------------------------------------------------------ index
     def _load_index(self) -> dict[str, _IndexEntry]:
@@ -547,7 +547,7 @@ class FeatureCache:
                         "hashed_ns": e.hashed_ns}) + "\n"
             for k, e in self._index.items()
         )
-        _atomic_write_bytes(self._index_path, text.encode("utf-8"))
+        _write_entry(self._index_path, text.encode("utf-8"))
 
 
 # ---------------------------------------------------------------------------------------------- job helpers
@@ -580,7 +580,7 @@ def _compute_one(wav_path: str, settings: FeatureSettings, out_dir: str, token: 
     if features is not None:
         try:
             Path(out_dir).mkdir(parents=True, exist_ok=True)
-            _atomic_write_bytes(target, _npy_bytes(features, settings.feature_dtype), token)
+            _write_entry(target, _npy_bytes(features, settings.feature_dtype), token)
         except OSError as e:
             return _Done(wav_path, None, f"{out_dir}: cannot write the feature cache ({e.strerror or e}); "
                                          "free space or choose another --cache-dir", cache_error=True)
@@ -593,28 +593,10 @@ def _npy_bytes(array: np.ndarray, dtype: str = "float32") -> bytes:
     return buffer.getvalue()
 
 
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-
-#: Read once at import: `os.umask` can only be read by setting it, which is not thread-safe later.
-_FILE_MODE = 0o666 & ~_umask()
-
-
-def _atomic_write_bytes(target: Path, data: bytes, token: str = "") -> None:
-    prefix = f".{target.name}.{token}." if token else f".{target.name}."
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=".tmp")
-    try:
-        os.fchmod(fd, _FILE_MODE)  # mkstemp creates 0600; the cache may be shared by a group
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+def _write_entry(target: Path, data: bytes, token: str = "") -> None:
+    """Write a cache file through `atomic_write` (readers see all of it or none); ``token`` tags its temp
+    name, so that an interrupted `FeatureCache.prepare` can remove exactly its own leftovers. No fsync:
+    a cache file lost to a power cut is simply computed again."""
+    with atomic_write(target, "wb", durable=False, tag=token) as f:
+        f.write(data)
 

@@ -205,11 +205,12 @@ class ResidentTrainLoader:
         self.resident = resident if resident is not None else dataset.features_on(self.device)
         self._targets = dataset._targets.to(self.device)
         self._masks = dataset._masks.to(self.device)
+        self._demographics = None if dataset.demographics is None else dataset.demographics.to(self.device)
 
     def __len__(self) -> int:
         return len(self.sampler) // self.sampler.local_batch_size
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         keys = list(self.sampler)
         size = self.sampler.local_batch_size
         for b in range(0, len(keys) - size + 1, size):
@@ -218,7 +219,8 @@ class ResidentTrainLoader:
             starts = torch.tensor([self.dataset.crop_start(e, i) for e, i in batch], dtype=torch.int64)
             on_device = index.to(self.device, non_blocking=True)
             x = self.resident.windows(on_device, starts)
-            yield x, self._targets[on_device], self._masks[on_device], index
+            batch = (x, self._targets[on_device], self._masks[on_device], index)
+            yield batch if self._demographics is None else (*batch, self._demographics[on_device])
 
 
 class ResidentEvalLoader:
@@ -242,12 +244,14 @@ class ResidentEvalLoader:
         self._start = torch.tensor(dataset.window_start, dtype=torch.int64)
         self._targets = dataset._targets.to(self.device)
         self._masks = dataset._masks.to(self.device)
+        self._demographics = None if dataset.demographics is None else dataset.demographics.to(self.device)
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
 
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, ...]]:
         for index in self.indices.split(self.batch_size):
             recording = self._recording[index].to(self.device, non_blocking=True)
             x = self.resident.windows(recording, self._start[index])
-            yield x, self._targets[recording], self._masks[recording], index
+            batch = (x, self._targets[recording], self._masks[recording], index)
+            yield batch if self._demographics is None else (*batch, self._demographics[recording])

@@ -13,6 +13,7 @@ from pathlib import Path
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.datasets import split_patients
+from ignite_trainer.data.demographics import require_demographics
 from ignite_trainer.data.features import FeatureCache, FeatureSettings, feature_workers
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.data.records import Recording
@@ -52,9 +53,12 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     if config.data:
         source, fmt = Path(config.data).expanduser(), config.format
     else:
-        source, fmt = ensure_embedded_dataset(root_dir, config.synthetic_patients, config.synthetic_seed,
-                                              progress=config.progress is not False), "circor2022"
+        source = ensure_embedded_dataset(root_dir, config.synthetic_patients, config.synthetic_seed,
+                                         difficulty=config.synthetic_difficulty, progress=config.progress is not False)
+        fmt = "circor2022"
     recordings = read_recordings(source, fmt, unknown_murmur=config.unknown_murmur, policy=policy)
+    if config.demographics:  # before the (slow) feature cache is filled
+        require_demographics(recordings, fmt, field="demographics")
     settings = FeatureSettings.from_config(config)
     features_dir = root_dir / "features"
     recordings = FeatureCache(features_dir, settings).prepare(recordings, policy=policy, workers=feature_workers(),

@@ -10,9 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ignite_trainer.data.demographics import Demographics
-
-#: Label order everywhere: model outputs, targets, masks, metrics.
-LABELS: tuple[str, str] = ("heart", "murmur")
+from ignite_trainer.vocabulary import LABELS  # noqa: F401  (the order of ``labels`` and ``mask``)
 
 
 @dataclass(frozen=True)

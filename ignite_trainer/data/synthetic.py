@@ -1,8 +1,8 @@
 """Synthetic heart-sound recordings, written byte for byte in the CirCor 2022 (or PhysioNet 2016) layout.
 
 No real recording can be downloaded where this project runs, so the embedded dataset is generated. The same
-readers that load real data load it, so it exercises every path of the pipeline; and it follows the signal facts
-of ``docs/domain.md`` §5 closely enough that a model has to learn the same things it would on real data:
+readers that load real data load it, so it exercises every path of the pipeline; and it follows the published
+signal facts of heart sounds closely enough that a model has to learn the same things it would on real data:
 
 * heart sounds: S1 (decaying ~50/150 Hz components plus a 20->100 Hz sweep), S2 (A2 and P2 downward chirps),
   age-dependent heart rate with beat jitter and breathing modulation, systole shrinking with heart rate;
@@ -35,12 +35,13 @@ import numpy as np
 from scipy import fft as sfft
 from tqdm import tqdm
 
+from ignite_trainer.atomic import atomic_directory
 from ignite_trainer.data.wav import write_wav
 from ignite_trainer.errors import ConfigError, DataError
+from ignite_trainer.vocabulary import FORMATS
 
 CIRCOR_RATE = 4000
 PHYSIONET_RATE = 2000
-SYNTHETIC_FORMATS = ("circor2022", "physionet2016")
 
 # ---------------------------------------------------------------------------------------------- patient model
 AGE_GROUPS = ("Child", "Infant", "Adolescent", "Neonate", None)  # None: CirCor's adults (mostly pregnant), age nan
@@ -103,7 +104,7 @@ DIFFICULTIES = {
 SYSTOLIC_WINDOWS = {"Early-systolic": (0.0, 0.4), "Mid-systolic": (0.25, 0.75), "Late-systolic": (0.6, 1.0),
                     "Holosystolic": (0.0, 1.0)}
 DIASTOLIC_WINDOWS = {"Early-diastolic": (0.0, 0.45), "Mid-diastolic": (0.3, 0.75), "Holodiastolic": (0.0, 1.0)}
-#: Murmur peak amplitude as a fraction of S1's (domain.md: grade I/II/III ~ 0.1/0.2/0.35 x S1).
+#: Murmur peak amplitude as a fraction of S1's (auscultation grades I/II/III are roughly 0.1/0.2/0.35 x S1).
 GRADE_AMPLITUDE = {"I/VI": 0.10, "II/VI": 0.20, "III/VI": 0.35, "I/IV": 0.10, "II/IV": 0.20, "III/IV": 0.30}
 MURMUR_FIELDS = ("timing", "shape", "grading", "pitch", "quality")
 
@@ -372,7 +373,7 @@ def _contact(rng: np.random.Generator, n: int, rate: int) -> np.ndarray:
 
 def _beat_events(rng: np.random.Generator, patient: SyntheticPatient, n: int, rate: int,
                  breath_hz: float, breath_phase: float) -> Beats:
-    """Beat timing: jittered RR with respiratory sinus arrhythmia; systole from heart rate (domain.md §5)."""
+    """Beat timing: jittered RR with respiratory sinus arrhythmia; systole shortens as the heart rate rises."""
     period = 60.0 / (patient.heart_rate * rng.uniform(0.96, 1.04))
     jitter = rng.uniform(0.15, 0.28) if "irregular" in patient.cues else rng.uniform(0.02, 0.05)
     duration = n / rate
@@ -625,8 +626,8 @@ def write_synthetic(out_dir: str | Path, n_patients: int, seed: int, fmt: str = 
         recordings = read_recordings(root, "circor2022")
         hard = write_synthetic("synth-hard", n_patients=200, seed=0, difficulty="hard", overwrite=True)
     """
-    if fmt not in SYNTHETIC_FORMATS:
-        raise ConfigError(f"format={fmt!r} is not one of: {', '.join(SYNTHETIC_FORMATS)}")
+    if fmt not in FORMATS:
+        raise ConfigError(f"format={fmt!r} is not one of: {', '.join(FORMATS)}")
     if isinstance(n_patients, bool) or not isinstance(n_patients, (int, np.integer)) or n_patients < 1:
         raise ConfigError(f"patients={n_patients!r} is out of range (must be an integer >= 1)")
     _difficulty(difficulty)
@@ -827,15 +828,6 @@ def ensure_embedded_dataset(cache_root: Path, n_patients: int, seed: int, diffic
         target.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{target.parent}: cannot create the embedded dataset folder ({e.strerror or e})") from None
-    staging = target.parent / f".{target.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_directory(target) as staging:
         write_synthetic(staging, n_patients, seed, fmt="circor2022", difficulty=difficulty, progress=progress)
-        try:
-            os.replace(staging, target)
-        except OSError:
-            if not target.is_dir():  # not a lost race: a real failure
-                raise
-    finally:
-        if staging.exists():
-            shutil.rmtree(staging, ignore_errors=True)
     return target
