@@ -528,6 +528,8 @@ def make_objective(space: SweepSpace, sweep_dir: Path, n_trials: int) -> Callabl
             if resume is not None:
                 trial.set_user_attr("resumed", True)
             extra = {**space.experiment_args, "prune": fold_pruning} if cv else {}
+            if cv and extra.get("split_seed") is None and not base.split_file:
+                extra["split_seed"] = base.effective_split_seed  # the same folds for every trial, whatever `seed` is
             result = runner(config, space.metric, space.direction, resume=resume, overwrite=retry_of is not None,
                             setup=None if cv else hook, **extra)
         except UserError as e:
@@ -602,6 +604,8 @@ def check_cv_experiment(space: SweepSpace) -> None:
 
     base = space.base_config()
     split_seed = space.experiment_args.get("split_seed")
+    if base.split_file:  # the folds come from the file; cross_validate checks it against the data
+        return
     try:
         assign_folds(dataset_recordings(base), space.experiment_args["folds"],
                      base.effective_split_seed if split_seed is None else split_seed)

@@ -166,6 +166,9 @@ def parse_space(values: Mapping[str, Any], source: str = "space") -> SweepSpace:
     params = tuple(_param(name, spec, base, f"{source}: params.{name}") for name, spec in raw_params.items())
 
     experiment, experiment_args = _experiment(values.get("experiment", "run"), f"{source}: experiment")
+    if experiment_args.get("split_seed") is not None and base.split_file:
+        raise ConfigError(f"{source}: experiment.split_seed deals folds, base.split_file gives them already "
+                          "(use one of the two)")
     metric, direction = _objective(values.get("objective"), f"{source}: objective", experiment, base)
     sampler, seed = _sampler(values.get("sampler"), f"{source}: sampler")
     pruner, pruner_args = _pruner(values.get("pruner"), f"{source}: pruner")
