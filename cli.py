@@ -392,6 +392,8 @@ def _print_cv(summary: dict[str, Any]) -> None:
                    f"{'' if ci is None else f'[{ci[0]:.3f}, {ci[1]:.3f}]':>26}{spread:>24}")
     t = summary["thresholds"]
     click.echo(f"out-of-fold thresholds: heart {t['heart']:.4f}, murmur {t['murmur']:.4f}")
+    click.echo(f"out-of-fold Challenge decision layer: {Path(summary['experiment']) / 'decision.json'} "
+               "(the Challenge scores above are its calls, per fold fitted on the other folds)")
     click.echo(f"report: {Path(summary['experiment']) / 'report' / 'report.md'}")
 
 
