@@ -23,7 +23,7 @@ from ignite_trainer.data.loaders import make_eval_loader
 from ignite_trainer.data.records import Recording
 from ignite_trainer.decision import DecisionLayer, PatientFeatures, patient_features
 from ignite_trainer.engine import create_evaluator
-from ignite_trainer.model_files import TrainedModel, load_trained_model
+from ignite_trainer.model_files import TrainedModel
 from ignite_trainer.predictions import (
     LevelPredictions, PredictionCollector, WindowPredictions, patient_predictions,
     recording_predictions, unknown_band, window_level,
