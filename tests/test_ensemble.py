@@ -149,3 +149,10 @@ def test_predictor_loads_an_experiment_with_its_decision_layer(experiment, tmp_p
             result = predictor.predict_patient(recs, text)
             np.testing.assert_allclose(result.probabilities, probs[by_id[pid]], rtol=0, atol=1e-6)
             assert result.labels == tuple(labels[by_id[pid]].tolist())
+
+
+def test_a_damaged_decision_layer_is_one_checkpoint_error(experiment, tmp_path):
+    (tmp_path / "ensemble.json").write_text((experiment.exp_dir / "ensemble.json").read_text())
+    (tmp_path / "decision.json").write_text('{"format": "ignite_trainer.decision/1", "murmur.kind": "oracle"}')
+    with pytest.raises(CheckpointError, match="decision.json: unreadable decision layer"):
+        load_ensemble(tmp_path)
