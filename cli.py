@@ -167,9 +167,22 @@ _DEVICE = click.option("--device", type=click.Choice(DEVICES), default="cpu", sh
                        help="Where to run the model.")
 
 
-@cli.command()
-@click.argument("model_path", metavar="RUN_DIR|CHECKPOINT|MODEL.safetensors", type=click.Path())
-@click.option("--data", type=click.Path(), default=None, help="Labelled dataset folder [the run's own data].")
+_MODEL_HELP = ("MODEL is a run directory, checkpoint or export, or an ensemble: a cv experiment directory, an "
+               "exported ensemble, or models separated by commas (RUN_A,RUN_B); an ensemble's recording "
+               "probability is the mean of its members' probabilities, decided by its out-of-fold thresholds and "
+               "decision layer.")
+
+
+def _model_source(text: str) -> str | list[str]:
+    """MODEL as typed: one path, or a comma-separated list of models (an ensemble)."""
+    parts = [p for p in text.split(",") if p]
+    return parts if len(parts) > 1 else text
+
+
+@cli.command(epilog=_MODEL_HELP)
+@click.argument("model_path", metavar="MODEL", type=str)
+@click.option("--data", type=click.Path(), default=None, help="Labelled dataset folder [the run's own data; "
+              "required for an ensemble].")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Layout of --data [detected].")
 @click.option("--split", type=click.Choice(["val", "all"]), default=None,
               help="Patients to score: the run's validation split or all [val without --data, all with it].")
@@ -183,7 +196,7 @@ def evaluate(model_path: str, data: str | None, fmt: str | None, split: str | No
     """Score a model per window, recording and patient; write report/metrics.json, patients.csv, report.md."""
     from ignite_trainer.evaluation import evaluate as run_evaluation
 
-    result = run_evaluation(model_path, data=data, fmt=fmt, split=split, aggregation=aggregation,
+    result = run_evaluation(_model_source(model_path), data=data, fmt=fmt, split=split, aggregation=aggregation,
                             unknown_margin=unknown_margin, out_dir=output_dir, device=device)
     print_evaluation(result)
 
@@ -211,8 +224,8 @@ def print_evaluation(result: dict[str, Any]) -> None:
     click.echo(f"report: {result['files']['report']}")
 
 
-@cli.command()
-@click.argument("model_path", metavar="RUN_DIR|CHECKPOINT|MODEL.safetensors", type=click.Path())
+@cli.command(epilog=_MODEL_HELP)
+@click.argument("model_path", metavar="MODEL", type=str)
 @click.argument("inputs", metavar="PATH...", nargs=-1, required=True, type=click.Path())
 @click.option("--output", type=click.Path(dir_okay=False), default=None, help="CSV file [stdout].")
 @click.option("--challenge-dir", type=click.Path(file_okay=False), default=None,
@@ -231,7 +244,7 @@ def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challe
     from ignite_trainer.inference import predict as run_prediction
     from ignite_trainer.writers import write_challenge_outputs, write_predictions_csv
 
-    result = run_prediction(model_path, list(inputs), fmt=fmt, aggregation=aggregation,
+    result = run_prediction(_model_source(model_path), list(inputs), fmt=fmt, aggregation=aggregation,
                             unknown_margin=unknown_margin, device=device)
     write_predictions_csv(result, output)
     if challenge_dir is not None:
@@ -242,14 +255,20 @@ def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challe
                    err=True)
 
 
-@cli.command()
-@click.argument("model_path", metavar="CHECKPOINT|RUN_DIR", type=click.Path())
+@cli.command(epilog=_MODEL_HELP)
+@click.argument("model_path", metavar="MODEL", type=str)
 @click.argument("out_path", metavar="OUT.safetensors", type=click.Path(dir_okay=False))
 def export(model_path: str, out_path: str) -> None:
-    """Export the model weights as safetensors, with its config and thresholds in the metadata."""
+    """Export the model weights as safetensors, with its config, thresholds and decision layer in the metadata
+    (an ensemble: every member in one file)."""
+    from ignite_trainer.ensemble import export_ensemble, is_ensemble
     from ignite_trainer.model_files import export_safetensors
 
-    path = export_safetensors(model_path, out_path)
+    source = _model_source(model_path)
+    if isinstance(source, list) or is_ensemble(source):
+        path = export_ensemble(source, out_path)
+    else:
+        path = export_safetensors(source, out_path)
     click.echo(f"exported {model_path} to {path}")
 
 
@@ -414,6 +433,8 @@ def _print_cv(summary: dict[str, Any]) -> None:
                    f"{'' if ci is None else f'[{ci[0]:.3f}, {ci[1]:.3f}]':>26}{spread:>24}")
     t = summary["thresholds"]
     click.echo(f"out-of-fold thresholds: heart {t['heart']:.4f}, murmur {t['murmur']:.4f}")
+    click.echo(f"out-of-fold Challenge decision layer: {Path(summary['experiment']) / 'decision.json'} "
+               "(the Challenge scores above are its calls, per fold fitted on the other folds)")
     click.echo(f"report: {Path(summary['experiment']) / 'report' / 'report.md'}")
 
 

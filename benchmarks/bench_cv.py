@@ -5,7 +5,7 @@ For each ``--jobs`` value the same experiment (``--folds`` x ``--seeds``, ``--ep
 directory from a warm feature cache; the per-run out-of-fold predictions of the two are compared (they must be
 equal when the member processes use the same thread count). Then a held-out synthetic set (another generator
 seed, never seen by any member) is predicted by the ensemble (mean of the members' probabilities) and by each
-member alone, all decided by the experiment's out-of-fold thresholds. Prints markdown tables.
+member alone, all decided by the experiment's out-of-fold thresholds and decision layer. Prints markdown tables.
 
     nice python benchmarks/bench_cv.py --folds 5 --epochs 3 --jobs 1 2 --out /tmp/cv_bench
 """
@@ -44,6 +44,7 @@ def main() -> None:
     from ignite_trainer.data.discovery import discover_recordings
     from ignite_trainer.inference import run_windows
     from ignite_trainer.data.readers import read_recordings
+    from ignite_trainer.decision import patient_features
     from ignite_trainer.predictions import patient_labels
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -81,7 +82,8 @@ def main() -> None:
     exp_dir, summary = experiments[args.jobs[-1]]
     print("\n| score | pooled out-of-fold [95 % CI] | mean ± sd of the folds |\n|---|---|---|")
     final = list(summary["sets"])[-1]
-    for metric in ("murmur_weighted_accuracy", "outcome_cost", "heart.f1", "murmur.f1", "heart.auroc", "murmur.auroc"):
+    for metric in ("murmur_weighted_accuracy", "outcome_cost", "murmur_accuracy.Present", "murmur_accuracy.Unknown",
+                   "murmur_accuracy.Absent", "heart.f1", "murmur.f1", "heart.auroc", "murmur.auroc"):
         v, ci, runs = summary["pooled"][metric], summary["sets"][final]["pooled_interval"][metric], summary["runs"][metric]
         print(f"| {metric} | {_n(v)} {'' if ci is None else f'[{ci[0]:.3f}, {ci[1]:.3f}]'} | {_n(runs['mean'])} ± "
               f"{_n(runs['sd'])} |")
@@ -95,15 +97,19 @@ def main() -> None:
     ensemble = load_ensemble(exp_dir)
     thresholds = ensemble.thresholds
 
-    def scores(patients) -> dict:
-        labels = [patient_labels(truth[p]) for p in patients.ids]
-        oof = OOFSet("holdout", list(patients.ids), np.zeros(len(patients.ids), dtype=np.int64), patients.probs,
-                     np.array([lab[0] for lab in labels]), np.array([lab[1] for lab in labels]), [lab[2] for lab in labels])
-        rows = np.tile([thresholds["heart"], thresholds["murmur"]], (len(patients.ids), 1))
-        return score_patients(Decisions.make(oof, rows, 0.1))
+    layer = ensemble.decision_layer()
 
-    ens = scores(ensemble.levels(recordings)[1])
-    singles = [scores(run_windows(m, recordings).levels(m.config.aggregation)[2]) for m in ensemble.members]
+    def scores(recs, patients) -> dict:
+        labels = [patient_labels(truth[p]) for p in patients.ids]
+        spread = [(f.murmur_max, f.murmur_min) for f in patient_features(patients, recs)]
+        oof = OOFSet("holdout", list(patients.ids), np.zeros(len(patients.ids), dtype=np.int64), patients.probs,
+                     np.array([lab[0] for lab in labels]), np.array([lab[1] for lab in labels]), [lab[2] for lab in labels],
+                     np.array(spread, dtype=np.float64).reshape(-1, 2))
+        rows = np.tile([thresholds["heart"], thresholds["murmur"]], (len(patients.ids), 1))
+        return score_patients(Decisions.make(oof, rows, [layer] * len(patients.ids)))
+
+    ens = scores(*ensemble.levels(recordings)[:2])
+    singles = [scores(*run_windows(m, recordings).levels(m.config.aggregation)[1:]) for m in ensemble.members]
     print(f"\nheld-out synthetic set ({args.holdout_patients} patients, generator seed 7), out-of-fold thresholds "
           f"heart {thresholds['heart']:.3f} murmur {thresholds['murmur']:.3f}:\n")
     print(f"| score | ensemble of {len(singles)} (mean probability) | single-fold models: mean ± sd | best single |")

@@ -27,6 +27,21 @@ A Challenge entry (see ``examples/challenge/team_code.py``)::
 ``sex_female``, ``height``, ``weight``, ``pregnant``); a batch's demographics are those values, then their
 known-flags.
 
+Cross-validation, fold ensembles and sweeps (see ``docs/cross-validation.md`` and ``docs/sweeps.md``)::
+
+    folds = assign_folds(read_recordings("data/", "circor2022"), n_folds=5, split_seed=0)
+    write_split_file(folds, "splits.json", split_seed=0)            # read_split_file("splits.json") == folds
+    summary = cross_validate(TrainConfig(epochs=30), folds=5, seeds=[0, 1], exp_dir="runs/cv-a", jobs=2)
+    summary = resume_cross_validation("runs/cv-a")                   # after a kill: finished runs are kept
+    summary = collect_experiment("runs/cv-a")                        # report, thresholds, decision layer
+    print(summary["pooled"]["murmur_weighted_accuracy"], summary["pooled"]["outcome_cost"])
+    ensemble = load_ensemble("runs/cv-a")                            # an `Ensemble`: the mean of its members
+    export_ensemble(ensemble, "cv-a.safetensors")                    # one file, every member
+    predictor = Predictor.load("cv-a.safetensors")
+    space = load_space("space.yaml")                                 # a `SweepSpace`
+    from ignite_trainer.sweep import sweep                           # (the module shares the function's name)
+    sweep(space, "sweeps/lr", n_trials=20)
+
 Names are imported on first use (module ``__getattr__``), so ``import ignite_trainer`` stays cheap
 (torch and Ignite load only when a name that needs them is touched).
 
@@ -130,6 +145,18 @@ _EXPORTS: dict[str, str] = {
     "challenge_recordings": "ignite_trainer.predictor",
     "write_predictions_csv": "ignite_trainer.writers",
     "write_challenge_outputs": "ignite_trainer.writers",
+    # cross-validation, fold ensembles, sweeps
+    "cross_validate": "ignite_trainer.cv",
+    "resume_cross_validation": "ignite_trainer.cv",
+    "collect_experiment": "ignite_trainer.cv",
+    "assign_folds": "ignite_trainer.splits",
+    "read_split_file": "ignite_trainer.splits",
+    "write_split_file": "ignite_trainer.splits",
+    "Ensemble": "ignite_trainer.ensemble",
+    "load_ensemble": "ignite_trainer.ensemble",
+    "export_ensemble": "ignite_trainer.ensemble",
+    "SweepSpace": "ignite_trainer.sweep_space",
+    "load_space": "ignite_trainer.sweep_space",
     # the 2022 Challenge: official scores, output files and the decision layer
     "MURMUR_CLASSES": "ignite_trainer.challenge_scores",
     "OUTCOME_CLASSES": "ignite_trainer.challenge_scores",
@@ -173,6 +200,10 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from ignite_trainer.checkpoint import (RNGStates, SafeDiskSaver, Snapshot, find_resume_checkpoint,
                                            load_checkpoint, load_model_weights)
     from ignite_trainer.config import TrainConfig
+    from ignite_trainer.cv import collect_experiment, cross_validate, resume_cross_validation
+    from ignite_trainer.ensemble import Ensemble, export_ensemble, load_ensemble
+    from ignite_trainer.splits import assign_folds, read_split_file, write_split_file
+    from ignite_trainer.sweep_space import SweepSpace, load_space
     from ignite_trainer.data.datasets import EvalWindows, TrainWindows, split_patients
     from ignite_trainer.data.features import FeatureCache, FeatureSettings
     from ignite_trainer.data.loaders import (EpochSampler, ResidentEvalLoader, ResidentTrainLoader, make_eval_loader,

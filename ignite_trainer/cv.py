@@ -27,6 +27,7 @@ Layout::
     EXP_DIR/logs/<member>.log      output of members run as separate processes
     EXP_DIR/oof_predictions.csv    every patient once per seed, full-precision probabilities
     EXP_DIR/thresholds.json        decision thresholds tuned on the out-of-fold predictions
+    EXP_DIR/decision.json          the Challenge decision layer fitted on them (`DecisionLayer.to_json`)
     EXP_DIR/ensemble.json          the members and thresholds `ensemble.load_ensemble` reads
     EXP_DIR/report/                tables, figures and summary.json (`cv_report`)
 """

@@ -4,9 +4,14 @@ Everything here starts from the members' out-of-fold predictions (each patient p
 that never saw it) and is written under the experiment directory:
 
 - ``oof_predictions.csv``: every patient once per seed, probabilities in full precision (``repr``);
-- decisions: per fold, thresholds tuned on the *other* folds' out-of-fold predictions (cross-fitted), so
-  no fold is scored with thresholds tuned on itself, and the pooled scores are the pooled decisions;
-  ``thresholds.json`` holds the thresholds tuned on all of them for new data (the ensemble's);
+- decisions (`tune_decision`): per fold, the per-label thresholds *and* the Challenge decision layer
+  (`decision.DecisionLayer`: murmur Present/Unknown/Absent, outcome Abnormal/Normal) fitted on the *other*
+  folds' out-of-fold predictions (cross-fitted), so no fold is scored with decisions tuned on itself, and
+  the pooled scores are the pooled decisions; ``thresholds.json`` and ``decision.json`` hold the ones
+  fitted on all of them, for new data (the ensemble's);
+- the Challenge scores (``murmur_weighted_accuracy``, ``outcome_cost``, per-class accuracy and F-measure)
+  are the official evaluator's (`challenge_scores`) over the layer's calls, per fold and pooled; the
+  layer's features need each patient's recordings, read from the members' ``oof/recordings.csv``;
 - ``report/report.md``: a table per metric (the Challenge's, the per-label ones) with every fold and
   seed, mean ± sd over runs, and the pooled out-of-fold score with a 95 % bootstrap interval over
   patients; ``report/scores.csv`` the same numbers in long form; ``report/summary.json`` for scripts;
@@ -32,26 +37,30 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 
+from ignite_trainer.challenge_scores import MURMUR_CLASSES, OUTCOME_CLASSES, challenge_scores
 from ignite_trainer.data.records import LABELS, Recording
+from ignite_trainer.decision import DecisionLayer, PatientFeatures, patient_truth
 from ignite_trainer.errors import DataError
 from ignite_trainer.predictions import LevelPredictions, patient_labels, tune_thresholds
-from ignite_trainer.scores import (auprc, auroc, binary_weighted_accuracy, murmur_weighted_accuracy, outcome_cost,
-                                   probs_to_murmur_class)
+from ignite_trainer.scores import auprc, auroc
 
 if TYPE_CHECKING:
     from ignite_trainer.cv import Experiment, Member
 
-__all__ = ["OOF_COLUMNS", "METRICS", "OOFSet", "tune_decision", "score_patients", "bootstrap_interval",
+__all__ = ["OOF_COLUMNS", "METRICS", "OOFSet", "OOFDecision", "tune_decision", "score_patients", "bootstrap_interval",
            "build_report", "read_oof_predictions"]
 
 OOF_COLUMNS = ("seed", "fold", "patient_id", "heart_true", "heart_prob", "murmur_true", "murmur_prob",
                "murmur_class")
-CHALLENGE_METRICS = ("murmur_weighted_accuracy", "outcome_cost")
+#: The official Challenge scores of the decision layer's calls (per-class accuracy is the class's recall).
+CHALLENGE_METRICS = (("murmur_weighted_accuracy", "outcome_cost", "outcome_weighted_accuracy", "murmur_f_measure",
+                      "outcome_f_measure")
+                     + tuple(f"murmur_{m}.{c}" for m in ("accuracy", "f_measure") for c in MURMUR_CLASSES)
+                     + tuple(f"outcome_{m}.{c}" for m in ("accuracy", "f_measure") for c in OUTCOME_CLASSES))
 LABEL_METRICS = ("accuracy", "precision", "sensitivity", "specificity", "f1", "auroc", "auprc")
 METRICS = CHALLENGE_METRICS + tuple(f"{label}.{m}" for label in LABELS for m in LABEL_METRICS)
 #: The metrics drawn as per-fold points.
 FIGURE_METRICS = ("murmur_weighted_accuracy", "outcome_cost", "heart.f1", "murmur.f1", "heart.auroc", "murmur.auroc")
-UNKNOWN_MARGIN = 0.1
 
 
 # ---------------------------------------------------------------------------------------------- out-of-fold sets
@@ -66,54 +75,73 @@ class OOFSet:
     targets: np.ndarray  # [n, 2]
     mask: np.ndarray  # [n, 2] bool
     classes: list[str | None]  # true CirCor murmur class
+    murmur_range: np.ndarray  # [n, 2]: highest and lowest murmur probability over the patient's recordings
 
     def rows(self, keep: np.ndarray) -> "OOFSet":
         return OOFSet(self.name, [self.ids[i] for i in np.flatnonzero(keep)], self.folds[keep], self.probs[keep],
-                      self.targets[keep], self.mask[keep], [self.classes[i] for i in np.flatnonzero(keep)])
+                      self.targets[keep], self.mask[keep], [self.classes[i] for i in np.flatnonzero(keep)],
+                      self.murmur_range[keep])
+
+    def features(self) -> list[PatientFeatures]:
+        """What the Challenge decision layer sees of each patient (`decision.PatientFeatures`)."""
+        return [PatientFeatures(float(p[1]), float(p[0]), float(r[0]), float(r[1]))
+                for p, r in zip(self.probs, self.murmur_range)]
 
     def level(self) -> LevelPredictions:
         return LevelPredictions("patient", list(self.ids), self.probs, self.targets, self.mask, list(self.ids),
                                 list(self.classes), np.ones(len(self.ids), dtype=np.int64))
 
 
-def tune_decision(oof: OOFSet, objective: str) -> dict[str, float]:
-    """The decision parameters tuned on out-of-fold predictions: today per-label thresholds
-    (`predictions.tune_thresholds` with the run's ``threshold_objective``).
+@dataclass(frozen=True)
+class OOFDecision:
+    """What decides patients: per-label thresholds (the project's own figures) and the Challenge layer."""
 
-    This is the one place a richer decision layer (the Challenge's murmur Unknown band, the outcome's cost
-    optimum) plugs in: it receives the out-of-fold patients and returns what `score_patients` and the
-    ensemble apply.
+    thresholds: dict[str, float]
+    layer: DecisionLayer
+
+
+def tune_decision(oof: OOFSet, objective: str) -> OOFDecision:
+    """The decisions tuned on out-of-fold predictions: per-label thresholds (`predictions.tune_thresholds`
+    with the run's ``threshold_objective``) and the Challenge decision layer (`decision.DecisionLayer.fit`
+    on the patients' `PatientFeatures` and true classes, as training fits it on validation).
+
+    This is the one place decisions are tuned: `build_report` calls it once per fold on the *other*
+    folds' patients and once on all of them (the ensemble's, written to ``thresholds.json`` and
+    ``decision.json``).
 
     Example::
 
-        thresholds = tune_decision(oof_set, "f1")   # {"heart": 0.41, "murmur": 0.37}
+        decided = tune_decision(oof_set, "f1")   # decided.thresholds == {"heart": 0.41, "murmur": 0.37}
+        labels, probs = decided.layer.outputs(oof_set.features())
     """
-    return tune_thresholds(oof.probs, oof.targets, oof.mask, objective)  # type: ignore[arg-type]
-
-
-def _true_class(oof: OOFSet, i: int) -> str | None:
-    if oof.classes[i] is not None:
-        return oof.classes[i]
-    if not oof.mask[i, 1]:
-        return None
-    return "Present" if oof.targets[i, 1] > 0.5 else "Absent"
+    thresholds = tune_thresholds(oof.probs, oof.targets, oof.mask, objective)  # type: ignore[arg-type]
+    murmur_truth, outcome_truth = patient_truth(oof.level())
+    return OOFDecision(thresholds, DecisionLayer.fit(oof.features(), murmur_truth, outcome_truth))
 
 
 @dataclass
 class Decisions:
-    """Fixed per-patient decisions (so a bootstrap only resamples rows): truth, probabilities, calls."""
+    """Fixed per-patient decisions (so a bootstrap only resamples rows): the per-label calls at each row's
+    thresholds, and the Challenge calls and probabilities of each row's decision layer."""
 
     oof: OOFSet
     positive: np.ndarray  # [n, 2] bool: prob >= the row's threshold
+    challenge_labels: np.ndarray  # [n, 5] the layer's binary calls (CHALLENGE_OUTPUT_CLASSES)
+    challenge_probs: np.ndarray  # [n, 5] the layer's probabilities
     murmur_true: list[str | None]
-    murmur_call: list[str]
+    outcome_true: list[str | None]
 
     @classmethod
-    def make(cls, oof: OOFSet, row_thresholds: np.ndarray, unknown_margin: float) -> "Decisions":
-        positive = oof.probs >= row_thresholds
-        calls = [probs_to_murmur_class(float(p), max(0.0, t - unknown_margin), min(1.0, t + unknown_margin))
-                 for p, t in zip(oof.probs[:, 1], row_thresholds[:, 1])]
-        return cls(oof, positive, [_true_class(oof, i) for i in range(len(oof.ids))], calls)
+    def make(cls, oof: OOFSet, row_thresholds: np.ndarray, row_decision: Sequence[DecisionLayer]) -> "Decisions":
+        """``row_thresholds`` [n, 2] and ``row_decision`` (one layer per row, shared within a fold)."""
+        features = oof.features()
+        labels = np.zeros((len(oof.ids), 5), dtype=np.int64)
+        probs = np.zeros((len(oof.ids), 5), dtype=np.float64)
+        for layer in {id(layer): layer for layer in row_decision}.values():
+            rows = [i for i, other in enumerate(row_decision) if other is layer]
+            labels[rows], probs[rows] = layer.outputs([features[i] for i in rows])
+        murmur_true, outcome_true = patient_truth(oof.level())
+        return cls(oof, oof.probs >= row_thresholds, labels, probs, murmur_true, outcome_true)
 
 
 def _ratio(num: float, den: float) -> float | None:
@@ -123,16 +151,17 @@ def _ratio(num: float, den: float) -> float | None:
 def score_patients(d: Decisions, index: np.ndarray | None = None) -> dict[str, float | None]:
     """Every metric of `METRICS` over the patients ``index`` (all by default) from fixed decisions.
 
-    The murmur weighted accuracy follows the Challenge: 5/3/1 over Present/Unknown/Absent when the truth
-    holds Unknown patients (the call through each row's threshold ± margin band), else its two-class form.
+    The Challenge metrics are the official evaluator's (`challenge_scores.challenge_scores`) over the
+    patients with both a murmur class and an outcome (None without any); the per-label ones are the
+    project's own, at each row's thresholds.
 
     Example::
 
-        scores = score_patients(Decisions.make(oof, thresholds_per_row, 0.1))
+        scores = score_patients(Decisions.make(oof, thresholds_per_row, layer_per_row))
     """
     oof = d.oof
     idx = np.arange(len(oof.ids)) if index is None else index
-    out: dict[str, float | None] = {}
+    out: dict[str, float | None] = dict.fromkeys(METRICS)
     for i, label in enumerate(LABELS):
         keep = idx[oof.mask[idx, i]]
         y = oof.targets[keep, i] > 0.5
@@ -147,18 +176,29 @@ def score_patients(d: Decisions, index: np.ndarray | None = None) -> dict[str, f
         both = 0 < int(y.sum()) < y.size
         out[f"{label}.auroc"] = auroc(y.astype(np.int64), oof.probs[keep, i]) if both else None
         out[f"{label}.auprc"] = auprc(y.astype(np.int64), oof.probs[keep, i]) if both else None
-    truth = [(d.murmur_true[j], d.murmur_call[j], bool(d.positive[j, 1])) for j in idx if d.murmur_true[j] is not None]
-    if not truth:
-        out["murmur_weighted_accuracy"] = None
-    elif any(t == "Unknown" for t, _, _ in truth):
-        out["murmur_weighted_accuracy"] = murmur_weighted_accuracy([t for t, _, _ in truth], [c for _, c, _ in truth])
-    else:
-        out["murmur_weighted_accuracy"] = binary_weighted_accuracy(
-            np.array([t == "Present" for t, _, _ in truth], dtype=np.int64), np.array([p for _, _, p in truth]))
-    heart = idx[oof.mask[idx, 0]]
-    out["outcome_cost"] = (outcome_cost(oof.targets[heart, 0].astype(np.int64), d.positive[heart, 0])
-                           if heart.size else None)
+    scored = [j for j in idx if d.murmur_true[j] is not None and d.outcome_true[j] is not None]
+    if scored:
+        s = challenge_scores([d.murmur_true[j] for j in scored], [d.outcome_true[j] for j in scored],
+                             d.challenge_labels[scored, :3], d.challenge_probs[scored, :3],
+                             d.challenge_labels[scored, 3:], d.challenge_probs[scored, 3:])
+        out.update(murmur_weighted_accuracy=s.murmur.weighted_accuracy, outcome_cost=s.outcome.cost,
+                   outcome_weighted_accuracy=s.outcome.weighted_accuracy, murmur_f_measure=s.murmur.f_measure,
+                   outcome_f_measure=s.outcome.f_measure)
+        for task in (s.murmur, s.outcome):
+            name = "murmur" if task is s.murmur else "outcome"
+            for c, acc, f in zip(task.classes, task.accuracy_classes, task.f_measure_classes):
+                out[f"{name}_accuracy.{c}"], out[f"{name}_f_measure.{c}"] = acc, f
     return {k: out[k] for k in METRICS}
+
+
+def challenge_details(d: Decisions) -> dict[str, Any] | None:
+    """Every official score of all the set's scored patients (`ChallengeScores.as_dict`), None without any."""
+    scored = [j for j in range(len(d.oof.ids)) if d.murmur_true[j] is not None and d.outcome_true[j] is not None]
+    if not scored:
+        return None
+    return challenge_scores([d.murmur_true[j] for j in scored], [d.outcome_true[j] for j in scored],
+                            d.challenge_labels[scored, :3], d.challenge_probs[scored, :3],
+                            d.challenge_labels[scored, 3:], d.challenge_probs[scored, 3:]).as_dict()
 
 
 def bootstrap_interval(d: Decisions, n: int, seed: int = 0, level: float = 0.95) -> dict[str, list[float] | None]:
@@ -198,39 +238,61 @@ def _truth(recordings: Sequence[Recording]) -> dict[str, tuple[tuple[float, floa
     return {pid: patient_labels(recs) for pid, recs in by_patient.items()}
 
 
-def _member_probs(run_dir: Path) -> dict[str, tuple[float, float]]:
+def _member_probs(run_dir: Path) -> dict[str, tuple[tuple[float, float], dict[str, float]]]:
+    """Per patient of a member's out-of-fold predictions: ``(heart, murmur)`` and its recordings' murmur
+    probabilities (``oof/recordings.csv``; a member evaluated before that file existed gives the patient's
+    own probability as its only recording, i.e. `PatientFeatures.single`)."""
     path = run_dir / "oof" / "patients.csv"
     try:
         with open(path, newline="") as f:
-            return {row["patient_id"]: (float(row["heart_prob"]), float(row["murmur_prob"])) for row in csv.DictReader(f)}
+            patients = {row["patient_id"]: (float(row["heart_prob"]), float(row["murmur_prob"]))
+                        for row in csv.DictReader(f)}
+        recordings: dict[str, dict[str, float]] = {}
+        rec_path = path.with_name("recordings.csv")
+        if rec_path.is_file():
+            path = rec_path
+            with open(rec_path, newline="") as f:
+                for row in csv.DictReader(f):
+                    recordings.setdefault(row["patient_id"], {})[row["recording_id"]] = float(row["murmur_prob"])
     except (OSError, KeyError, ValueError) as e:
         raise DataError(f"{path}: cannot read the member's out-of-fold predictions ({e})") from None
+    return {pid: (probs, recordings.get(pid) or {pid: probs[1]}) for pid, probs in patients.items()}
+
+
+_Row = tuple[int, tuple[float, float], dict[str, float]]  # fold, (heart, murmur), {recording: murmur prob}
 
 
 def _oof_sets(exp: "Experiment", done: Sequence["Member"], truth: Mapping[str, Any]) -> list[OOFSet]:
-    per_seed: dict[int, dict[str, tuple[int, tuple[float, float]]]] = {}
+    per_seed: dict[int, dict[str, _Row]] = {}
     for m in done:
-        for pid, probs in _member_probs(exp.run_dir(m)).items():
+        for pid, (probs, recs) in _member_probs(exp.run_dir(m)).items():
             if pid not in truth:
                 raise DataError(f"{exp.run_dir(m)}: predicted patient {pid}, which the dataset no longer holds")
-            per_seed.setdefault(m.seed, {})[pid] = (m.fold, probs)
+            per_seed.setdefault(m.seed, {})[pid] = (m.fold, probs, recs)
     sets = [_make_set(f"seed{s}", rows, truth) for s, rows in sorted(per_seed.items())]
     if len(per_seed) > 1:  # the seeds' ensemble, out of fold: the mean over seeds of each patient's predictions
-        pooled: dict[str, tuple[int, list[tuple[float, float]]]] = {}
+        pooled: dict[str, tuple[int, list[tuple[float, float]], dict[str, list[float]]]] = {}
         for rows in per_seed.values():
-            for pid, (fold, probs) in rows.items():
-                pooled.setdefault(pid, (fold, []))[1].append(probs)
-        mean = {pid: (fold, tuple(np.mean(np.array(p), axis=0).tolist())) for pid, (fold, p) in pooled.items()}
+            for pid, (fold, probs, recs) in rows.items():
+                entry = pooled.setdefault(pid, (fold, [], {}))
+                entry[1].append(probs)
+                for rid, p in recs.items():
+                    entry[2].setdefault(rid, []).append(p)
+        mean = {pid: (fold, tuple(np.mean(np.array(p), axis=0).tolist()),
+                      {rid: float(np.mean(v)) for rid, v in recs.items()})
+                for pid, (fold, p, recs) in pooled.items()}
         sets.append(_make_set("seed_mean", mean, truth))
     return sets
 
 
-def _make_set(name: str, rows: Mapping[str, tuple[int, tuple[float, float]]], truth: Mapping[str, Any]) -> OOFSet:
+def _make_set(name: str, rows: Mapping[str, _Row], truth: Mapping[str, Any]) -> OOFSet:
     ids = sorted(rows)
     return OOFSet(name, ids, np.array([rows[p][0] for p in ids], dtype=np.int64),
                   np.array([rows[p][1] for p in ids], dtype=np.float64).reshape(-1, 2),
                   np.array([truth[p][0] for p in ids], dtype=np.float64).reshape(-1, 2),
-                  np.array([truth[p][1] for p in ids], dtype=bool).reshape(-1, 2), [truth[p][2] for p in ids])
+                  np.array([truth[p][1] for p in ids], dtype=bool).reshape(-1, 2), [truth[p][2] for p in ids],
+                  np.array([(max(rows[p][2].values()), min(rows[p][2].values())) for p in ids],
+                           dtype=np.float64).reshape(-1, 2))
 
 
 def read_oof_predictions(path: str | Path) -> list[dict[str, Any]]:
@@ -274,7 +336,7 @@ def _write_json(path: Path, value: Any) -> None:
 
 # ---------------------------------------------------------------------------------------------- the report
 def build_report(exp: "Experiment", done: Sequence["Member"], recordings: Sequence[Recording], bootstrap: int = 1000,
-                 figures: bool = True, unknown_margin: float = UNKNOWN_MARGIN) -> dict[str, Any]:
+                 figures: bool = True) -> dict[str, Any]:
     """Everything `cv.collect_experiment` writes from the finished members ``done``; returns ``summary.json``'s content.
 
     Example::
@@ -288,37 +350,44 @@ def build_report(exp: "Experiment", done: Sequence["Member"], recordings: Sequen
                               "split_seed": exp.split_seed, "splits_given": exp.splits_given,
                               "members_finished": [m.name for m in done],
                               "missing": [m.name for m in exp.members() if m not in done],
-                              "threshold_objective": objective, "unknown_margin": unknown_margin,
+                              "threshold_objective": objective,
                               "bootstrap": {"resamples": bootstrap, "seed": 0, "level": 0.95}, "sets": {}}
     per_run: dict[str, dict[str, float | None]] = {}
-    decisions_by_set = {}
     for s in sets:
         row_t = np.zeros_like(s.probs)
-        fold_thresholds = {}
+        row_layer: list[DecisionLayer] = [None] * len(s.ids)  # type: ignore[list-item]
+        fold_decisions: dict[int, OOFDecision] = {}
         for k in sorted(set(s.folds.tolist())):
             others = s.rows(s.folds != k)
-            t = tune_decision(others, objective) if len(others.ids) else {label: 0.5 for label in LABELS}
-            fold_thresholds[k] = t
-            row_t[s.folds == k] = [t[label] for label in LABELS]
-        d = Decisions.make(s, row_t, unknown_margin)
-        decisions_by_set[s.name] = d
+            decided = (tune_decision(others, objective) if len(others.ids) else
+                       OOFDecision({label: 0.5 for label in LABELS}, DecisionLayer.legacy(0.5, 0.5)))
+            fold_decisions[k] = decided
+            row_t[s.folds == k] = [decided.thresholds[label] for label in LABELS]
+            for i in np.flatnonzero(s.folds == k):
+                row_layer[i] = decided.layer
+        d = Decisions.make(s, row_t, row_layer)
         folds = {}
-        for k in sorted(fold_thresholds):
+        for k in sorted(fold_decisions):
             folds[k] = score_patients(d, np.flatnonzero(s.folds == k))
             if s.name != "seed_mean":
                 per_run[f"fold{k}_{s.name}"] = folds[k]
         report["sets"][s.name] = {
             "patients": len(s.ids), "patients_missing": len(set(all_patients) - set(s.ids)),
-            "fold_thresholds": {str(k): v for k, v in fold_thresholds.items()},
+            "fold_thresholds": {str(k): v.thresholds for k, v in fold_decisions.items()},
+            "fold_decisions": {str(k): v.layer.to_dict() for k, v in fold_decisions.items()},
             "per_fold": {str(k): v for k, v in folds.items()},
             "pooled": score_patients(d), "pooled_interval": bootstrap_interval(d, bootstrap),
+            "pooled_challenge": challenge_details(d),
         }
     report["per_run"] = per_run
     report["runs"] = {k: _mean_sd([r[k] for r in per_run.values()]) for k in METRICS}
     final_set = sets[-1]  # the seeds' mean when there are several seeds
-    report["thresholds"] = tune_decision(final_set, objective)
+    final = tune_decision(final_set, objective)
+    report["thresholds"] = final.thresholds
+    report["decision"] = final.layer.to_dict()
     report["thresholds_tuned_on"] = f"{final_set.name}: {len(final_set.ids)} out-of-fold patients ({objective})"
     report["pooled"] = report["sets"][final_set.name]["pooled"]
+    report["pooled_challenge"] = report["sets"][final_set.name]["pooled_challenge"]
 
     exp_dir = exp.exp_dir
     out = exp_dir / "report"
@@ -326,10 +395,15 @@ def build_report(exp: "Experiment", done: Sequence["Member"], recordings: Sequen
     _write_oof_csv(sets, exp_dir / "oof_predictions.csv")
     _write_json(exp_dir / "thresholds.json", {"thresholds": report["thresholds"], "objective": objective,
                                               "tuned_on": report["thresholds_tuned_on"]})
+    tmp = exp_dir / ".decision.json.tmp"
+    tmp.write_text(final.layer.to_json() + "\n")
+    os.replace(tmp, exp_dir / "decision.json")
     _write_json(exp_dir / "ensemble.json", {
         "format": "ignite_trainer/ensemble/1", "members": [f"runs/{m.name}" for m in done],
         "thresholds": report["thresholds"],
         "thresholds_source": f"tuned on the out-of-fold predictions ({report['thresholds_tuned_on']})",
+        "decision": "decision.json",
+        "decision_source": f"fitted on the out-of-fold predictions ({report['thresholds_tuned_on']})",
         "combine": "mean of the members' probabilities"})
     _write_scores_csv(report, out / "scores.csv")
     made = _figures(exp, done, sets, report, out / "figures") if figures else []
@@ -378,8 +452,12 @@ def _markdown(report: Mapping[str, Any]) -> str:
              f"- finished runs: {len(report['members_finished'])} of {len(report['members_finished']) + len(report['missing'])}"
              + (f" (missing: {', '.join(report['missing'])})" if report["missing"] else ""),
              "- every patient is scored by the model that never saw it (out of fold); each fold is decided with "
-             "thresholds tuned on the *other* folds' out-of-fold predictions "
-             f"({report['threshold_objective']}), so no fold is scored with thresholds tuned on itself",
+             "thresholds and a Challenge decision layer tuned on the *other* folds' out-of-fold predictions "
+             f"(thresholds: {report['threshold_objective']}), so no fold is scored with decisions tuned on itself",
+             "- Challenge scores (murmur/outcome weighted accuracy, outcome cost, F-measure, per-class accuracy "
+             "= recall and F-measure) are the official evaluator's, over the decision layer's calls; the other "
+             "tables are the project's own per-label figures at the thresholds",
+             "- decision layer for new data (the ensemble's): `decision.json`, fitted on all out-of-fold patients",
              f"- thresholds for new data (the ensemble's): heart {report['thresholds']['heart']:.4f}, murmur "
              f"{report['thresholds']['murmur']:.4f}, tuned on {report['thresholds_tuned_on']}",
              "- the ensemble of the members is the mean of their probabilities",

@@ -6,14 +6,19 @@ are then averaged over members); recordings become patients as for a single mode
 with ``mean`` aggregation a patient's probability is also the mean of the members' patient probabilities.
 Probability averaging, not a vote: it keeps a ranking (AUROC, AUPRC) and lets one threshold decide.
 
-Decisions use thresholds that were tuned where the members never trained: a cross-validation
-experiment's out-of-fold thresholds (``EXP_DIR/ensemble.json``, written by `cv.collect_experiment`). For a plain
-list of models they can be given; otherwise the mean of the members' own validation thresholds is used,
-and `Ensemble.threshold_source` says which.
+Decisions use thresholds and a Challenge decision layer that were tuned where the members never trained:
+a cross-validation experiment's out-of-fold ones (``EXP_DIR/ensemble.json``, ``thresholds`` in it and
+``EXP_DIR/decision.json``, written by `cv.collect_experiment`). For a plain list of models they can be
+given; otherwise the mean of the members' own validation thresholds and the first member's own decision
+layer are used, and `Ensemble.threshold_source` / `Ensemble.decision_source` say which.
 
-`load_ensemble` reads an experiment directory, a list of run directories / checkpoints / exports, or a
-file written by `export_ensemble` (one safetensors file holding every member's weights, config and the
-thresholds; no pickle).
+`load_ensemble` reads an experiment directory, a list of run directories / checkpoints / exports /
+`TrainedModel` objects, or a file written by `export_ensemble` (one safetensors file holding every
+member's weights, config, the thresholds and the decision layer; no pickle). `load_model` is the one
+entry for a path that may be either a single model or an ensemble.
+
+`mean_probabilities` is the one "mean of the members" of the project: `Ensemble.levels` (through the
+feature cache) and `predictor.Predictor` (in memory) both combine members with it.
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ import numpy as np
 import yaml
 
 from ignite_trainer.data.records import LABELS, Recording
+from ignite_trainer.decision import DecisionLayer
 from ignite_trainer.errors import CheckpointError, ConfigError, DataError
 
-__all__ = ["Ensemble", "load_ensemble", "export_ensemble", "is_ensemble", "mean_probabilities", "ENSEMBLE_FORMAT"]
+__all__ = ["Ensemble", "load_ensemble", "load_model", "export_ensemble", "is_ensemble", "mean_probabilities",
+           "ENSEMBLE_FORMAT"]
 
 ENSEMBLE_FORMAT = "ignite_trainer/ensemble/1"
 
@@ -51,13 +58,14 @@ def mean_probabilities(member_probs: Sequence[np.ndarray]) -> np.ndarray:
 
 @dataclass
 class Ensemble:
-    """Trained members (`inference.TrainedModel`) and the thresholds that decide their mean probability.
+    """Trained members (`model_files.TrainedModel`), the thresholds and the decision layer that decide their
+    mean probability.
 
     Example::
 
         ensemble = load_ensemble("runs/cv-a")
         recordings, patients, warnings = ensemble.levels(discover_recordings(["new/"]))
-        print(patients.probs, ensemble.thresholds)
+        print(patients.probs, ensemble.thresholds, ensemble.decision_source)
     """
 
     members: list  # list[TrainedModel]
@@ -65,11 +73,26 @@ class Ensemble:
     thresholds_tuned: bool
     threshold_source: str
     source: Path
+    #: The Challenge decision layer (None: the legacy rule from ``thresholds``, see `decision_layer`).
+    decision: DecisionLayer | None = None
+    decision_source: str = ""
 
     @property
     def config(self):
         """The first member's config: aggregation, window and label settings a caller may need."""
         return self.members[0].config
+
+    @property
+    def epoch(self) -> None:
+        """An ensemble has no single epoch (its members' are in ``members``)."""
+        return None
+
+    def decision_layer(self, unknown_margin: float = 0.1) -> DecisionLayer:
+        """The ensemble's decision layer, or the legacy rule from its thresholds (Unknown within
+        ``unknown_margin`` of the murmur threshold) when it has none."""
+        if self.decision is not None:
+            return self.decision
+        return DecisionLayer.legacy(self.thresholds["murmur"], self.thresholds["heart"], unknown_margin)
 
     def levels(self, recordings: Sequence[Recording], how: Literal["mean", "any"] | None = None,
                device: str = "cpu") -> tuple:
@@ -112,39 +135,75 @@ def is_ensemble(path: str | Path) -> bool:
     return False
 
 
-def load_ensemble(source: str | Path | Sequence[str | Path], thresholds: Mapping[str, float] | None = None) -> Ensemble:
+def load_ensemble(source, thresholds: Mapping[str, float] | None = None,
+                  decision: DecisionLayer | None = None) -> Ensemble:
     """An experiment directory, an `export_ensemble` file, or a list of models -> `Ensemble`.
 
-    Each model of a list is a run directory (its best checkpoint), a checkpoint or a single-model export.
-    ``thresholds`` replaces the stored ones.
+    Each model of a list is a run directory (its best checkpoint), a checkpoint, a single-model export or a
+    `TrainedModel`. ``thresholds`` and ``decision`` replace the stored ones.
 
     Example::
 
-        ensemble = load_ensemble("runs/cv-a")                          # out-of-fold thresholds
+        ensemble = load_ensemble("runs/cv-a")                          # out-of-fold thresholds and layer
         ensemble = load_ensemble(["runs/a", "runs/b"], {"heart": 0.4, "murmur": 0.35})
     """
-    from ignite_trainer.model_files import load_trained_model
+    from ignite_trainer.model_files import TrainedModel, load_trained_model
 
     given = _checked_thresholds(thresholds, "thresholds") if thresholds is not None else None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if path.is_dir():
-            return _from_experiment(path, given)
-        if path.suffix == ".safetensors" and _safetensors_metadata(path).get("format") == ENSEMBLE_FORMAT:
-            return _from_export(path, given)
-        paths = [path]
+        if path.is_dir() and not (path / "config.yaml").is_file():
+            return _with(_from_experiment(path), given, decision)
+        if path.suffix == ".safetensors" and path.is_file() and \
+                _safetensors_metadata(path).get("format") == ENSEMBLE_FORMAT:
+            return _with(_from_export(path), given, decision)
+        items: list = [path]
+    elif isinstance(source, TrainedModel):
+        items = [source]
     else:
-        paths = [Path(p) for p in source]
-    if not paths:
+        items = list(source)
+    if not items:
         raise CheckpointError("an ensemble needs at least one model")
-    members = [load_trained_model(p) for p in paths]
-    if given is not None:
-        return Ensemble(members, given, True, "given", paths[0])
+    members = [m if isinstance(m, TrainedModel) else load_trained_model(m) for m in items]
+    first = members[0]
+    layer, layer_source = ((first.decision, "the first member's own (validation) decision layer")
+                           if first.decision is not None else (None, "legacy rule from the thresholds"))
     if all(m.thresholds_tuned for m in members):
         mean = {label: float(np.mean([m.thresholds[label] for m in members])) for label in LABELS}
-        return Ensemble(members, mean, True, "mean of the members' own validation thresholds", paths[0])
-    return Ensemble(members, {label: 0.5 for label in LABELS}, False, "default 0.5 (a member holds no tuned "
-                    "thresholds)", paths[0])
+        ensemble = Ensemble(members, mean, True, "mean of the members' own validation thresholds", first.source,
+                            layer, layer_source)
+    else:
+        ensemble = Ensemble(members, {label: 0.5 for label in LABELS}, False,
+                            "default 0.5 (a member holds no tuned thresholds)", first.source, layer, layer_source)
+    return _with(ensemble, given, decision)
+
+
+def load_model(source):
+    """A `TrainedModel` for one model, an `Ensemble` for an experiment directory, an `export_ensemble` file or
+    a list: what `evaluate`, `predict` and `Predictor.load` accept.
+
+    Example::
+
+        model = load_model("runs/cv-a")        # Ensemble
+        model = load_model("runs/quick")       # TrainedModel
+    """
+    from ignite_trainer.model_files import TrainedModel, load_trained_model
+
+    if isinstance(source, TrainedModel):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return load_ensemble(source) if is_ensemble(source) else load_trained_model(source)
+    return load_ensemble(source)
+
+
+def _with(ensemble: Ensemble, thresholds: dict[str, float] | None, decision: DecisionLayer | None) -> Ensemble:
+    from dataclasses import replace
+
+    if thresholds is not None:
+        ensemble = replace(ensemble, thresholds=thresholds, thresholds_tuned=True, threshold_source="given")
+    if decision is not None:
+        ensemble = replace(ensemble, decision=decision, decision_source="given")
+    return ensemble
 
 
 def _checked_thresholds(value: object, where: str) -> dict[str, float]:
@@ -154,7 +213,7 @@ def _checked_thresholds(value: object, where: str) -> dict[str, float]:
     return {label: float(value[label]) for label in LABELS}
 
 
-def _from_experiment(exp_dir: Path, given: dict[str, float] | None) -> Ensemble:
+def _from_experiment(exp_dir: Path) -> Ensemble:
     from ignite_trainer.model_files import load_trained_model
 
     manifest_path = exp_dir / "ensemble.json"
@@ -166,14 +225,22 @@ def _from_experiment(exp_dir: Path, given: dict[str, float] | None) -> Ensemble:
         manifest = json.loads(manifest_path.read_text())
         member_dirs = [exp_dir / p for p in manifest["members"]]
         stored = _checked_thresholds(manifest["thresholds"], str(manifest_path))
+        decision_file = manifest.get("decision")
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest_path}: damaged ensemble manifest ({e})") from None
     if not member_dirs:
         raise CheckpointError(f"{manifest_path}: lists no member")
+    layer, layer_source = None, "legacy rule from the out-of-fold thresholds (collected before decision layers)"
+    if decision_file:
+        layer_path = exp_dir / str(decision_file)
+        try:
+            layer = DecisionLayer.from_json(layer_path.read_text())
+        except (OSError, CheckpointError) as e:
+            raise CheckpointError(f"{layer_path}: unreadable decision layer ({e})") from None
+        layer_source = str(manifest.get("decision_source", "out-of-fold"))
     members = [load_trained_model(p) for p in member_dirs]
-    if given is not None:
-        return Ensemble(members, given, True, "given", exp_dir)
-    return Ensemble(members, stored, True, str(manifest.get("thresholds_source", "out-of-fold")), exp_dir)
+    return Ensemble(members, stored, True, str(manifest.get("thresholds_source", "out-of-fold")), exp_dir,
+                    layer, layer_source)
 
 
 # ---------------------------------------------------------------------------------------------- one file
@@ -188,10 +255,12 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
 
 
 def export_ensemble(source: Ensemble | str | Path | Sequence[str | Path], out_path: str | Path) -> Path:
-    """Write every member's weights, its config and the ensemble's thresholds into one safetensors file.
+    """Write every member's weights, its config, the ensemble's thresholds and decision layer into one
+    safetensors file.
 
     Tensors are named ``member<i>.<parameter>``; the metadata holds each member's config (YAML), epoch and
-    source, and the thresholds with where they came from. `load_ensemble` reads it back.
+    source, the thresholds and the decision layer (`DecisionLayer.to_json`) with where they came from.
+    `load_ensemble` reads it back.
 
     Example::
 
@@ -211,7 +280,9 @@ def export_ensemble(source: Ensemble | str | Path | Sequence[str | Path], out_pa
         members.append({"config": trained.config.to_yaml(), "epoch": trained.epoch, "source": str(trained.source)})
     metadata = {"format": ENSEMBLE_FORMAT, "members": json.dumps(members), "thresholds": json.dumps(ensemble.thresholds),
                 "thresholds_tuned": json.dumps(ensemble.thresholds_tuned), "threshold_source": ensemble.threshold_source,
-                "combine": "mean of the members' probabilities"}
+                "combine": "mean of the members' probabilities",
+                "decision": "" if ensemble.decision is None else ensemble.decision.to_json(),
+                "decision_source": ensemble.decision_source}
     tmp = out_path.with_name(f".{out_path.name}.partial")
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -223,7 +294,7 @@ def export_ensemble(source: Ensemble | str | Path | Sequence[str | Path], out_pa
     return out_path
 
 
-def _from_export(path: Path, given: dict[str, float] | None) -> Ensemble:
+def _from_export(path: Path) -> Ensemble:
     import safetensors
 
     from ignite_trainer.checkpoint import load_model_weights
@@ -237,9 +308,10 @@ def _from_export(path: Path, given: dict[str, float] | None) -> Ensemble:
         members_meta = json.loads(metadata["members"])
         thresholds = _checked_thresholds(json.loads(metadata["thresholds"]), str(path))
         tuned = bool(json.loads(metadata.get("thresholds_tuned", "true")))
+        layer = DecisionLayer.from_json(metadata["decision"]) if metadata.get("decision") else None
         with safetensors.safe_open(str(path), framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
-    except (KeyError, json.JSONDecodeError, TypeError) as e:
+    except (KeyError, json.JSONDecodeError, TypeError, CheckpointError) as e:
         raise CheckpointError(f"{path}: damaged ensemble metadata ({e})") from None
     members = []
     for i, meta in enumerate(members_meta):
@@ -257,6 +329,5 @@ def _from_export(path: Path, given: dict[str, float] | None) -> Ensemble:
                                     epoch=meta.get("epoch")))
     if not members:
         raise CheckpointError(f"{path}: holds no member")
-    if given is not None:
-        return Ensemble(members, given, True, "given", path)
-    return Ensemble(members, thresholds, tuned, metadata.get("threshold_source", ""), path)
+    return Ensemble(members, thresholds, tuned, metadata.get("threshold_source", ""), path, layer,
+                    metadata.get("decision_source", "") if layer is not None else "legacy rule from the thresholds")

@@ -13,6 +13,12 @@ every window and aggregates. Two kinds of figures come out, kept apart:
   precision, recall = sensitivity, specificity, F1, AUROC, AUPRC, and the 2016 MAcc on the heart label)
   at the per-label thresholds tuned on validation.
 
+An ensemble (a cross-validation experiment directory, an `ensemble.export_ensemble` file or a list of
+models) is scored the same way on recordings and patients: each recording's probability is the mean of
+its members' probabilities, decided by the ensemble's out-of-fold thresholds and decision layer. Its
+members trained on every patient of their dataset between them, so an ensemble needs ``data`` (held-out
+recordings), and has no window level (members may cut windows differently).
+
 It writes ``report/metrics.json``, ``report/challenge_scores.csv``, ``report/patients.csv``,
 ``report/recordings.csv`` and ``report/report.md`` with figures (`report`).
 """
@@ -35,7 +41,8 @@ from ignite_trainer.data.records import Recording
 from ignite_trainer.decision import DecisionLayer, patient_features, patient_truth
 from ignite_trainer.errors import ConfigError, DataError
 from ignite_trainer.inference import run_windows
-from ignite_trainer.model_files import TrainedModel, load_trained_model
+from ignite_trainer.ensemble import Ensemble, is_ensemble, load_model
+from ignite_trainer.model_files import TrainedModel
 from ignite_trainer.predictions import LevelPredictions
 from ignite_trainer.report import write_report
 from ignite_trainer.rundir import RunDirectory
@@ -134,17 +141,19 @@ def _select_recordings(trained: TrainedModel, data: str | Path | None, fmt: str 
 
 
 # ---------------------------------------------------------------------------------------------- entry
-def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None = None,
+def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
              split: Literal["val", "all"] | None = None, aggregation: Literal["mean", "any"] | None = None,
              unknown_margin: float = 0.1, out_dir: str | Path | None = None, device: str = "cpu",
              figures: bool = True) -> dict[str, Any]:
-    """Evaluate a run directory, checkpoint or safetensors export; returns what ``metrics.json`` holds.
+    """Evaluate a run directory, checkpoint or safetensors export, or an ensemble (experiment directory,
+    `export_ensemble` file, list of models); returns what ``metrics.json`` holds.
 
     Without ``data`` the run's own validation split is scored (``split="all"``: train and validation);
     with ``data`` every recording of that labelled folder is (``split="val"``: its validation split by the
     run's split settings). ``aggregation`` (recordings -> patients) defaults to the run's. ``unknown_margin``
     only applies to a model saved without a decision layer (the legacy Unknown band). Output goes to
-    ``<run>/report/`` (or ``<checkpoint stem>_report/`` beside a file outside a run, or ``out_dir``).
+    ``<run>/report/`` (or ``<checkpoint stem>_report/`` beside a file outside a run, ``EXP_DIR/evaluation/``
+    for an experiment, or ``out_dir``).
 
     Example::
 
@@ -158,20 +167,33 @@ def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None =
         raise ConfigError(f"aggregation={aggregation!r} is not one of: {', '.join(AGGREGATIONS)}")
     if not (isinstance(unknown_margin, (int, float)) and 0.0 <= unknown_margin <= 0.5):
         raise ConfigError(f"unknown_margin={unknown_margin!r} must be a number in [0, 0.5]")
-    trained = load_trained_model(path)
+    trained = load_model(path)
+    ensemble = isinstance(trained, Ensemble)
+    if ensemble and data is None:
+        raise ConfigError(f"{trained.source}: an ensemble's members trained on every patient of their dataset "
+                          "between them; evaluate it on held-out recordings (data=/--data)")
+    out = _output_dir(trained, out_dir, check_only=True)
     split = split or ("val" if data is None else "all")
     how = aggregation or trained.config.aggregation
     recordings, source, data_format = _select_recordings(trained, data, fmt, split)
     if not recordings:
         raise DataError(f"{source}: no recordings to evaluate in the {split!r} split")
 
-    run = run_windows(trained, recordings, device=device)
-    levels = dict(zip(LEVELS, run.levels(how)))
+    if ensemble:
+        recs, patients, warnings = trained.levels(recordings, how, device=device)
+        levels = {"recording": recs, "patient": patients}
+    else:
+        run = run_windows(trained, recordings, device=device)
+        levels = dict(zip(LEVELS, run.levels(how)))
+        warnings = run.warnings
     thresholds = trained.thresholds
     layer = trained.decision_layer(unknown_margin)
     challenge, scores = challenge_section(levels["patient"], levels["recording"], layer)
-    challenge["decision"] = ("fitted on the validation patients at training time" if trained.decision is not None
-                             else f"legacy rule: murmur threshold ± {unknown_margin:g} is Unknown, heart threshold")
+    if trained.decision is None:
+        challenge["decision"] = f"legacy rule: murmur threshold ± {unknown_margin:g} is Unknown, heart threshold"
+    else:
+        challenge["decision"] = (f"the ensemble's: {trained.decision_source}" if ensemble
+                                 else "fitted on the validation patients at training time")
     results: dict[str, Any] = {
         "model": str(trained.source),
         "epoch": trained.epoch,
@@ -184,10 +206,14 @@ def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None =
         "threshold_objective": trained.config.threshold_objective if trained.thresholds_tuned else "fixed",
         "unknown_margin": float(unknown_margin),
         "counts": {name: len(level) for name, level in levels.items()},
+        "members": [str(m.source) for m in trained.members] if ensemble else None,
+        "combine": "mean of the members' probabilities" if ensemble else None,
         "levels": {name: level_scores(level, thresholds) for name, level in levels.items()},
         "challenge": challenge,
-        "warnings": list(run.warnings),
+        "warnings": list(warnings),
     }
+    if ensemble:  # windows were counted by the first member (members may cut windows differently)
+        results["counts"]["window"] = int(np.sum(levels["recording"].n_windows))
     results["project"] = {"heart_macc": results["levels"]["recording"].get("heart", {}).get("macc"),
                           "note": "the project's own figures (levels, heart_macc = 2016 MAcc per recording), "
                                   "not the 2022 Challenge's; those are under 'challenge'"}
@@ -202,19 +228,30 @@ def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None =
         write_scores_csv(scores, files["challenge_scores"])
     write_patients_csv(levels["patient"], thresholds, files["patients"])
     write_recordings_csv(levels["recording"], thresholds, files["recordings"])
-    metrics_log = RunDirectory(trained.run_dir).metrics_log.path if trained.run_dir is not None else None
+    run_dir = None if ensemble else trained.run_dir
+    metrics_log = RunDirectory(run_dir).metrics_log.path if run_dir is not None else None
     results["files"]["figures"] = [str(p) for p in write_report(out, results, levels, metrics_log, figures=figures)]
     write_json(files["metrics"], results)
     return results
 
 
-def _output_dir(trained: TrainedModel, out_dir: str | Path | None) -> Path:
+def _output_dir(trained, out_dir: str | Path | None, check_only: bool = False) -> Path:
+    """Where the report goes; ``check_only`` tells before any work whether there is a default place."""
     if out_dir is not None:
         out = Path(out_dir)
+    elif isinstance(trained, Ensemble):
+        if trained.source.is_dir():
+            out = trained.source / "evaluation"
+        elif is_ensemble(trained.source):  # an export_ensemble file
+            out = trained.source.parent / f"{trained.source.stem}_report"
+        else:
+            raise ConfigError("a list of models has no report folder of its own; give out_dir (--output-dir)")
     elif trained.run_dir is not None:
         out = trained.run_dir / "report"
     else:
         out = trained.source.parent / f"{trained.source.stem}_report"
+    if check_only:
+        return out
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as e:

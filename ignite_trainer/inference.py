@@ -23,7 +23,7 @@ from ignite_trainer.data.loaders import make_eval_loader
 from ignite_trainer.data.records import Recording
 from ignite_trainer.decision import DecisionLayer, PatientFeatures, patient_features
 from ignite_trainer.engine import create_evaluator
-from ignite_trainer.model_files import TrainedModel, load_trained_model
+from ignite_trainer.model_files import TrainedModel
 from ignite_trainer.predictions import (
     LevelPredictions, PredictionCollector, WindowPredictions, patient_predictions,
     recording_predictions, unknown_band, window_level,
@@ -123,10 +123,15 @@ class PredictionResult:
         return self.layer.outputs(self._features(self.patients))
 
 
-def predict(model: str | Path | TrainedModel, inputs: Sequence[str | Path], fmt: str | None = None,
+def predict(model, inputs: Sequence[str | Path], fmt: str | None = None,
             aggregation: Literal["mean", "any"] | None = None, unknown_margin: float = 0.1,
             device: str = "cpu") -> PredictionResult:
-    """Run a trained model on WAV files or dataset folders (labels, if any, are ignored).
+    """Run a trained model or an ensemble on WAV files or dataset folders (labels, if any, are ignored).
+
+    ``model`` is a run directory, checkpoint, safetensors export or `TrainedModel`, or an ensemble
+    (`ensemble.load_model`: a cross-validation experiment directory, an `export_ensemble` file or a list of
+    models), whose recording probabilities are the mean of its members' probabilities and whose
+    thresholds and decision layer are its own (an experiment's: tuned out of fold).
 
     ``aggregation`` defaults to the run's own (``config.aggregation``); the per-label thresholds are the
     tuned ones stored with the model (0.5 where it holds none); the Challenge calls come from the decision
@@ -138,9 +143,15 @@ def predict(model: str | Path | TrainedModel, inputs: Sequence[str | Path], fmt:
         result = predict("runs/quick", ["patient_folder/"])
         write_predictions_csv(result, "predictions.csv")
     """
-    trained = model if isinstance(model, TrainedModel) else load_trained_model(model)
+    from ignite_trainer.ensemble import Ensemble, load_model
+
+    trained = load_model(model)
     unknown_band(trained.thresholds["murmur"], unknown_margin)  # rejects a negative margin before the model runs
     recordings = discover_recordings(inputs, fmt)
+    if isinstance(trained, Ensemble):
+        recs, patients, warnings = trained.levels(recordings, aggregation, device=device)
+        return PredictionResult(recs, patients, dict(trained.thresholds), unknown_margin, trained.source, warnings,
+                                trained.decision)
     run = run_windows(trained, recordings, device=device)
     _, recs, patients = run.levels(aggregation or trained.config.aggregation)
     return PredictionResult(recs, patients, dict(trained.thresholds), unknown_margin, trained.source, run.warnings,

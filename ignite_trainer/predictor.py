@@ -13,10 +13,12 @@ samples, a bad sample rate, not mono) is skipped with a warning naming the patie
 patient with no usable recording gets the decision layer's prior answer (the validation class frequencies,
 `DecisionLayer.prior_outputs`), never an exception.
 
-Ensembles: `Predictor.load` takes a list of models (run directories, checkpoints, safetensors files or
-`TrainedModel` objects); their recording probabilities are averaged before the patient is aggregated and
-decided (by ``decision`` when given, else the first member's layer: pass the out-of-fold layer of a
-cross-validation there).
+Ensembles: `Predictor.load` takes a cross-validation experiment directory, a file written by
+`ensemble.export_ensemble`, or a list of models (run directories, checkpoints, safetensors files or
+`TrainedModel` objects); each recording's probability is the mean of the members' probabilities
+(`ensemble.mean_probabilities`, the same combination `evaluate` and `predict` use) before the patient is
+aggregated and decided by ``decision`` when given, else the ensemble's own layer (`ensemble.load_ensemble`:
+an experiment's or an export's out-of-fold layer; for a plain list, the first member's).
 """
 
 from __future__ import annotations
@@ -34,8 +36,9 @@ from ignite_trainer.challenge_scores import CHALLENGE_OUTPUT_CLASSES
 from ignite_trainer.data.datasets import frames_per_window
 from ignite_trainer.data.features import FeatureSettings, compute_features
 from ignite_trainer.decision import DecisionLayer, PatientFeatures
+from ignite_trainer.ensemble import Ensemble, load_model, mean_probabilities
 from ignite_trainer.errors import ConfigError, DataError
-from ignite_trainer.model_files import TrainedModel, load_trained_model
+from ignite_trainer.model_files import TrainedModel
 from ignite_trainer.predictions import aggregate
 from ignite_trainer.runtime import resolve_device
 from ignite_trainer.vocabulary import AGGREGATIONS, LABELS
@@ -167,18 +170,22 @@ class Predictor:
     def load(cls, source: ModelSource | Sequence[ModelSource], *, decision: DecisionLayer | None = None,
              aggregation: Literal["mean", "any"] | None = None, device: str = "cpu",
              unknown_margin: float = 0.1) -> Predictor:
-        """From a run directory, checkpoint or safetensors file, a `TrainedModel`, or a list of them (an ensemble).
+        """From a run directory, checkpoint or safetensors file, a `TrainedModel`, or an ensemble: a
+        cross-validation experiment directory, an `export_ensemble` file or a list of models (the mean of
+        the members' probabilities).
 
         ``unknown_margin`` only matters for a model saved without a decision layer (the legacy rule).
 
         Example::
 
             single = Predictor.load("model.safetensors")
-            ensemble = Predictor.load([f"runs/cv/fold{k}" for k in range(5)], decision=oof_layer)
+            ensemble = Predictor.load("runs/cv-a")        # out-of-fold thresholds and decision layer
+            listed = Predictor.load([f"runs/cv/fold{k}" for k in range(5)], decision=oof_layer)
         """
-        items = [source] if isinstance(source, (str, Path, TrainedModel)) else list(source)
-        members = [s if isinstance(s, TrainedModel) else load_trained_model(s) for s in items]
-        return cls(members, decision=decision, aggregation=aggregation, device=device, unknown_margin=unknown_margin)
+        model = load_model(source)
+        members = model.members if isinstance(model, Ensemble) else [model]
+        layer = decision if decision is not None else model.decision_layer(unknown_margin)
+        return cls(members, decision=layer, aggregation=aggregation, device=device, unknown_margin=unknown_margin)
 
     # ------------------------------------------------------------------ inference
     def predict_patient(self, recordings: Sequence[RecordingInput], metadata_text: str = "") -> PatientPrediction:
@@ -235,4 +242,4 @@ class Predictor:
                 windows = torch.sigmoid(torch.cat(chunks).float()).double().cpu().numpy()
                 probs.append(aggregate(windows, [0] * len(windows), "mean")[1][0])
             per_member.append(np.stack(probs))
-        return per_member[0] if len(per_member) == 1 else np.mean(np.stack(per_member), axis=0)
+        return per_member[0] if len(per_member) == 1 else mean_probabilities(per_member)

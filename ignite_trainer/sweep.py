@@ -6,6 +6,12 @@ training runs needs on top:
 * **Trials are runs.** Trial ``n`` trains ``SWEEP_DIR/trials/trial_{n:04d}`` through `train`, with the
   run's ``monitor`` set to the objective, so its best checkpoint is the one the score comes from. The
   score is the best value of the objective over the run's epochs, read back from ``metrics.jsonl``.
+* **Or cross-validated experiments.** With ``experiment: {kind: cv, ...}`` trial ``n`` is a cross-validation
+  experiment directory ``SWEEP_DIR/trials/trial_{n:04d}`` (`run_cv_trial`), scored by a pooled
+  out-of-fold score of its report (``oof.<metric>``) or by the mean over its runs of each run's best
+  per-epoch score. Its pruning steps are folds, not epochs: after each finished run, the mean of the
+  finished runs' scores is reported at step = runs finished, so trials are compared after the same
+  number of folds (runs' epochs would mix folds whose validation patients differ).
 * **Pruning keeps the checkpoint.** Optuna's `PyTorchIgnitePruningHandler` raises from inside the
   evaluator, before the epoch's metrics line and checkpoint are written; here it is called at the end of
   the trainer's epoch (after the last checkpoint) and a pruned trial stops with ``terminate()``, so the
@@ -95,8 +101,116 @@ def run_trial(config: TrainConfig, metric: str, direction: str, *, resume: Path 
     return TrialResult(run_dir, score, epochs)
 
 
+def run_cv_trial(config: TrainConfig, metric: str, direction: str, *, resume: Path | None = None,
+                 overwrite: bool = False, setup: Callable | None = None, folds: int, seeds: Sequence[int] = (0,),
+                 split_seed: int | None = None, prune: Callable[[int, float], None] | None = None) -> TrialResult:
+    """Run (or resume) one cross-validation experiment in ``config``'s run directory and score it.
+
+    The members run one after another in this process (``setup`` attached to each); after each, ``prune``
+    gets ``(runs finished, mean of their member scores)`` and may raise `optuna.TrialPruned`. A member's
+    score (`member_score`) is its best per-epoch ``metric``, or for ``oof.<metric>`` the same score on its
+    own fold from its out-of-fold evaluation. The trial's score (`experiment_score`) is the pooled
+    out-of-fold one, or the mean over runs of each run's best.
+
+    Example::
+
+        result = run_cv_trial(config, "oof.murmur_weighted_accuracy", "maximize", folds=5, seeds=[0])
+    """
+    from ignite_trainer.cv import Experiment, collect_experiment, cross_validate, resume_cross_validation
+
+    exp_dir = Path(config.output_dir) / str(config.name)
+    quiet = dict(bootstrap=0, figures=False, setup=setup, echo=lambda _: None)
+    if resume is None:
+        exp_dir.parent.mkdir(parents=True, exist_ok=True)
+        members = None
+    else:
+        members = Experiment.load(exp_dir).members()
+    if members is None:  # create the experiment and run its first member
+        first = f"0:{list(seeds)[0]}"
+        cross_validate(config, folds, seeds, exp_dir=exp_dir, split_seed=split_seed, only=[first],
+                       overwrite=overwrite, **quiet)
+        members = Experiment.load(exp_dir).members()
+        finished = [members[0]]
+    else:
+        finished = []
+    for m in members:
+        if m not in finished:
+            resume_cross_validation(exp_dir, only=[m], **quiet)
+            finished.append(m)
+        if prune is not None:
+            scores = [v for v in (member_score(exp_dir, x, metric, direction) for x in finished) if v is not None]
+            if scores:
+                prune(len(finished), float(np.mean(scores)))
+    collect_experiment(exp_dir, bootstrap=0, figures=False)
+    score, epochs = experiment_score(exp_dir, metric, direction)
+    if score is None:
+        raise UserError(f"{exp_dir}: the experiment reports no {metric} (undefined on these patients)")
+    return TrialResult(exp_dir, score, epochs)
+
+
+def member_score(exp_dir: Path, member: Any, metric: str, direction: str) -> float | None:
+    """One finished member's score for pruning: its best per-epoch ``metric``, or for ``oof.<metric>`` the
+    same score on its own fold (its out-of-fold ``metrics.json``; decisions by its own validation tuning)."""
+    from ignite_trainer.cv import Experiment
+
+    run_dir = Experiment.load(exp_dir).run_dir(member)
+    if not metric.startswith("oof."):
+        return best_score(run_dir, metric, direction)[0]
+    import json
+
+    try:
+        result = json.loads((run_dir / "oof" / "metrics.json").read_text())
+    except (OSError, ValueError):
+        return None
+    name = metric[len("oof."):]
+    challenge = result.get("challenge") or {}
+    head, _, cls = name.partition(".")
+    if name in ("murmur_weighted_accuracy", "outcome_cost"):
+        value = challenge.get(name)
+    elif head.startswith(("murmur_", "outcome_")):  # murmur_f_measure, outcome_accuracy.Abnormal, ...
+        task, _, key = head.partition("_")
+        section = challenge.get(task) or {}
+        value = section.get(f"{key}_classes", {}).get(cls) if cls else section.get(key)
+    else:  # heart.f1 ...: the patient-level per-label score (sensitivity is the recall)
+        scores = result.get("levels", {}).get("patient", {}).get(head, {})
+        value = scores.get(cls, scores.get("recall") if cls == "sensitivity" else None)
+    return float(value) if isinstance(value, (int, float)) else None
+
+
+def experiment_score(exp_dir: Path, metric: str, direction: str) -> tuple[float | None, int]:
+    """A cross-validation experiment's score and the epochs its runs logged in all: ``oof.<metric>`` from
+    its report's pooled out-of-fold scores, else the mean over its runs of each run's best ``metric``."""
+    import json
+
+    from ignite_trainer.cv import Experiment
+
+    exp = Experiment.load(exp_dir)
+    per_run = [best_score(exp.run_dir(m), metric if not metric.startswith("oof.") else "val_loss", direction)
+               for m in exp.members()]
+    epochs = sum(n for _, n in per_run)
+    if metric.startswith("oof."):
+        try:
+            pooled = json.loads((exp_dir / "report" / "summary.json").read_text())["pooled"]
+        except (OSError, ValueError, KeyError):
+            return None, epochs
+        value = pooled.get(metric[len("oof."):])
+        return (float(value) if isinstance(value, (int, float)) else None), epochs
+    scores = [v for v, _ in per_run if v is not None]
+    return (float(np.mean(scores)) if scores else None), epochs
+
+
+def trial_score(run_dir: Path, metric: str, direction: str) -> tuple[float | None, int]:
+    """A trial's score so far: `experiment_score` for a cross-validation experiment, else `best_score`."""
+    if (Path(run_dir) / "experiment.yaml").is_file():
+        try:
+            return experiment_score(Path(run_dir), metric, direction)
+        except UserError:
+            return None, 0
+    return best_score(run_dir, metric, direction)
+
+
 #: Experiment kind (SPACE.yaml ``experiment``) -> the function that runs and scores one trial.
-TRIAL_RUNNERS: dict[str, Callable[..., TrialResult]] = {"run": run_trial}
+TRIAL_RUNNERS: dict[str, Callable[..., TrialResult]] = {"run": run_trial, "cv": run_cv_trial}
 
 
 def best_score(run_dir: Path, metric: str, direction: str) -> tuple[float | None, int]:
@@ -147,6 +261,19 @@ class PruningHook:
                 engine.terminate()
 
         trainer.add_event_handler(Events.EPOCH_COMPLETED, check)
+
+
+class FoldPruning:
+    """The pruning of a cross-validation trial: ``(runs finished, mean score)`` after each run, reported to
+    Optuna at that step; raises `optuna.TrialPruned` when the pruner says so (the finished runs stay)."""
+
+    def __init__(self, trial: optuna.Trial) -> None:
+        self.trial = trial
+
+    def __call__(self, step: int, value: float) -> None:
+        self.trial.report(value, step)
+        if self.trial.should_prune():
+            raise optuna.TrialPruned(f"pruned after {step} run(s): mean score {value:.4g}")
 
 
 # ---------------------------------------------------------------------------------------------- sampler
@@ -387,23 +514,30 @@ def make_objective(space: SweepSpace, sweep_dir: Path, n_trials: int) -> Callabl
         params = {p.name: suggest(trial, p) for p in space.params}
         run_dir = Path(trial.user_attrs.get("run_dir") or trials_dir / f"trial_{trial.number:04d}")
         trial.set_user_attr("run_dir", str(run_dir))
+        cv = space.experiment == "cv"
         hook = PruningHook(trial, space.metric)
+        fold_pruning = FoldPruning(trial)
         started = time.perf_counter()
         try:
+            monitor = base.monitor if space.metric.startswith("oof.") else space.metric
             config = base.updated(params, source=f"trial {trial.number}").updated(
-                {"name": run_dir.name, "output_dir": str(run_dir.parent), "monitor": space.metric, "progress": False},
+                {"name": run_dir.name, "output_dir": str(run_dir.parent), "monitor": monitor, "progress": False},
                 source=f"trial {trial.number}")
-            resume = run_dir if retry_of is not None and _has_checkpoint(run_dir) else None
+            resumable = (run_dir / "experiment.yaml").is_file() if cv else _has_checkpoint(run_dir)
+            resume = run_dir if retry_of is not None and resumable else None
             if resume is not None:
                 trial.set_user_attr("resumed", True)
+            extra = {**space.experiment_args, "prune": fold_pruning} if cv else {}
+            if cv and extra.get("split_seed") is None and not base.split_file:
+                extra["split_seed"] = base.effective_split_seed  # the same folds for every trial, whatever `seed` is
             result = runner(config, space.metric, space.direction, resume=resume, overwrite=retry_of is not None,
-                            setup=hook)
+                            setup=None if cv else hook, **extra)
         except UserError as e:
             trial.set_user_attr("fail_reason", _first_line_of(e))
             raise
         finally:
             trial.set_user_attr("seconds", round(time.perf_counter() - started, 3))
-            score, epochs = best_score(run_dir, space.metric, space.direction)
+            score, epochs = trial_score(run_dir, space.metric, space.direction)
             trial.set_user_attr("epochs", epochs)
             if score is not None:
                 trial.set_user_attr("score", score)
@@ -462,6 +596,23 @@ def run_worker(space: SweepSpace, sweep_dir: str | Path, n_trials: int, url: str
 
 
 # ---------------------------------------------------------------------------------------------- entry
+def check_cv_experiment(space: SweepSpace) -> None:
+    """Before any trial: the base config's dataset can be dealt into the space's folds (e.g. not more folds
+    than the patients of the rarest stratum); a `ConfigError` otherwise."""
+    from ignite_trainer.cv import dataset_recordings
+    from ignite_trainer.splits import assign_folds
+
+    base = space.base_config()
+    split_seed = space.experiment_args.get("split_seed")
+    if base.split_file:  # the folds come from the file; cross_validate checks it against the data
+        return
+    try:
+        assign_folds(dataset_recordings(base), space.experiment_args["folds"],
+                     base.effective_split_seed if split_seed is None else split_seed)
+    except UserError as e:
+        raise type(e)(f"experiment.folds: {e}") from None
+
+
 def sweep(space: SweepSpace | str | Path, sweep_dir: str | Path, n_trials: int, *, storage: str | None = None,
           study_name: str | None = None, workers: int = 1) -> dict[str, Any]:
     """Run (or join, or finish) a sweep of ``n_trials`` trials; write ``SWEEP_DIR/report/``; return its summary.
@@ -485,6 +636,8 @@ def sweep(space: SweepSpace | str | Path, sweep_dir: str | Path, n_trials: int, 
         raise ConfigError(f"--trials={n_trials!r} must be an integer >= 1")
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--workers={workers!r} must be an integer >= 1")
+    if space.experiment == "cv":
+        check_cv_experiment(space)
     sweep_dir = Path(sweep_dir).expanduser()
     study_name = study_name or sweep_dir.resolve().name
     try:

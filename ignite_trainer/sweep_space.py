@@ -11,6 +11,14 @@ pruner and the fixed ``base`` settings every trial starts from::
     sampler: {name: tpe, seed: 0}                          # tpe | random
     pruner: {name: median, n_startup_trials: 5}            # median (MedianPruner's arguments) | none
     base: {epochs: 30, window_seconds: 5}
+    experiment: run                                        # or {kind: cv, folds: 5, seeds: [0, 1], split_seed: 0}
+
+With ``experiment: {kind: cv, ...}`` each trial is a cross-validation experiment (`cv.cross_validate`:
+``folds`` patient folds, one run per fold and seed of ``seeds``, folds dealt with ``split_seed``, default
+the base config's), and the objective may also be a pooled out-of-fold score of its report,
+``oof.<metric>`` (`cv_report.METRICS`: ``oof.murmur_weighted_accuracy``, ``oof.outcome_cost``,
+``oof.murmur.auroc``, ...); a per-epoch score name is then the mean over the experiment's runs of each
+run's best value.
 
 Every range is checked by `TrainConfig` itself: the base config is built at each distribution's low and
 high end and at every choice, so a range outside a field's limits fails with the field's own message.
@@ -27,6 +35,7 @@ from typing import Any, Mapping
 import yaml
 
 from ignite_trainer.config import TrainConfig
+from ignite_trainer.cv_report import CHALLENGE_METRICS as CV_CHALLENGE_METRICS, METRICS as CV_METRICS
 from ignite_trainer.vocabulary import LABELS as LABEL_NAMES, STATS as METRIC_NAMES, score_mode as monitor_mode
 from ignite_trainer.errors import ConfigError
 
@@ -37,9 +46,12 @@ OBJECTIVE_METRICS: tuple[str, ...] = ("val_loss", "macro_f1") + tuple(
 #: Fields the sweep sets itself: each trial's run directory and the score its best checkpoint keeps.
 SWEEP_OWNED_FIELDS = frozenset({"name", "output_dir", "monitor"})
 
-#: Kinds of experiment a trial can be. Only single runs for now; a cross-validated experiment plugs in
-#: as another kind (see `ignite_trainer.sweep.TRIAL_RUNNERS`).
-EXPERIMENTS = ("run",)
+#: Kinds of experiment a trial can be: one run, or a cross-validation experiment
+#: (`ignite_trainer.sweep.TRIAL_RUNNERS` runs each).
+EXPERIMENTS = ("run", "cv")
+
+#: The pooled out-of-fold scores of a cross-validation experiment's report (``summary.json``'s ``pooled``).
+OOF_OBJECTIVES: tuple[str, ...] = tuple(f"oof.{m}" for m in CV_METRICS)
 
 SAMPLERS = ("tpe", "random")
 PRUNERS = ("median", "none")
@@ -82,6 +94,8 @@ class SweepSpace:
     pruner_args: Mapping[str, Any] = field(default_factory=dict)
     base: Mapping[str, Any] = field(default_factory=dict)
     experiment: str = "run"
+    #: ``folds``, ``seeds`` and ``split_seed`` of a ``cv`` experiment (empty for a single run).
+    experiment_args: Mapping[str, Any] = field(default_factory=dict)
 
     def base_config(self) -> TrainConfig:
         return TrainConfig.from_mapping(self.base, source="base")
@@ -103,7 +117,8 @@ def space_to_dict(space: SweepSpace) -> dict[str, Any]:
     return {"params": params, "objective": {"metric": space.metric, "direction": space.direction},
             "sampler": {"name": space.sampler, "seed": space.seed},
             "pruner": {"name": space.pruner, **space.pruner_args}, "base": dict(space.base),
-            "experiment": space.experiment}
+            "experiment": ({"kind": space.experiment, **space.experiment_args} if space.experiment_args
+                           else space.experiment)}
 
 
 def load_space(path: str | Path) -> SweepSpace:
@@ -150,13 +165,45 @@ def parse_space(values: Mapping[str, Any], source: str = "space") -> SweepSpace:
         raise ConfigError(f"{source}: params is empty; name at least one config field to search")
     params = tuple(_param(name, spec, base, f"{source}: params.{name}") for name, spec in raw_params.items())
 
-    metric, direction = _objective(values.get("objective"), f"{source}: objective")
+    experiment, experiment_args = _experiment(values.get("experiment", "run"), f"{source}: experiment")
+    if experiment_args.get("split_seed") is not None and base.split_file:
+        raise ConfigError(f"{source}: experiment.split_seed deals folds, base.split_file gives them already "
+                          "(use one of the two)")
+    metric, direction = _objective(values.get("objective"), f"{source}: objective", experiment, base)
     sampler, seed = _sampler(values.get("sampler"), f"{source}: sampler")
     pruner, pruner_args = _pruner(values.get("pruner"), f"{source}: pruner")
-    experiment = values.get("experiment", "run")
-    if experiment not in EXPERIMENTS:
-        raise ConfigError(f"{source}: experiment={experiment!r} is not one of: {', '.join(EXPERIMENTS)}")
-    return SweepSpace(params, metric, direction, sampler, seed, pruner, pruner_args, dict(base_values), experiment)
+    return SweepSpace(params, metric, direction, sampler, seed, pruner, pruner_args, dict(base_values), experiment,
+                      experiment_args)
+
+
+def _experiment(value: Any, where: str) -> tuple[str, dict[str, Any]]:
+    """``run`` (or ``{kind: run}``), or ``{kind: cv, folds: K, seeds: [..], split_seed: S}``."""
+    spec = {"kind": value} if isinstance(value, str) else _mapping(value, where)
+    kind = spec.get("kind")
+    if kind not in EXPERIMENTS:
+        raise ConfigError(f"{where}: kind={kind!r} is not one of: {', '.join(EXPERIMENTS)}")
+    allowed = {"kind"} | ({"folds", "seeds", "split_seed"} if kind == "cv" else set())
+    extra = sorted(set(spec) - allowed)
+    if extra:
+        raise ConfigError(f"{where}: unknown key '{extra[0]}' for kind {kind} (expected: {', '.join(sorted(allowed))})")
+    if kind == "run":
+        return kind, {}
+    folds = spec.get("folds")
+    if isinstance(folds, bool) or not isinstance(folds, int) or folds < 2:
+        raise ConfigError(f"{where}: folds={folds!r} must be an integer >= 2")
+    seeds = spec.get("seeds", [0])
+    if (not isinstance(seeds, list) or not seeds
+            or any(isinstance(x, bool) or not isinstance(x, int) or x < 0 for x in seeds)):
+        raise ConfigError(f"{where}: seeds={seeds!r} must be a non-empty list of integers >= 0")
+    if len(set(seeds)) != len(seeds):
+        raise ConfigError(f"{where}: seeds={seeds!r} repeat a seed")
+    args: dict[str, Any] = {"folds": folds, "seeds": list(seeds)}
+    if spec.get("split_seed") is not None:
+        split_seed = spec["split_seed"]
+        if isinstance(split_seed, bool) or not isinstance(split_seed, int) or split_seed < 0:
+            raise ConfigError(f"{where}: split_seed={split_seed!r} must be an integer >= 0")
+        args["split_seed"] = split_seed
+    return kind, args
 
 
 def _mapping(value: Any, where: str) -> dict[str, Any]:
@@ -226,16 +273,33 @@ def _range(name: str, kind: str, spec: dict[str, Any], where: str) -> Param:
     return Param(name, kind, low, high, log, step)
 
 
-def _objective(value: Any, where: str) -> tuple[str, str]:
+def objective_mode(metric: str) -> str:
+    """``"min"`` or ``"max"``: which way ``metric`` is better (an out-of-fold cost is lower-better)."""
+    if metric.startswith("oof."):
+        return "min" if metric.endswith("cost") else "max"
+    return monitor_mode(metric)
+
+
+def _objective(value: Any, where: str, experiment: str = "run", base: TrainConfig | None = None) -> tuple[str, str]:
     spec = _mapping(value, where)
     extra = sorted(set(spec) - {"metric", "direction"})
     if extra:
         raise ConfigError(f"{where}: unknown key '{extra[0]}' (expected metric, direction)")
     metric = spec.get("metric", "val_loss")
-    if metric not in OBJECTIVE_METRICS:
-        raise ConfigError(f"{where}: metric={metric!r} is not a score a run reports "
-                          f"(one of: {', '.join(OBJECTIVE_METRICS)})")
-    natural = "minimize" if monitor_mode(metric) == "min" else "maximize"
+    allowed = OBJECTIVE_METRICS + (OOF_OBJECTIVES if experiment == "cv" else ())
+    if metric not in allowed:
+        if metric in OOF_OBJECTIVES:
+            raise ConfigError(f"{where}: metric={metric!r} is a cross-validated score; it needs "
+                              "experiment: {kind: cv, folds: K}")
+        what = "an experiment" if experiment == "cv" else "a run"
+        raise ConfigError(f"{where}: metric={metric!r} is not a score {what} reports "
+                          f"(one of: {', '.join(allowed)})")
+    if base is not None and base.format == "physionet2016" and (
+            metric.partition(".")[2] in CV_CHALLENGE_METRICS or metric.partition(".")[0] == "murmur"
+            or metric.startswith("oof.murmur")):
+        raise ConfigError(f"{where}: metric={metric!r} is never reported on physionet2016 data (it has no murmur "
+                          "labels or Challenge classes)")
+    natural = "minimize" if objective_mode(metric) == "min" else "maximize"
     direction = spec.get("direction", natural)
     if direction not in ("maximize", "minimize"):
         raise ConfigError(f"{where}: direction={direction!r} must be maximize or minimize")

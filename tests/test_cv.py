@@ -90,6 +90,70 @@ def test_each_fold_is_decided_by_thresholds_tuned_on_the_other_folds(experiment)
     assert json.loads((experiment.exp_dir / "thresholds.json").read_text())["thresholds"] == summary["thresholds"]
 
 
+def oof_levels(exp_dir, seed, folds):
+    """Patient- and recording-level predictions of the members ``fold<k>_seed<seed>`` (k in folds), from
+    their own oof/ files and the experiment's oof_predictions.csv truth, patients sorted by id."""
+    from ignite_trainer.predictions import LevelPredictions
+
+    truth = {r["patient_id"]: r for r in read_oof_predictions(exp_dir / "oof_predictions.csv") if r["seed"] == seed}
+    patients, recs = {}, []
+    for k in folds:
+        oof = exp_dir / "runs" / f"fold{k}_seed{seed}" / "oof"
+        with open(oof / "patients.csv", newline="") as f:
+            patients.update({r["patient_id"]: (float(r["heart_prob"]), float(r["murmur_prob"]))
+                             for r in csv.DictReader(f)})
+        with open(oof / "recordings.csv", newline="") as f:
+            recs += [(r["recording_id"], r["patient_id"], float(r["heart_prob"]), float(r["murmur_prob"]))
+                     for r in csv.DictReader(f)]
+    ids = sorted(patients)
+    targets = np.array([[int(truth[p]["heart_true"] or 0), int(truth[p]["murmur_true"] or 0)] for p in ids])
+    mask = np.array([[truth[p]["heart_true"] != "", truth[p]["murmur_true"] != ""] for p in ids])
+    level = LevelPredictions("patient", ids, np.array([patients[p] for p in ids]), targets, mask, ids,
+                             [truth[p]["murmur_class"] or None for p in ids], np.ones(len(ids), dtype=np.int64))
+    rec_level = LevelPredictions("recording", [r[0] for r in recs], np.array([r[2:] for r in recs]),
+                                 np.zeros((len(recs), 2)), np.zeros((len(recs), 2), dtype=bool),
+                                 [r[1] for r in recs], [None] * len(recs), np.ones(len(recs), dtype=np.int64))
+    return level, rec_level
+
+
+def test_each_fold_is_decided_by_a_challenge_layer_fitted_on_the_other_folds(experiment):
+    from ignite_trainer.challenge_scores import challenge_scores
+    from ignite_trainer.decision import DecisionLayer, fit_decision, patient_features, patient_truth
+
+    summary = json.loads((experiment.exp_dir / "report" / "summary.json").read_text())
+    seed0 = summary["sets"]["seed0"]
+    calls, truth = [], []
+    for k in range(FOLDS):
+        fitted = fit_decision(*oof_levels(experiment.exp_dir, 0, [j for j in range(FOLDS) if j != k]))
+        stored = seed0["fold_decisions"][str(k)]
+        assert stored.keys() == fitted.to_dict().keys()
+        assert [stored[key] for key in sorted(stored) if key != "format" and not key.endswith("kind")
+                and not key.endswith("features")] == pytest.approx(
+            [v for key, v in sorted(fitted.to_dict().items()) if key != "format" and not key.endswith("kind")
+             and not key.endswith("features")], abs=1e-6)
+        patients, recs = oof_levels(experiment.exp_dir, 0, [k])
+        layer = DecisionLayer.from_dict(stored)
+        labels, probs = layer.outputs(patient_features(patients, recs))
+        m, o = patient_truth(patients)
+        calls.append((labels, probs))
+        truth += list(zip(m, o))
+    labels = np.concatenate([c[0] for c in calls])
+    probs = np.concatenate([c[1] for c in calls])
+    scores = challenge_scores([t[0] for t in truth], [t[1] for t in truth], labels[:, :3], probs[:, :3],
+                              labels[:, 3:], probs[:, 3:])
+    # the pooled out-of-fold Challenge scores are the official ones of the cross-fitted calls
+    assert seed0["pooled"]["murmur_weighted_accuracy"] == pytest.approx(scores.murmur.weighted_accuracy)
+    assert seed0["pooled"]["outcome_cost"] == pytest.approx(scores.outcome.cost)
+    assert seed0["pooled_challenge"]["murmur"]["accuracy_classes"]["Present"] == pytest.approx(
+        scores.murmur.accuracy_classes[0])
+    # the ensemble's layer: fitted on all out-of-fold patients, in decision.json, listed by ensemble.json
+    layer = DecisionLayer.from_json((experiment.exp_dir / "decision.json").read_text())
+    assert layer.to_dict() == summary["decision"]
+    assert json.loads((experiment.exp_dir / "ensemble.json").read_text())["decision"] == "decision.json"
+    report = (experiment.exp_dir / "report" / "report.md").read_text()
+    assert "## murmur_weighted_accuracy" in report and "## murmur_accuracy.Unknown" in report
+
+
 # ---------------------------------------------------------------------------------------------- resume, parallel
 def test_resume_skips_finished_runs_and_continues_the_interrupted_one_exactly(tmp_path_factory):
     config = cv_config(tmp_path_factory, epochs=2)

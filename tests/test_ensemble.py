@@ -85,3 +85,74 @@ def test_mean_probabilities_is_the_plain_mean():
     assert mean_probabilities([np.array([[0.2, 0.9]]), np.array([[0.4, 0.5]])]).tolist() == [[0.30000000000000004, 0.7]]
     with pytest.raises(ValueError):
         mean_probabilities([])
+
+
+# ---------------------------------------------------------------------------------------------- everywhere a model goes
+def test_the_exported_file_keeps_the_out_of_fold_decision_layer(experiment, tmp_path):
+    from cli import main
+
+    original = load_ensemble(experiment.exp_dir)
+    assert original.decision is not None and "out-of-fold" in original.decision_source
+    assert original.decision.to_json() == (experiment.exp_dir / "decision.json").read_text().strip()
+    assert main(["export", str(experiment.exp_dir), str(tmp_path / "cv.safetensors")]) == 0
+    loaded = load_ensemble(tmp_path / "cv.safetensors")
+    assert loaded.decision == original.decision and loaded.decision_source == original.decision_source
+    assert [m.config.seed for m in loaded.members] == [m.config.seed for m in original.members]
+
+
+def test_evaluate_and_predict_score_an_experiment_as_its_ensemble(experiment, recordings, tmp_path):
+    from cli import main
+    from ignite_trainer.errors import ConfigError
+    from ignite_trainer.evaluation import challenge_section, evaluate
+    from ignite_trainer.inference import predict
+
+    from ignite_trainer.data.readers import read_recordings
+
+    ensemble = load_ensemble(experiment.exp_dir)
+    labelled = read_recordings(experiment.data, "circor2022", unknown_murmur=ensemble.config.unknown_murmur)
+    recs, patients, _ = ensemble.levels(labelled)
+    result = evaluate(experiment.exp_dir, data=experiment.data, out_dir=tmp_path / "ev", figures=False)
+    assert len(result["members"]) == FOLDS * len(SEEDS) and result["thresholds"] == ensemble.thresholds
+    expected, _ = challenge_section(patients, recs, ensemble.decision)
+    assert expected["scored_patients"] > 0
+    assert result["challenge"]["murmur_weighted_accuracy"] == expected["murmur_weighted_accuracy"]
+    assert result["challenge"]["outcome_cost"] == expected["outcome_cost"]
+    assert result["challenge"]["decision_layer"] == ensemble.decision.to_dict()
+    assert "window" not in result["levels"] and result["counts"]["patient"] == len(patients)
+    with pytest.raises(ConfigError, match="held-out recordings"):
+        evaluate(experiment.exp_dir)
+
+    predicted = predict(experiment.exp_dir, [experiment.data])
+    np.testing.assert_array_equal(predicted.patients.probs, ensemble.levels(recordings)[1].probs)
+    assert predicted.layer == ensemble.decision
+    # the command line takes the experiment directory, or members separated by commas
+    runs = ",".join(str(experiment.exp_dir / "runs" / f"fold{k}_seed0") for k in range(FOLDS))
+    assert main(["predict", runs, str(experiment.data), "--output", str(tmp_path / "p.csv")]) == 0
+    assert main(["evaluate", str(experiment.exp_dir), "--data", str(experiment.data)]) == 0
+    assert (experiment.exp_dir / "evaluation" / "metrics.json").is_file()
+
+
+def test_predictor_loads_an_experiment_with_its_decision_layer(experiment, tmp_path):
+    from test_predictor import _patients
+
+    from ignite_trainer.inference import predict
+    from ignite_trainer.predictor import Predictor
+
+    folder = predict(experiment.exp_dir, [experiment.data])
+    labels, probs = folder.challenge_outputs()
+    by_id = {pid: i for i, pid in enumerate(folder.patients.ids)}
+    path = export_ensemble(experiment.exp_dir, tmp_path / "cv.safetensors")
+    for source in (experiment.exp_dir, path):
+        predictor = Predictor.load(source)
+        assert len(predictor.members) == FOLDS * len(SEEDS) and predictor.decision == folder.layer
+        for pid, text, recs in _patients(experiment.data)[:3]:
+            result = predictor.predict_patient(recs, text)
+            np.testing.assert_allclose(result.probabilities, probs[by_id[pid]], rtol=0, atol=1e-6)
+            assert result.labels == tuple(labels[by_id[pid]].tolist())
+
+
+def test_a_damaged_decision_layer_is_one_checkpoint_error(experiment, tmp_path):
+    (tmp_path / "ensemble.json").write_text((experiment.exp_dir / "ensemble.json").read_text())
+    (tmp_path / "decision.json").write_text('{"format": "ignite_trainer.decision/1", "murmur.kind": "oracle"}')
+    with pytest.raises(CheckpointError, match="decision.json: unreadable decision layer"):
+        load_ensemble(tmp_path)
