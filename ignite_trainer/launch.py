@@ -25,21 +25,13 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 from ignite_trainer.checkpoint import clean_partial_files, find_resume_checkpoint
 from ignite_trainer.errors import CheckpointError, ConfigError, DistributedFailure, UserError
 
-__all__ = ["DIST_TIMEOUT", "run_spawned", "run_joined", "broadcast_from_rank0", "check_global_batch"]
+__all__ = ["DIST_TIMEOUT", "run_spawned", "run_joined", "broadcast_from_rank0"]
 
 #: How long a rank waits in a collective for a peer before giving up. gloo otherwise waits forever for a
 #: peer that died without closing its sockets (another node, SIGKILL under torchrun); the spawn launcher
 #: also stops the survivors as soon as one rank exits. Must exceed the slowest rank-0-only work between
 #: two collectives (a checkpoint save, TensorBoard writes). ``$IGNITE_TRAINER_DIST_TIMEOUT`` overrides it.
 DIST_TIMEOUT = timedelta(seconds=float(os.environ.get("IGNITE_TRAINER_DIST_TIMEOUT", "45")))
-
-
-def check_global_batch(batch_size: int, world_size: int) -> None:
-    """``batch_size`` is the global batch; `idist.auto_dataloader` floors it per rank, which would silently
-    shrink a batch that does not divide evenly."""
-    if batch_size % world_size:
-        raise ConfigError(f"batch_size={batch_size} is the global batch and must divide evenly over {world_size} "
-                          f"processes; use a multiple of {world_size}")
 
 
 def run_spawned(fn: Callable[..., None], args: tuple, nproc: int, backend: str, run_dir: Path) -> None:

@@ -22,12 +22,13 @@ from ignite_trainer.data.datasets import EvalWindows, TrainWindows
 from ignite_trainer.data.loaders import make_eval_loader, make_train_loader
 from ignite_trainer.data.prepare import PreparedData, checked_data, prepare_data
 from ignite_trainer.engine import create_evaluator, create_trainer
-from ignite_trainer.launch import broadcast_from_rank0, check_global_batch, run_joined, run_spawned
+from ignite_trainer.launch import broadcast_from_rank0, run_joined, run_spawned
 from ignite_trainer.logs import quiet_non_zero_rank, setup_logging
 from ignite_trainer.losses import WeightedBCELoss
 from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
 from ignite_trainer.models import build_model
 from ignite_trainer.predictions import PredictionCollector
+from ignite_trainer.preflight import check_settings, check_training_set
 from ignite_trainer.rundir import OpenedRun, RunDirectory, open_run
 from ignite_trainer.runtime import distributed_backend, resolve_device, seed_everything, torchrun_world_size
 from ignite_trainer.standard import attach_standard_handlers
@@ -65,8 +66,10 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
         return result
 
     def validate(checked_config: TrainConfig) -> PreparedData:
-        check_global_batch(checked_config.batch_size, checked_config.nproc_per_node)
-        return checked_data(checked_config)
+        check_settings(checked_config)
+        data = checked_data(checked_config)
+        check_training_set(checked_config, len(data.train))
+        return data
 
     run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate)
     if run.finished:
@@ -96,8 +99,9 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
 
     def open_on_rank0() -> OpenedRun:
         def validate(checked_config: TrainConfig) -> None:
-            check_global_batch(checked_config.batch_size, world)
-            checked_data(checked_config)  # fills the cache too
+            check_settings(checked_config, world)
+            data = checked_data(checked_config)  # fills the cache too
+            check_training_set(checked_config, len(data.train), world)
 
         run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate)
         setup_logging(run.directory.train_log)
