@@ -6,6 +6,7 @@ code 2 and no traceback; a numerical fault that stops training exits with code 3
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -18,6 +19,10 @@ from ignite_trainer.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS
 from ignite_trainer.errors import TrainingAborted, UserError
 
 EXIT_BAD_INPUT = 2
+#: OS errors that a path or the disk the user chose explains (too long, not a folder, read-only, full, ...):
+#: the last line of defence for a path no library check named first.
+FILE_SYSTEM_REFUSALS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
+                                  errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ELOOP, errno.ENOENT})
 EXIT_TRAINING_ABORTED = 3
 
 # CLI flag -> config field; each flag defaults to None so that only what the user typed overrides.
@@ -115,13 +120,14 @@ def print_summary(summary: dict[str, Any]) -> None:
 @click.option("--patients", type=int, default=300, show_default=True, help="Number of patients.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="circor2022", show_default=True)
-def synth(out_dir: str, patients: int, seed: int, fmt: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace a dataset already in OUT_DIR.")
+def synth(out_dir: str, patients: int, seed: int, fmt: str, overwrite: bool) -> None:
     """Write a synthetic PCG dataset in CirCor 2022 (or PhysioNet 2016) on-disk layout."""
     from ignite_trainer.data.synthetic import write_synthetic
 
     if patients < 1:
         raise click.BadParameter(f"--patients={patients} must be >= 1")
-    path = write_synthetic(Path(out_dir), patients, seed, fmt=fmt)
+    path = write_synthetic(Path(out_dir), patients, seed, fmt=fmt, overwrite=overwrite)
     click.echo(f"wrote {patients} synthetic patients ({fmt}) to {path}")
 
 
@@ -202,11 +208,12 @@ def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challe
 @cli.command()
 @click.argument("model_path", metavar="CHECKPOINT|RUN_DIR", type=click.Path())
 @click.argument("out_path", metavar="OUT.safetensors", type=click.Path(dir_okay=False))
-def export(model_path: str, out_path: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace OUT.safetensors if it exists.")
+def export(model_path: str, out_path: str, overwrite: bool) -> None:
     """Export the model weights as safetensors, with its config and thresholds in the metadata."""
     from ignite_trainer.model_files import export_safetensors
 
-    path = export_safetensors(model_path, out_path)
+    path = export_safetensors(model_path, out_path, overwrite=overwrite)
     click.echo(f"exported {model_path} to {path}")
 
 
@@ -289,6 +296,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TRAINING_ABORTED
     except UserError as e:
         click.echo(f"error: {e}", err=True)
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        if e.errno not in FILE_SYSTEM_REFUSALS or e.filename is None:
+            raise  # not something the user's paths or disk explain: a bug, keep the traceback
+        click.echo(f"error: {e.filename}: {e.strerror}", err=True)
         return EXIT_BAD_INPUT
     return result if isinstance(result, int) else 0
 

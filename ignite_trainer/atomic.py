@@ -26,6 +26,13 @@ def partial_path(path: str | Path) -> Path:
     return path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it: it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename in ``path`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
     try:
@@ -44,8 +51,9 @@ def fsync_dir(path: str | Path) -> None:
 def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
     """Yield a temp path to write ``path`` through (for writers that want a file name, not a stream).
 
-    On a clean exit the temp file is fsynced (``durable``) and renamed over ``path``; on any exception it is
-    removed and ``path`` is left as it was.
+    On a clean exit the temp file is fsynced (``durable``), given the mode a plain ``open()`` would give
+    (0666 less the umask: some writers, e.g. safetensors, create 0600 files a group could not read) and
+    renamed over ``path``; on any exception it is removed and ``path`` is left as it was.
 
     Example::
 
@@ -59,6 +67,7 @@ def atomic_path(path: str | Path, durable: bool = True) -> Iterator[Path]:
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

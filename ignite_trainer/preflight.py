@@ -6,7 +6,8 @@ the config and the data lives here, and `rundir.open_run` calls it in its valida
 itself (`run.training_process`) then meets no input it could still refuse.
 
 - `check_settings`: what the config alone decides: the model is registered, the device exists, the
-  backend fits the devices, the global batch divides over the processes, the feature settings give
+  backend fits the devices (and the collective timeout is a number of seconds), the cache root is a
+  folder, the global batch divides over the processes, the feature settings give
   every mel band some FFT bin and every window enough frames for the models.
 - `check_training_set`: what needs the data too: at least one full batch per process and an
   accumulation window that closes inside an epoch.
@@ -14,13 +15,17 @@ itself (`run.training_process`) then meets no input it could still refuse.
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import torch
 
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.data.features import FeatureSettings, mel_filterbank
 from ignite_trainer.errors import ConfigError, DataError
 from ignite_trainer.models import available_models
-from ignite_trainer.runtime import distributed_backend, resolve_device
+from ignite_trainer.launch import dist_timeout
+from ignite_trainer.runtime import cache_root, distributed_backend, resolve_device, torchrun_world_size
 
 __all__ = ["check_settings", "check_training_set", "MIN_WINDOW_FRAMES"]
 
@@ -46,10 +51,24 @@ def check_settings(config: TrainConfig, world_size: int | None = None) -> None:
         if world > torch.cuda.device_count():
             raise ConfigError(f"nproc_per_node={world} but only {torch.cuda.device_count()} CUDA devices; "
                               "use --backend gloo or fewer processes")
+    if world > 1 or torchrun_world_size() > 1:
+        dist_timeout()
+    check_cache_root(cache_root(config))
     if config.batch_size % world:
         raise ConfigError(f"batch_size={config.batch_size} is the global batch and must divide evenly over {world} "
                           f"processes; use a multiple of {world}")
     check_feature_settings(config)
+
+
+def check_cache_root(root: Path) -> None:
+    """The cache root (or its nearest existing parent) must be a writable folder; found now, not by the
+    first feature file written after the run directory exists."""
+    existing = next((p for p in (root, *root.parents) if p.exists()), None)
+    where = "the cache folder (cache_dir or $IGNITE_TRAINER_CACHE)"
+    if existing is not None and not existing.is_dir():
+        raise ConfigError(f"{existing}: {where} {'is' if existing == root else 'lies under'} a file, not a folder")
+    if existing is not None and not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{existing}: {where} cannot be written")
 
 
 def check_feature_settings(config: TrainConfig) -> None:
