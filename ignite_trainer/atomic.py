@@ -96,11 +96,13 @@ def atomic_write(path: str | Path, mode: str = "w", durable: bool = True, **open
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yield a staging folder that becomes ``target`` when the block ends without an exception.
 
     A killed writer never leaves half a folder at ``target``; when two processes race to create the same
-    ``target``, both end up with one complete copy (the loser's staging folder is discarded).
+    ``target``, both end up with one complete copy (the loser's staging folder is discarded). With
+    ``replace`` an existing ``target`` is swapped out for the new one (two renames; the old folder is
+    deleted only after the new one is in place), so a failure while writing leaves the old one whole.
 
     Example::
 
@@ -111,6 +113,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
     try:
         yield staging
+        if replace and target.exists():
+            _swap_directory(staging, target)
+            return
         try:
             os.replace(staging, target)
         except OSError:
@@ -119,3 +124,15 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_directory(staging: Path, target: Path) -> None:
+    """Put ``staging`` where ``target`` is; the old ``target`` goes only once the new one is in place."""
+    old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

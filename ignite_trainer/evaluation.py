@@ -17,6 +17,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ignite_trainer.atomic import atomic_directory
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.datasets import split_patients
 from ignite_trainer.data.discovery import detect_format, has_labels
@@ -120,7 +121,10 @@ def _select_recordings(trained: TrainedModel, data: str | Path | None, fmt: str 
     root = Path(data).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder does not exist")
-    fmt = fmt or detect_format(root) or config.format
+    detected = detect_format(root)
+    if fmt is not None and detected is not None and detected != fmt and not has_labels(root, fmt):
+        raise DataError(f"{root}: is laid out as {detected}, not format={fmt}; drop --format or pass --format {detected}")
+    fmt = fmt or detected or config.format
     if not has_labels(root, fmt):
         raise DataError(f"{root}: has no labels; use predict to run the model on unlabelled recordings")
     recordings = read_recordings(root, fmt, unknown_murmur=config.unknown_murmur,
@@ -183,14 +187,21 @@ def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None =
     results["challenge"]["heart_macc"] = results["levels"]["recording"]["heart"]["macc"]
 
     out = _output_dir(trained, out_dir)
-    files = {"metrics": out / "metrics.json", "patients": out / "patients.csv", "recordings": out / "recordings.csv",
-             "report": out / "report.md"}
-    results["files"] = {k: str(v) for k, v in files.items()}
-    write_patients_csv(levels["patient"], thresholds, files["patients"])
-    write_recordings_csv(levels["recording"], thresholds, files["recordings"])
+    names = {"metrics": "metrics.json", "patients": "patients.csv", "recordings": "recordings.csv",
+             "report": "report.md"}
+    results["files"] = {k: str(out / name) for k, name in names.items()}
     metrics_log = RunDirectory(trained.run_dir).metrics_log.path if trained.run_dir is not None else None
-    results["files"]["figures"] = [str(p) for p in write_report(out, results, levels, metrics_log, figures=figures)]
-    write_json(files["metrics"], results)
+    try:  # the whole report is written aside and swapped in: a failure leaves the previous report whole
+        with atomic_directory(out, replace=True) as staging:
+            staging.mkdir()
+            write_patients_csv(levels["patient"], thresholds, staging / names["patients"])
+            write_recordings_csv(levels["recording"], thresholds, staging / names["recordings"])
+            written = write_report(staging, results, levels, metrics_log, figures=figures)
+            results["files"]["figures"] = [str(out / Path(p).relative_to(staging)) for p in written]
+            write_json(staging / names["metrics"], results)
+    except (OSError, DataError) as e:  # a writer names its file in the staging folder: name the real one
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).replace(str(staging), str(out))
+        raise DataError(f"{out}: cannot write the report ({reason}); any previous report there is unchanged") from None
     return results
 
 
@@ -202,7 +213,9 @@ def _output_dir(trained: TrainedModel, out_dir: str | Path | None) -> Path:
     else:
         out = trained.source.parent / f"{trained.source.stem}_report"
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{out}: cannot create the report folder ({e.strerror or e})") from None
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
     return out
