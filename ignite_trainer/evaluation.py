@@ -29,6 +29,7 @@ from ignite_trainer.inference import run_windows
 from ignite_trainer.model_files import TrainedModel, load_trained_model
 from ignite_trainer.predictions import LevelPredictions, murmur_classes, unknown_band
 from ignite_trainer.report import write_report
+from ignite_trainer.run_record import read_split
 from ignite_trainer.rundir import RunDirectory
 from ignite_trainer.scores import (
     auprc, auroc, binary_stats, binary_weighted_accuracy, macc, murmur_weighted_accuracy, outcome_cost,
@@ -111,13 +112,20 @@ def challenge_scores(patients: LevelPredictions, thresholds: dict[str, float], u
 
 # ---------------------------------------------------------------------------------------------- data
 def _select_recordings(trained: TrainedModel, data: str | Path | None, fmt: str | None,
-                       split: Literal["val", "all"]) -> tuple[list[Recording], str, str]:
-    """The recordings to evaluate, where they came from, and their format."""
+                       split: Literal["val", "all"]) -> tuple[list[Recording], str, str, list[str]]:
+    """The recordings to evaluate, where they came from, their format, and the patients of the run's data
+    folder that are in neither side of its saved split (added after training: never scored as validation)."""
     config = trained.config
+    new_patients: list[str] = []
     if data is None:
         prepared = prepare_data(config)
         chosen = prepared.val if split == "val" else prepared.train + prepared.val
-        return chosen, str(prepared.source), config.format if config.data else "circor2022"
+        saved = read_split(trained.run_dir)
+        if saved is not None and split == "val":  # the patients the run held out, whatever the folder holds now
+            everyone = prepared.train + prepared.val
+            chosen = [r for r in everyone if r.patient_id in saved["val"]]
+            new_patients = sorted({r.patient_id for r in everyone} - saved["train"] - saved["val"])
+        return chosen, str(prepared.source), config.format if config.data else "circor2022", new_patients
     root = Path(data).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder does not exist")
@@ -132,7 +140,7 @@ def _select_recordings(trained: TrainedModel, data: str | Path | None, fmt: str 
     if split == "val":
         _, recordings = split_patients(recordings, config.val_fraction, config.seed,
                                        n_folds=config.n_folds, fold=config.fold)
-    return recordings, str(root), fmt
+    return recordings, str(root), fmt, new_patients
 
 
 # ---------------------------------------------------------------------------------------------- entry
@@ -161,7 +169,7 @@ def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None =
     trained = load_trained_model(path)
     split = split or ("val" if data is None else "all")
     how = aggregation or trained.config.aggregation
-    recordings, source, data_format = _select_recordings(trained, data, fmt, split)
+    recordings, source, data_format, new_patients = _select_recordings(trained, data, fmt, split)
     if not recordings:
         raise DataError(f"{source}: no recordings to evaluate in the {split!r} split")
 
@@ -182,7 +190,10 @@ def evaluate(path: str | Path, data: str | Path | None = None, fmt: str | None =
         "counts": {name: len(level) for name, level in levels.items()},
         "levels": {name: level_scores(level, thresholds) for name, level in levels.items()},
         "challenge": {"heart_macc": None, **challenge_scores(levels["patient"], thresholds, unknown_margin)},
-        "warnings": list(run.warnings),
+        "new_patients": new_patients,
+        "warnings": ([f"{len(new_patients)} patient(s) added to {source} after training are in neither side of "
+                      f"the run's split and were not scored as validation: {', '.join(new_patients)}"]
+                     if new_patients else []) + list(run.warnings),
     }
     results["challenge"]["heart_macc"] = results["levels"]["recording"]["heart"]["macc"]
 

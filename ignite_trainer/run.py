@@ -9,14 +9,17 @@ run and broadcasts the outcome, so both launch paths open a run the same way.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
 
+from ignite_trainer.checkpoint import Snapshot
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.data.datasets import EvalWindows, TrainWindows
 from ignite_trainer.data.loaders import make_eval_loader, make_train_loader
@@ -29,6 +32,7 @@ from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
 from ignite_trainer.models import build_model
 from ignite_trainer.predictions import PredictionCollector
 from ignite_trainer.preflight import check_settings, check_training_set
+from ignite_trainer.run_record import end_environment, record_environment, run_identity, write_split
 from ignite_trainer.rundir import OpenedRun, RunDirectory, open_run
 from ignite_trainer.runtime import distributed_backend, resolve_device, seed_everything, torchrun_world_size
 from ignite_trainer.standard import attach_standard_handlers
@@ -71,19 +75,43 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
         check_training_set(checked_config, len(data.train))
         return data
 
-    run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate)
+    run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate,
+                   identify=run_identity)
     if run.finished:
         return _finished_summary(run)
     data = run.checked
     assert data is not None
+    _record_start(run, data)
     setup_logging(run.directory.train_log)
     log.info("data %s: %d train / %d validation recordings (%d / %d patients)", data.source, len(data.train),
              len(data.val), len({r.patient_id for r in data.train}), len({r.patient_id for r in data.val}))
     config = run.config
-    run_spawned(training_process, (config, run.directory.path, data, run.resume_from, setup), config.nproc_per_node,
-                distributed_backend(config.backend, config.device), run.directory.path)
+    with _session(run.directory.path):
+        run_spawned(training_process, (config, run.directory.path, data, run.resume_from, setup),
+                    config.nproc_per_node, distributed_backend(config.backend, config.device), run.directory.path)
     return {"run_dir": run.directory.path, "finished": True, "already_finished": False,
             "metrics": run.directory.metrics_log.last(), "skipped": data.skipped}
+
+
+def _record_start(run: OpenedRun, data: PreparedData) -> None:
+    """``split.json`` (a new run) and this session in ``environment.json``."""
+    if run.resume_from is None:
+        write_split(run.directory.path, run.config, data)
+    record_environment(run.directory.path, str(resolve_device(run.config.device)))
+
+
+@contextlib.contextmanager
+def _session(run_dir: Path) -> Iterator[None]:
+    """Close this session in ``environment.json`` with how it ended."""
+    outcome = "failed"
+    try:
+        yield
+        outcome = "finished"
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        raise
+    finally:
+        end_environment(run_dir, outcome)
 
 
 def _finished_summary(run: OpenedRun) -> dict[str, Any]:
@@ -98,14 +126,18 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
     world = idist.get_world_size()
 
     def open_on_rank0() -> OpenedRun:
-        def validate(checked_config: TrainConfig) -> None:
+        def validate(checked_config: TrainConfig) -> PreparedData:
             check_settings(checked_config, world)
             data = checked_data(checked_config)  # fills the cache too
             check_training_set(checked_config, len(data.train), world)
+            return data
 
-        run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate)
+        run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate,
+                       identify=run_identity)
+        if not run.finished:
+            _record_start(run, run.checked)
         setup_logging(run.directory.train_log)
-        return run
+        return dataclasses.replace(run, checked=None)  # every rank prepares its own; no need to broadcast it
 
     run = broadcast_from_rank0(open_on_rank0)
     if run.finished:
@@ -116,7 +148,11 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
     data = prepare_data(run.config)
     if idist.get_local_rank() == 0:
         idist.barrier()
-    training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup)
+    if idist.get_rank() == 0:
+        with _session(run.directory.path):
+            training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup)
+    else:
+        training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup)
     result.update(run_dir=run.directory.path, finished=True, already_finished=False,
                   metrics=run.directory.metrics_log.last(), skipped=data.skipped)
 
@@ -139,6 +175,7 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
     loss_fn = WeightedBCELoss(*config.pos_weight).to(device)
 
     cache = data.feature_cache()
+    identity = run_identity(config, data)  # in every checkpoint: a resume checks it is this run's
     train_loader = make_train_loader(TrainWindows(data.train, cache, config.window_seconds), config.batch_size,
                                      config.num_workers, device)
     val_dataset = EvalWindows(data.val, cache, config.window_seconds)
@@ -154,7 +191,7 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
     handlers = attach_standard_handlers(
         trainer, evaluator, model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
         val_dataset=val_dataset, config=config, run_dir=run_dir, scaler=scaler,
-        resume_from=resume_path, writes_logs=rank == 0)
+        extra_to_save={"run_identity": Snapshot(lambda: identity)}, resume_from=resume_path, writes_logs=rank == 0)
     if setup is not None:
         setup(trainer, evaluator)
     try:

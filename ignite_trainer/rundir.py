@@ -26,6 +26,7 @@ from ignite_trainer.atomic import atomic_write
 from ignite_trainer.checkpoint import find_resume_checkpoint
 from ignite_trainer.config import TrainConfig, config_conflicts
 from ignite_trainer.errors import CheckpointError, ConfigError
+from ignite_trainer.run_record import identity_differences
 
 __all__ = ["RunDirectory", "OpenedRun", "open_run", "MetricsLog", "read_metrics_log", "run_dir_path"]
 
@@ -90,14 +91,17 @@ class OpenedRun(Generic[T]):
 
 def open_run(config: TrainConfig, *, resume: str | Path | None = None, overwrite: bool = False,
              overrides: Mapping[str, Any] | None = None,
-             validate: Callable[[TrainConfig], T] | None = None) -> OpenedRun[T]:
+             validate: Callable[[TrainConfig], T] | None = None,
+             identify: Callable[[TrainConfig, T], Mapping[str, Any]] | None = None) -> OpenedRun[T]:
     """Start a new run, replace one (``overwrite``) or reopen one (``resume``), in two phases.
 
-    Phase 1 changes nothing on disk: it settles the directory and the config (on resume: the run's own,
-    with ``overrides`` that may only change how it runs, not its result) and then calls
-    ``validate(config)``, the place for every input check (reading the data, batch arithmetic, ...).
-    Phase 2 creates or replaces the directory and writes ``config.yaml``, or on resume cuts
-    ``metrics.jsonl`` back to the checkpoint's epoch.
+    Phase 1 changes nothing on disk: it settles the directory and the config (on resume: the run's own
+    ``config.yaml``, which must agree with the checkpoint's, with ``overrides`` that may only change how
+    it runs, not its result) and then calls ``validate(config)``, the place for every input check
+    (reading the data, batch arithmetic, ...). On resume, ``identify(config, checked)`` gives the run's
+    identity as it is now; a checkpoint whose stored ``run_identity`` differs (another run's file, or
+    other data) is refused. Phase 2 creates or replaces the directory and writes ``config.yaml``, or on
+    resume cuts ``metrics.jsonl`` back to the checkpoint's epoch and records the resumed config.
 
     Example::
 
@@ -107,12 +111,20 @@ def open_run(config: TrainConfig, *, resume: str | Path | None = None, overwrite
     if resume is not None:
         directory = RunDirectory(Path(resume))
         config, path, ckpt = _resume_config(directory, overrides or {})
-        epoch, finished = int(ckpt["epoch"]), bool(ckpt.get("finished"))
+        epoch, finished, saved_identity = int(ckpt["epoch"]), bool(ckpt.get("finished")), ckpt.get("run_identity")
         del ckpt
         if finished:
             return OpenedRun(directory, config, path, True, epoch, None)
         checked = validate(config) if validate is not None else None
+        if identify is not None:
+            differences = identity_differences(saved_identity, identify(config, checked))  # type: ignore[arg-type]
+            if differences:
+                raise CheckpointError(f"{path}: not a checkpoint of this run as it is now: {'; '.join(differences)}; "
+                                      "resume with the run's own data and config, or start a new run")
         directory.metrics_log.truncate(epoch)
+        if directory.config_file.read_text() != config.to_yaml():
+            with atomic_write(directory.config_file, durable=True) as f:
+                f.write(config.to_yaml())  # the resumable fields (device, workers, ...) as this session runs
         return OpenedRun(directory, config, path, False, epoch, checked)
 
     directory = RunDirectory(run_dir_path(config))
@@ -152,8 +164,20 @@ def _resume_config(directory: RunDirectory, overrides: Mapping[str, Any]) -> tup
     saved = ckpt.get("config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: checkpoint holds no config; cannot resume")
+    if not directory.config_file.is_file():
+        raise CheckpointError(f"{directory.config_file}: missing; a run directory without its config cannot be resumed")
     try:
-        config = TrainConfig.from_mapping(saved, source=str(path)).updated(overrides, source="command line")
+        recorded = TrainConfig.from_yaml(directory.config_file)
+    except ConfigError as e:
+        raise CheckpointError(f"{directory.config_file}: cannot resume ({e})") from None
+    edited = config_conflicts(saved, recorded)
+    if edited:
+        raise CheckpointError(
+            f"{path}: its config differs from the run's {directory.config_file.name} ({'; '.join(edited)}); "
+            "a checkpoint of another run, or an edited config.yaml, cannot be resumed (config.yaml must stay "
+            "what ran: start a new run to change it)")
+    try:
+        config = recorded.updated(overrides, source="command line")
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     conflicts = config_conflicts(saved, config)
