@@ -83,7 +83,9 @@ class PerLabelMetrics(Metric):
             ``thresholds`` attribute (takes effect from the next ``update``, e.g. the next evaluator run).
         labels: label names, in the order of the logits' columns.
         output_transform: maps the engine's output to ``(logits, y, mask)``; default `logits_y_mask`.
-        device: where counts are accumulated (use the model's device to avoid copies).
+        device: where counts are accumulated (use the model's device to avoid copies). Off the CPU an
+            update never waits for the device: targets that are not 0/1 are counted there and reported
+            by ``compute()`` instead of by the ``update`` that received them.
 
     Example:
 
@@ -136,14 +138,18 @@ class PerLabelMetrics(Metric):
     def reset(self) -> None:
         # One row per label, columns TP, FP, FN, TN: a single tensor, so one all-reduce per compute.
         self._counts = torch.zeros(len(self.labels), 4, dtype=torch.int64, device=self._device)
+        self._invalid = torch.zeros((), dtype=torch.int64, device=self._device)
         self._num_examples = 0
 
     @reinit__is_reduced
     def update(self, output: Sequence[Any]) -> None:
         logits, y, present = _unpack(output, len(self.labels))
-        y_present = y[present]
-        if not bool(((y_present == 0) | (y_present == 1)).all()):
-            raise ValueError("present targets y must be 0 or 1")
+        invalid = ((y != 0) & (y != 1) & present).sum()
+        if y.device.type == "cpu":  # free to check at once; elsewhere checked in compute(), without a sync here
+            if int(invalid):
+                raise ValueError("present targets y must be 0 or 1")
+        else:
+            self._invalid += invalid.to(self._device)
 
         thresholds = self._threshold_tensor
         if thresholds is None or thresholds.device != logits.device:
@@ -159,10 +165,12 @@ class PerLabelMetrics(Metric):
         self._counts += torch.stack([tp, fp, fn, tn], dim=1).to(self._device)
         self._num_examples += y.shape[0]
 
-    @sync_all_reduce("_counts", "_num_examples")
+    @sync_all_reduce("_counts", "_invalid", "_num_examples")
     def compute(self) -> dict[str, float]:
         if self._num_examples == 0:
             raise NotComputableError("PerLabelMetrics must have at least one example before it can be computed.")
+        if int(self._invalid):
+            raise ValueError(f"present targets y must be 0 or 1; {int(self._invalid)} were not")
         result: dict[str, float] = {}
         f1_of_supported: list[float] = []
         for label, (tp, fp, fn, tn) in zip(self.labels, self._counts.tolist()):

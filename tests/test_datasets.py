@@ -165,24 +165,23 @@ def test_train_items_and_crops_vary_across_epochs(prepared) -> None:
     assert y.tolist() == [0.0, 0.0] and mask.tolist() == [1.0, 0.0]  # a masked label carries 0, never garbage
     assert index.dtype == torch.int64 and index.item() == 3
     full = np.asarray(cache.get(recs[0]))
-    starts = {find_start(full, ds[0][0]) for _ in range(8)}
+    starts = {find_start(full, ds[(epoch, 0)][0]) for epoch in range(8)}
     assert len(starts) > 3 and all(0 <= s <= 600 for s in starts)
 
 
-def test_train_crops_are_reproduced_by_torch_seed(prepared) -> None:
+def test_train_crops_are_a_function_of_seed_epoch_and_index_only(prepared) -> None:
     recs, cache = prepared
-    ds = TrainWindows(recs, cache, W)
-    torch.manual_seed(123)
-    first = [ds[0][0] for _ in range(5)]
-    np.random.seed(0)  # numpy's state must not matter
-    torch.manual_seed(123)
-    second = [ds[0][0] for _ in range(5)]
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-    state = torch.get_rng_state()
-    third = ds[0][0]
-    torch.set_rng_state(state)
-    assert torch.equal(ds[0][0], third)
+    ds = TrainWindows(recs, cache, W, seed=5)
+    first = [ds[(2, i)][0] for i in range(4)]
+    torch.manual_seed(1)  # the global generators must not matter
+    np.random.seed(0)
+    again = [ds[(2, i)][0] for i in reversed(range(4))][::-1]  # nor the order of the reads
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    other_seed = TrainWindows(recs, cache, W, seed=6)
+    assert [other_seed.crop_start(2, 0) for _ in range(3)] == [other_seed.crop_start(2, 0)] * 3
+    assert {TrainWindows(recs, cache, W, seed=s).crop_start(2, 0) for s in range(8)} != {ds.crop_start(2, 0)}
+    ds.epoch = 2
+    assert torch.equal(ds[0][0], first[0])  # a plain index reads the dataset's own epoch
 
 
 def test_short_recording_is_zero_padded_at_the_end(prepared) -> None:
@@ -249,15 +248,10 @@ def test_datasets_work_in_a_dataloader_with_workers(prepared) -> None:
     expected = torch.stack([eval_ds[i][0] for i in range(len(eval_ds))])
     assert torch.equal(torch.cat(xs), expected)
 
-    train_ds = TrainWindows(recs * 4, cache, W)
+    train_ds = TrainWindows(recs * 4, cache, W, seed=7)
+    keys = [(1, i) for i in range(len(train_ds))]
 
-    def one_epoch() -> torch.Tensor:
-        return torch.cat([x for x, *_ in DataLoader(train_ds, batch_size=4, num_workers=2)])
+    def crops(workers: int) -> torch.Tensor:
+        return torch.cat([x for x, *_ in DataLoader(train_ds, batch_size=4, sampler=keys, num_workers=workers)])
 
-    torch.manual_seed(7)
-    a = one_epoch()
-    b = one_epoch()
-    torch.manual_seed(7)
-    c = one_epoch()
-    assert torch.equal(a, c)  # workers are seeded from torch's global generator
-    assert not torch.equal(a, b)  # and a new epoch crops anew
+    assert torch.equal(crops(0), crops(2))  # crops do not depend on which process reads them

@@ -104,12 +104,17 @@ def test_accumulation_equals_one_step_over_the_combined_batch(batches):
         torch.testing.assert_close(pa, pb)
 
 
-def test_accumulation_micro_steps_do_not_update(tiny_model, batches):
-    before = {k: v.clone() for k, v in tiny_model.state_dict().items()}
+def test_accumulation_micro_steps_do_not_update_and_the_epoch_s_last_micro_batch_steps(tiny_model, batches):
+    snapshots = [{k: v.clone() for k, v in tiny_model.state_dict().items()}]
     trainer = create_trainer(tiny_model, torch.optim.SGD(tiny_model.parameters(), lr=0.5), bce, accumulation_steps=3)
-    trainer.run(batches[:2], max_epochs=1)
-    assert all(torch.equal(v, before[k]) for k, v in tiny_model.state_dict().items())
-    assert math.isnan(trainer.state.output["grad_norm"])
+    trainer.add_event_handler(Events.ITERATION_COMPLETED,
+                              lambda: snapshots.append({k: v.clone() for k, v in tiny_model.state_dict().items()}))
+    outputs = []
+    trainer.add_event_handler(Events.ITERATION_COMPLETED, lambda e: outputs.append(e.state.output["grad_norm"]))
+    trainer.run(batches, max_epochs=1)  # 4 iterations: a window of 3, then a short one of 1
+    changed = [not all(torch.equal(a[k], b[k]) for k in a) for a, b in zip(snapshots, snapshots[1:])]
+    assert changed == [False, False, True, True]
+    assert [math.isnan(g) for g in outputs] == [True, True, False, False]
 
 
 def test_amp_on_cpu_runs_in_bfloat16(tiny_model, batches):

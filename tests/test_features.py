@@ -329,3 +329,122 @@ def test_parallel_prepare_gives_the_same_features(tmp_path: Path) -> None:
     assert serial.prepare(recs, workers=1) == parallel.prepare(recs, workers=2) == recs
     for r in recs:
         np.testing.assert_array_equal(serial.get(r), parallel.get(r))
+
+
+# ---------------------------------------------------------------------------------------------- cache robustness
+def test_float16_cache_halves_the_files_keeps_the_float32_key_and_reads_as_float32(tmp_path: Path) -> None:
+    import dataclasses
+    import hashlib
+    import json
+
+    from ignite_trainer.data.datasets import TrainWindows
+    from ignite_trainer.data.features import FEATURE_VERSION
+
+    old_payload = {"version": FEATURE_VERSION, **{k: v for k, v in dataclasses.asdict(FeatureSettings()).items()
+                                                  if k != "feature_dtype"}}
+    old_key = hashlib.blake2b(json.dumps(old_payload, sort_keys=True).encode(), digest_size=8).hexdigest()
+    assert FeatureSettings().key() == old_key  # caches written before the option stay valid
+    half_settings = FeatureSettings(feature_dtype="float16")
+    assert half_settings.key() != old_key
+    with pytest.raises(Exception, match="feature_dtype='float64'"):
+        FeatureSettings(feature_dtype="float64")
+
+    rec = recording(write_wav(tmp_path / "a.wav", 0.2 * np.random.default_rng(8).standard_normal(4000 * 6)))
+    full, half = FeatureCache(tmp_path / "c", FeatureSettings()), FeatureCache(tmp_path / "c", half_settings)
+    full.prepare([rec]), half.prepare([rec])
+    assert half.get(rec).dtype == np.float16 and full.get(rec).dtype == np.float32
+    assert half.feature_path(rec).stat().st_size < 0.52 * full.feature_path(rec).stat().st_size
+    x16 = TrainWindows([rec], half, 4.0)[(0, 0)][0]
+    x32 = TrainWindows([rec], full, 4.0)[(0, 0)][0]
+    assert x16.dtype == torch.float32
+    torch.testing.assert_close(x16, x32, atol=1e-2, rtol=2e-3)
+
+
+def test_cache_files_honour_the_umask(tmp_path: Path) -> None:
+    import stat
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+    rec = recording(write_wav(tmp_path / "a.wav", 0.2 * np.random.default_rng(9).standard_normal(8000)))
+    cache = FeatureCache(tmp_path / "cache", FeatureSettings())
+    path = cache.feature_path(rec)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o666 & ~umask
+
+
+def test_an_interrupted_prepare_leaves_no_temporary_file_and_stray_ones_are_ignored(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from ignite_trainer.data import features
+
+    rng = np.random.default_rng(10)
+    recs = [recording(write_wav(tmp_path / f"r{i}.wav", 0.2 * rng.standard_normal(8000)), f"p{i}") for i in range(3)]
+    cache = FeatureCache(tmp_path / "cache", FeatureSettings())
+    cache.feature_dir.mkdir(parents=True)
+    old_stray = cache.feature_dir / ".0123.npy.x1.tmp"
+    fresh_stray = cache.feature_dir / ".4567.npy.x2.tmp"  # may belong to a run filling the cache right now
+    for p in (old_stray, fresh_stray):
+        p.write_bytes(b"")
+    os.utime(old_stray, (time.time() - 7200,) * 2)
+    original = features._atomic_write_bytes
+
+    def interrupted(target: Path, data: bytes, token: str = "") -> None:
+        (target.parent / f".{target.name}.{token}.half.tmp").write_bytes(data[:10])  # what a Ctrl-C leaves
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(features, "_atomic_write_bytes", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        cache.prepare(recs)
+    assert sorted(p.name for p in cache.feature_dir.glob("*.tmp")) == [fresh_stray.name]
+    monkeypatch.setattr(features, "_atomic_write_bytes", original)
+    assert cache.prepare(recs) == recs
+    assert len(list(cache.feature_dir.glob("*.npy"))) == 3
+
+
+def test_a_cache_folder_that_cannot_be_written_is_blamed_not_the_wav(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import errno
+
+    from ignite_trainer.data import features
+
+    def disk_full(target: Path, data: bytes, token: str = "") -> None:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(features, "_atomic_write_bytes", disk_full)
+    rng = np.random.default_rng(11)
+    recs = [recording(write_wav(tmp_path / f"r{i}.wav", 0.2 * rng.standard_normal(8000)), f"p{i}") for i in range(2)]
+    cache = FeatureCache(tmp_path / "cache", FeatureSettings())
+    for policy in (None, BadInputPolicy(skip=True)):  # never skipped as a bad recording
+        with pytest.raises(DataError) as caught:
+            cache.prepare(recs, policy=policy)
+        message = str(caught.value)
+        assert message.startswith(str(cache.feature_dir)) and "cannot write the feature cache" in message
+        assert "No space left" in message and ".wav" not in message
+
+
+def test_a_cache_entry_deleted_during_training_is_rebuilt_or_named(tmp_path: Path) -> None:
+    import pickle
+
+    from ignite_trainer.data.datasets import TrainWindows
+
+    rec = recording(write_wav(tmp_path / "a.wav", 0.2 * np.random.default_rng(12).standard_normal(4000 * 6)))
+    cache = FeatureCache(tmp_path / "cache", FeatureSettings())
+    cache.prepare([rec])
+    dataset = TrainWindows([rec], cache, 4.0)
+    expected = dataset[(0, 0)][0]
+    worker_copy = pickle.loads(pickle.dumps(dataset))  # as a DataLoader worker gets it: nothing mapped yet
+    cache.feature_path(rec).unlink()
+    assert torch.equal(worker_copy[(0, 0)][0], expected)
+    assert cache.feature_path(rec).exists()
+
+    gone = pickle.loads(pickle.dumps(dataset))
+    cache.feature_path(rec).unlink()
+    rec.wav_path.unlink()
+    with pytest.raises(DataError, match=r"vanished during training and could not be rebuilt"):
+        gone[(0, 0)]
+
+
+def test_a_cache_root_that_is_a_file_is_one_line_naming_it(tmp_path: Path) -> None:
+    rec = recording(write_wav(tmp_path / "a.wav", 0.2 * np.random.default_rng(13).standard_normal(8000)))
+    (tmp_path / "file").write_text("not a folder")
+    cache = FeatureCache(tmp_path / "file" / "features", FeatureSettings())
+    with pytest.raises(DataError, match=r"file/features: cannot use this folder as the feature cache"):
+        cache.prepare([rec])

@@ -7,6 +7,10 @@ mel filterbank (written here: torchaudio is not a dependency) -> log -> z-score 
 recording or a changed setting can never be served stale features. Hashing content means reading the WAV,
 which a cached epoch must not do, so the cache also keeps an index ``(path, size, mtime_ns) -> content
 hash``: a warm lookup costs one ``stat``.
+
+Features are stored as float32 or, with ``feature_dtype="float16"``, as float16: half the disk and page
+cache (z-scored log-mel values lie within about +-10, where float16 keeps 3 significant digits, far below
+the recordings' own noise); readers always get float32 windows.
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ import json
 import math
 import multiprocessing
 import os
+import secrets
+import signal
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -44,6 +50,7 @@ if TYPE_CHECKING:
 FEATURE_VERSION = 1
 
 MelScale = Literal["htk", "slaney"]
+FeatureDtype = Literal["float32", "float16"]
 
 _LOG_FLOOR = 1e-10  # added before the log so that digital silence stays finite
 _STD_FLOOR = 1e-3  # a band that is constant over a recording is centred, not blown up
@@ -70,6 +77,7 @@ class FeatureSettings:
     hop_ms: float = 10.0
     filter_order: int = 4
     mel_scale: MelScale = "htk"
+    feature_dtype: FeatureDtype = "float32"
 
     def __post_init__(self) -> None:
         # Canonical types, so that FeatureSettings(band_low_hz=25) and (band_low_hz=25.0) share one key.
@@ -81,6 +89,8 @@ class FeatureSettings:
                 object.__setattr__(self, f.name, float(value))
         if self.mel_scale not in ("htk", "slaney"):
             raise ConfigError(f"mel_scale={self.mel_scale!r} is not one of: htk, slaney")
+        if self.feature_dtype not in ("float32", "float16"):
+            raise ConfigError(f"feature_dtype={self.feature_dtype!r} is not one of: float32, float16")
         if not 0 < self.band_low_hz < self.band_high_hz < self.sample_rate / 2:
             raise ConfigError(
                 f"band {self.band_low_hz:g}-{self.band_high_hz:g} Hz must satisfy 0 < low < high < "
@@ -101,6 +111,7 @@ class FeatureSettings:
             n_fft=cfg.n_fft,
             win_ms=cfg.win_ms,
             hop_ms=cfg.hop_ms,
+            feature_dtype=getattr(cfg, "feature_dtype", "float32"),
         )
 
     @property
@@ -118,8 +129,15 @@ class FeatureSettings:
         return self.sample_rate / self.hop_length
 
     def key(self) -> str:
-        """A short hash that is the same for equal settings in every process and every Python run."""
-        payload = json.dumps({"version": FEATURE_VERSION, **dataclasses.asdict(self)}, sort_keys=True)
+        """A short hash that is the same for equal settings in every process and every Python run.
+
+        The float32 default stays out of the hash, so caches written before ``feature_dtype`` existed
+        keep their key; float16 files get a folder of their own.
+        """
+        fields = dataclasses.asdict(self)
+        if fields["feature_dtype"] == "float32":
+            del fields["feature_dtype"]
+        payload = json.dumps({"version": FEATURE_VERSION, **fields}, sort_keys=True)
         return hashlib.blake2b(payload.encode(), digest_size=8).hexdigest()
 
 
@@ -306,11 +324,16 @@ class _IndexEntry(NamedTuple):
 
 
 class _Done(NamedTuple):
-    """What a (possibly remote) feature job hands back: an index entry, or the one-line problem."""
+    """What a (possibly remote) feature job hands back: an index entry, or the one-line problem.
+
+    ``cache_error`` marks a problem of the cache folder (read-only, full), not of the recording: it stops
+    the run whatever the bad-input policy, since skipping would skip every recording.
+    """
 
     path: str
     entry: _IndexEntry | None
     error: str | None
+    cache_error: bool = False
 
 
 def feature_workers() -> int:
@@ -323,8 +346,12 @@ class FeatureCache:
 
     Layout: ``root/index.jsonl`` (path, size, mtime_ns -> content hash, shared by all settings) and
     ``root/<settings.key()>/<content hash>.npy``. Every file is written to a temporary name and renamed, so a
-    killed run or two processes filling the same cache never leave a half-written feature file. The index
-    is an append-only log, one JSON line per hashed file; a lost or stale line only costs a re-hash.
+    killed run or two processes filling the same cache never leave a half-written feature file; temporary
+    files of an interrupted ``prepare`` are removed (and stray ones from a killed run are ignored, and
+    removed once an hour old). Files get the permissions the umask allows, as any other file would. The
+    index is an append-only log, one JSON line per hashed file; a lost or stale line only costs a re-hash.
+    A cache folder that cannot be written is reported as such (one `DataError` naming it), never as a
+    problem of the recording.
 
     Example::
 
@@ -340,9 +367,14 @@ class FeatureCache:
         self._index_path = self.root / "index.jsonl"
         self._index: dict[str, _IndexEntry] | None = None
 
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_index"] = None  # reloaded on demand: a dataset sent to workers stays small
+        return state
+
     # ------------------------------------------------------------------ public
     def get(self, recording: Recording) -> np.ndarray:
-        """Float32 ``[n_mels, frames]``, memory-mapped read-only; computed and stored first on a miss."""
+        """``[n_mels, frames]`` in ``settings.feature_dtype``, memory-mapped read-only; computed first on a miss."""
         path = self.feature_path(recording)
         try:
             return np.load(path, mmap_mode="r")
@@ -360,6 +392,14 @@ class FeatureCache:
             raise DataError(done.error)
         assert done.entry is not None
         self._remember(done.path, done.entry)
+        return self._file_for(done.entry.content_hash)
+
+    def rebuild(self, recording: Recording) -> Path:
+        """Compute ``recording``'s features again (its file was deleted or damaged) and return the new path."""
+        done = _compute_one(_wav_key(recording.wav_path), self.settings, str(self.feature_dir))
+        if done.error is not None:
+            raise DataError(done.error)
+        assert done.entry is not None
         return self._file_for(done.entry.content_hash)
 
     def cached_path(self, recording: Recording) -> Path | None:
@@ -389,26 +429,36 @@ class FeatureCache:
         missing = [r for r in recordings if self.cached_path(r) is None]
         failed: set[str] = set()
         jobs = sorted({_wav_key(r.wav_path) for r in missing})
-        with contextlib.closing(self._compute_many(jobs, workers)) as results:
-            for done in results:
-                if done.error is not None:
-                    failed.add(done.path)
-                    if policy is None:
+        if not jobs:
+            return recordings
+        self._remove_stale_temp_files()
+        token = secrets.token_hex(4)  # names this call's temporary files, to remove them if it is interrupted
+        try:
+            with contextlib.closing(self._compute_many(jobs, workers, token)) as results:
+                for done in results:
+                    if done.cache_error:
                         raise DataError(done.error)
-                    policy.report(done.error)  # raises too unless the policy skips
-                else:
-                    assert done.entry is not None
-                    self._remember(done.path, done.entry)
+                    if done.error is not None:
+                        failed.add(done.path)
+                        if policy is None:
+                            raise DataError(done.error)
+                        policy.report(done.error)  # raises too unless the policy skips
+                    else:
+                        assert done.entry is not None
+                        self._remember(done.path, done.entry)
+        except BaseException:
+            self._remove_temp_files(f".*.{token}.*.tmp")
+            raise
         return [r for r in recordings if _wav_key(r.wav_path) not in failed]
 
     # ------------------------------------------------------------------ computing
-    def _compute_many(self, wav_paths: list[str], workers: int) -> Iterator[_Done]:
+    def _compute_many(self, wav_paths: list[str], workers: int, token: str = "") -> Iterator[_Done]:
         if not wav_paths:
             return
         out_dir = str(self.feature_dir)
         if workers <= 1 or len(wav_paths) == 1:
             for p in wav_paths:
-                yield _compute_one(p, self.settings, out_dir)
+                yield _compute_one(p, self.settings, out_dir, token)
             return
         # fork starts workers in milliseconds and shares the imported modules; torch is safe in them with
         # one intra-op thread (the same set-up as DataLoader workers).
@@ -418,12 +468,26 @@ class FeatureCache:
         try:
             chunk = max(1, min(16, len(wav_paths) // (workers * 8)))
             yield from pool.map(_compute_one, wav_paths, [self.settings] * len(wav_paths),
-                                [out_dir] * len(wav_paths), chunksize=chunk)
+                                [out_dir] * len(wav_paths), [token] * len(wav_paths), chunksize=chunk)
         finally:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _file_for(self, content_hash: str) -> Path:
         return self.feature_dir / f"{content_hash}.npy"
+
+    def _remove_temp_files(self, pattern: str, older_than_s: float = 0.0) -> None:
+        now = time.time()
+        for tmp in self.feature_dir.glob(pattern):
+            try:
+                if now - tmp.stat().st_mtime >= older_than_s:
+                    tmp.unlink()
+            except OSError:
+                pass  # gone already, or not ours to remove: it is ignored either way
+
+    def _remove_stale_temp_files(self) -> None:
+        """Temporary files a killed run left: never read (their names are not content hashes); removed
+        once an hour old, so that a concurrent run's file being written is left alone."""
+        self._remove_temp_files(".*.npy.*.tmp", older_than_s=3600.0)
 
     # ------------------------------------------------------------------ index
     def _load_index(self) -> dict[str, _IndexEntry]:
@@ -441,6 +505,9 @@ class FeatureCache:
                             continue  # a line cut short by a killed writer
             except FileNotFoundError:
                 pass
+            except OSError as e:  # the cache root is a file, or cannot be read
+                raise DataError(f"{self.root}: cannot use this folder as the feature cache "
+                                f"({e.strerror or e}); choose another --cache-dir") from None
             if lines > 2 * len(self._index) + 1000:
                 self._compact()
         return self._index
@@ -452,13 +519,17 @@ class FeatureCache:
         index[wav_key] = entry
         line = json.dumps({"path": wav_key, "size": entry.size, "mtime_ns": entry.mtime_ns,
                            "hash": entry.content_hash, "hashed_ns": entry.hashed_ns}) + "\n"
-        self.root.mkdir(parents=True, exist_ok=True)
-        # One write() with O_APPEND: lines from concurrent processes do not interleave on a local disk.
-        fd = os.open(self._index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
-            os.write(fd, line.encode("utf-8"))
-        finally:
-            os.close(fd)
+            self.root.mkdir(parents=True, exist_ok=True)
+            # One write() with O_APPEND: lines from concurrent processes do not interleave on a local disk.
+            fd = os.open(self._index_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+            try:
+                os.write(fd, line.encode("utf-8"))
+            finally:
+                os.close(fd)
+        except OSError as e:
+            raise DataError(f"{self._index_path}: cannot write the feature cache index ({e.strerror or e}); "
+                            "free space or choose another --cache-dir") from None
 
     def _compact(self) -> None:
         assert self._index is not None
@@ -477,9 +548,12 @@ def _wav_key(path: Path | str) -> str:
 
 def _init_worker() -> None:
     torch.set_num_threads(1)
+    # Ctrl-C reaches the whole process group; the parent alone handles it (stops the pool, removes the
+    # temporary files), so a worker is never interrupted half-way through writing one.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-def _compute_one(wav_path: str, settings: FeatureSettings, out_dir: str) -> _Done:
+def _compute_one(wav_path: str, settings: FeatureSettings, out_dir: str, token: str = "") -> _Done:
     """Hash one WAV and, unless its features already exist, compute and store them. Runs in pool workers."""
     try:
         hashed_ns = time.time_ns()
@@ -488,28 +562,43 @@ def _compute_one(wav_path: str, settings: FeatureSettings, out_dir: str) -> _Don
             data = f.read()
         content_hash = hashlib.blake2b(data, digest_size=16).hexdigest()
         target = Path(out_dir) / f"{content_hash}.npy"
-        if not target.exists():
-            features = features_of_file(Path(wav_path), settings)
-            buffer = _npy_bytes(features)
-            Path(out_dir).mkdir(parents=True, exist_ok=True)
-            _atomic_write_bytes(target, buffer)
-        return _Done(wav_path, _IndexEntry(st.st_size, st.st_mtime_ns, content_hash, hashed_ns), None)
+        features = None if target.exists() else features_of_file(Path(wav_path), settings)
     except DataError as e:
         message = str(e)
         return _Done(wav_path, None, message if wav_path in message else f"{wav_path}: {message}")
     except OSError as e:
         return _Done(wav_path, None, f"{wav_path}: cannot read ({e.strerror or e})")
+    if features is not None:
+        try:
+            Path(out_dir).mkdir(parents=True, exist_ok=True)
+            _atomic_write_bytes(target, _npy_bytes(features, settings.feature_dtype), token)
+        except OSError as e:
+            return _Done(wav_path, None, f"{out_dir}: cannot write the feature cache ({e.strerror or e}); "
+                                         "free space or choose another --cache-dir", cache_error=True)
+    return _Done(wav_path, _IndexEntry(st.st_size, st.st_mtime_ns, content_hash, hashed_ns), None)
 
 
-def _npy_bytes(array: np.ndarray) -> bytes:
+def _npy_bytes(array: np.ndarray, dtype: str = "float32") -> bytes:
     buffer = io.BytesIO()
-    np.save(buffer, np.ascontiguousarray(array, dtype=np.float32))
+    np.save(buffer, np.ascontiguousarray(array, dtype=np.dtype(dtype)))
     return buffer.getvalue()
 
 
-def _atomic_write_bytes(target: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+#: Read once at import: `os.umask` can only be read by setting it, which is not thread-safe later.
+_FILE_MODE = 0o666 & ~_umask()
+
+
+def _atomic_write_bytes(target: Path, data: bytes, token: str = "") -> None:
+    prefix = f".{target.name}.{token}." if token else f".{target.name}."
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=prefix, suffix=".tmp")
     try:
+        os.fchmod(fd, _FILE_MODE)  # mkstemp creates 0600; the cache may be shared by a group
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, target)
