@@ -17,6 +17,7 @@ import click
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS
 from ignite_trainer.errors import TrainingAborted, UserError
+from ignite_trainer.graceful import TrainingStopped
 
 EXIT_BAD_INPUT = 2
 #: OS errors that a path or the disk the user chose explains (too long, not a folder, read-only, full, ...):
@@ -288,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
+    except TrainingStopped as e:  # a signal stopped the run after a checkpoint: say how to go on
+        click.echo(e.message, err=True)
+        return e.exit_code
     except click.ClickException as e:
         e.show()
         return EXIT_BAD_INPUT

@@ -22,6 +22,7 @@ import torch
 
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.data.features import FeatureSettings, mel_filterbank
+from ignite_trainer.engine import check_accumulation
 from ignite_trainer.errors import ConfigError, DataError
 from ignite_trainer.models import available_models
 from ignite_trainer.launch import dist_timeout
@@ -102,7 +103,5 @@ def check_training_set(config: TrainConfig, n_train: int, world_size: int | None
     if iterations < 1:
         raise DataError(f"batch_size={config.batch_size} is larger than the training set ({n_train} recordings); "
                         "lower --batch-size")
-    if config.accumulation_steps > iterations:
-        raise ConfigError(f"accumulation_steps={config.accumulation_steps} is more than the {iterations} "
-                          f"iterations of an epoch; use at most {iterations}")
+    check_accumulation(config.accumulation_steps, iterations)
     return iterations

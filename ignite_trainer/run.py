@@ -18,6 +18,7 @@ from typing import Any, Callable, Iterator
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
+from ignite.handlers import Checkpoint
 
 from ignite_trainer.checkpoint import Snapshot
 from ignite_trainer.config import TrainConfig
@@ -25,6 +26,7 @@ from ignite_trainer.data.datasets import EvalWindows, TrainWindows
 from ignite_trainer.data.loaders import make_eval_loader, make_train_loader
 from ignite_trainer.data.prepare import PreparedData, checked_data, prepare_data
 from ignite_trainer.engine import create_evaluator, create_trainer
+from ignite_trainer.graceful import GracefulStop, TrainingStopped
 from ignite_trainer.launch import broadcast_from_rank0, run_joined, run_spawned
 from ignite_trainer.logs import quiet_non_zero_rank, setup_logging
 from ignite_trainer.losses import WeightedBCELoss
@@ -107,11 +109,22 @@ def _session(run_dir: Path) -> Iterator[None]:
     try:
         yield
         outcome = "finished"
+    except TrainingStopped as e:
+        outcome = f"stopped by {e.signal_name}"
+        raise
     except KeyboardInterrupt:
         outcome = "interrupted"
         raise
     finally:
         end_environment(run_dir, outcome)
+
+
+def _save_now(checkpoint: Checkpoint) -> Callable[[Engine], str]:
+    """Write the last checkpoint at this very iteration; returns its file name."""
+    def save(engine: Engine) -> str:
+        checkpoint(engine)
+        return Path(checkpoint.last_checkpoint or "").name
+    return save
 
 
 def _finished_summary(run: OpenedRun) -> dict[str, Any]:
@@ -194,10 +207,17 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
         extra_to_save={"run_identity": Snapshot(lambda: identity)}, resume_from=resume_path, writes_logs=rank == 0)
     if setup is not None:
         setup(trainer, evaluator)
+    stop = None
+    if idist.get_world_size() == 1:  # several ranks would have to agree on where to stop: not supported yet
+        stop = GracefulStop(_save_now(handlers.last_checkpoint), run_dir, config.accumulation_steps)
+        stop.attach(trainer)
     try:
-        trainer.run(train_loader, max_epochs=config.epochs)
+        with stop.installed() if stop is not None else contextlib.nullcontext():
+            trainer.run(train_loader, max_epochs=config.epochs)
     finally:
         handlers.close()
+    if stop is not None:
+        stop.raise_if_stopped()
     if idist.get_world_size() > 1:
         # Leave together: a rank that tore down its gloo group while rank 0 was still closing its files
         # died with SIGABRT ("terminate called without an active exception") in 2 of 12 runs.

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from ignite_trainer.atomic import atomic_write
-from ignite_trainer.checkpoint import find_resume_checkpoint
+from ignite_trainer.checkpoint import find_resume_checkpoint, parse_checkpoint_name
 from ignite_trainer.config import TrainConfig, config_conflicts
 from ignite_trainer.errors import CheckpointError, ConfigError
 from ignite_trainer.run_record import identity_differences
@@ -116,6 +116,10 @@ def open_run(config: TrainConfig, *, resume: str | Path | None = None, overwrite
         if finished:
             return OpenedRun(directory, config, path, True, epoch, None)
         checked = validate(config) if validate is not None else None
+        if path is None:  # no checkpoint yet: the run starts again, in its own directory
+            directory.metrics_log.truncate(0)
+            shutil.rmtree(directory.tensorboard, ignore_errors=True)
+            return OpenedRun(directory, config, None, False, 0, checked)
         if identify is not None:
             differences = identity_differences(saved_identity, identify(config, checked))  # type: ignore[arg-type]
             if differences:
@@ -156,20 +160,23 @@ def _create(directory: RunDirectory) -> None:
         raise CheckpointError(f"{directory.path}: cannot write the run directory ({e.strerror or e})") from None
 
 
-def _resume_config(directory: RunDirectory, overrides: Mapping[str, Any]) -> tuple[TrainConfig, Path, dict[str, Any]]:
-    """The config to resume with: the checkpoint's own, plus explicit overrides that must not change the math."""
+def _resume_config(directory: RunDirectory,
+                   overrides: Mapping[str, Any]) -> tuple[TrainConfig, Path | None, dict[str, Any]]:
+    """The config to resume with (the run's config.yaml, which must agree with the checkpoint's, plus explicit
+    overrides that must not change the math), the checkpoint and its contents; a run stopped before its first
+    checkpoint has none (``None``, epoch 0) and starts again."""
     if not directory.path.is_dir():
         raise CheckpointError(f"{directory.path}: --resume needs an existing run directory")
+    if directory.config_file.is_file() and not _has_resume_files(directory):
+        # stopped before its first checkpoint: nothing was trained, so the run starts again from its config.yaml
+        return _recorded_config(directory).updated(overrides, source="command line"), None, {"epoch": 0}
     path, ckpt = find_resume_checkpoint(directory.path)
     saved = ckpt.get("config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: checkpoint holds no config; cannot resume")
     if not directory.config_file.is_file():
         raise CheckpointError(f"{directory.config_file}: missing; a run directory without its config cannot be resumed")
-    try:
-        recorded = TrainConfig.from_yaml(directory.config_file)
-    except ConfigError as e:
-        raise CheckpointError(f"{directory.config_file}: cannot resume ({e})") from None
+    recorded = _recorded_config(directory)
     edited = config_conflicts(saved, recorded)
     if edited:
         raise CheckpointError(
@@ -185,6 +192,20 @@ def _resume_config(directory: RunDirectory, overrides: Mapping[str, Any]) -> tup
         raise CheckpointError(f"{directory.path}: resume refused, the config differs from the checkpoint's "
                               f"({'; '.join(conflicts)})")
     return config, path, ckpt
+
+
+def _recorded_config(directory: RunDirectory) -> TrainConfig:
+    try:
+        return TrainConfig.from_yaml(directory.config_file)
+    except ConfigError as e:
+        raise CheckpointError(f"{directory.config_file}: cannot resume ({e})") from None
+
+
+def _has_resume_files(directory: RunDirectory) -> bool:
+    """Whether any ``last_checkpoint_*`` file is there (complete or not: a damaged one must be reported)."""
+    folder = directory.checkpoints
+    return folder.is_dir() and any(getattr(parse_checkpoint_name(p.name), "kind", None) == "last"
+                                   for p in folder.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------- metrics.jsonl
