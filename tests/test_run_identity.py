@@ -73,8 +73,8 @@ def test_the_split_and_environment_are_recorded(trained_run):
     sessions = json.loads((trained_run.run_dir / "environment.json").read_text())["sessions"]
     assert len(sessions) == 1 and sessions[0]["outcome"] == "finished"
     assert sessions[0]["ended"] >= sessions[0]["started"]
-    assert sessions[0]["device"] == "cpu" and sessions[0]["packages"]["torch"] == torch.__version__.split("+")[0] \
-        or sessions[0]["packages"]["torch"] == torch.__version__
+    assert sessions[0]["device"] == "cpu"
+    assert torch.__version__.startswith(sessions[0]["packages"]["torch"].split("+")[0])
     assert {"command", "host", "git_commit"} <= set(sessions[0])
 
 
