@@ -21,9 +21,10 @@ import signal
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
 
 from ignite_trainer.engine import closes_window
 
@@ -61,31 +62,47 @@ class TrainingStopped(Exception):
 class GracefulStop:
     """Turn SIGINT/SIGTERM into a checkpointed stop after the current iteration.
 
-    ``save(trainer)`` writes the checkpoint (the run's last-checkpoint handler) and returns its file name.
+    ``checkpoint`` is the run's last-checkpoint handler (`handlers.attach_last_checkpoint`): called
+    mid-epoch it writes the resume state of that iteration. A stop that falls on an epoch's last
+    iteration waits for the epoch's own handlers (validation, LR step, that epoch's checkpoint) and stops
+    after them, so the checkpoint is the ordinary end-of-epoch one. Attach it after the standard handlers.
 
     Example::
 
-        stop = GracefulStop(lambda e: handlers.last_checkpoint(e) or "last", run_dir, accumulation_steps=1)
+        stop = GracefulStop(handlers.last_checkpoint, run_dir, accumulation_steps=1)
         stop.attach(trainer)
         with stop.installed():
             trainer.run(train_loader, max_epochs=10)
         stop.raise_if_stopped()
     """
 
-    def __init__(self, save: Callable[[Engine], str | None], run_dir: str | Path, accumulation_steps: int = 1) -> None:
-        self.save, self.run_dir, self.accumulation_steps = save, Path(run_dir), accumulation_steps
+    def __init__(self, checkpoint: Checkpoint, run_dir: str | Path, accumulation_steps: int = 1) -> None:
+        self.checkpoint_handler, self.run_dir, self.accumulation_steps = checkpoint, Path(run_dir), accumulation_steps
         self.requested: int | None = None
         self.checkpoint: str | None = None
         self.stopped = False
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
 
     def _on_iteration(self, engine: Engine) -> None:
         if self.requested is None or self.stopped or not closes_window(engine, self.accumulation_steps):
             return
-        self.checkpoint = self.save(engine)
+        if engine.state.iteration % engine.state.epoch_length == 0:
+            return  # the epoch's end: its own handlers and checkpoint come first (`_on_epoch_completed`)
+        self.checkpoint_handler(engine)
+        self._stop(engine)
+
+    def _on_epoch_completed(self, engine: Engine) -> None:
+        if self.requested is None or self.stopped or engine.state.epoch >= engine.state.max_epochs:
+            return  # no request, or the run ends here anyway
+        self._stop(engine)  # the epoch's checkpoint was just written by its own handler
+
+    def _stop(self, engine: Engine) -> None:
+        self.checkpoint = Path(self.checkpoint_handler.last_checkpoint or "").name
         self.stopped = True
+        assert self.requested is not None
         log.warning("stopped by %s at epoch %d, iteration %d; checkpoint %s written; resume with --resume %s",
                     signal.Signals(self.requested).name, engine.state.epoch, engine.state.iteration,
                     self.checkpoint, self.run_dir)

@@ -18,7 +18,6 @@ from typing import Any, Callable, Iterator
 import ignite.distributed as idist
 import torch
 from ignite.engine import Engine
-from ignite.handlers import Checkpoint
 
 from ignite_trainer.checkpoint import Snapshot
 from ignite_trainer.config import TrainConfig
@@ -119,14 +118,6 @@ def _session(run_dir: Path) -> Iterator[None]:
         end_environment(run_dir, outcome)
 
 
-def _save_now(checkpoint: Checkpoint) -> Callable[[Engine], str]:
-    """Write the last checkpoint at this very iteration; returns its file name."""
-    def save(engine: Engine) -> str:
-        checkpoint(engine)
-        return Path(checkpoint.last_checkpoint or "").name
-    return save
-
-
 def _finished_summary(run: OpenedRun) -> dict[str, Any]:
     return {"run_dir": run.directory.path, "finished": True, "already_finished": True, "epoch": run.epoch,
             "metrics": run.directory.metrics_log.last()}
@@ -209,7 +200,7 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
         setup(trainer, evaluator)
     stop = None
     if idist.get_world_size() == 1:  # several ranks would have to agree on where to stop: not supported yet
-        stop = GracefulStop(_save_now(handlers.last_checkpoint), run_dir, config.accumulation_steps)
+        stop = GracefulStop(handlers.last_checkpoint, run_dir, config.accumulation_steps)
         stop.attach(trainer)
     try:
         with stop.installed() if stop is not None else contextlib.nullcontext():

@@ -16,6 +16,7 @@ from ignite_trainer.checkpoint import load_checkpoint
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.graceful import GracefulStop, TrainingStopped
 from ignite_trainer.run import train
+from ignite_trainer.rundir import read_metrics_log
 
 from conftest import tiny_config
 from test_bad_inputs import SMALL, fresh_log_stream, pristine  # noqa: F401
@@ -42,7 +43,9 @@ def _signal_at(iteration, signum=signal.SIGTERM):
 
 # 34 training recordings in batches of 4: 8 iterations per epoch, which a window of 3 does not divide.
 # Iteration 10 is the 2nd of epoch 2; the stop waits for its accumulation window to close at iteration 11.
-ACCUMULATION, SIGNALLED, STOPPED = 3, 10, 11
+# Iteration 7 is in epoch 1's last window, which closes on the epoch's last iteration: the stop waits for
+# the epoch's validation and checkpoint and stops after them.
+ACCUMULATION = 3
 
 
 @pytest.fixture(scope="module")
@@ -51,16 +54,19 @@ def reference(pristine, tmp_path_factory):
     return train(tiny_config(pristine, base, accumulation_steps=ACCUMULATION))["run_dir"]
 
 
-@pytest.mark.parametrize("stop_workers, resume_workers", [(0, 0), (2, 0)])
-def test_a_signal_stops_mid_epoch_and_resuming_equals_the_uninterrupted_run(pristine, reference, tmp_path,
-                                                                            stop_workers, resume_workers):
+@pytest.mark.parametrize("stop_workers, resume_workers, signalled, stopped, epoch",
+                         [(0, 0, 10, 11, 2), (2, 0, 10, 11, 2), (0, 0, 7, 8, 1)], ids=["mid", "mid-workers", "epoch-end"])
+def test_a_signal_stops_mid_epoch_and_resuming_equals_the_uninterrupted_run(pristine, reference, tmp_path, stop_workers,
+                                                                            resume_workers, signalled, stopped, epoch):
     config = tiny_config(pristine, tmp_path, num_workers=stop_workers, accumulation_steps=ACCUMULATION)
     with pytest.raises(TrainingStopped) as info:
-        train(config, setup=_signal_at(SIGNALLED))
+        train(config, setup=_signal_at(signalled))
     assert info.value.exit_code == 128 + signal.SIGTERM and "--resume" in info.value.message
+    assert info.value.checkpoint == f"last_checkpoint_{epoch}.pt"
     run_dir = Path(tmp_path / "runs" / config.name)
-    mid = load_checkpoint(run_dir / "checkpoints" / "last_checkpoint_2.pt")
-    assert mid["trainer"]["iteration"] == STOPPED and not mid["finished"]
+    mid = load_checkpoint(run_dir / "checkpoints" / f"last_checkpoint_{epoch}.pt")
+    assert mid["trainer"]["iteration"] == stopped and not mid["finished"]
+    assert [r["epoch"] for r in read_metrics_log(run_dir / "metrics.jsonl")] == [1]  # epoch 1 was validated
     assert "stopped by SIGTERM" in (run_dir / "train.log").read_text()
 
     assert train(TrainConfig(), resume=run_dir, overrides={"num_workers": resume_workers})["finished"]
@@ -93,7 +99,7 @@ def test_sigint_from_the_command_line_exits_130_with_the_resume_command(pristine
 def test_a_second_signal_aborts_at_once(monkeypatch, tmp_path, capsys):
     exits = []
     monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))
-    stop = GracefulStop(lambda engine: "unused", tmp_path)
+    stop = GracefulStop(None, tmp_path)
     stop._handle(signal.SIGINT, None)
     assert exits == [] and stop.requested == signal.SIGINT
     stop._handle(signal.SIGINT, None)
