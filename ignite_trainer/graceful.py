@@ -81,6 +81,7 @@ class GracefulStop:
         self.requested: int | None = None
         self.checkpoint: str | None = None
         self.stopped = False
+        self._pid = os.getpid()
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
@@ -109,6 +110,8 @@ class GracefulStop:
         engine.terminate()
 
     def _handle(self, signum: int, _frame: object) -> None:
+        if os.getpid() != self._pid:
+            return  # a DataLoader worker forked with our handler (Ctrl-C reaches the whole group): the main process decides
         if self.requested is not None:  # the second signal: no more waiting
             sys.stderr.write(f"\nerror: second {signal.Signals(signum).name}: aborted at once; the last complete "
                              f"checkpoint resumes with --resume {self.run_dir}\n")
@@ -124,6 +127,7 @@ class GracefulStop:
         if threading.current_thread() is not threading.main_thread():
             yield
             return
+        self._pid = os.getpid()
         previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         try:
             yield

@@ -73,25 +73,26 @@ def test_a_signal_stops_mid_epoch_and_resuming_equals_the_uninterrupted_run(pris
     _assert_equal(_weights(run_dir, 2), _weights(reference, 2))
 
 
-def test_sigint_from_the_command_line_exits_130_with_the_resume_command(pristine, tmp_path):
+def test_ctrl_c_from_the_command_line_exits_130_with_the_resume_command(pristine, tmp_path):
     args = ["train", "--data", str(pristine), "--epochs", "3", "--batch-size", "4", "--no-progress", "--device", "cpu",
             "--output-dir", str(tmp_path / "runs"), "--patience", "0", "--set", f"cache_dir={tmp_path / 'cache'}"]
     for item in SMALL:
         args += ["--set", item]
     run_dir = tmp_path / "runs" / "stopped"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args, "--name", "stopped"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args, "--name", "stopped", "--num-workers", "1"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
     deadline = time.monotonic() + 120
     while not (run_dir / "checkpoints" / "last_checkpoint_1.pt").exists() and time.monotonic() < deadline:
         time.sleep(0.02)
-    proc.send_signal(signal.SIGINT)
+    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole group, DataLoader workers too
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("stopped by SIGINT; checkpoint last_checkpoint_")
     assert f"--resume {run_dir}" in err.strip().splitlines()[-1]
-    assert "stopped by SIGINT" in (run_dir / "train.log").read_text()
+    log = (run_dir / "train.log").read_text()
+    assert log.count("SIGINT received") == 1 and "stopped by SIGINT" in log  # the workers said nothing
     assert cli.main(["train", "--resume", str(run_dir), "--no-progress"]) == 0  # weights: the tests above
     assert load_checkpoint(run_dir / "checkpoints" / "last_checkpoint_3.pt")["finished"]
 
