@@ -61,14 +61,15 @@ def test_default_feature_settings_with_256_mel_bands_are_refused(tmp_path, prist
 # ------------------------------------------------------------------------------------------------- evaluate
 def test_evaluate_on_a_full_disk_leaves_the_previous_report_whole(trained_run, tmp_path, capsys, monkeypatch):
     out = tmp_path / "report"
-    assert cli.main(["evaluate", str(trained_run.run_dir), "--output-dir", str(out)]) == 0
+    evaluation.evaluate(trained_run.run_dir, out_dir=out, figures=False)
     before = tree_digest(out)
+    assert "metrics.json" in before
 
-    def full(path, value):
+    def full(levels, thresholds, path):
         Path(path).write_bytes(b"")
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(evaluation, "write_json", full)
+    monkeypatch.setattr(evaluation, "write_patients_csv", full)
     capsys.readouterr()
     expect_error(capsys, ["evaluate", str(trained_run.run_dir), "--output-dir", str(out)], str(out),
                  "No space left on device", "previous report")
