@@ -6,6 +6,7 @@ code 2 and no traceback; a numerical fault that stops training exits with code 3
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -17,8 +18,13 @@ from ignite_trainer import __version__
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS
 from ignite_trainer.errors import TrainingAborted, UserError
+from ignite_trainer.graceful import TrainingStopped
 
 EXIT_BAD_INPUT = 2
+#: OS errors that a path or the disk the user chose explains (too long, not a folder, read-only, full, ...):
+#: the last line of defence for a path no library check named first.
+FILE_SYSTEM_REFUSALS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM,
+                                  errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ELOOP, errno.ENOENT})
 EXIT_TRAINING_ABORTED = 3
 
 # CLI flag -> config field; each flag defaults to None so that only what the user typed overrides.
@@ -146,7 +152,7 @@ def print_summary(summary: dict[str, Any]) -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="circor2022", show_default=True)
 @click.option("--difficulty", type=click.Choice(["default", "hard"]), default="default", show_default=True,
               help="hard: noisier recordings, subtler murmurs and an age-linked outcome.")
-@click.option("--overwrite", is_flag=True, help="Replace a non-empty OUT_DIR (refused otherwise).")
+@click.option("--overwrite", is_flag=True, help="Replace a dataset already in OUT_DIR (kept until the new one is complete).")
 @click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bar on a terminal.")
 def synth(out_dir: str, patients: int, seed: int, fmt: str, difficulty: str, overwrite: bool, progress: bool) -> None:
     """Write a synthetic PCG dataset in CirCor 2022 (or PhysioNet 2016) on-disk layout."""
@@ -258,7 +264,8 @@ def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challe
 @cli.command(epilog=_MODEL_HELP)
 @click.argument("model_path", metavar="MODEL", type=str)
 @click.argument("out_path", metavar="OUT.safetensors", type=click.Path(dir_okay=False))
-def export(model_path: str, out_path: str) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace OUT.safetensors if it exists.")
+def export(model_path: str, out_path: str, overwrite: bool) -> None:
     """Export the model weights as safetensors, with its config, thresholds and decision layer in the metadata
     (an ensemble: every member in one file)."""
     from ignite_trainer.ensemble import export_ensemble, is_ensemble
@@ -266,9 +273,9 @@ def export(model_path: str, out_path: str) -> None:
 
     source = _model_source(model_path)
     if isinstance(source, list) or is_ensemble(source):
-        path = export_ensemble(source, out_path)
+        path = export_ensemble(source, out_path, overwrite=overwrite)
     else:
-        path = export_safetensors(source, out_path)
+        path = export_safetensors(source, out_path, overwrite=overwrite)
     click.echo(f"exported {model_path} to {path}")
 
 
@@ -452,6 +459,9 @@ def main(argv: list[str] | None = None) -> int:
         where = f"{e.ctx.command_path}: " if e.ctx is not None else ""
         click.echo(f"error: {where}{e.format_message()}", err=True)
         return EXIT_BAD_INPUT
+    except TrainingStopped as e:  # a signal stopped the run after a checkpoint: say how to go on
+        click.echo(e.message, err=True)
+        return e.exit_code
     except click.ClickException as e:
         click.echo(f"error: {e.format_message()}", err=True)
         return EXIT_BAD_INPUT
@@ -460,6 +470,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_TRAINING_ABORTED
     except UserError as e:
         click.echo(f"error: {e}", err=True)
+        return EXIT_BAD_INPUT
+    except OSError as e:
+        if e.errno not in FILE_SYSTEM_REFUSALS or e.filename is None:
+            raise  # not something the user's paths or disk explain: a bug, keep the traceback
+        click.echo(f"error: {e.filename}: {e.strerror}", err=True)
         return EXIT_BAD_INPUT
     return result if isinstance(result, int) else 0
 

@@ -30,6 +30,13 @@ def partial_path(path: str | Path, tag: str = "") -> Path:
     return path.with_name(f".{path.name}.{middle}{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it: it is set back at once)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def fsync_dir(path: str | Path) -> None:
     """Make a rename in ``path`` durable (a no-op where folders cannot be opened, e.g. Windows)."""
     try:
@@ -48,8 +55,9 @@ def fsync_dir(path: str | Path) -> None:
 def atomic_path(path: str | Path, durable: bool = True, tag: str = "") -> Iterator[Path]:
     """Yield a temp path to write ``path`` through (for writers that want a file name, not a stream).
 
-    On a clean exit the temp file is fsynced (``durable``) and renamed over ``path``; on any exception it is
-    removed and ``path`` is left as it was.
+    On a clean exit the temp file is fsynced (``durable``), given the mode a plain ``open()`` would give
+    (0666 less the umask: some writers, e.g. safetensors, create 0600 files a group could not read) and
+    renamed over ``path``; on any exception it is removed and ``path`` is left as it was.
 
     Example::
 
@@ -63,6 +71,7 @@ def atomic_path(path: str | Path, durable: bool = True, tag: str = "") -> Iterat
         if durable:
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -92,11 +101,13 @@ def atomic_write(path: str | Path, mode: str = "w", durable: bool = True, tag: s
 
 
 @contextlib.contextmanager
-def atomic_directory(target: str | Path) -> Iterator[Path]:
+def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path]:
     """Yield a staging folder that becomes ``target`` when the block ends without an exception.
 
     A killed writer never leaves half a folder at ``target``; when two processes race to create the same
-    ``target``, both end up with one complete copy (the loser's staging folder is discarded).
+    ``target``, both end up with one complete copy (the loser's staging folder is discarded). With
+    ``replace`` an existing ``target`` is swapped out for the new one (two renames; the old folder is
+    deleted only after the new one is in place), so a failure while writing leaves the old one whole.
 
     Example::
 
@@ -107,6 +118,9 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     staging = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}{PARTIAL_SUFFIX}")
     try:
         yield staging
+        if replace and target.exists():
+            _swap_directory(staging, target)
+            return
         try:
             os.replace(staging, target)
         except OSError:
@@ -115,3 +129,15 @@ def atomic_directory(target: str | Path) -> Iterator[Path]:
     finally:
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
+
+
+def _swap_directory(staging: Path, target: Path) -> None:
+    """Put ``staging`` where ``target`` is; the old ``target`` goes only once the new one is in place."""
+    old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
+    os.rename(target, old)
+    try:
+        os.rename(staging, target)
+    except OSError:
+        os.rename(old, target)
+        raise
+    shutil.rmtree(old, ignore_errors=True)

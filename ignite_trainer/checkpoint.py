@@ -38,6 +38,8 @@ BEST_PATTERN = "best_checkpoint_{global_step}_{score_name}={score}.{ext}"
 LAST_PATTERN = "last_checkpoint_{global_step}.{ext}"
 _NAME = re.compile(r"^(?P<kind>best|last)_checkpoint_(?P<epoch>\d+)"
                    r"(?:_(?P<score_name>[^=]+)=(?P<score>-?[0-9.]+(?:e[-+]?\d+)?))?\.pt$", re.IGNORECASE)
+#: What a file `torch.save` wrote starts with: a zip archive, or (the legacy format) a pickle protocol byte.
+_ZIP_MAGIC, _PICKLE_PROTOCOL = b"PK\x03\x04", b"\x80"
 _IGNITE_TEMP = re.compile(r"^tmp[a-z0-9_]{6,}$")
 
 
@@ -186,6 +188,12 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise CheckpointError(f"{path}: checkpoint file not found")
     if path.stat().st_size == 0:
         raise CheckpointError(f"{path}: checkpoint is empty (0 bytes)")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_PROTOCOL)):
+        hint = "; a WAV recording: the checkpoint comes first" if head == b"RIFF" else ""
+        raise CheckpointError(f"{path}: not a checkpoint (a PyTorch checkpoint is a zip archive; "
+                              f"this file starts with {head!r}{hint})")
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -195,7 +203,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
                 f"(it could run code when loaded); it was not loaded"
             ) from None
         raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as e:
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError, IndexError, KeyError, TypeError) as e:
         raise CheckpointError(f"{path}: truncated or corrupt checkpoint ({_first_line(e)[:160]})") from None
     if not isinstance(obj, dict):
         raise CheckpointError(f"{path}: expected a checkpoint dictionary, found {type(obj).__name__}")

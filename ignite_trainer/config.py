@@ -19,6 +19,10 @@ from ignite_trainer.errors import ConfigError
 from ignite_trainer.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS, OBJECTIVES, STATS, is_score
 
 
+#: The longest file name most file systems accept (NAME_MAX), in bytes.
+MAX_NAME_BYTES = 255
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -41,23 +45,23 @@ class TrainConfig:
     unknown_murmur: Literal["mask", "positive"] = _f("mask", "CirCor 'Unknown' murmur: leave out or count as present")
     skip_bad: bool = _f(False, "warn about and skip unreadable recordings instead of stopping")
     synthetic_patients: int = _f(300, "patients in the embedded synthetic set", min=4)
-    synthetic_seed: int = _f(2022, "seed of the embedded synthetic set", min=0)
+    synthetic_seed: int = _f(2022, "seed of the embedded synthetic set", min=0, max=2**32 - 1)
     cache_dir: str | None = _f(None, "feature and synthetic-data cache; default $IGNITE_TRAINER_CACHE or ~/.cache")
     # features
     sample_rate: int = _f(2000, "resample every recording to this rate (Hz)", min=800, max=48000)
     band_low_hz: float = _f(25.0, "band-pass lower edge (Hz)", min=1.0)
     band_high_hz: float = _f(400.0, "band-pass upper edge (Hz)", min=2.0)
     n_mels: int = _f(64, "log-mel bands", min=8, max=256)
-    n_fft: int = _f(512, "FFT size of the STFT", min=16)
-    win_ms: float = _f(25.0, "STFT window (ms)", min=1.0)
-    hop_ms: float = _f(10.0, "STFT hop (ms)", min=1.0)
+    n_fft: int = _f(512, "FFT size of the STFT", min=16, max=8192)
+    win_ms: float = _f(25.0, "STFT window (ms)", min=1.0, max=1000.0)
+    hop_ms: float = _f(10.0, "STFT hop (ms)", min=1.0, max=1000.0)
     window_seconds: float = _f(4.0, "length of one training/evaluation window (s)", min=0.5, max=60.0)
     # split
     val_fraction: float = _f(0.2, "share of patients held out for validation", min=0.0, max=0.9)
     n_folds: int = _f(0, "k for k-fold splitting; 0 uses val_fraction", min=0, max=20)
     fold: int = _f(0, "which fold is validation when n_folds > 0", min=0)
     # None keeps the behaviour of configs written before these fields existed: the split follows `seed`.
-    split_seed: int | None = _f(None, "seed of the patient split (folds or val_fraction); empty uses seed", min=0)
+    split_seed: int | None = _f(None, "seed of the patient split (folds or val_fraction); empty uses seed", min=0, max=2**32 - 1)
     split_file: str | None = _f(None, "JSON/CSV file of patient ids per fold (cli.py cv writes one); fold picks validation")
     # optimisation (the reference recipe's defaults)
     batch_size: int = _f(32, "global batch size (split across processes)", min=1)
@@ -74,7 +78,7 @@ class TrainConfig:
     model: str = _f("attention_cnn", "model name from the registry")
     monitor: str = _f("val_loss", "score for early stopping and the best checkpoint: val_loss, macro_f1, heart.f1, ...")
     # run
-    seed: int = _f(0, "seed of model init and crops (and of the split when split_seed is empty)", min=0)
+    seed: int = _f(0, "seed of model init and crops (and of the split when split_seed is empty)", min=0, max=2**32 - 1)
     device: Literal[DEVICES] = _f("auto", "where to train")
     num_workers: int = _f(0, "DataLoader worker processes", min=0)
     output_dir: str = _f("runs", "parent folder of run directories")
@@ -136,9 +140,14 @@ class TrainConfig:
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
         try:
-            text = path.read_text()
+            raw = path.read_bytes()
         except OSError as e:
             raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+        try:
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                              "save the config file as UTF-8") from None
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -217,6 +226,9 @@ class TrainConfig:
         AugmentSettings.from_config(self, source)  # the ranges between fields (low <= high)
         if self.name is not None and (not self.name.strip() or "/" in self.name or self.name in (".", "..")):
             raise ConfigError(f"{source}: name={self.name!r} is not a valid run directory name")
+        if self.name is not None and len(self.name.encode()) > MAX_NAME_BYTES:
+            raise ConfigError(f"{source}: name is {len(self.name.encode())} bytes long; a run directory name may "
+                              f"have at most {MAX_NAME_BYTES} (name={self.name[:40]!r}...)")
 
     # ------------------------------------------------------------------ views
     def to_dict(self) -> dict[str, Any]:

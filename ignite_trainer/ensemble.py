@@ -32,6 +32,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 import yaml
 
+from ignite_trainer.atomic import atomic_path
 from ignite_trainer.data.records import LABELS, Recording
 from ignite_trainer.decision import DecisionLayer
 from ignite_trainer.errors import CheckpointError, ConfigError, DataError
@@ -254,13 +255,14 @@ def _safetensors_metadata(path: Path) -> dict[str, str]:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
 
 
-def export_ensemble(source: Ensemble | str | Path | Sequence[str | Path], out_path: str | Path) -> Path:
+def export_ensemble(source: Ensemble | str | Path | Sequence[str | Path], out_path: str | Path, *,
+                    overwrite: bool = False) -> Path:
     """Write every member's weights, its config, the ensemble's thresholds and decision layer into one
     safetensors file.
 
     Tensors are named ``member<i>.<parameter>``; the metadata holds each member's config (YAML), epoch and
     source, the thresholds and the decision layer (`DecisionLayer.to_json`) with where they came from.
-    `load_ensemble` reads it back.
+    `load_ensemble` reads it back. ``out_path`` is replaced only with ``overwrite``.
 
     Example::
 
@@ -272,6 +274,8 @@ def export_ensemble(source: Ensemble | str | Path | Sequence[str | Path], out_pa
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
         raise CheckpointError(f"{out_path}: the export must end in .safetensors")
+    if out_path.exists() and not overwrite:
+        raise CheckpointError(f"{out_path}: already exists; pass --overwrite to replace it")
     ensemble = source if isinstance(source, Ensemble) else load_ensemble(source)
     tensors, members = {}, []
     for i, trained in enumerate(ensemble.members):
@@ -283,13 +287,11 @@ def export_ensemble(source: Ensemble | str | Path | Sequence[str | Path], out_pa
                 "combine": "mean of the members' probabilities",
                 "decision": "" if ensemble.decision is None else ensemble.decision.to_json(),
                 "decision_source": ensemble.decision_source}
-    tmp = out_path.with_name(f".{out_path.name}.partial")
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-        os.replace(tmp, out_path)
+        with atomic_path(out_path, durable=True) as tmp:  # the same write as a single model's export
+            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"{out_path}: cannot write the export ({e.strerror or e})") from None
     return out_path
 

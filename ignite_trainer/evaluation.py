@@ -31,10 +31,10 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ignite_trainer.atomic import atomic_directory
 from ignite_trainer.data.bad_input import BadInputPolicy
-from ignite_trainer.data.prepare import split_recordings
 from ignite_trainer.data.discovery import detect_format, has_labels
-from ignite_trainer.data.prepare import prepare_data
+from ignite_trainer.data.prepare import prepare_data, split_recordings
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.challenge_scores import ChallengeScores, challenge_scores, write_scores_csv
 from ignite_trainer.data.records import Recording
@@ -45,6 +45,7 @@ from ignite_trainer.ensemble import Ensemble, is_ensemble, load_model
 from ignite_trainer.model_files import TrainedModel
 from ignite_trainer.predictions import LevelPredictions
 from ignite_trainer.report import write_report
+from ignite_trainer.run_record import read_split
 from ignite_trainer.rundir import RunDirectory
 from ignite_trainer.scores import auprc, auroc, binary_stats, macc
 from ignite_trainer.vocabulary import AGGREGATIONS, LABELS
@@ -120,24 +121,34 @@ def challenge_section(patients: LevelPredictions, recordings: LevelPredictions, 
 
 # ---------------------------------------------------------------------------------------------- data
 def _select_recordings(trained: TrainedModel, data: str | Path | None, fmt: str | None,
-                       split: Literal["val", "all"]) -> tuple[list[Recording], str, str]:
-    """The recordings to evaluate, where they came from, and their format."""
+                       split: Literal["val", "all"]) -> tuple[list[Recording], str, str, list[str]]:
+    """The recordings to evaluate, where they came from, their format, and the patients of the run's data
+    folder that are in neither side of its saved split (added after training: never scored as validation)."""
     config = trained.config
+    new_patients: list[str] = []
     if data is None:
         prepared = prepare_data(config)
         chosen = prepared.val if split == "val" else prepared.train + prepared.val
-        return chosen, str(prepared.source), config.format if config.data else "circor2022"
+        saved = read_split(trained.run_dir)
+        if saved is not None and split == "val":  # the patients the run held out, whatever the folder holds now
+            everyone = prepared.train + prepared.val
+            chosen = [r for r in everyone if r.patient_id in saved["val"]]
+            new_patients = sorted({r.patient_id for r in everyone} - saved["train"] - saved["val"])
+        return chosen, str(prepared.source), config.format if config.data else "circor2022", new_patients
     root = Path(data).expanduser()
     if not root.is_dir():
         raise DataError(f"{root}: dataset folder does not exist")
-    fmt = fmt or detect_format(root) or config.format
+    detected = detect_format(root)
+    if fmt is not None and detected is not None and detected != fmt and not has_labels(root, fmt):
+        raise DataError(f"{root}: is laid out as {detected}, not format={fmt}; drop --format or pass --format {detected}")
+    fmt = fmt or detected or config.format
     if not has_labels(root, fmt):
         raise DataError(f"{root}: has no labels; use predict to run the model on unlabelled recordings")
     recordings = read_recordings(root, fmt, unknown_murmur=config.unknown_murmur,
                                  policy=BadInputPolicy(skip=config.skip_bad))
     if split == "val":
         _, recordings = split_recordings(recordings, config)
-    return recordings, str(root), fmt
+    return recordings, str(root), fmt, new_patients
 
 
 # ---------------------------------------------------------------------------------------------- entry
@@ -175,7 +186,7 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
     out = _output_dir(trained, out_dir, check_only=True)
     split = split or ("val" if data is None else "all")
     how = aggregation or trained.config.aggregation
-    recordings, source, data_format = _select_recordings(trained, data, fmt, split)
+    recordings, source, data_format, new_patients = _select_recordings(trained, data, fmt, split)
     if not recordings:
         raise DataError(f"{source}: no recordings to evaluate in the {split!r} split")
 
@@ -210,7 +221,10 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
         "combine": "mean of the members' probabilities" if ensemble else None,
         "levels": {name: level_scores(level, thresholds) for name, level in levels.items()},
         "challenge": challenge,
-        "warnings": list(warnings),
+        "new_patients": new_patients,
+        "warnings": ([f"{len(new_patients)} patient(s) added to {source} after training are in neither side of "
+                      f"the run's split and were not scored as validation: {', '.join(new_patients)}"]
+                     if new_patients else []) + list(warnings),
     }
     if ensemble:  # windows were counted by the first member (members may cut windows differently)
         results["counts"]["window"] = int(np.sum(levels["recording"].n_windows))
@@ -219,19 +233,26 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
                                   "not the 2022 Challenge's; those are under 'challenge'"}
 
     out = _output_dir(trained, out_dir)
-    files = {"metrics": out / "metrics.json", "patients": out / "patients.csv", "recordings": out / "recordings.csv",
-             "report": out / "report.md"}
+    names = {"metrics": "metrics.json", "patients": "patients.csv", "recordings": "recordings.csv",
+             "report": "report.md"}
     if scores is not None:
-        files["challenge_scores"] = out / "challenge_scores.csv"
-    results["files"] = {k: str(v) for k, v in files.items()}
-    if scores is not None:
-        write_scores_csv(scores, files["challenge_scores"])
-    write_patients_csv(levels["patient"], thresholds, files["patients"])
-    write_recordings_csv(levels["recording"], thresholds, files["recordings"])
+        names["challenge_scores"] = "challenge_scores.csv"
+    results["files"] = {k: str(out / name) for k, name in names.items()}
     run_dir = None if ensemble else trained.run_dir
     metrics_log = RunDirectory(run_dir).metrics_log.path if run_dir is not None else None
-    results["files"]["figures"] = [str(p) for p in write_report(out, results, levels, metrics_log, figures=figures)]
-    write_json(files["metrics"], results)
+    try:  # the whole report is written aside and swapped in: a failure leaves the previous report whole
+        with atomic_directory(out, replace=True) as staging:
+            staging.mkdir()
+            if scores is not None:
+                write_scores_csv(scores, staging / names["challenge_scores"])
+            write_patients_csv(levels["patient"], thresholds, staging / names["patients"])
+            write_recordings_csv(levels["recording"], thresholds, staging / names["recordings"])
+            written = write_report(staging, results, levels, metrics_log, figures=figures)
+            results["files"]["figures"] = [str(out / Path(p).relative_to(staging)) for p in written]
+            write_json(staging / names["metrics"], results)
+    except (OSError, DataError) as e:  # a writer names its file in the staging folder: name the real one
+        reason = e.strerror if isinstance(e, OSError) and e.strerror else str(e).replace(str(staging), str(out))
+        raise DataError(f"{out}: cannot write the report ({reason}); any previous report there is unchanged") from None
     return results
 
 
@@ -253,7 +274,9 @@ def _output_dir(trained, out_dir: str | Path | None, check_only: bool = False) -
     if check_only:
         return out
     try:
-        out.mkdir(parents=True, exist_ok=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DataError(f"{out}: cannot create the report folder ({e.strerror or e})") from None
+    if out.exists() and not out.is_dir():
+        raise DataError(f"{out}: exists and is not a folder")
     return out

@@ -23,6 +23,7 @@ from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, LRScheduler, ProgressBar, TensorboardLogger
 from torch.utils.data import DataLoader, DistributedSampler
 
+from ignite_trainer.data.loaders import set_sampler_position
 from ignite_trainer.checkpoint import BEST_PATTERN, LAST_PATTERN, SafeDiskSaver, Snapshot
 from ignite_trainer.data.loaders import set_sampler_position
 from ignite_trainer.engine import StepEvents, read_step_stats
@@ -182,8 +183,9 @@ def attach_best_checkpoint(
 def attach_last_checkpoint(trainer: Engine, to_save: Mapping[str, Any], dirname: str | Path, n_saved: int = 2) -> Checkpoint:
     """Save the full resume state after every epoch (`checkpoint.LAST_PATTERN`), keeping ``n_saved``.
 
-    Saved at ``EPOCH_COMPLETED``, never mid-epoch: Ignite's engine state holds no data-loader position,
-    so only epoch boundaries resume exactly. Two files are kept so that one survives any kill.
+    Saved at ``EPOCH_COMPLETED``; a graceful stop (`graceful.GracefulStop`) calls the same handler
+    mid-epoch, where the trainer's iteration tells the sampler where to resume (`set_sampler_position`).
+    Two files are kept so that one survives any kill.
 
     Example::
 
@@ -368,10 +370,18 @@ def attach_sampler_epoch(trainer: Engine, loader: Any) -> Callable[[Engine], Non
         return None
 
     def set_epoch(engine: Engine) -> None:
-        set_sampler_position(sampler, engine)
+        set_sampler_position(sampler, engine)  # also the next batch, after a resume from a mid-epoch checkpoint
 
     trainer.add_event_handler(Events.EPOCH_STARTED, set_epoch)
     return set_epoch
+
+
+def _all_iterations_done(trainer: Engine) -> bool:
+    """The last epoch is complete (a checkpoint written mid-way through it, at a graceful stop, is not)."""
+    state = trainer.state
+    if state.epoch_length is None:
+        return state.epoch >= state.max_epochs
+    return state.iteration >= state.max_epochs * state.epoch_length
 
 
 def training_state(trainer: Engine, config: Mapping[str, Any]) -> dict[str, Snapshot]:
@@ -388,7 +398,7 @@ def training_state(trainer: Engine, config: Mapping[str, Any]) -> dict[str, Snap
     return {
         "epoch": Snapshot(lambda: trainer.state.epoch),
         "val_loss": Snapshot(lambda: getattr(trainer.state, "validation_metrics", {}).get("val_loss")),
-        "finished": Snapshot(lambda: trainer.state.epoch >= trainer.state.max_epochs
+        "finished": Snapshot(lambda: _all_iterations_done(trainer)
                              or getattr(trainer.state, "early_stopped_epoch", None) is not None),
         "config": Snapshot(lambda: dict(config)),
     }

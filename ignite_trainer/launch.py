@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import gc
 import logging
+import math
 import multiprocessing
 import os
 import pickle
@@ -25,21 +26,29 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 from ignite_trainer.checkpoint import clean_partial_files, find_resume_checkpoint
 from ignite_trainer.errors import CheckpointError, ConfigError, DistributedFailure, UserError
 
-__all__ = ["DIST_TIMEOUT", "run_spawned", "run_joined", "broadcast_from_rank0", "check_global_batch"]
+__all__ = ["DIST_TIMEOUT", "dist_timeout", "run_spawned", "run_joined", "broadcast_from_rank0"]
 
 #: How long a rank waits in a collective for a peer before giving up. gloo otherwise waits forever for a
 #: peer that died without closing its sockets (another node, SIGKILL under torchrun); the spawn launcher
 #: also stops the survivors as soon as one rank exits. Must exceed the slowest rank-0-only work between
 #: two collectives (a checkpoint save, TensorBoard writes). ``$IGNITE_TRAINER_DIST_TIMEOUT`` overrides it.
-DIST_TIMEOUT = timedelta(seconds=float(os.environ.get("IGNITE_TRAINER_DIST_TIMEOUT", "45")))
+DIST_TIMEOUT = timedelta(seconds=45)
+DIST_TIMEOUT_VARIABLE = "IGNITE_TRAINER_DIST_TIMEOUT"
 
 
-def check_global_batch(batch_size: int, world_size: int) -> None:
-    """``batch_size`` is the global batch; `idist.auto_dataloader` floors it per rank, which would silently
-    shrink a batch that does not divide evenly."""
-    if batch_size % world_size:
-        raise ConfigError(f"batch_size={batch_size} is the global batch and must divide evenly over {world_size} "
-                          f"processes; use a multiple of {world_size}")
+def dist_timeout() -> timedelta:
+    """`DIST_TIMEOUT`, or ``$IGNITE_TRAINER_DIST_TIMEOUT`` seconds; a value that is not a positive number of
+    seconds is a `ConfigError` naming the variable (checked before a run directory is touched)."""
+    raw = os.environ.get(DIST_TIMEOUT_VARIABLE)
+    if raw is None:
+        return DIST_TIMEOUT
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = math.nan
+    if not (math.isfinite(seconds) and seconds > 0):
+        raise ConfigError(f"{DIST_TIMEOUT_VARIABLE}={raw!r} is not a positive number of seconds (e.g. 45)")
+    return timedelta(seconds=seconds)
 
 
 def run_spawned(fn: Callable[..., None], args: tuple, nproc: int, backend: str, run_dir: Path) -> None:
@@ -59,7 +68,7 @@ def run_spawned(fn: Callable[..., None], args: tuple, nproc: int, backend: str, 
     level = spawn_log.level
     spawn_log.setLevel(logging.ERROR)  # its "Terminating process ... via SIGTERM" would follow our one line
     try:
-        with idist.Parallel(backend=backend, nproc_per_node=nproc, timeout=DIST_TIMEOUT) as parallel:
+        with idist.Parallel(backend=backend, nproc_per_node=nproc, timeout=dist_timeout()) as parallel:
             parallel.run(_spawned_rank, fn, errors, *args)
     except ProcessException as e:
         clean_partial_files(run_dir / "checkpoints")  # a rank stopped by SIGTERM mid-save leaves its temp file
@@ -110,7 +119,7 @@ def _rank_failure(e: ProcessException, raised: UserError | None, run_dir: Path) 
 def run_joined(fn: Callable[..., None], args: tuple, backend: str) -> None:
     """``fn(local_rank, *args)`` on this rank when ``torchrun`` started every rank: Ignite joins its
     process group instead of spawning."""
-    with idist.Parallel(backend=backend, timeout=DIST_TIMEOUT) as parallel:
+    with idist.Parallel(backend=backend, timeout=dist_timeout()) as parallel:
         parallel.run(fn, *args)
 
 

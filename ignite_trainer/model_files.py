@@ -160,12 +160,13 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, An
     return state, saved, thresholds, epoch, decision
 
 
-def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path) -> Path:
+def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path, *, overwrite: bool = False) -> Path:
     """Write the model's weights as safetensors, with the config (YAML), thresholds and decision layer
     (JSON) in its metadata.
 
     The export is enough on its own to evaluate or predict (`load_trained_model` reads it), holds no
-    pickle at all, and is a fraction of a training checkpoint (no optimizer or resume state).
+    pickle at all, and is a fraction of a training checkpoint (no optimizer or resume state). An existing
+    ``out_path`` is replaced only with ``overwrite``.
 
     Example::
 
@@ -175,6 +176,8 @@ def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path) 
     out_path = Path(out_path)
     if out_path.suffix != ".safetensors":
         raise CheckpointError(f"{out_path}: the export must end in .safetensors")
+    if out_path.exists() and not overwrite:
+        raise CheckpointError(f"{out_path}: already exists; pass --overwrite to replace it")
     trained = load_trained_model(checkpoint_or_run_dir)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in trained.model.state_dict().items()}
     metadata = {

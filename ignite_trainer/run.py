@@ -9,9 +9,11 @@ run and broadcasts the outcome, so both launch paths open a run the same way.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ignite.distributed as idist
 import torch
@@ -19,6 +21,7 @@ import yaml
 from ignite.engine import Engine
 
 from ignite_trainer.atomic import atomic_write
+from ignite_trainer.checkpoint import Snapshot
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.augment import Augmenter, AugmentSettings
 from ignite_trainer.console import best_summary, split_line, summary_lines
@@ -28,13 +31,16 @@ from ignite_trainer.data.loaders import ResidentEvalLoader, ResidentTrainLoader,
 from ignite_trainer.data.prepare import PreparedData, checked_data, prepare_data
 from ignite_trainer.engine import create_evaluator, create_trainer
 from ignite_trainer.errors import DistributedFailure
-from ignite_trainer.launch import broadcast_from_rank0, check_global_batch, run_joined, run_spawned
+from ignite_trainer.graceful import GracefulStop, TrainingStopped
+from ignite_trainer.launch import broadcast_from_rank0, run_joined, run_spawned
 from ignite_trainer.logs import quiet_non_zero_rank, setup_logging
 from ignite_trainer.losses import WeightedBCELoss
 from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
 from ignite_trainer.models import build_model
 from ignite_trainer.predictions import PredictionCollector
+from ignite_trainer.preflight import check_settings, check_training_set
 from ignite_trainer.run_lock import hold_run_lock
+from ignite_trainer.run_record import end_environment, record_environment, run_identity, write_split
 from ignite_trainer.rundir import OpenedRun, RunDirectory, open_run
 from ignite_trainer.runtime import (
     distributed_backend, resolve_device, resolved_settings, seed_everything, torchrun_world_size,
@@ -79,22 +85,26 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
         return result
 
     def validate(checked_config: TrainConfig) -> PreparedData:
-        check_global_batch(checked_config.batch_size, checked_config.nproc_per_node)
+        check_settings(checked_config)
         if checked_config.tracker == "mlflow":
             require_mlflow()  # a missing extra costs nothing: no run directory yet
-        return checked_data(checked_config)
+        data = checked_data(checked_config)
+        check_training_set(checked_config, len(data.train))
+        return data
 
-    run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate)
+    run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate,
+                   identify=run_identity)
     if run.finished:
         return _finished_summary(run)
     data = run.checked
     assert data is not None
+    _record_start(run, data)
     setup_logging(run.directory.train_log)
     log.info("data %s: %d train / %d validation recordings", data.source, len(data.train), len(data.val))
     log.info(split_line(data.train, data.val))
     config = run.config
     _write_resolved(run.directory, config, data)
-    with hold_run_lock(run.directory.path):
+    with hold_run_lock(run.directory.path), _session(run.directory.path):
         try:
             run_spawned(training_process, (config, run.directory.path, data, run.resume_from, setup),
                         config.nproc_per_node, distributed_backend(config.backend, config.device), run.directory.path)
@@ -124,6 +134,30 @@ def _summary(directory: RunDirectory, config: TrainConfig, skipped: list[str]) -
             "best": best, "skipped": skipped}
 
 
+def _record_start(run: OpenedRun, data: PreparedData) -> None:
+    """``split.json`` (a new run) and this session in ``environment.json``."""
+    if run.resume_from is None:
+        write_split(run.directory.path, run.config, data)
+    record_environment(run.directory.path, str(resolve_device(run.config.device)))
+
+
+@contextlib.contextmanager
+def _session(run_dir: Path) -> Iterator[None]:
+    """Close this session in ``environment.json`` with how it ended."""
+    outcome = "failed"
+    try:
+        yield
+        outcome = "finished"
+    except TrainingStopped as e:
+        outcome = f"stopped by {e.signal_name}"
+        raise
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        raise
+    finally:
+        end_environment(run_dir, outcome)
+
+
 def _finished_summary(run: OpenedRun) -> dict[str, Any]:
     return {"run_dir": run.directory.path, "finished": True, "already_finished": True, "epoch": run.epoch,
             "metrics": run.directory.metrics_log.last()}
@@ -136,15 +170,20 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
     world = idist.get_world_size()
 
     def open_on_rank0() -> OpenedRun:
-        def validate(checked_config: TrainConfig) -> None:
-            check_global_batch(checked_config.batch_size, world)
-            checked_data(checked_config)  # fills the cache too
+        def validate(checked_config: TrainConfig) -> PreparedData:
+            check_settings(checked_config, world)
+            data = checked_data(checked_config)  # fills the cache too
+            check_training_set(checked_config, len(data.train), world)
+            return data
 
         if config.tracker == "mlflow":
             require_mlflow()
-        run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate)
+        run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate,
+                       identify=run_identity)
+        if not run.finished:
+            _record_start(run, run.checked)
         setup_logging(run.directory.train_log)
-        return run
+        return dataclasses.replace(run, checked=None)  # every rank prepares its own; no need to broadcast it
 
     run = broadcast_from_rank0(open_on_rank0)
     if run.finished:
@@ -158,7 +197,7 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
     if idist.get_rank() == 0:
         log.info(split_line(data.train, data.val))
         _write_resolved(run.directory, run.config, data)
-        with hold_run_lock(run.directory.path):
+        with hold_run_lock(run.directory.path), _session(run.directory.path):
             training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup)
         result.update(_summary(run.directory, run.config, skipped=data.skipped))
     else:
@@ -185,6 +224,7 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
                                                    weight_decay=config.weight_decay, fused=device.type == "cuda"))
     loss_fn = WeightedBCELoss(*config.pos_weight).to(device)
     train_loader, val_dataset, val_loader = _loaders(config, data, device)
+    identity = run_identity(config, data)  # in every checkpoint: a resume checks it is this run's
 
     # fp16 autocast on CUDA needs loss scaling; the one scaler is created here and checkpointed with the run
     fp16_on_cuda = config.amp and config.amp_dtype == "float16" and device.type == "cuda"
@@ -204,16 +244,29 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
     handlers = attach_standard_handlers(
         trainer, evaluator, model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
         val_dataset=val_dataset, config=config, run_dir=run_dir, scaler=scaler,
-        resume_from=resume_path, writes_logs=rank == 0)
+        extra_to_save={"run_identity": Snapshot(lambda: identity)}, resume_from=resume_path, writes_logs=rank == 0)
     tracker = None
     if rank == 0 and config.tracker == "mlflow":
         tracker = attach_mlflow(trainer, optimizer, config, run_dir, tracking_uri=config.tracking_uri,
                                 val_dataset=val_dataset, best_checkpoint=handlers.best_checkpoint)
     if setup is not None:
         setup(trainer, evaluator)
+    stop = None
+    if idist.get_world_size() == 1:  # several ranks would have to agree on where to stop: not supported yet
+        stop = GracefulStop(handlers.last_checkpoint, run_dir, config.accumulation_steps)
+        stop.attach(trainer)
     error: BaseException | None = None
     try:
-        trainer.run(train_loader, max_epochs=config.epochs)
+        try:
+            with stop.installed() if stop is not None else contextlib.nullcontext():
+                trainer.run(train_loader, max_epochs=config.epochs)
+        finally:
+            handlers.close()
+        if stop is not None:
+            stop.raise_if_stopped()
+    except TrainingStopped:
+        error = KeyboardInterrupt()  # a stop on purpose: the tracker records it as interrupted, not failed
+        raise
     except KeyboardInterrupt as e:
         error = e
         log.warning("interrupted at epoch %s; resume with --resume %s", trainer.state.epoch, run_dir)
@@ -223,7 +276,6 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
         log.error("stopped by an error at epoch %s: %s: %s", trainer.state.epoch, type(e).__name__, e)
         raise
     finally:
-        handlers.close()
         if tracker is not None:
             close_mlflow(tracker, error)
     if idist.get_world_size() > 1:

@@ -23,9 +23,10 @@ from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from ignite_trainer.atomic import atomic_write
-from ignite_trainer.checkpoint import find_resume_checkpoint
+from ignite_trainer.checkpoint import find_resume_checkpoint, parse_checkpoint_name
 from ignite_trainer.config import TrainConfig, config_conflicts
 from ignite_trainer.errors import CheckpointError, ConfigError
+from ignite_trainer.run_record import identity_differences
 
 __all__ = ["RunDirectory", "OpenedRun", "open_run", "MetricsLog", "read_metrics_log", "run_dir_path"]
 
@@ -90,14 +91,17 @@ class OpenedRun(Generic[T]):
 
 def open_run(config: TrainConfig, *, resume: str | Path | None = None, overwrite: bool = False,
              overrides: Mapping[str, Any] | None = None,
-             validate: Callable[[TrainConfig], T] | None = None) -> OpenedRun[T]:
+             validate: Callable[[TrainConfig], T] | None = None,
+             identify: Callable[[TrainConfig, T], Mapping[str, Any]] | None = None) -> OpenedRun[T]:
     """Start a new run, replace one (``overwrite``) or reopen one (``resume``), in two phases.
 
-    Phase 1 changes nothing on disk: it settles the directory and the config (on resume: the run's own,
-    with ``overrides`` that may only change how it runs, not its result) and then calls
-    ``validate(config)``, the place for every input check (reading the data, batch arithmetic, ...).
-    Phase 2 creates or replaces the directory and writes ``config.yaml``, or on resume cuts
-    ``metrics.jsonl`` back to the checkpoint's epoch.
+    Phase 1 changes nothing on disk: it settles the directory and the config (on resume: the run's own
+    ``config.yaml``, which must agree with the checkpoint's, with ``overrides`` that may only change how
+    it runs, not its result) and then calls ``validate(config)``, the place for every input check
+    (reading the data, batch arithmetic, ...). On resume, ``identify(config, checked)`` gives the run's
+    identity as it is now; a checkpoint whose stored ``run_identity`` differs (another run's file, or
+    other data) is refused. Phase 2 creates or replaces the directory and writes ``config.yaml``, or on
+    resume cuts ``metrics.jsonl`` back to the checkpoint's epoch and records the resumed config.
 
     Example::
 
@@ -107,12 +111,24 @@ def open_run(config: TrainConfig, *, resume: str | Path | None = None, overwrite
     if resume is not None:
         directory = RunDirectory(Path(resume))
         config, path, ckpt = _resume_config(directory, overrides or {})
-        epoch, finished = int(ckpt["epoch"]), bool(ckpt.get("finished"))
+        epoch, finished, saved_identity = int(ckpt["epoch"]), bool(ckpt.get("finished")), ckpt.get("run_identity")
         del ckpt
         if finished:
             return OpenedRun(directory, config, path, True, epoch, None)
         checked = validate(config) if validate is not None else None
+        if path is None:  # no checkpoint yet: the run starts again, in its own directory
+            directory.metrics_log.truncate(0)
+            shutil.rmtree(directory.tensorboard, ignore_errors=True)
+            return OpenedRun(directory, config, None, False, 0, checked)
+        if identify is not None:
+            differences = identity_differences(saved_identity, identify(config, checked))  # type: ignore[arg-type]
+            if differences:
+                raise CheckpointError(f"{path}: not a checkpoint of this run as it is now: {'; '.join(differences)}; "
+                                      "resume with the run's own data and config, or start a new run")
         directory.metrics_log.truncate(epoch)
+        if directory.config_file.read_text() != config.to_yaml():
+            with atomic_write(directory.config_file, durable=True) as f:
+                f.write(config.to_yaml())  # the resumable fields (device, workers, ...) as this session runs
         return OpenedRun(directory, config, path, False, epoch, checked)
 
     directory = RunDirectory(run_dir_path(config))
@@ -144,16 +160,31 @@ def _create(directory: RunDirectory) -> None:
         raise CheckpointError(f"{directory.path}: cannot write the run directory ({e.strerror or e})") from None
 
 
-def _resume_config(directory: RunDirectory, overrides: Mapping[str, Any]) -> tuple[TrainConfig, Path, dict[str, Any]]:
-    """The config to resume with: the checkpoint's own, plus explicit overrides that must not change the math."""
+def _resume_config(directory: RunDirectory,
+                   overrides: Mapping[str, Any]) -> tuple[TrainConfig, Path | None, dict[str, Any]]:
+    """The config to resume with (the run's config.yaml, which must agree with the checkpoint's, plus explicit
+    overrides that must not change the math), the checkpoint and its contents; a run stopped before its first
+    checkpoint has none (``None``, epoch 0) and starts again."""
     if not directory.path.is_dir():
         raise CheckpointError(f"{directory.path}: --resume needs an existing run directory")
+    if directory.config_file.is_file() and not _has_resume_files(directory):
+        # stopped before its first checkpoint: nothing was trained, so the run starts again from its config.yaml
+        return _recorded_config(directory).updated(overrides, source="command line"), None, {"epoch": 0}
     path, ckpt = find_resume_checkpoint(directory.path)
     saved = ckpt.get("config")
     if not isinstance(saved, dict):
         raise CheckpointError(f"{path}: checkpoint holds no config; cannot resume")
+    if not directory.config_file.is_file():
+        raise CheckpointError(f"{directory.config_file}: missing; a run directory without its config cannot be resumed")
+    recorded = _recorded_config(directory)
+    edited = config_conflicts(saved, recorded)
+    if edited:
+        raise CheckpointError(
+            f"{path}: its config differs from the run's {directory.config_file.name} ({'; '.join(edited)}); "
+            "a checkpoint of another run, or an edited config.yaml, cannot be resumed (config.yaml must stay "
+            "what ran: start a new run to change it)")
     try:
-        config = TrainConfig.from_mapping(saved, source=str(path)).updated(overrides, source="command line")
+        config = recorded.updated(overrides, source="command line")
     except ConfigError as e:
         raise CheckpointError(f"{path}: {e}") from None
     conflicts = config_conflicts(saved, config)
@@ -161,6 +192,20 @@ def _resume_config(directory: RunDirectory, overrides: Mapping[str, Any]) -> tup
         raise CheckpointError(f"{directory.path}: resume refused, the config differs from the checkpoint's "
                               f"({'; '.join(conflicts)})")
     return config, path, ckpt
+
+
+def _recorded_config(directory: RunDirectory) -> TrainConfig:
+    try:
+        return TrainConfig.from_yaml(directory.config_file)
+    except ConfigError as e:
+        raise CheckpointError(f"{directory.config_file}: cannot resume ({e})") from None
+
+
+def _has_resume_files(directory: RunDirectory) -> bool:
+    """Whether any ``last_checkpoint_*`` file is there (complete or not: a damaged one must be reported)."""
+    folder = directory.checkpoints
+    return folder.is_dir() and any(getattr(parse_checkpoint_name(p.name), "kind", None) == "last"
+                                   for p in folder.iterdir())
 
 
 # ---------------------------------------------------------------------------------------------- metrics.jsonl

@@ -303,3 +303,97 @@ def test_setup_cfg_requires_a_torch_without_the_torch_load_flaws():
     cfg = configparser.ConfigParser()
     cfg.read(ROOT / "setup.cfg")
     assert "torch>=2.10" in cfg["options"]["install_requires"].split()
+
+
+# ------------------------------------------------------------------------------------------------- no traceback
+def _riff_size(wav: Path, size: int) -> Path:
+    raw = bytearray(wav.read_bytes())
+    raw[4:8] = size.to_bytes(4, "little")
+    wav.write_bytes(bytes(raw))
+    return wav
+
+
+def test_a_riff_size_smaller_than_the_data_is_one_line_and_skippable(tmp_path, data, capsys):
+    from ignite_trainer.data.bad_input import BadInputPolicy
+    from ignite_trainer.data.readers import read_recordings
+
+    wav = _riff_size(wav_of(data), 100)
+    expect_error(capsys, train_args(tmp_path, data), wav.name, "RIFF size field says 100 bytes", root=tmp_path)
+    policy = BadInputPolicy(skip=True)
+    kept = read_recordings(data, "circor2022", policy=policy)
+    assert wav.stem not in {r.recording_id for r in kept} and any(wav.name in s for s in policy.skipped)
+
+
+def test_a_riff_size_of_zero_through_predict(trained_run, tmp_path, capsys):
+    wav = _riff_size(Path(shutil.copy(wav_of(trained_run.data), tmp_path / "zero.wav")), 0)
+    expect_error(capsys, ["predict", str(trained_run.checkpoint), str(wav)], "zero.wav", "RIFF size field says 0")
+
+
+@pytest.mark.parametrize("command", ["predict", "evaluate"])
+def test_swapped_arguments_say_the_wav_is_not_a_checkpoint(trained_run, capsys, command):
+    wav = wav_of(trained_run.data)
+    args = ["predict", str(wav), str(trained_run.checkpoint)] if command == "predict" else ["evaluate", str(wav)]
+    expect_error(capsys, args, wav.name, "not a checkpoint", "WAV")
+
+
+@pytest.mark.parametrize("name, content", [("config.yaml", b"epochs: 1\n"), ("table.csv", b"a,b\n1,2\n"),
+                                           ("figure.png", b"\x89PNG\r\n\x1a\n" + bytes(40))])
+def test_predict_given_a_file_that_is_no_checkpoint(trained_run, tmp_path, capsys, name, content):
+    path = tmp_path / name
+    path.write_bytes(content)
+    line = expect_error(capsys, ["predict", str(path), str(wav_of(trained_run.data))], name, "not a checkpoint")
+    assert "run code" not in line
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "latin-1"])
+def test_a_config_file_that_is_not_utf8(tmp_path, pristine, capsys, encoding):
+    config = tmp_path / "c.yaml"
+    config.write_bytes("name: café\n".encode(encoding))
+    expect_error(capsys, train_args(tmp_path, pristine, "--config", str(config)), "c.yaml", "not UTF-8",
+                 root=tmp_path)
+
+
+def test_an_fft_size_that_would_allocate_gigabytes(tmp_path, pristine, capsys):
+    expect_error(capsys, train_args(tmp_path, pristine, "--set", "n_fft=100000000"), "n_fft=100000000",
+                 "out of range", root=tmp_path)
+
+
+@pytest.mark.parametrize("command", ["export", "synth"])
+def test_export_or_synth_into_a_folder_that_cannot_be_written(trained_run, tmp_path, capsys, command):
+    blocker = tmp_path / "blocked"
+    blocker.write_text("a file where a folder should be")  # as root too, unlike a read-only mode
+    args = (["export", str(trained_run.checkpoint), str(blocker / "m.safetensors")] if command == "export"
+            else ["synth", str(blocker / "d"), "--patients", "2"])
+    expect_error(capsys, args, str(blocker), root=tmp_path)
+
+
+@pytest.mark.parametrize("what", ["name", "data", "predict"])
+def test_a_300_character_name_or_path(trained_run, tmp_path, pristine, capsys, what):
+    long = "x" * 300
+    if what == "name":
+        args = train_args(tmp_path, pristine, "--name", long)
+    elif what == "data":
+        args = train_args(tmp_path, tmp_path / long)
+    else:
+        args = ["predict", str(trained_run.checkpoint), str(tmp_path / f"{long}.wav")]
+    expect_error(capsys, args, "x" * 40, root=tmp_path)
+
+
+def test_a_distributed_timeout_that_is_not_a_number(tmp_path, pristine, capsys, monkeypatch):
+    monkeypatch.setenv("IGNITE_TRAINER_DIST_TIMEOUT", "45s")
+    expect_error(capsys, train_args(tmp_path, pristine, "--nproc-per-node", "2"), "IGNITE_TRAINER_DIST_TIMEOUT",
+                 "'45s'", root=tmp_path)
+
+
+def test_a_cache_root_that_is_a_file(tmp_path, pristine, capsys, monkeypatch):
+    cache = tmp_path / "cache-file"
+    cache.write_text("not a folder")
+    monkeypatch.setenv("IGNITE_TRAINER_CACHE", str(cache))
+    args = train_args(tmp_path, pristine)
+    del args[args.index(f"cache_dir={tmp_path / 'cache'}") - 1:args.index(f"cache_dir={tmp_path / 'cache'}") + 1]
+    expect_error(capsys, args, str(cache), "not a folder", root=tmp_path)
+
+
+def test_evaluate_with_the_wrong_format_flag_names_the_format(trained_run, capsys):
+    expect_error(capsys, ["evaluate", str(trained_run.run_dir), "--data", str(trained_run.data), "--format",
+                          "physionet2016"], "circor2022", "format=physionet2016")

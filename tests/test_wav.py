@@ -87,7 +87,7 @@ def test_riff_size_beyond_the_file_is_an_error(tmp_path: Path) -> None:
     raw = bytearray(path.read_bytes())
     struct.pack_into("<I", raw, 4, len(raw) + 100)
     path.write_bytes(bytes(raw))
-    _raises_naming(path, "truncated WAV (Reached EOF prematurely")
+    _raises_naming(path, "truncated WAV (the RIFF size field says")
 
 
 def test_zero_byte_file(tmp_path: Path) -> None:
@@ -154,3 +154,23 @@ def test_wfdb_rate_and_declared_rate_check(tmp_path: Path) -> None:
     hea.write_text("garbage\n")
     with pytest.raises(DataError, match=r"2530_AV\.hea: record line"):
         read_wfdb_rate(hea)
+
+
+def test_a_riff_size_left_unknown_by_a_streaming_writer_is_read_by_the_data_chunk(tmp_path: Path) -> None:
+    path = tmp_path / "stream.wav"
+    samples = _tone(1000)
+    write_wav(path, 4000, samples)
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<I", raw, 4, 0xFFFFFFFF)
+    path.write_bytes(bytes(raw))
+    rate, audio = read_wav(path)
+    assert rate == 4000 and np.array_equal(audio, samples.astype(np.float32) / 32768)
+
+
+def test_a_riff_size_smaller_than_the_data_chunk_is_a_damaged_header(tmp_path: Path) -> None:
+    path = tmp_path / "a.wav"
+    write_wav(path, 4000, _tone(1000))
+    raw = bytearray(path.read_bytes())
+    struct.pack_into("<I", raw, 4, 0)
+    path.write_bytes(bytes(raw))
+    _raises_naming(path, "damaged WAV header (the RIFF size field says 0 bytes")

@@ -1,8 +1,9 @@
 """Strict WAV input/output for PCG recordings: 16-bit PCM mono, or a one-line `DataError`.
 
 ``scipy.io.wavfile`` reads what it can and only *warns* when a file is cut short, so a truncated download
-would silently train on half a recording. Here the RIFF header is checked first (cheaply, without reading the
-samples), scipy's warnings become errors, and every problem is one line naming the file.
+would silently train on half a recording, and it trusts the RIFF size field that streaming writers leave
+at 0xFFFFFFFF. Here the RIFF header is checked first (cheaply, without reading the samples), the samples
+are read from the data chunk it located, and every problem is one line naming the file.
 
 The WFDB ``.hea`` file beside a recording declares its sampling rate too; `check_declared_rate` compares the
 declarations with the WAV header so that a resampled or mislabelled file is caught when the dataset is read,
@@ -12,7 +13,6 @@ not after hours of training.
 from __future__ import annotations
 
 import struct
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,6 +22,8 @@ from scipy.io import wavfile
 from ignite_trainer.errors import DataError
 
 _PCM = 1
+#: The RIFF size a streaming writer leaves when it cannot seek back: "unknown", the data chunk decides.
+_RIFF_SIZE_UNKNOWN = 0xFFFFFFFF
 _EXTENSIBLE = 0xFFFE
 _FORMAT_NAMES = {1: "PCM", 3: "IEEE float", 6: "A-law", 7: "mu-law", 2: "ADPCM"}
 
@@ -60,6 +62,8 @@ def _parse_header(path: Path, f, size: int) -> WavHeader:
     head = f.read(12)
     if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
         raise _fail(path, "not a WAV file (no RIFF/WAVE header)")
+    riff_size = struct.unpack("<I", head[4:8])[0]
+    riff_end = None if riff_size == _RIFF_SIZE_UNKNOWN else 8 + riff_size
     fmt: tuple[int, int, int, int, int] | None = None  # tag, channels, rate, block_align, bits
     pos = 12
     while True:
@@ -85,6 +89,12 @@ def _parse_header(path: Path, f, size: int) -> WavHeader:
             _tag, _channels, rate, block_align, _bits = fmt
             if chunk_size % block_align:
                 raise _fail(path, f"truncated WAV (data chunk of {chunk_size} bytes ends inside a sample)")
+            if riff_end is not None and riff_end > size:  # the data is whole, a chunk after it was cut off
+                raise _fail(path, f"truncated WAV (the RIFF size field says {riff_size} bytes, the file holds "
+                                  f"{size - 8})")
+            if riff_end is not None and body + chunk_size > riff_end:
+                raise _fail(path, f"damaged WAV header (the RIFF size field says {riff_size} bytes, but the data "
+                                  f"chunk ends at byte {body + chunk_size})")
             return WavHeader(rate=rate, n_frames=chunk_size // block_align, data_offset=body)
         pos = body + chunk_size + (chunk_size & 1)  # chunks are padded to an even length
 
@@ -113,23 +123,20 @@ def wav_info(path: str | Path) -> tuple[int, int]:
 
 
 def read_wav(path: str | Path) -> tuple[int, np.ndarray]:
-    """``(rate, samples)``: float32 mono samples in [-1, 1). Any defect is a `DataError`, never a short array."""
+    """``(rate, samples)``: float32 mono samples in [-1, 1). Any defect is a `DataError`, never a short array.
+
+    The samples are read from the data chunk the header check found (its size already checked against
+    the file), so a RIFF size left as 0xFFFFFFFF by a streaming writer does not matter.
+    """
     path = Path(path)
     header = read_header(path)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", wavfile.WavFileWarning)  # scipy's "Reached EOF prematurely" means cut short
-        warnings.filterwarnings("ignore", message="Chunk .non-data. not understood", category=wavfile.WavFileWarning)
-        try:
-            rate, data = wavfile.read(path)
-        except wavfile.WavFileWarning as e:
-            cut_short = any(sign in str(e) for sign in ("prematurely", "Incomplete chunk"))
-            raise _fail(path, f"{'truncated' if cut_short else 'malformed'} WAV ({_one_line(e)})") from None
-        except (ValueError, EOFError, OSError, struct.error) as e:
-            raise _fail(path, f"unreadable WAV ({_one_line(e)})") from None
-    if data.dtype != np.int16 or data.ndim != 1 or len(data) != header.n_frames:
-        raise _fail(path, f"unreadable WAV (got {data.shape} {data.dtype}, "
-                          f"header declares {header.n_frames} int16 frames)")
-    return int(rate), data.astype(np.float32) / np.float32(32768.0)
+    try:
+        data = np.fromfile(path, dtype="<i2", count=header.n_frames, offset=header.data_offset)
+    except (OSError, ValueError) as e:
+        raise _fail(path, f"unreadable WAV ({_one_line(e)})") from None
+    if len(data) != header.n_frames:
+        raise _fail(path, f"truncated WAV (header declares {header.n_frames} frames, read {len(data)})")
+    return header.rate, data.astype(np.float32) / np.float32(32768.0)
 
 
 def write_wav(path: str | Path, rate: int, samples_int16: np.ndarray) -> None:
