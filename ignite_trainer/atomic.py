@@ -119,7 +119,7 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
     try:
         yield staging
         if replace and target.exists():
-            _swap_directory(staging, target)
+            swap_directory(staging, target)
             return
         try:
             os.replace(staging, target)
@@ -131,7 +131,7 @@ def atomic_directory(target: str | Path, replace: bool = False) -> Iterator[Path
             shutil.rmtree(staging, ignore_errors=True)
 
 
-def _swap_directory(staging: Path, target: Path) -> None:
+def swap_directory(staging: Path, target: Path) -> None:
     """Put ``staging`` where ``target`` is; the old ``target`` goes only once the new one is in place."""
     old = target.with_name(f".{target.name}.{uuid.uuid4().hex[:8]}.old")
     os.rename(target, old)

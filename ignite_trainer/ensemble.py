@@ -271,11 +271,9 @@ def export_ensemble(source: Ensemble | str | Path | Sequence[str | Path], out_pa
     """
     import safetensors.torch
 
-    out_path = Path(out_path)
-    if out_path.suffix != ".safetensors":
-        raise CheckpointError(f"{out_path}: the export must end in .safetensors")
-    if out_path.exists() and not overwrite:
-        raise CheckpointError(f"{out_path}: already exists; pass --overwrite to replace it")
+    from ignite_trainer.model_files import check_export_target
+
+    out_path = check_export_target(out_path, overwrite)
     ensemble = source if isinstance(source, Ensemble) else load_ensemble(source)
     tensors, members = {}, []
     for i, trained in enumerate(ensemble.members):

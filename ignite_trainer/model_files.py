@@ -160,6 +160,17 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, An
     return state, saved, thresholds, epoch, decision
 
 
+def check_export_target(out_path: str | Path, overwrite: bool) -> Path:
+    """Refuse, before any work, an export name that is not ``.safetensors`` or that would replace a file
+    without ``overwrite``; every export (one model or an ensemble) goes through here."""
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise CheckpointError(f"{out_path}: the export must end in .safetensors")
+    if out_path.exists() and not overwrite:
+        raise CheckpointError(f"{out_path}: already exists; pass --overwrite to replace it")
+    return out_path
+
+
 def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path, *, overwrite: bool = False) -> Path:
     """Write the model's weights as safetensors, with the config (YAML), thresholds and decision layer
     (JSON) in its metadata.
@@ -173,11 +184,7 @@ def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path, 
         export_safetensors("runs/quick", "quick.safetensors")
         trained = load_trained_model("quick.safetensors")
     """
-    out_path = Path(out_path)
-    if out_path.suffix != ".safetensors":
-        raise CheckpointError(f"{out_path}: the export must end in .safetensors")
-    if out_path.exists() and not overwrite:
-        raise CheckpointError(f"{out_path}: already exists; pass --overwrite to replace it")
+    out_path = check_export_target(out_path, overwrite)
     trained = load_trained_model(checkpoint_or_run_dir)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in trained.model.state_dict().items()}
     metadata = {

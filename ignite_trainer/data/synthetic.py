@@ -35,7 +35,7 @@ import numpy as np
 from scipy import fft as sfft
 from tqdm import tqdm
 
-from ignite_trainer.atomic import atomic_directory
+from ignite_trainer.atomic import atomic_directory, swap_directory
 from ignite_trainer.data.wav import write_wav
 from ignite_trainer.errors import ConfigError, DataError
 from ignite_trainer.vocabulary import FORMATS
@@ -706,14 +706,7 @@ def _swap_in(staging: Path, out_dir: Path) -> None:
     if not out_dir.is_dir():
         os.rename(staging, out_dir)
         return
-    trash = staging.parent / f"{staging.name}.old"
-    os.rename(out_dir, trash)
-    try:
-        os.rename(staging, out_dir)
-    except BaseException:
-        os.rename(trash, out_dir)
-        raise
-    shutil.rmtree(trash, ignore_errors=True)
+    swap_directory(staging, out_dir)
 
 
 def _progress_bar(total: int, enabled: bool) -> tqdm:
