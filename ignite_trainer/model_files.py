@@ -184,6 +184,10 @@ def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path, 
         export_safetensors("runs/quick", "quick.safetensors")
         trained = load_trained_model("quick.safetensors")
     """
+    from ignite_trainer.ensemble import export_ensemble, is_ensemble
+
+    if is_ensemble(checkpoint_or_run_dir):  # a cv experiment directory: every member in one file
+        return export_ensemble(checkpoint_or_run_dir, out_path, overwrite=overwrite)
     out_path = check_export_target(out_path, overwrite)
     trained = load_trained_model(checkpoint_or_run_dir)
     state = {k: v.detach().cpu().contiguous().clone() for k, v in trained.model.state_dict().items()}

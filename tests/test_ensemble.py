@@ -98,6 +98,12 @@ def test_the_exported_file_keeps_the_out_of_fold_decision_layer(experiment, tmp_
     loaded = load_ensemble(tmp_path / "cv.safetensors")
     assert loaded.decision == original.decision and loaded.decision_source == original.decision_source
     assert [m.config.seed for m in loaded.members] == [m.config.seed for m in original.members]
+    # the library function takes an experiment directory too (the CLI and scripts write the same file)
+    from ignite_trainer.model_files import export_safetensors
+
+    again = export_safetensors(experiment.exp_dir, tmp_path / "again.safetensors")
+    assert load_ensemble(again).decision == original.decision
+    assert len(load_ensemble(again).members) == len(original.members)
 
 
 def test_evaluate_and_predict_score_an_experiment_as_its_ensemble(experiment, recordings, tmp_path):
