@@ -16,6 +16,8 @@ import numpy as np
 from numpy.typing import ArrayLike
 from sklearn.metrics import average_precision_score, roc_auc_score
 
+from ignite_trainer.challenge_scores import challenge_cost
+
 __all__ = [
     "MURMUR_CLASSES",
     "stats_from_counts",
@@ -149,25 +151,17 @@ def binary_weighted_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     return _ratio(5 * tp + tn, 5 * (tp + fn) + (fp + tn))
 
 
-def _expert_cost(referred: float, n: float) -> float:
-    """2022 cost of expert screening of ``referred`` out of ``n`` patients (cheaper per patient at scale)."""
-    s = referred / n
-    return (25.0 + 397.0 * s - 1718.0 * s**2 + 11296.0 * s**4) * n
-
-
 def outcome_cost(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """PhysioNet/CinC 2022 clinical-outcome cost per patient (lower is better); positive = referral.
 
     ``(10·n + c_expert(TP+FP, n) + 10000·TP + 50000·FN) / n`` with
-    ``c_expert(s, n) = (25 + 397·(s/n) − 1718·(s/n)² + 11296·(s/n)⁴)·n``. With no patient there is
-    nothing to pay for, so empty input gives 0.0.
+    ``c_expert(s, n) = (25 + 397·(s/n) − 1718·(s/n)² + 11296·(s/n)⁴)·n``: the formula lives in
+    `ignite_trainer.challenge_scores.challenge_cost`, once. With no patient there is nothing to pay for,
+    so empty input gives 0.0.
     """
     tp, fp, fn, tn = _counts(y_true, y_pred)
-    n = tp + fp + fn + tn
-    if n == 0:
-        return 0.0
-    total = 10.0 * n + _expert_cost(tp + fp, n) + 10000.0 * tp + 50000.0 * fn
-    return total / n
+    cost = challenge_cost(tp, fp, fn, tn)
+    return 0.0 if cost is None else cost
 
 
 def _single_class(t: np.ndarray) -> bool:
