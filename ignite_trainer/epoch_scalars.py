@@ -25,7 +25,7 @@ from ignite_trainer.events import TrainerEvents
 from ignite_trainer.predictions import recording_predictions
 from ignite_trainer.scores import auprc, auroc
 from ignite_trainer.vocabulary import LABELS
-from ignite_trainer.vocabulary import score_mode as monitor_mode
+from ignite_trainer.vocabulary import score_mode
 
 __all__ = ["EpochScalars", "ranking_scores"]
 
@@ -145,5 +145,5 @@ def _restored_best(best_checkpoint: Checkpoint, monitor: str) -> tuple[int | Non
         return None, None
     priority, filename = saved[-1]
     match = _BEST_FILE.search(str(filename))
-    sign = -1.0 if monitor_mode(monitor) == "min" else 1.0
+    sign = -1.0 if score_mode(monitor) == "min" else 1.0
     return (int(match.group(1)) if match else None), sign * float(priority)

@@ -22,7 +22,7 @@ from sklearn.metrics import precision_recall_curve, roc_curve
 from ignite_trainer.rundir import read_metrics_log
 from ignite_trainer.predictions import LevelPredictions
 from ignite_trainer.vocabulary import LABELS
-from ignite_trainer.vocabulary import score_mode as monitor_mode
+from ignite_trainer.vocabulary import score_mode
 
 __all__ = ["plot_confusion_matrices", "plot_roc_pr", "plot_training_curves", "read_metrics_log", "best_epoch",
            "write_report", "CLASS_NAMES"]
@@ -153,7 +153,7 @@ def best_epoch(records: Sequence[Mapping[str, Any]], monitor: str) -> int | None
     scored = [(v, r["epoch"]) for r in records if not math.isnan(v := _series([r], *keys)[0])]
     if not scored:
         return None
-    sign = -1.0 if monitor_mode(monitor) == "min" else 1.0
+    sign = -1.0 if score_mode(monitor) == "min" else 1.0
     best_value = max(sign * v for v, _ in scored)
     return next(epoch for v, epoch in scored if sign * v == best_value)
 

@@ -33,7 +33,7 @@ from typing import Any, Mapping
 
 import yaml
 
-from ignite_trainer.vocabulary import score_mode as monitor_mode
+from ignite_trainer.vocabulary import score_mode
 from ignite_trainer.errors import CheckpointError
 from ignite_trainer.run_lock import is_running
 
@@ -126,7 +126,7 @@ def _best(ckpt_dir: Path, monitor: str, records: list[dict[str, Any]]) -> tuple[
     exact = next((_score(r, monitor) for r in records if r["epoch"] == epoch), None)
     if exact is not None:
         return epoch, exact
-    return epoch, -named_score if monitor_mode(monitor) == "min" else named_score
+    return epoch, -named_score if score_mode(monitor) == "min" else named_score
 
 
 def _finished_flag(ckpt_dir: Path) -> bool | None:

@@ -36,7 +36,7 @@ import yaml
 
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.cv_report import CHALLENGE_METRICS as CV_CHALLENGE_METRICS, METRICS as CV_METRICS
-from ignite_trainer.vocabulary import LABELS as LABEL_NAMES, STATS as METRIC_NAMES, score_mode as monitor_mode
+from ignite_trainer.vocabulary import LABELS as LABEL_NAMES, STATS as METRIC_NAMES, score_mode
 from ignite_trainer.errors import ConfigError
 
 #: Every score a run writes to ``metrics.jsonl`` each epoch (the names ``monitor`` accepts).
@@ -277,7 +277,7 @@ def objective_mode(metric: str) -> str:
     """``"min"`` or ``"max"``: which way ``metric`` is better (an out-of-fold cost is lower-better)."""
     if metric.startswith("oof."):
         return "min" if metric.endswith("cost") else "max"
-    return monitor_mode(metric)
+    return score_mode(metric)
 
 
 def _objective(value: Any, where: str, experiment: str = "run", base: TrainConfig | None = None) -> tuple[str, str]:
