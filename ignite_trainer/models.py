@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ignite_trainer.errors import ConfigError
+from ignite_trainer.fused_block import bn_gelu_pool, fusable
 
 ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
@@ -129,11 +130,16 @@ class ConvTrunk(nn.Module):
     convolutions and the pooling kernel run vectorised over channels: on CPU this is what makes the
     memory-bound normalisation, activation and pooling passes cheap. It changes only the order of float
     sums, not the function. ``fold_bn`` folds BatchNorm into the convolution in evaluation (`conv_bn`).
+
+    ``fused`` computes each block's BatchNorm -> GELU -> max-pool as one kernel (`ignite_trainer.fused_block`)
+    wherever it applies (float32 channels-last CPU maps), forward and backward: the same function up to float
+    rounding, with three passes over the full-resolution map instead of about ten. Elsewhere, or where the
+    kernel cannot be built, the blocks run unfused.
     """
 
     def __init__(self, n_mels: int, channels: tuple[int, ...] = (8, 16, 32, 64), time_pools: int = 2,
                  dropout: float = 0.1, downsample: str = "maxpool", channels_last: bool = True,
-                 fold_bn: bool = True) -> None:
+                 fold_bn: bool = True, fused: bool = True) -> None:
         super().__init__()
         if downsample not in DOWNSAMPLING:
             raise ConfigError(f"downsample={downsample!r}: choose one of {', '.join(DOWNSAMPLING)}")
@@ -154,6 +160,7 @@ class ConvTrunk(nn.Module):
         self.out_features = c_in * freq
         self.dropout = nn.Dropout(dropout)
         self.fold_bn = fold_bn
+        self.fused = fused
         self.channels_last = channels_last
         if channels_last:
             self.blocks.to(memory_format=torch.channels_last)
@@ -163,7 +170,11 @@ class ConvTrunk(nn.Module):
         layers = list(self.blocks)
         for i in range(0, len(layers), 4):
             conv, bn, act, pool = layers[i:i + 4]
-            h = pool(act(conv_bn(h, conv, bn, self.fold_bn)))
+            if self.fused and isinstance(pool, nn.MaxPool2d) and isinstance(act, nn.GELU) and act.approximate == "none":
+                c = conv(h)
+                h = bn_gelu_pool(c, bn, pool) if fusable(c, bn, pool) else pool(act(bn(c)))
+            else:
+                h = pool(act(conv_bn(h, conv, bn, self.fold_bn)))
         b, c, f, t = h.shape  # [B, C, F', T']
         # Back to NCHW order first (a small copy): dropout draws its mask in memory order, so the same seed
         # drops the same features whichever layout computed them.
@@ -202,10 +213,10 @@ class AttentionCNN(nn.Module):
 
     def __init__(self, n_mels: int, n_labels: int = 2, channels: tuple[int, ...] = (8, 16, 32, 64),
                  hidden: int = 128, dropout: float = 0.1, downsample: str = "maxpool", channels_last: bool = True,
-                 fold_bn: bool = True) -> None:
+                 fold_bn: bool = True, fused: bool = True) -> None:
         super().__init__()
         self.trunk = ConvTrunk(n_mels, tuple(channels), dropout=dropout, downsample=downsample,
-                               channels_last=channels_last, fold_bn=fold_bn)
+                               channels_last=channels_last, fold_bn=fold_bn, fused=fused)
         self.project = nn.Sequential(nn.Linear(self.trunk.out_features, hidden), nn.GELU(), nn.Dropout(dropout))
         self.pool = AttentionPool(hidden)
         self.head = nn.Linear(hidden, n_labels)
@@ -228,10 +239,10 @@ class MeanPoolCNN(nn.Module):
 
     def __init__(self, n_mels: int, n_labels: int = 2, channels: tuple[int, ...] = (8, 16, 32, 64),
                  hidden: int = 128, dropout: float = 0.1, downsample: str = "maxpool", channels_last: bool = True,
-                 fold_bn: bool = True) -> None:
+                 fold_bn: bool = True, fused: bool = True) -> None:
         super().__init__()
         self.trunk = ConvTrunk(n_mels, tuple(channels), dropout=dropout, downsample=downsample,
-                               channels_last=channels_last, fold_bn=fold_bn)
+                               channels_last=channels_last, fold_bn=fold_bn, fused=fused)
         self.project = nn.Sequential(nn.Linear(self.trunk.out_features, hidden), nn.GELU(), nn.Dropout(dropout))
         self.head = nn.Linear(hidden, n_labels)
         self.embedding_size = hidden

@@ -147,11 +147,15 @@ def record_environment(run_dir: Path, device: str) -> None:
 
 
 def end_environment(run_dir: Path, outcome: str) -> None:
-    """Close this session in ``environment.json`` with the end time and how it ended (finished, stopped, failed)."""
+    """Close this session in ``environment.json`` with the end time, how it ended (finished, stopped, failed)
+    and whether the fused CPU kernel computed the conv blocks (equal to the unfused modules up to rounding, so
+    a resume that switches between the two is not bit-identical)."""
+    from ignite_trainer.fused_block import kernel_status
+
     path = Path(run_dir) / ENVIRONMENT_FILE
     sessions = _sessions(path)
     if sessions and sessions[-1].get("ended") is None:
-        sessions[-1].update(ended=_now(), outcome=outcome)
+        sessions[-1].update(ended=_now(), outcome=outcome, fused_kernel=kernel_status())
         _write_sessions(path, sessions)
 
 
