@@ -15,8 +15,9 @@ the same round. GFLOP/s use the FLOPs `torch.utils.flop_counter.FlopCounterMode`
 synthetic set has 25 steps of 32 (800 windows) and 1277 validation windows (seed 0 split).
 
 "before" is ``attention_cnn`` computed as it was: NCHW tensors, BatchNorm applied separately in evaluation,
-validation under ``torch.no_grad``. The other rows change one thing at a time. With CUDA, a second table
-gives training and validation samples/s in fp32 and bf16 autocast; without it, the script says so.
+validation under ``torch.no_grad``. The next rows add one thing at a time; "after" is the default computation,
+which also runs each block's BatchNorm -> GELU -> max-pool as one kernel (`ignite_trainer.fused_block`).
+With CUDA, a second table gives training and validation samples/s in fp32 and bf16 autocast; without it, the script says so.
 """
 
 from __future__ import annotations
@@ -59,8 +60,9 @@ def variants(with_compile: bool) -> list[Variant]:
                 {"channels_last": False, "fold_bn": False}, inference_mode=False),
         Variant("attention_cnn + inference_mode", "attention_cnn", {"channels_last": False, "fold_bn": False}),
         Variant("attention_cnn + BN folded", "attention_cnn", {"channels_last": False}),
-        Variant("attention_cnn + channels-last", "attention_cnn", {"fold_bn": False}),
-        Variant("attention_cnn after (all three)", "attention_cnn"),
+        Variant("attention_cnn + channels-last", "attention_cnn", {"fold_bn": False, "fused": False}),
+        Variant("attention_cnn + all three (unfused)", "attention_cnn", {"fused": False}),
+        Variant("attention_cnn after (+ fused BN/GELU/pool)", "attention_cnn"),
         Variant("strided_attention_cnn NCHW", "strided_attention_cnn", {"channels_last": False}),
         Variant("strided_attention_cnn", "strided_attention_cnn"),
         Variant("resnet_attention", "resnet_attention"),

@@ -123,6 +123,29 @@ torch::Tensor sum_over_samples(const std::vector<double>& partial, int64_t n, in
 
 }  // namespace
 
+// One sample's shifted sums for channel vectors [k0, k0 + KV): pixels outer, the KV vectors inner, so the
+// accumulators stay in registers and each pixel's channels are read together.
+template <int KV>
+void sample_sums(const float* base, const Map& m, int64_t k0, double* out) {
+  v8f shift[KV];
+  for (int k = 0; k < KV; ++k) shift[k] = load(base + (k0 + k) * 8);
+  for (int64_t r = 0; r < m.h; ++r) {
+    v8f a1[KV], a2[KV];
+    for (int k = 0; k < KV; ++k) a1[k] = a2[k] = splat(0.0f);
+    const float* px = base + r * m.w * m.c + k0 * 8;
+    for (int64_t col = 0; col < m.w; ++col, px += m.c)
+      for (int k = 0; k < KV; ++k) {
+        const v8f d = load(px + k * 8) - shift[k];
+        a1[k] += d;
+        a2[k] += d * d;
+      }
+    for (int k = 0; k < KV; ++k)
+      for (int l = 0; l < 8; ++l) { out[m.c + (k0 + k) * 8 + l] += a1[k][l]; out[2 * m.c + (k0 + k) * 8 + l] += a2[k][l]; }
+  }
+  for (int k = 0; k < KV; ++k)
+    for (int l = 0; l < 8; ++l) out[(k0 + k) * 8 + l] = shift[k][l];
+}
+
 // Per-channel mean and biased variance of a map: [2, C] float64. Each sample is summed around its channels'
 // first value (so a large mean does not cancel the variance away), in float along a row and in double above.
 torch::Tensor batch_stats(const torch::Tensor& y) {
@@ -134,25 +157,10 @@ torch::Tensor batch_stats(const torch::Tensor& y) {
     for (int64_t i = begin; i < end; ++i) {
       const float* base = py + i * m.h * m.w * m.c;
       double* out = partial.data() + i * 3 * m.c;
-      for (int64_t k = 0; k < c8; ++k) {
-        const v8f shift = load(base + k * 8);
-        double s1[8] = {0}, s2[8] = {0};
-        for (int64_t r = 0; r < m.h; ++r) {
-          v8f a1 = splat(0.0f), a2 = splat(0.0f);
-          const float* row = base + r * m.w * m.c + k * 8;
-          for (int64_t col = 0; col < m.w; ++col) {
-            v8f d = load(row + col * m.c) - shift;
-            a1 += d;
-            a2 += d * d;
-          }
-          for (int l = 0; l < 8; ++l) { s1[l] += a1[l]; s2[l] += a2[l]; }
-        }
-        for (int l = 0; l < 8; ++l) {
-          out[k * 8 + l] = shift[l];
-          out[m.c + k * 8 + l] = s1[l];
-          out[2 * m.c + k * 8 + l] = s2[l];
-        }
-      }
+      int64_t k = 0;
+      for (; k + 4 <= c8; k += 4) sample_sums<4>(base, m, k, out);
+      for (; k + 2 <= c8; k += 2) sample_sums<2>(base, m, k, out);
+      for (; k < c8; ++k) sample_sums<1>(base, m, k, out);
     }
   });
   // Combine samples exactly as one shifted sum: per sample, move its sums from its own shift to sample 0's.
@@ -241,6 +249,48 @@ std::vector<torch::Tensor> forward(const torch::Tensor& y, const torch::Tensor& 
   return {out, index};
 }
 
+struct PooledGrad {
+  Map m;
+  int64_t ph, pw, hp, wp;
+  const float* y;
+  const float* grad_out;
+  const uint8_t* index;
+  float* dz;
+  const float* scale;
+  const float* shift;
+};
+
+// One sample's dz = grad_out * gelu'(z at the argmax) for channel vectors [k0, k0 + KV), and its sums.
+template <int KV>
+void pooled_sums(const PooledGrad& g, int64_t i, int64_t k0, double* out) {
+  const Map& m = g.m;
+  v8f sc[KV], sh[KV];
+  for (int k = 0; k < KV; ++k) { sc[k] = load(g.scale + (k0 + k) * 8); sh[k] = load(g.shift + (k0 + k) * 8); }
+  for (int64_t oh = 0; oh < g.hp; ++oh) {
+    v8f a1[KV], a2[KV];
+    for (int k = 0; k < KV; ++k) a1[k] = a2[k] = splat(0.0f);
+    const int64_t h0 = oh * g.ph, h1 = std::min(h0 + g.ph, m.h);
+    for (int64_t ow = 0; ow < g.wp; ++ow) {
+      const int64_t w0 = ow * g.pw, w1 = std::min(w0 + g.pw, m.w);
+      const int64_t o = ((i * g.hp + oh) * g.wp + ow) * m.c + k0 * 8;
+      for (int k = 0; k < KV; ++k) {
+        const v8i at = load_index(g.index + o + k * 8);
+        v8f ysel = splat(0.0f);
+        int32_t pos = 0;
+        for (int64_t hh = h0; hh < h1; ++hh)
+          for (int64_t ww = w0; ww < w1; ++ww, ++pos)
+            ysel = select(at == pos, load(g.y + ((i * m.h + hh) * m.w + ww) * m.c + (k0 + k) * 8), ysel);
+        const v8f d = load(g.grad_out + o + k * 8) * gelu_grad(ysel * sc[k] + sh[k]);
+        store(g.dz + o + k * 8, d);
+        a1[k] += d;
+        a2[k] += d * ysel;
+      }
+    }
+    for (int k = 0; k < KV; ++k)
+      for (int l = 0; l < 8; ++l) { out[(k0 + k) * 8 + l] += a1[k][l]; out[m.c + (k0 + k) * 8 + l] += a2[k][l]; }
+  }
+}
+
 // The gradient at the argmax of each window, dz = grad_out * gelu'(z), and per channel sum(dz), sum(dz * y):
 // returns dz (pooled shape) and a [2, C] float64 tensor of the two sums.
 std::vector<torch::Tensor> backward_pooled(const torch::Tensor& grad_out, const torch::Tensor& y,
@@ -259,33 +309,14 @@ std::vector<torch::Tensor> backward_pooled(const torch::Tensor& grad_out, const 
   const uint8_t* pi = index.data_ptr<uint8_t>();
   float* pd = dz.data_ptr<float>();
   std::vector<double> partial(m.n * 2 * m.c, 0.0);
+  const PooledGrad ctx{m, ph, pw, hp, wp, py, pg, pi, pd, scale.data(), shift.data()};
   at::parallel_for(0, m.n, 1, [&](int64_t begin, int64_t end) {
     for (int64_t i = begin; i < end; ++i) {
       double* out = partial.data() + i * 2 * m.c;
-      for (int64_t k = 0; k < c8; ++k) {
-        const v8f sc = load(&scale[k * 8]), sh = load(&shift[k * 8]);
-        double s1[8] = {0}, s2[8] = {0};
-        for (int64_t oh = 0; oh < hp; ++oh) {
-          v8f a1 = splat(0.0f), a2 = splat(0.0f);
-          const int64_t h0 = oh * ph, h1 = std::min(h0 + ph, m.h);
-          for (int64_t ow = 0; ow < wp; ++ow) {
-            const int64_t w0 = ow * pw, w1 = std::min(w0 + pw, m.w);
-            const int64_t o = ((i * hp + oh) * wp + ow) * m.c + k * 8;
-            const v8i at = load_index(pi + o);
-            v8f ysel = splat(0.0f);
-            int32_t pos = 0;
-            for (int64_t hh = h0; hh < h1; ++hh)
-              for (int64_t ww = w0; ww < w1; ++ww, ++pos)
-                ysel = select(at == pos, load(py + ((i * m.h + hh) * m.w + ww) * m.c + k * 8), ysel);
-            const v8f d = load(pg + o) * gelu_grad(ysel * sc + sh);
-            store(pd + o, d);
-            a1 += d;
-            a2 += d * ysel;
-          }
-          for (int l = 0; l < 8; ++l) { s1[l] += a1[l]; s2[l] += a2[l]; }
-        }
-        for (int l = 0; l < 8; ++l) { out[k * 8 + l] = s1[l]; out[m.c + k * 8 + l] = s2[l]; }
-      }
+      int64_t k = 0;
+      for (; k + 4 <= c8; k += 4) pooled_sums<4>(ctx, i, k, out);
+      for (; k + 2 <= c8; k += 2) pooled_sums<2>(ctx, i, k, out);
+      for (; k < c8; ++k) pooled_sums<1>(ctx, i, k, out);
     }
   });
   return {dz, sum_over_samples(partial, m.n, 2, m.c)};
