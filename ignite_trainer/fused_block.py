@@ -8,87 +8,27 @@ convolution output and a one-byte argmax per pooled value for the backward pass.
 
 It is the same function: batch statistics, the running-statistics update (momentum, or the cumulative mean
 when momentum is None), exact GELU, first-maximum pooling with NaN propagation, and the gradients of all of
-them, equal to the unfused modules up to float rounding (tested against them). The kernel is compiled on
-first use with the C++ compiler torch uses for extensions (`torch.utils.cpp_extension`), cached per machine,
-and used only where it applies: float32 CPU maps in channels-last layout with a multiple of 8 channels and
-pooling windows that tile the map (stride = window, no padding). Everywhere else, and where the kernel cannot
-be built, the ordinary modules run; `kernel_status()` says which and why.
+them, equal to the unfused modules up to float rounding (tested against them). It is used only where it
+applies: float32 CPU maps in channels-last layout with a multiple of 8 channels and pooling windows that tile
+the map (stride = window, no padding). Everywhere else, and where the kernels cannot be built
+(`ignite_trainer.cpu_kernels`), the ordinary modules run.
 """
 
 from __future__ import annotations
 
-import logging
-import os
-import shutil
-import threading
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-__all__ = ["bn_gelu_pool", "fusable", "kernel_status", "load_kernel"]
+from ignite_trainer import cpu_kernels
 
-log = logging.getLogger(__name__)
-
-_SOURCE = Path(__file__).with_name("kernels") / "bn_gelu_pool.cpp"
-#: Set to 0 to never build or use the fused kernel (the unfused modules compute the same function).
-ENV_SWITCH = "IGNITE_TRAINER_FUSED_KERNELS"
-
-_lock = threading.Lock()
-_kernel: Any = None
-_status = _NOT_LOADED = "not used in this process"
-
-
-def _compile_flags() -> list[str]:
-    """Vector flags only where the running CPU has them (the build is cached per flag set, so per machine kind)."""
-    flags = ["-O3", "-fno-math-errno"]
-    if torch.backends.cpu.get_cpu_capability() in ("AVX2", "AVX512"):
-        flags += ["-mavx2", "-mfma"]
-    return flags
-
-
-def _put_ninja_on_path() -> None:
-    """torch builds extensions with ``ninja`` from PATH; the pip-installed one lives beside this interpreter."""
-    if shutil.which("ninja") is None:
-        try:
-            import ninja  # the pinned dependency; its binary is not on PATH when .venv is not activated
-        except ImportError:
-            return
-        os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-
-
-def load_kernel() -> Any:
-    """The compiled kernel module, built on first call (tens of seconds, then cached); None where unavailable."""
-    global _kernel, _status
-    with _lock:
-        if _kernel is not None or _status != _NOT_LOADED:
-            return _kernel
-        if os.environ.get(ENV_SWITCH, "1") == "0":
-            _status = f"off ({ENV_SWITCH}=0)"
-            return None
-        try:
-            from torch.utils.cpp_extension import load
-
-            _put_ninja_on_path()
-            flags = _compile_flags()
-            name = "ignite_trainer_bn_gelu_pool_" + ("avx2" if "-mavx2" in flags else "generic")
-            _kernel = load(name=name, sources=[str(_SOURCE)], extra_cflags=flags, verbose=False)
-            _status = "fused kernel in use"
-        except Exception as e:  # no compiler, no ninja, a read-only cache: the unfused modules still work
-            _status = f"unfused (the fused kernel could not be built: {type(e).__name__}: {str(e).splitlines()[0]})"
-            log.warning("BatchNorm/GELU/max-pool run unfused: %s", _status)
-        return _kernel
-
-
-def kernel_status() -> str:
-    """One line: whether the fused kernel is in use, or why not."""
-    return _status
+__all__ = ["bn_gelu_pool", "fusable"]
 
 
 def fusable(x: torch.Tensor, bn: nn.BatchNorm2d, pool: nn.Module) -> bool:
     """Whether the fused kernel computes ``pool(gelu(bn(x)))`` for this input and these modules."""
-    if not isinstance(pool, nn.MaxPool2d) or x.device.type != "cpu" or x.dtype != torch.float32 or x.dim() != 4:
+    if not isinstance(pool, nn.MaxPool2d) or x.dim() != 4:
         return False
     if x.shape[1] % 8 or not x.is_contiguous(memory_format=torch.channels_last):
         return False
@@ -101,9 +41,7 @@ def fusable(x: torch.Tensor, bn: nn.BatchNorm2d, pool: nn.Module) -> bool:
         return False
     if not bn.training and (bn.running_mean is None or bn.running_var is None):
         return False
-    if torch.is_autocast_enabled("cpu") or torch.compiler.is_compiling():
-        return False  # autocast changes the dtype; torch.compile fuses the plain modules itself
-    return load_kernel() is not None
+    return cpu_kernels.usable_here(x)
 
 
 def _pair(v: Any) -> tuple[int, int]:
@@ -132,7 +70,7 @@ class _BnGeluPool(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None, use_batch: bool,
                 factor: float, eps: float, ph: int, pw: int, with_index: bool) -> torch.Tensor:
-        k = _kernel
+        k = cpu_kernels.load_kernel()
         if use_batch:
             mean, var = k.batch_stats(x).unbind(0)
             if running_mean is not None and running_var is not None:
@@ -157,7 +95,7 @@ class _BnGeluPool(torch.autograd.Function):
         x, index, weight = ctx.saved_tensors
         mean, invstd, scale, shift = ctx.stats
         ph, pw = ctx.window
-        k = _kernel
+        k = cpu_kernels.load_kernel()
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         dz, sums = k.backward_pooled(grad_out, x, index, scale, shift, ph, pw)
         sum_dz, sum_dz_x = sums.unbind(0)

@@ -134,7 +134,7 @@ class ConvTrunk(nn.Module):
     ``fused`` computes each block's BatchNorm -> GELU -> max-pool as one kernel (`ignite_trainer.fused_block`)
     wherever it applies (float32 channels-last CPU maps), forward and backward: the same function up to float
     rounding, with three passes over the full-resolution map instead of about ten. Elsewhere, or where the
-    kernel cannot be built, the blocks run unfused.
+    kernel cannot be built, the blocks run on the ordinary modules.
     """
 
     def __init__(self, n_mels: int, channels: tuple[int, ...] = (8, 16, 32, 64), time_pools: int = 2,

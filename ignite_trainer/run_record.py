@@ -150,7 +150,7 @@ def end_environment(run_dir: Path, outcome: str) -> None:
     """Close this session in ``environment.json`` with the end time, how it ended (finished, stopped, failed)
     and whether the fused CPU kernel computed the conv blocks (equal to the unfused modules up to rounding, so
     a resume that switches between the two is not bit-identical)."""
-    from ignite_trainer.fused_block import kernel_status
+    from ignite_trainer.cpu_kernels import kernel_status
 
     path = Path(run_dir) / ENVIRONMENT_FILE
     sessions = _sessions(path)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from ignite_trainer import fused_block
+from ignite_trainer import cpu_kernels, fused_block
 from ignite_trainer.models import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,7 +23,7 @@ pytestmark = pytest.mark.skipif(shutil.which(os.environ.get("CXX", "c++")) is No
 
 @pytest.fixture(scope="module", autouse=True)
 def kernel() -> None:
-    assert fused_block.load_kernel() is not None, fused_block.kernel_status()
+    assert cpu_kernels.load_kernel() is not None, cpu_kernels.kernel_status()
 
 
 def modules(c: int, window: tuple[int, int], momentum: float | None = 0.1, seed: int = 0
@@ -175,9 +175,10 @@ def test_channel_counts_the_kernel_cannot_take_run_unfused() -> None:
 
 
 def test_switched_off_by_the_environment_the_model_still_runs() -> None:
-    code = ("import torch; from ignite_trainer import fused_block as f; from ignite_trainer.models import build_model;"
+    code = ("import torch; from ignite_trainer import cpu_kernels as f; from ignite_trainer.models import build_model;"
             "m = build_model('attention_cnn', n_mels=16); m(torch.randn(2, 16, 20))[0].sum().backward();"
             "print(f.load_kernel() is None, f.kernel_status())")
-    env = dict(os.environ, **{fused_block.ENV_SWITCH: "0"})
+    env = dict(os.environ, **{cpu_kernels.ENV_SWITCH: "0"})
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == f"True off ({fused_block.ENV_SWITCH}=0)"
+    assert out.stdout.strip() == f"True off ({cpu_kernels.ENV_SWITCH}=0)"
+

@@ -13,26 +13,9 @@
 // Reductions (batch statistics, parameter gradients) are summed per sample in double and then over samples in
 // order, so the result does not depend on the number of threads. The maths is the unfused one; only float
 // rounding differs (GELU's erf by the same rational approximation PyTorch's vectorised CPU kernel uses).
-#include <torch/extension.h>
-#include <ATen/Parallel.h>
-
-#include <cmath>
-#include <cstdint>
-#include <cstring>
-#include <vector>
+#include "kernels.h"
 
 namespace {
-
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint8_t v8b __attribute__((vector_size(8)));
-
-inline v8f splat(float x) { return v8f{x, x, x, x, x, x, x, x}; }
-inline v8f load(const float* p) { v8f v; std::memcpy(&v, p, sizeof v); return v; }
-inline void store(float* p, v8f v) { std::memcpy(p, &v, sizeof v); }
-inline v8f select(v8i mask, v8f a, v8f b) { return mask ? a : b; }
-inline v8i load_index(const uint8_t* p) { v8b v; std::memcpy(&v, p, sizeof v); return __builtin_convertvector(v, v8i); }
-inline void store_index(uint8_t* p, v8i v) { v8b b = __builtin_convertvector(v, v8b); std::memcpy(p, &b, sizeof b); }
 
 // exp(x) for x <= 0 (Cephes single-precision polynomial; relative error about 1e-7).
 inline v8f exp_nonpositive(v8f x) {
@@ -358,11 +341,4 @@ torch::Tensor backward_input(const torch::Tensor& y, const torch::Tensor& dz, co
     }
   });
   return dy;
-}
-
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("batch_stats", &batch_stats, "per-channel mean and biased variance, [2, C] float64");
-  m.def("forward", &forward, "maxpool(gelu(y * scale + shift)) and the argmax index");
-  m.def("backward_pooled", &backward_pooled, "gradient at each argmax and its per-channel sums");
-  m.def("backward_input", &backward_input, "dense input gradient");
 }
