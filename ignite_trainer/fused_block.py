@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from ignite_trainer import cpu_kernels
 
@@ -91,6 +92,7 @@ class _BnGeluPool(torch.autograd.Function):
         return out
 
     @staticmethod
+    @once_differentiable  # the kernel's backward is not itself differentiable (no double backward)
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, index, weight = ctx.saved_tensors
         mean, invstd, scale, shift = ctx.stats
