@@ -66,12 +66,12 @@ def load_kernel() -> Any:
             _status = f"off ({ENV_SWITCH}=0)"
             return None
         try:
-            from torch.utils.cpp_extension import load
+            from torch.utils.cpp_extension import load as build_extension
 
             _put_ninja_on_path()
             flags = _compile_flags()
             name = "ignite_trainer_cpu_kernels_" + ("avx2" if "-mavx2" in flags else "generic")
-            _kernel = load(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=flags, verbose=False)
+            _kernel = build_extension(name=name, sources=[str(s) for s in _SOURCES], extra_cflags=flags, verbose=False)
             _status = "fused kernels in use"
         except Exception as e:  # no compiler, no ninja, a read-only cache: the ordinary modules still work
             _status = f"unfused (the CPU kernels could not be built: {type(e).__name__}: {str(e).splitlines()[0]})"
