@@ -153,18 +153,35 @@ def test_channels_last_computes_the_same_function(name: str) -> None:
     nchw.load_state_dict(nhwc.state_dict())
     convs = [m for m in nhwc.modules() if isinstance(m, nn.Conv2d)]
     assert convs and all(c.weight.is_contiguous(memory_format=torch.channels_last) for c in convs)
+    assert_same_function(nhwc, nchw)
+
+
+def assert_same_function(model: nn.Module, other: nn.Module) -> None:
+    """A training step (batch statistics, the same dropout draws) and evaluation give the same outputs,
+    gradients and running statistics, up to float rounding."""
     x = torch.randn(4, 16, 40)
     outputs = []
-    for model in (nhwc, nchw):
+    for m in (model, other):
         torch.manual_seed(1)
-        logits, attention = model.train()(x)
+        logits, attention = m.train()(x)
         logits.sum().backward()
         with torch.no_grad():
-            outputs.append((logits, attention, model.eval()(x)[0]))
+            outputs.append((logits, attention, m.eval()(x)[0]))
     for a, b in zip(*outputs):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
-    for (pname, p), q in zip(nhwc.named_parameters(), nchw.parameters()):
+    for (pname, p), q in zip(model.named_parameters(), other.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=1e-4, atol=1e-5, msg=pname)
+    for (name, a), b in zip(model.state_dict().items(), other.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("name", ["attention_cnn", "mean_pool_cnn"])
+def test_the_fused_kernel_computes_the_same_function(name: str) -> None:
+    """The trunk's BatchNorm -> GELU -> max-pool through `ignite_trainer.fused_block`, against the modules."""
+    fused = build_model(name, n_mels=16)
+    plain = build_model(name, n_mels=16, fused=False)
+    plain.load_state_dict(fused.state_dict())
+    assert_same_function(fused, plain)
 
 
 def test_attention_cnn_keeps_its_original_function() -> None:

@@ -104,6 +104,23 @@ torch::Tensor sum_over_samples(const std::vector<double>& partial, int64_t n, in
   return out;
 }
 
+// Every pooling window of a map, rows of windows spread over threads: ``body(sample, h0, h1, w0, w1, o)`` with
+// [h0, h1) x [w0, w1) the window clipped to the map (ceil mode) and o the offset of its pooled pixel.
+template <class Body>
+void for_each_window(const Map& m, int64_t ph, int64_t pw, Body&& body) {
+  const int64_t hp = (m.h + ph - 1) / ph, wp = (m.w + pw - 1) / pw;
+  at::parallel_for(0, m.n * hp, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {
+      const int64_t i = row / hp, oh = row % hp;
+      const int64_t h0 = oh * ph, h1 = std::min(h0 + ph, m.h);
+      for (int64_t ow = 0; ow < wp; ++ow) {
+        const int64_t w0 = ow * pw, w1 = std::min(w0 + pw, m.w);
+        body(i, h0, h1, w0, w1, ((i * hp + oh) * wp + ow) * m.c);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // One sample's shifted sums for channel vectors [k0, k0 + KV): pixels outer, the KV vectors inner, so the
@@ -180,53 +197,45 @@ std::vector<torch::Tensor> forward(const torch::Tensor& y, const torch::Tensor& 
   const float* py = y.data_ptr<float>();
   float* po = out.data_ptr<float>();
   uint8_t* pi = with_index ? index.data_ptr<uint8_t>() : nullptr;
-  at::parallel_for(0, m.n * hp, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t i = row / hp, oh = row % hp;
-      const int64_t h0 = oh * ph, h1 = std::min(h0 + ph, m.h);
-      for (int64_t ow = 0; ow < wp; ++ow) {
-        const int64_t w0 = ow * pw, w1 = std::min(w0 + pw, m.w);
-        const int64_t o = ((i * hp + oh) * wp + ow) * m.c;
-        for (int64_t k = 0; k < c8; ++k) {
-          const v8f sc = load(&scale[k * 8]), sh = load(&shift[k * 8]);
-          // GELU falls on (-inf, z*] and rises on [z*, inf) (z* ~ -0.75, where it is about -0.17), so the
-          // largest GELU of a window is at its largest or at its smallest z: two GELUs per window at most, and
-          // one where the largest z is >= 0 (its GELU is then >= 0 > the GELU of any negative z).
-          v8f zmax = splat(-INFINITY), zmin = splat(INFINITY);
-          v8i max_at = v8i{0, 0, 0, 0, 0, 0, 0, 0};
-          v8i min_at = max_at, nan_seen = max_at;
-          int32_t pos = 0;
-          for (int64_t hh = h0; hh < h1; ++hh) {
-            const float* src = py + ((i * m.h + hh) * m.w + w0) * m.c + k * 8;
-            for (int64_t ww = w0; ww < w1; ++ww, ++pos, src += m.c) {
-              const v8f z = load(src) * sc + sh;
-              const v8i is_nan = z != z;
-              // the first maximum wins, and a NaN wins over everything (as torch's max-pool does)
-              const v8i take = ((z > zmax) | is_nan) & ~nan_seen;
-              nan_seen |= is_nan;
-              zmax = select(take, z, zmax);
-              max_at = take ? v8i{pos, pos, pos, pos, pos, pos, pos, pos} : max_at;
-              const v8i low = z < zmin;
-              zmin = select(low, z, zmin);
-              min_at = low ? v8i{pos, pos, pos, pos, pos, pos, pos, pos} : min_at;
-            }
-          }
-          v8f best = gelu(zmax);
-          v8i best_at = max_at;
-          const v8i negative = ~(zmax >= splat(0.0f)) & ~nan_seen;
-          bool any_negative = false;
-          for (int l = 0; l < 8; ++l) any_negative |= negative[l] != 0;
-          if (any_negative) {
-            const v8f g = gelu(zmin);
-            // on equal GELUs the element seen first wins
-            const v8i take = negative & ((g > best) | ((g == best) & (min_at < max_at)));
-            best = select(take, g, best);
-            best_at = take ? min_at : best_at;
-          }
-          store(po + o + k * 8, best);
-          if (pi) store_index(pi + o + k * 8, best_at);
+  for_each_window(m, ph, pw, [&](int64_t i, int64_t h0, int64_t h1, int64_t w0, int64_t w1, int64_t o) {
+    for (int64_t k = 0; k < c8; ++k) {
+      const v8f sc = load(&scale[k * 8]), sh = load(&shift[k * 8]);
+      // GELU falls on (-inf, z*] and rises on [z*, inf) (z* ~ -0.75, where it is about -0.17), so the
+      // largest GELU of a window is at its largest or at its smallest z: two GELUs per window at most, and
+      // one where the largest z is >= 0 (its GELU is then >= 0 > the GELU of any negative z).
+      v8f zmax = splat(-INFINITY), zmin = splat(INFINITY);
+      v8i max_at = v8i{0, 0, 0, 0, 0, 0, 0, 0};
+      v8i min_at = max_at, nan_seen = max_at;
+      int32_t pos = 0;
+      for (int64_t hh = h0; hh < h1; ++hh) {
+        const float* src = py + ((i * m.h + hh) * m.w + w0) * m.c + k * 8;
+        for (int64_t ww = w0; ww < w1; ++ww, ++pos, src += m.c) {
+          const v8f z = load(src) * sc + sh;
+          const v8i is_nan = z != z;
+          // the first maximum wins, and a NaN wins over everything (as torch's max-pool does)
+          const v8i take = ((z > zmax) | is_nan) & ~nan_seen;
+          nan_seen |= is_nan;
+          zmax = select(take, z, zmax);
+          max_at = take ? v8i{pos, pos, pos, pos, pos, pos, pos, pos} : max_at;
+          const v8i low = z < zmin;
+          zmin = select(low, z, zmin);
+          min_at = low ? v8i{pos, pos, pos, pos, pos, pos, pos, pos} : min_at;
         }
       }
+      v8f best = gelu(zmax);
+      v8i best_at = max_at;
+      const v8i negative = ~(zmax >= splat(0.0f)) & ~nan_seen;
+      bool any_negative = false;
+      for (int l = 0; l < 8; ++l) any_negative |= negative[l] != 0;
+      if (any_negative) {
+        const v8f g = gelu(zmin);
+        // on equal GELUs the element seen first wins
+        const v8i take = negative & ((g > best) | ((g == best) & (min_at < max_at)));
+        best = select(take, g, best);
+        best_at = take ? min_at : best_at;
+      }
+      store(po + o + k * 8, best);
+      if (pi) store_index(pi + o + k * 8, best_at);
     }
   });
   return {out, index};
@@ -318,26 +327,18 @@ torch::Tensor backward_input(const torch::Tensor& y, const torch::Tensor& dz, co
   const float* pd = dz.data_ptr<float>();
   const uint8_t* pi = index.data_ptr<uint8_t>();
   float* px = dy.data_ptr<float>();
-  at::parallel_for(0, m.n * hp, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t row = begin; row < end; ++row) {
-      const int64_t i = row / hp, oh = row % hp;
-      const int64_t h0 = oh * ph, h1 = std::min(h0 + ph, m.h);
-      for (int64_t ow = 0; ow < wp; ++ow) {
-        const int64_t w0 = ow * pw, w1 = std::min(w0 + pw, m.w);
-        const int64_t o = ((i * hp + oh) * wp + ow) * m.c;
-        for (int64_t k = 0; k < c8; ++k) {
-          const v8f va = load(&a[k * 8]), vb = load(&b[k * 8]), vd = load(&d[k * 8]);
-          const v8i at = load_index(pi + o + k * 8);
-          const v8f routed = va * load(pd + o + k * 8);
-          int32_t pos = 0;
-          for (int64_t hh = h0; hh < h1; ++hh)
-            for (int64_t ww = w0; ww < w1; ++ww, ++pos) {
-              const int64_t e = ((i * m.h + hh) * m.w + ww) * m.c + k * 8;
-              const v8f v = vb * load(py + e) + vd;
-              store(px + e, select(at == pos, v + routed, v));
-            }
+  for_each_window(m, ph, pw, [&](int64_t i, int64_t h0, int64_t h1, int64_t w0, int64_t w1, int64_t o) {
+    for (int64_t k = 0; k < c8; ++k) {
+      const v8f va = load(&a[k * 8]), vb = load(&b[k * 8]), vd = load(&d[k * 8]);
+      const v8i at = load_index(pi + o + k * 8);
+      const v8f routed = va * load(pd + o + k * 8);
+      int32_t pos = 0;
+      for (int64_t hh = h0; hh < h1; ++hh)
+        for (int64_t ww = w0; ww < w1; ++ww, ++pos) {
+          const int64_t e = ((i * m.h + hh) * m.w + ww) * m.c + k * 8;
+          const v8f v = vb * load(py + e) + vd;
+          store(px + e, select(at == pos, v + routed, v));
         }
-      }
     }
   });
   return dy;
