@@ -23,6 +23,8 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
+
 ROOT = Path(__file__).resolve().parents[1]
 
 #: name -> (description, ``--set`` overrides). Probabilities are per sample and epoch.
@@ -82,6 +84,11 @@ def table(args: argparse.Namespace) -> str:
     if not summaries:
         return "(no finished recipe under " + str(args.out) + ")"
     base = summaries.get("default")
+    shapes = set()
+    for name in summaries:
+        exp = yaml.safe_load((args.out / name / "experiment.yaml").read_text())
+        shapes.add(f"{exp['folds']} folds x seeds {exp['seeds']}, {exp['config']['epochs']} epochs, "
+                   f"synthetic_difficulty {exp['config'].get('synthetic_difficulty')}")
     head = ["recipe"] + [f"{title} (runs mean ± sd)" for _, title, _ in COLUMNS] + \
         ["pooled OOF murmur WAcc", "pooled OOF outcome cost", "beats default by > sd", "wall s"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -101,7 +108,7 @@ def table(args: argparse.Namespace) -> str:
         wall = args.out / name / "report" / "wall_seconds.txt"
         cells.append(wall.read_text().strip() if wall.exists() else "–")
         lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(sorted(shapes) + lines)  # more than one line on top: the experiments differ
 
 
 def main() -> None:
@@ -121,7 +128,6 @@ def main() -> None:
         os.makedirs(args.out, exist_ok=True)
         for name in args.only:
             run_recipe(name, args)
-    print(f"{args.folds} folds x seeds {args.seeds}, {args.epochs} epochs, difficulty {args.difficulty}")
     print(table(args))
 
 
