@@ -17,6 +17,7 @@ import torch
 from ignite_trainer.checkpoint import find_best_checkpoint, load_checkpoint
 from ignite_trainer.config import TrainConfig
 from ignite_trainer.data.synthetic import write_synthetic
+from ignite_trainer.models import register_model
 from ignite_trainer.predictions import LevelPredictions
 from ignite_trainer.run import train
 
@@ -33,6 +34,23 @@ class TinyModel(torch.nn.Module):
     def forward(self, x):
         attention = torch.full(x.shape[:1] + x.shape[2:], 1.0 / x.shape[-1])
         return self.linear(x.mean(dim=-1)), attention
+
+
+#: A registered model whose output never changes: tests that need an early stop (patience 1 ends after epoch 2).
+CONSTANT_MODEL = "constant_for_tests"
+
+
+@register_model(CONSTANT_MODEL)
+class ConstantModel(torch.nn.Module):
+    """Always p = 0.5: the validation loss never improves, so patience 1 stops training after epoch 2."""
+
+    def __init__(self, n_mels: int):
+        super().__init__()
+        self.unused = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, x):
+        logits = x.new_zeros(x.shape[0], 2) + 0.0 * self.unused  # a gradient of zero: nothing ever changes
+        return logits, x.new_full((x.shape[0], x.shape[-1]), 1.0 / x.shape[-1])
 
 
 def make_batches(n_batches=4, batch_size=8, n_mels=4, frames=6, seed=0, mask_prob=0.0):

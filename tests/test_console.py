@@ -9,32 +9,17 @@ import struct
 import sys
 
 import pytest
-import torch
 
 import cli
-from conftest import tiny_config
+from conftest import CONSTANT_MODEL, tiny_config
 from ignite_trainer.console import best_summary, split_fingerprint, summary_lines
 from ignite_trainer.data.discovery import detect_format, discover_recordings
 from ignite_trainer.data.synthetic import write_synthetic
 from ignite_trainer.logs import progress_bar_wanted, setup_logging
-from ignite_trainer.models import register_model
 
 EPOCH_LINE = re.compile(r"^epoch +(\d+)/(\d+)  train_loss \d+\.\d{4}  val_loss \d+\.\d{4}  macro_f1 (\d\.\d{3}|n/a)  "
                         r"(murmur\.f1 (\d\.\d{4}|n/a)  )?tuned_f1 (\d\.\d{3}|n/a)  lr \d\.\d\de[-+]\d\d  "
                         r"\d+\.\ds\+\d+\.\ds(  \* best \S+)?$")
-
-
-@register_model("constant_for_console")
-class Constant(torch.nn.Module):
-    """Always p = 0.5: the validation loss never improves, so patience 1 stops training after epoch 2."""
-
-    def __init__(self, n_mels: int):
-        super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        logits = x.new_zeros(x.shape[0], 2) + 0.0 * self.unused
-        return logits, x.new_full((x.shape[0], x.shape[-1]), 1.0 / x.shape[-1])
 
 
 def tiny_args(base, data, name, *extra):
@@ -58,7 +43,7 @@ def early_run(tmp_path_factory):
     capture.setattr(sys, "stderr", err)  # not a terminal: no progress bar by default
     try:
         code = cli.main(tiny_args(base, data, "early", "--epochs", "5", "--patience", "1", "--model",
-                                  "constant_for_console", "--tracker", "mlflow"))
+                                  CONSTANT_MODEL, "--tracker", "mlflow"))
     finally:
         capture.undo()
     return base, data, code, err.getvalue()
@@ -143,7 +128,7 @@ def test_training_writes_the_epoch_tensorboard_and_the_mlflow_run(early_run):
 
     client = MlflowClient((base / "runs" / "mlruns").resolve().as_uri())
     (run,) = client.search_runs([client.get_experiment_by_name("ignite_trainer").experiment_id])
-    assert run.data.params["model"] == "constant_for_console" and run.data.tags["state"] == "stopped early"
+    assert run.data.params["model"] == CONSTANT_MODEL and run.data.tags["state"] == "stopped early"
     assert [m.step for m in client.get_metric_history(run.info.run_id, "val val_loss")] == [1, 2]
     assert any(a.path == "checkpoints" for a in client.list_artifacts(run.info.run_id))
 

@@ -5,30 +5,15 @@ import json
 import shutil
 
 import pytest
-import torch
 
 import cli
-from conftest import tiny_config
+from conftest import CONSTANT_MODEL, tiny_config
 from ignite_trainer.data.synthetic import write_synthetic
 from ignite_trainer.evaluation import evaluate
 from ignite_trainer.events import TrainerEvents
-from ignite_trainer.models import register_model
 from ignite_trainer.run import train
 from ignite_trainer.run_lock import hold_run_lock, is_running
 from ignite_trainer.runs_table import config_diff, read_run, read_runs
-
-
-@register_model("constant_for_runs_table")
-class Constant(torch.nn.Module):
-    """Always p = 0.5: the validation loss never improves, so patience 1 stops training after epoch 2."""
-
-    def __init__(self, n_mels: int):
-        super().__init__()
-        self.unused = torch.nn.Parameter(torch.zeros(1))
-
-    def forward(self, x):
-        logits = x.new_zeros(x.shape[0], 2) + 0.0 * self.unused  # a gradient of zero: nothing ever changes
-        return logits, x.new_full((x.shape[0], x.shape[-1]), 1.0 / x.shape[-1])
 
 
 def stop_after_first_epoch(trainer, evaluator):
@@ -50,7 +35,7 @@ def runs(tmp_path_factory):
     base = tmp_path_factory.mktemp("runs_table")
     data = write_synthetic(base / "data", 12, 4)
     train(tiny_config(data, base, name="finished", epochs=2))
-    train(tiny_config(data, base, name="early", epochs=6, early_stopping_patience=1, model="constant_for_runs_table"))
+    train(tiny_config(data, base, name="early", epochs=6, early_stopping_patience=1, model=CONSTANT_MODEL))
     train(tiny_config(data, base, name="interrupted", epochs=3), setup=stop_after_first_epoch)
     with pytest.raises(RuntimeError, match="disk on fire"):
         train(tiny_config(data, base, name="failed", epochs=3), setup=crash_in_second_epoch)
@@ -67,7 +52,7 @@ def test_each_run_gets_its_state_epochs_and_best(runs):
     assert (rows["early"].epochs_run, rows["early"].max_epochs, rows["early"].best_epoch) == (2, 6, 1)
     assert rows["interrupted"].epochs_run == 1 and rows["failed"].epochs_run == 2
     assert rows["failed"].error == "stopped by an error at epoch 2: RuntimeError: disk on fire"
-    assert rows["early"].model == "constant_for_runs_table" and rows["finished"].model == "attention_cnn"
+    assert rows["early"].model == CONSTANT_MODEL and rows["finished"].model == "attention_cnn"
 
     finished = rows["finished"]
     epochs = [json.loads(line) for line in (runs / "finished" / "metrics.jsonl").read_text().splitlines()]
@@ -113,7 +98,7 @@ def test_cli_table_and_json(runs, capsys):
 def test_diff_lists_the_config_fields_that_differ(runs, capsys):
     differences = {k: (a, b) for k, a, b in config_diff(runs / "finished", runs / "early")}
     assert differences == {"epochs": (2, 6), "early_stopping_patience": (0, 1),
-                           "model": ("attention_cnn", "constant_for_runs_table")}
+                           "model": ("attention_cnn", CONSTANT_MODEL)}
 
     assert cli.main(["runs", str(runs), "--diff", "finished", "early"]) == 0
     lines = capsys.readouterr().out.splitlines()
