@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from ignite_trainer.errors import ConfigError
+from ignite_trainer import cpu_kernels
 from ignite_trainer.fused_block import bn_gelu_pool, fusable
 
 ModelFactory = Callable[..., nn.Module]
@@ -165,15 +166,21 @@ class ConvTrunk(nn.Module):
         if channels_last:
             self.blocks.to(memory_format=torch.channels_last)
 
+    def _may_fuse(self, h: torch.Tensor, conv: nn.Conv2d, act: nn.Module, pool: nn.Module) -> bool:
+        """Whether this block can go through the fused kernel, decided before the convolution so that the
+        blocks that cannot keep the folded-BatchNorm path."""
+        return (self.fused and isinstance(pool, nn.MaxPool2d) and isinstance(act, nn.GELU)
+                and act.approximate == "none" and conv.out_channels % 8 == 0 and cpu_kernels.usable_here(h))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x.unsqueeze(1)  # [B, 1, F, T]: with one channel its layout follows the (NHWC) weights
         layers = list(self.blocks)
         for i in range(0, len(layers), 4):
             conv, bn, act, pool = layers[i:i + 4]
-            if self.fused and isinstance(pool, nn.MaxPool2d) and isinstance(act, nn.GELU) and act.approximate == "none":
+            if self._may_fuse(h, conv, act, pool):
                 c = conv(h)
                 h = bn_gelu_pool(c, bn, pool) if fusable(c, bn, pool) else pool(act(bn(c)))
-            else:
+            else:  # GPU, autocast, compile, no kernel: the modules, with BatchNorm folded in evaluation
                 h = pool(act(conv_bn(h, conv, bn, self.fold_bn)))
         b, c, f, t = h.shape  # [B, C, F', T']
         # Back to NCHW order first (a small copy): dropout draws its mask in memory order, so the same seed
