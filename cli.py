@@ -15,10 +15,10 @@ from typing import Any
 import click
 
 from ignite_trainer import __version__
-from ignite_trainer.config import TrainConfig
-from ignite_trainer.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS
-from ignite_trainer.errors import TrainingAborted, UserError
-from ignite_trainer.graceful import TrainingStopped
+from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.core.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS
+from ignite_trainer.core.errors import TrainingAborted, UserError
+from ignite_trainer.training.graceful import TrainingStopped
 
 EXIT_BAD_INPUT = 2
 #: OS errors that a path or the disk the user chose explains (too long, not a folder, read-only, full, ...):
@@ -109,7 +109,7 @@ def train(config_file: str | None, resume: str | None, overwrite: bool, assignme
             config = config.updated({"name": None})  # re-running a run: a new run directory, not a clash
         config = config.updated(overrides, source="command line").with_overrides(list(assignments))
 
-    from ignite_trainer.run import train as run_training  # imported after validation: bad flags fail fast
+    from ignite_trainer.training.run import train as run_training  # imported after validation: bad flags fail fast
 
     if config is None:
         summary = run_training(TrainConfig(), resume=resume, overrides=overrides)
@@ -200,7 +200,7 @@ def _model_source(text: str) -> str | list[str]:
 def evaluate(model_path: str, data: str | None, fmt: str | None, split: str | None, aggregation: str | None,
              unknown_margin: float, output_dir: str | None, device: str) -> None:
     """Score a model per window, recording and patient; write report/metrics.json, patients.csv, report.md."""
-    from ignite_trainer.evaluation import evaluate as run_evaluation
+    from ignite_trainer.use.evaluation import evaluate as run_evaluation
 
     result = run_evaluation(_model_source(model_path), data=data, fmt=fmt, split=split, aggregation=aggregation,
                             unknown_margin=unknown_margin, out_dir=output_dir, device=device)
@@ -208,7 +208,7 @@ def evaluate(model_path: str, data: str | None, fmt: str | None, split: str | No
 
 
 def print_evaluation(result: dict[str, Any]) -> None:
-    from ignite_trainer.console import format_score
+    from ignite_trainer.training.console import format_score
 
     counts, t, ch = result["counts"], result["thresholds"], result["challenge"]
     click.echo(f"{result['data']} ({result['split']}): {counts['patient']} patients, {counts['recording']} recordings, "
@@ -247,8 +247,8 @@ def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challe
 
     The model is a run directory (its best checkpoint), a checkpoint file or a .safetensors export.
     """
-    from ignite_trainer.inference import predict as run_prediction
-    from ignite_trainer.writers import write_challenge_outputs, write_predictions_csv
+    from ignite_trainer.use.inference import predict as run_prediction
+    from ignite_trainer.use.writers import write_challenge_outputs, write_predictions_csv
 
     result = run_prediction(_model_source(model_path), list(inputs), fmt=fmt, aggregation=aggregation,
                             unknown_margin=unknown_margin, device=device)
@@ -268,8 +268,8 @@ def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challe
 def export(model_path: str, out_path: str, overwrite: bool) -> None:
     """Export the model weights as safetensors, with its config, thresholds and decision layer in the metadata
     (an ensemble: every member in one file)."""
-    from ignite_trainer.ensemble import export_ensemble, is_ensemble
-    from ignite_trainer.model_files import export_safetensors
+    from ignite_trainer.use.ensemble import export_ensemble, is_ensemble
+    from ignite_trainer.use.model_files import export_safetensors
 
     source = _model_source(model_path)
     if isinstance(source, list) or is_ensemble(source):
@@ -289,7 +289,7 @@ def runs(folder: str, diff: tuple[str, str] | None, as_json: bool) -> None:
     """Compare the runs in FOLDER [runs]: state, model, data, epochs, best epoch and score, Challenge scores, time."""
     import json
 
-    from ignite_trainer.runs_table import config_diff, format_diff, format_table, read_runs, rows_as_json
+    from ignite_trainer.runs.table import config_diff, format_diff, format_table, read_runs, rows_as_json
 
     if diff is not None:
         a, b = (Path(name) if Path(name).is_dir() else Path(folder) / name for name in diff)
@@ -325,8 +325,8 @@ def sweep_command(space_file: str, n_trials: int, sweep_dir: str | None, storage
     Started again (here or on other machines with the same --storage and --dir), it joins the study,
     recovers trials of dead workers and stops when --trials are done; SWEEP_DIR/report/ holds the result.
     """
-    from ignite_trainer.sweep import sweep
-    from ignite_trainer.sweep_space import load_space
+    from ignite_trainer.experiments.sweeps import sweep
+    from ignite_trainer.experiments.space import load_space
 
     space = load_space(space_file)
     summary = sweep(space, sweep_dir or Path("sweeps") / Path(space_file).stem, n_trials, storage=storage,
@@ -370,7 +370,7 @@ def cv(config_file: str | None, data: str | None, fmt: str | None, epochs: int |
        resume_dir: str | None, collect_dir: str | None, overwrite: bool, bootstrap: int, figures: bool) -> None:
     """Cross-validate: k patient folds x training seeds, out-of-fold predictions and thresholds, a report
     with spread and intervals, and the fold models as an ensemble (EXP_DIR/report/, EXP_DIR/ensemble.json)."""
-    from ignite_trainer.cv import collect_experiment, cross_validate, parse_member, resume_cross_validation
+    from ignite_trainer.experiments.cv import collect_experiment, cross_validate, parse_member, resume_cross_validation
 
     if bootstrap < 0:
         raise click.BadParameter(f"--bootstrap={bootstrap} must be >= 0")

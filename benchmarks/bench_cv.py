@@ -37,21 +37,21 @@ def main() -> None:
     import torch
 
     from ignite_trainer import TrainConfig
-    from ignite_trainer.cv import cross_validate
-    from ignite_trainer.cv_report import METRICS, Decisions, OOFSet, score_patients
+    from ignite_trainer.experiments.cv import cross_validate
+    from ignite_trainer.experiments.cv_report import METRICS, Decisions, OOFSet, score_patients
     from ignite_trainer.data.synthetic import write_synthetic
-    from ignite_trainer.ensemble import load_ensemble
+    from ignite_trainer.use.ensemble import load_ensemble
     from ignite_trainer.data.discovery import discover_recordings
-    from ignite_trainer.inference import run_windows
+    from ignite_trainer.use.inference import run_windows
     from ignite_trainer.data.readers import read_recordings
-    from ignite_trainer.decision import patient_features
-    from ignite_trainer.predictions import patient_labels
+    from ignite_trainer.scoring.decision import patient_features
+    from ignite_trainer.scoring.predictions import patient_labels
 
     args.out.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(epochs=args.epochs, synthetic_patients=args.patients, cache_dir=str(args.out / "cache"),
                          progress=False, device="cpu")
     start = time.perf_counter()
-    from ignite_trainer.cv import dataset_recordings
+    from ignite_trainer.experiments.cv import dataset_recordings
 
     dataset_recordings(config)  # fill the embedded set and the feature cache once, outside the timings
     print(f"embedded set and feature cache ready in {time.perf_counter() - start:.1f} s")

@@ -27,8 +27,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ignite_trainer.engine import create_evaluator, create_trainer  # noqa: E402
-from ignite_trainer.handlers import (  # noqa: E402
+from ignite_trainer.training.engine import create_evaluator, create_trainer  # noqa: E402
+from ignite_trainer.training.handlers import (  # noqa: E402
     attach_best_checkpoint,
     attach_last_checkpoint,
     attach_lr_scheduler,
@@ -38,10 +38,10 @@ from ignite_trainer.handlers import (  # noqa: E402
     attach_validation,
     training_state,
 )
-from ignite_trainer.losses import WeightedBCELoss  # noqa: E402
-from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics  # noqa: E402
-from ignite_trainer.models import build_model  # noqa: E402
-from ignite_trainer.predictions import PredictionCollector  # noqa: E402
+from ignite_trainer.training.losses import WeightedBCELoss  # noqa: E402
+from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics  # noqa: E402
+from ignite_trainer.model.models import build_model  # noqa: E402
+from ignite_trainer.scoring.predictions import PredictionCollector  # noqa: E402
 
 TARGET = 1.03
 
@@ -89,7 +89,7 @@ class RawLoop:
 
 
 class EngineLoop:
-    """The project's trainer with the handlers `ignite_trainer.run.training_process` attaches."""
+    """The project's trainer with the handlers `ignite_trainer.training.run.training_process` attaches."""
 
     def __init__(self, model: torch.nn.Module, out: Path, epochs: int, clip: float = 1.0) -> None:
         device = torch.device("cpu")

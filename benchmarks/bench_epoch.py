@@ -5,7 +5,7 @@
     python benchmarks/bench_epoch.py --rounds 9 --threads 1
 
 Every variant runs the same in-memory batches ``[32, 64 mels, 400 frames]`` (4 s at a 10 ms hop): a training
-step is forward, masked BCE, backward, gradient-norm clip and AdamW, as `ignite_trainer.engine` does; a
+step is forward, masked BCE, backward, gradient-norm clip and AdamW, as `ignite_trainer.training.engine` does; a
 validation step is a forward pass in evaluation mode. Data loading is left out (see `bench_throughput.py`).
 Variants run in turn inside each round, so that load from other jobs on a shared machine hits all of them;
 samples/s are medians over rounds (``--clock cpu`` times this process's CPU seconds instead of the wall
@@ -16,7 +16,7 @@ synthetic set has 25 steps of 32 (800 windows) and 1277 validation windows (seed
 
 "before" is ``attention_cnn`` computed as it was: NCHW tensors, BatchNorm applied separately in evaluation,
 validation under ``torch.no_grad``. The next rows add one thing at a time; "after" is the default computation,
-which also runs each block's BatchNorm -> GELU -> max-pool as one kernel (`ignite_trainer.fused_block`).
+which also runs each block's BatchNorm -> GELU -> max-pool as one kernel (`ignite_trainer.model.fused_block`).
 With CUDA, a second table gives training and validation samples/s in fp32 and bf16 autocast; without it, the script says so.
 """
 
@@ -36,8 +36,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ignite_trainer.losses import WeightedBCELoss  # noqa: E402
-from ignite_trainer.models import build_model  # noqa: E402
+from ignite_trainer.training.losses import WeightedBCELoss  # noqa: E402
+from ignite_trainer.model.models import build_model  # noqa: E402
 
 #: The machine peak the figures are compared with: 2 cores x 2 FMA units x 8 fp32 lanes x 2 FLOP x ~2.45 GHz.
 PEAK_GFLOPS_2_CORES = 157.0

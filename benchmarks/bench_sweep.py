@@ -19,10 +19,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ignite_trainer import sweep as sweep_module  # noqa: E402
-from ignite_trainer.config import TrainConfig  # noqa: E402
-from ignite_trainer.run import prepare_data  # noqa: E402
-from ignite_trainer.sweep_space import parse_space  # noqa: E402
+from ignite_trainer.experiments import sweeps as sweep_module  # noqa: E402
+from ignite_trainer.core.config import TrainConfig  # noqa: E402
+from ignite_trainer.training.run import prepare_data  # noqa: E402
+from ignite_trainer.experiments.space import parse_space  # noqa: E402
 
 
 def space(cache: Path, patients: int, epochs: int) -> dict:

@@ -27,14 +27,14 @@ from ignite.engine import Engine, Events
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ignite_trainer.config import TrainConfig  # noqa: E402
+from ignite_trainer.core.config import TrainConfig  # noqa: E402
 from ignite_trainer.data.datasets import EvalWindows, TrainWindows  # noqa: E402
 from ignite_trainer.data.loaders import make_eval_loader, make_train_loader  # noqa: E402
 from ignite_trainer.data.synthetic import write_synthetic  # noqa: E402
-from ignite_trainer.engine import create_evaluator, create_trainer  # noqa: E402
-from ignite_trainer.losses import WeightedBCELoss  # noqa: E402
-from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics  # noqa: E402
-from ignite_trainer.models import build_model  # noqa: E402
+from ignite_trainer.training.engine import create_evaluator, create_trainer  # noqa: E402
+from ignite_trainer.training.losses import WeightedBCELoss  # noqa: E402
+from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics  # noqa: E402
+from ignite_trainer.model.models import build_model  # noqa: E402
 from ignite_trainer.data.prepare import prepare_data  # noqa: E402
 
 TARGET_WAIT = 0.05

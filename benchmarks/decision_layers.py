@@ -34,9 +34,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ignite_trainer import TrainConfig, evaluate, train, write_synthetic  # noqa: E402
-from ignite_trainer.challenge_scores import MURMUR_CLASSES, OUTCOME_CLASSES, challenge_scores  # noqa: E402
-from ignite_trainer.decision import DecisionLayer, PatientFeatures  # noqa: E402
-from ignite_trainer.scores import tune_threshold  # noqa: E402
+from ignite_trainer.scoring.challenge import MURMUR_CLASSES, OUTCOME_CLASSES, challenge_scores  # noqa: E402
+from ignite_trainer.scoring.decision import DecisionLayer, PatientFeatures  # noqa: E402
+from ignite_trainer.scoring.scores import tune_threshold  # noqa: E402
 
 METHODS = ("legacy band", "legacy band, half-tuned", "tuned band", "logistic", "logistic, calibrated outcome")
 

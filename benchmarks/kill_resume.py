@@ -45,7 +45,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from ignite_trainer.checkpoint import PARTIAL_SUFFIX, checkpoint_epoch  # noqa: E402
+from ignite_trainer.runs.checkpoint import PARTIAL_SUFFIX, checkpoint_epoch  # noqa: E402
 
 SMALL = ["n_mels=8", "sample_rate=1000", "hop_ms=20.0", "n_fft=64", "window_seconds=4.0", "val_fraction=0.34"]
 TIMING_KEYS = {"seconds", "val_seconds"}

@@ -14,7 +14,7 @@ on the device (`ResidentTrainLoader` / `ResidentEvalLoader`: the same batches wi
 ``LABELS`` is the label order everywhere (model outputs, targets, masks, metrics): ``("heart", "murmur")``.
 The 2022 Challenge's classes: ``MURMUR_CLASSES`` ``("Present", "Unknown", "Absent")``, ``OUTCOME_CLASSES``
 ``("Abnormal", "Normal")`` and ``CHALLENGE_OUTPUT_CLASSES`` (both, in the order of its output files).
-The official scores of decisions already made: ``ignite_trainer.challenge_scores.challenge_scores`` (the
+The official scores of decisions already made: ``ignite_trainer.scoring.challenge.challenge_scores`` (the
 module shares the function's name, so the function itself is not a package-level name).
 
 A Challenge entry (see ``examples/challenge/team_code.py``)::
@@ -39,7 +39,7 @@ Cross-validation, fold ensembles and sweeps (see ``docs/cross-validation.md`` an
     export_ensemble(ensemble, "cv-a.safetensors")                    # one file, every member
     predictor = Predictor.load("cv-a.safetensors")
     space = load_space("space.yaml")                                 # a `SweepSpace`
-    from ignite_trainer.sweep import sweep                           # (the module shares the function's name)
+    from ignite_trainer.experiments.sweeps import sweep                           # (the module shares the function's name)
     sweep(space, "sweeps/lr", n_trials=20)
 
 Names are imported on first use (module ``__getattr__``), so ``import ignite_trainer`` stays cheap
@@ -63,9 +63,9 @@ __version__ = "0.1.0"
 # Public name -> the module that defines it.
 _EXPORTS: dict[str, str] = {
     # config
-    "TrainConfig": "ignite_trainer.config",
+    "TrainConfig": "ignite_trainer.core.config",
     # data
-    "LABELS": "ignite_trainer.vocabulary",
+    "LABELS": "ignite_trainer.core.vocabulary",
     "Recording": "ignite_trainer.data.records",
     "read_recordings": "ignite_trainer.data.readers",
     "write_synthetic": "ignite_trainer.data.synthetic",
@@ -84,99 +84,99 @@ _EXPORTS: dict[str, str] = {
     "DEMOGRAPHIC_FEATURES": "ignite_trainer.data.demographics",
     "encode_demographics": "ignite_trainer.data.demographics",
     # augmentation
-    "AugmentSettings": "ignite_trainer.augment",
-    "Augmenter": "ignite_trainer.augment",
+    "AugmentSettings": "ignite_trainer.training.augment",
+    "Augmenter": "ignite_trainer.training.augment",
     # models
-    "build_model": "ignite_trainer.models",
-    "register_model": "ignite_trainer.models",
-    "available_models": "ignite_trainer.models",
-    "DemographicsFusion": "ignite_trainer.fusion",
+    "build_model": "ignite_trainer.model.models",
+    "register_model": "ignite_trainer.model.models",
+    "available_models": "ignite_trainer.model.models",
+    "DemographicsFusion": "ignite_trainer.model.fusion",
     # loss and metrics
-    "WeightedBCELoss": "ignite_trainer.losses",
-    "PerLabelMetrics": "ignite_trainer.metrics",
-    "MaskedLoss": "ignite_trainer.metrics",
-    "PredictionCollector": "ignite_trainer.predictions",
-    "recording_predictions": "ignite_trainer.predictions",
+    "WeightedBCELoss": "ignite_trainer.training.losses",
+    "PerLabelMetrics": "ignite_trainer.training.metrics",
+    "MaskedLoss": "ignite_trainer.training.metrics",
+    "PredictionCollector": "ignite_trainer.scoring.predictions",
+    "recording_predictions": "ignite_trainer.scoring.predictions",
     # engines, events, handlers
-    "create_trainer": "ignite_trainer.engine",
-    "create_evaluator": "ignite_trainer.engine",
-    "StepEvents": "ignite_trainer.engine",
-    "read_step_stats": "ignite_trainer.engine",
-    "TrainerEvents": "ignite_trainer.events",
-    "attach_validation": "ignite_trainer.handlers",
-    "attach_early_stopping": "ignite_trainer.handlers",
-    "attach_best_checkpoint": "ignite_trainer.handlers",
-    "attach_last_checkpoint": "ignite_trainer.handlers",
-    "attach_lr_scheduler": "ignite_trainer.handlers",
-    "attach_nan_guard": "ignite_trainer.handlers",
-    "attach_progress_bar": "ignite_trainer.handlers",
-    "attach_tensorboard": "ignite_trainer.handlers",
-    "attach_metrics_log": "ignite_trainer.handlers",
-    "attach_sampler_epoch": "ignite_trainer.handlers",
-    "attach_threshold_tuning": "ignite_trainer.predictions",
-    "attach_pr_curves": "ignite_trainer.predictions",
-    "training_state": "ignite_trainer.handlers",
-    "attach_standard_handlers": "ignite_trainer.standard",
-    "attach_epoch_tensorboard": "ignite_trainer.tensorboard_epoch",
-    "EpochScalars": "ignite_trainer.epoch_scalars",
-    "attach_epoch_lines": "ignite_trainer.console",
-    "best_summary": "ignite_trainer.console",
-    "attach_mlflow": "ignite_trainer.tracking",
-    "close_mlflow": "ignite_trainer.tracking",
-    "read_runs": "ignite_trainer.runs_table",
-    "RunRow": "ignite_trainer.runs_table",
-    "hold_run_lock": "ignite_trainer.run_lock",
+    "create_trainer": "ignite_trainer.training.engine",
+    "create_evaluator": "ignite_trainer.training.engine",
+    "StepEvents": "ignite_trainer.training.engine",
+    "read_step_stats": "ignite_trainer.training.engine",
+    "TrainerEvents": "ignite_trainer.training.events",
+    "attach_validation": "ignite_trainer.training.handlers",
+    "attach_early_stopping": "ignite_trainer.training.handlers",
+    "attach_best_checkpoint": "ignite_trainer.training.handlers",
+    "attach_last_checkpoint": "ignite_trainer.training.handlers",
+    "attach_lr_scheduler": "ignite_trainer.training.handlers",
+    "attach_nan_guard": "ignite_trainer.training.handlers",
+    "attach_progress_bar": "ignite_trainer.training.handlers",
+    "attach_tensorboard": "ignite_trainer.training.handlers",
+    "attach_metrics_log": "ignite_trainer.training.handlers",
+    "attach_sampler_epoch": "ignite_trainer.training.handlers",
+    "attach_threshold_tuning": "ignite_trainer.scoring.predictions",
+    "attach_pr_curves": "ignite_trainer.scoring.predictions",
+    "training_state": "ignite_trainer.training.handlers",
+    "attach_standard_handlers": "ignite_trainer.training.standard",
+    "attach_epoch_tensorboard": "ignite_trainer.training.tensorboard",
+    "EpochScalars": "ignite_trainer.training.epoch_scalars",
+    "attach_epoch_lines": "ignite_trainer.training.console",
+    "best_summary": "ignite_trainer.training.console",
+    "attach_mlflow": "ignite_trainer.training.tracking",
+    "close_mlflow": "ignite_trainer.training.tracking",
+    "read_runs": "ignite_trainer.runs.table",
+    "RunRow": "ignite_trainer.runs.table",
+    "hold_run_lock": "ignite_trainer.runs.lock",
     # checkpoints
-    "load_checkpoint": "ignite_trainer.checkpoint",
-    "find_resume_checkpoint": "ignite_trainer.checkpoint",
-    "load_model_weights": "ignite_trainer.checkpoint",
-    "SafeDiskSaver": "ignite_trainer.checkpoint",
-    "RNGStates": "ignite_trainer.checkpoint",
-    "Snapshot": "ignite_trainer.checkpoint",
+    "load_checkpoint": "ignite_trainer.runs.checkpoint",
+    "find_resume_checkpoint": "ignite_trainer.runs.checkpoint",
+    "load_model_weights": "ignite_trainer.runs.checkpoint",
+    "SafeDiskSaver": "ignite_trainer.runs.checkpoint",
+    "RNGStates": "ignite_trainer.runs.checkpoint",
+    "Snapshot": "ignite_trainer.runs.checkpoint",
     # whole runs, evaluation, inference
-    "train": "ignite_trainer.run",
-    "evaluate": "ignite_trainer.evaluation",
-    "predict": "ignite_trainer.inference",
-    "load_trained_model": "ignite_trainer.model_files",
-    "export_safetensors": "ignite_trainer.model_files",
-    "TrainedModel": "ignite_trainer.model_files",
-    "Predictor": "ignite_trainer.predictor",
-    "PatientPrediction": "ignite_trainer.predictor",
-    "challenge_recordings": "ignite_trainer.predictor",
-    "write_predictions_csv": "ignite_trainer.writers",
-    "write_challenge_outputs": "ignite_trainer.writers",
+    "train": "ignite_trainer.training.run",
+    "evaluate": "ignite_trainer.use.evaluation",
+    "predict": "ignite_trainer.use.inference",
+    "load_trained_model": "ignite_trainer.use.model_files",
+    "export_safetensors": "ignite_trainer.use.model_files",
+    "TrainedModel": "ignite_trainer.use.model_files",
+    "Predictor": "ignite_trainer.use.predictor",
+    "PatientPrediction": "ignite_trainer.use.predictor",
+    "challenge_recordings": "ignite_trainer.use.predictor",
+    "write_predictions_csv": "ignite_trainer.use.writers",
+    "write_challenge_outputs": "ignite_trainer.use.writers",
     # cross-validation, fold ensembles, sweeps
-    "cross_validate": "ignite_trainer.cv",
-    "resume_cross_validation": "ignite_trainer.cv",
-    "collect_experiment": "ignite_trainer.cv",
-    "assign_folds": "ignite_trainer.splits",
-    "read_split_file": "ignite_trainer.splits",
-    "write_split_file": "ignite_trainer.splits",
-    "Ensemble": "ignite_trainer.ensemble",
-    "load_ensemble": "ignite_trainer.ensemble",
-    "export_ensemble": "ignite_trainer.ensemble",
-    "SweepSpace": "ignite_trainer.sweep_space",
-    "load_space": "ignite_trainer.sweep_space",
+    "cross_validate": "ignite_trainer.experiments.cv",
+    "resume_cross_validation": "ignite_trainer.experiments.cv",
+    "collect_experiment": "ignite_trainer.experiments.cv",
+    "assign_folds": "ignite_trainer.data.splits",
+    "read_split_file": "ignite_trainer.data.splits",
+    "write_split_file": "ignite_trainer.data.splits",
+    "Ensemble": "ignite_trainer.use.ensemble",
+    "load_ensemble": "ignite_trainer.use.ensemble",
+    "export_ensemble": "ignite_trainer.use.ensemble",
+    "SweepSpace": "ignite_trainer.experiments.space",
+    "load_space": "ignite_trainer.experiments.space",
     # the 2022 Challenge: official scores, output files and the decision layer
-    "MURMUR_CLASSES": "ignite_trainer.challenge_scores",
-    "OUTCOME_CLASSES": "ignite_trainer.challenge_scores",
-    "CHALLENGE_OUTPUT_CLASSES": "ignite_trainer.challenge_scores",
-    "ChallengeScores": "ignite_trainer.challenge_scores",
-    "format_challenge_output": "ignite_trainer.challenge_scores",
-    "read_challenge_outputs": "ignite_trainer.challenge_scores",
-    "scores_from_outputs": "ignite_trainer.challenge_scores",
-    "write_scores_csv": "ignite_trainer.challenge_scores",
-    "DecisionLayer": "ignite_trainer.decision",
-    "PatientFeatures": "ignite_trainer.decision",
-    "patient_features": "ignite_trainer.decision",
-    "fit_decision": "ignite_trainer.decision",
-    "attach_decision_fitting": "ignite_trainer.predictions",
+    "MURMUR_CLASSES": "ignite_trainer.scoring.challenge",
+    "OUTCOME_CLASSES": "ignite_trainer.scoring.challenge",
+    "CHALLENGE_OUTPUT_CLASSES": "ignite_trainer.scoring.challenge",
+    "ChallengeScores": "ignite_trainer.scoring.challenge",
+    "format_challenge_output": "ignite_trainer.scoring.challenge",
+    "read_challenge_outputs": "ignite_trainer.scoring.challenge",
+    "scores_from_outputs": "ignite_trainer.scoring.challenge",
+    "write_scores_csv": "ignite_trainer.scoring.challenge",
+    "DecisionLayer": "ignite_trainer.scoring.decision",
+    "PatientFeatures": "ignite_trainer.scoring.decision",
+    "patient_features": "ignite_trainer.scoring.decision",
+    "fit_decision": "ignite_trainer.scoring.decision",
+    "attach_decision_fitting": "ignite_trainer.scoring.predictions",
     # errors
-    "UserError": "ignite_trainer.errors",
-    "ConfigError": "ignite_trainer.errors",
-    "DataError": "ignite_trainer.errors",
-    "CheckpointError": "ignite_trainer.errors",
-    "TrainingAborted": "ignite_trainer.errors",
+    "UserError": "ignite_trainer.core.errors",
+    "ConfigError": "ignite_trainer.core.errors",
+    "DataError": "ignite_trainer.core.errors",
+    "CheckpointError": "ignite_trainer.core.errors",
+    "TrainingAborted": "ignite_trainer.core.errors",
 }
 
 __all__ = list(_EXPORTS)
@@ -197,50 +197,50 @@ def __dir__() -> list[str]:
 
 
 if TYPE_CHECKING:  # static analysers and IDEs see the real names
-    from ignite_trainer.checkpoint import (RNGStates, SafeDiskSaver, Snapshot, find_resume_checkpoint,
+    from ignite_trainer.runs.checkpoint import (RNGStates, SafeDiskSaver, Snapshot, find_resume_checkpoint,
                                            load_checkpoint, load_model_weights)
-    from ignite_trainer.config import TrainConfig
-    from ignite_trainer.cv import collect_experiment, cross_validate, resume_cross_validation
-    from ignite_trainer.ensemble import Ensemble, export_ensemble, load_ensemble
-    from ignite_trainer.splits import assign_folds, read_split_file, write_split_file
-    from ignite_trainer.sweep_space import SweepSpace, load_space
+    from ignite_trainer.core.config import TrainConfig
+    from ignite_trainer.experiments.cv import collect_experiment, cross_validate, resume_cross_validation
+    from ignite_trainer.use.ensemble import Ensemble, export_ensemble, load_ensemble
+    from ignite_trainer.data.splits import assign_folds, read_split_file, write_split_file
+    from ignite_trainer.experiments.space import SweepSpace, load_space
     from ignite_trainer.data.datasets import EvalWindows, TrainWindows, split_patients
     from ignite_trainer.data.features import FeatureCache, FeatureSettings
     from ignite_trainer.data.loaders import (EpochSampler, ResidentEvalLoader, ResidentTrainLoader, make_eval_loader,
                                              make_train_loader, set_sampler_position)
     from ignite_trainer.data.readers import read_recordings
-    from ignite_trainer.augment import Augmenter, AugmentSettings
+    from ignite_trainer.training.augment import Augmenter, AugmentSettings
     from ignite_trainer.data.demographics import DEMOGRAPHIC_FEATURES, Demographics, encode_demographics
     from ignite_trainer.data.records import Recording
     from ignite_trainer.data.synthetic import write_synthetic
-    from ignite_trainer.engine import StepEvents, create_evaluator, create_trainer, read_step_stats
-    from ignite_trainer.errors import CheckpointError, ConfigError, DataError, TrainingAborted, UserError
-    from ignite_trainer.evaluation import evaluate
-    from ignite_trainer.events import TrainerEvents
-    from ignite_trainer.handlers import (attach_best_checkpoint, attach_early_stopping, attach_last_checkpoint,
+    from ignite_trainer.training.engine import StepEvents, create_evaluator, create_trainer, read_step_stats
+    from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError, TrainingAborted, UserError
+    from ignite_trainer.use.evaluation import evaluate
+    from ignite_trainer.training.events import TrainerEvents
+    from ignite_trainer.training.handlers import (attach_best_checkpoint, attach_early_stopping, attach_last_checkpoint,
                                          attach_lr_scheduler, attach_metrics_log, attach_nan_guard,
                                          attach_progress_bar, attach_sampler_epoch, attach_tensorboard,
                                          attach_validation, training_state)
-    from ignite_trainer.inference import predict
-    from ignite_trainer.challenge_scores import (CHALLENGE_OUTPUT_CLASSES, MURMUR_CLASSES, OUTCOME_CLASSES,
+    from ignite_trainer.use.inference import predict
+    from ignite_trainer.scoring.challenge import (CHALLENGE_OUTPUT_CLASSES, MURMUR_CLASSES, OUTCOME_CLASSES,
                                                  ChallengeScores, format_challenge_output,
                                                  read_challenge_outputs, scores_from_outputs, write_scores_csv)
-    from ignite_trainer.decision import DecisionLayer, PatientFeatures, fit_decision, patient_features
-    from ignite_trainer.model_files import TrainedModel, export_safetensors, load_trained_model
-    from ignite_trainer.predictor import PatientPrediction, Predictor, challenge_recordings
-    from ignite_trainer.writers import write_challenge_outputs, write_predictions_csv
-    from ignite_trainer.losses import WeightedBCELoss
-    from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
-    from ignite_trainer.fusion import DemographicsFusion
-    from ignite_trainer.models import available_models, build_model, register_model
-    from ignite_trainer.predictions import (PredictionCollector, attach_decision_fitting, attach_pr_curves,
+    from ignite_trainer.scoring.decision import DecisionLayer, PatientFeatures, fit_decision, patient_features
+    from ignite_trainer.use.model_files import TrainedModel, export_safetensors, load_trained_model
+    from ignite_trainer.use.predictor import PatientPrediction, Predictor, challenge_recordings
+    from ignite_trainer.use.writers import write_challenge_outputs, write_predictions_csv
+    from ignite_trainer.training.losses import WeightedBCELoss
+    from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
+    from ignite_trainer.model.fusion import DemographicsFusion
+    from ignite_trainer.model.models import available_models, build_model, register_model
+    from ignite_trainer.scoring.predictions import (PredictionCollector, attach_decision_fitting, attach_pr_curves,
                                             attach_threshold_tuning, recording_predictions)
-    from ignite_trainer.run import train
-    from ignite_trainer.console import attach_epoch_lines, best_summary
-    from ignite_trainer.epoch_scalars import EpochScalars
-    from ignite_trainer.run_lock import hold_run_lock
-    from ignite_trainer.runs_table import RunRow, read_runs
-    from ignite_trainer.standard import attach_standard_handlers
-    from ignite_trainer.tensorboard_epoch import attach_epoch_tensorboard
-    from ignite_trainer.tracking import attach_mlflow, close_mlflow
-    from ignite_trainer.vocabulary import LABELS
+    from ignite_trainer.training.run import train
+    from ignite_trainer.training.console import attach_epoch_lines, best_summary
+    from ignite_trainer.training.epoch_scalars import EpochScalars
+    from ignite_trainer.runs.lock import hold_run_lock
+    from ignite_trainer.runs.table import RunRow, read_runs
+    from ignite_trainer.training.standard import attach_standard_handlers
+    from ignite_trainer.training.tensorboard import attach_epoch_tensorboard
+    from ignite_trainer.training.tracking import attach_mlflow, close_mlflow
+    from ignite_trainer.core.vocabulary import LABELS

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 import torch
 
-from ignite_trainer.checkpoint import find_best_checkpoint, load_checkpoint
-from ignite_trainer.config import TrainConfig
+from ignite_trainer.runs.checkpoint import find_best_checkpoint, load_checkpoint
+from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.models import register_model
-from ignite_trainer.predictions import LevelPredictions
-from ignite_trainer.run import train
+from ignite_trainer.model.models import register_model
+from ignite_trainer.scoring.predictions import LevelPredictions
+from ignite_trainer.training.run import train
 
 torch.set_num_threads(1)
 

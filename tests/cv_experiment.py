@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from conftest import tiny_config
-from ignite_trainer.cv import cross_validate
+from ignite_trainer.experiments.cv import cross_validate
 from ignite_trainer.data.synthetic import write_synthetic
 
 N_PATIENTS, DATA_SEED, FOLDS, SEEDS = 14, 47, 3, [0, 1]

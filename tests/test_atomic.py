@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from ignite_trainer.atomic import atomic_directory, atomic_path, atomic_write
+from ignite_trainer.core.atomic import atomic_directory, atomic_path, atomic_write
 
 
 @pytest.mark.parametrize("durable", [True, False])

@@ -11,10 +11,10 @@ import torch
 
 import numpy as np
 
-from ignite_trainer.augment import (AugmentSettings, Augmenter, coloured_noise_shape, gain_offset, mix_in_power,
+from ignite_trainer.training.augment import (AugmentSettings, Augmenter, coloured_noise_shape, gain_offset, mix_in_power,
                                     mixup_partners, noise_log_power)
 from ignite_trainer.data.features import FeatureSettings, hz_to_mel, mel_to_hz
-from ignite_trainer.errors import ConfigError
+from ignite_trainer.core.errors import ConfigError
 
 N_MELS, N_FRAMES = 16, 50
 

@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import cli
-from ignite_trainer.checkpoint import load_checkpoint
+from ignite_trainer.runs.checkpoint import load_checkpoint
 from ignite_trainer.data.synthetic import write_synthetic
 
 ROOT = Path(__file__).resolve().parents[1]

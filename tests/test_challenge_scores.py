@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import average_precision_score, f1_score, recall_score, roc_auc_score
 
-from ignite_trainer.challenge_scores import (
+from ignite_trainer.scoring.challenge import (
     CHALLENGE_OUTPUT_CLASSES,
     MURMUR_CLASSES,
     OUTCOME_CLASSES,
@@ -19,7 +19,7 @@ from ignite_trainer.challenge_scores import (
     scores_from_outputs,
     write_scores_csv,
 )
-from ignite_trainer.errors import DataError
+from ignite_trainer.core.errors import DataError
 
 
 def one_hot(names, classes):

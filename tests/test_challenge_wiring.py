@@ -9,18 +9,18 @@ import pytest
 
 import cli
 from conftest import read_csv  # noqa: F401
-from ignite_trainer.challenge_scores import (
+from ignite_trainer.scoring.challenge import (
     CHALLENGE_OUTPUT_CLASSES, format_scores_csv, read_challenge_outputs, scores_from_outputs,
 )
-from ignite_trainer.checkpoint import load_checkpoint
+from ignite_trainer.runs.checkpoint import load_checkpoint
 from ignite_trainer.data.readers import read_recordings
-from ignite_trainer.decision import DecisionLayer
-from ignite_trainer.errors import CheckpointError
-from ignite_trainer.evaluation import evaluate
-from ignite_trainer.inference import predict
-from ignite_trainer.model_files import export_safetensors, load_trained_model
-from ignite_trainer.predictions import patient_labels
-from ignite_trainer.writers import write_challenge_outputs, write_patients_csv, write_predictions_csv
+from ignite_trainer.scoring.decision import DecisionLayer
+from ignite_trainer.core.errors import CheckpointError
+from ignite_trainer.use.evaluation import evaluate
+from ignite_trainer.use.inference import predict
+from ignite_trainer.use.model_files import export_safetensors, load_trained_model
+from ignite_trainer.scoring.predictions import patient_labels
+from ignite_trainer.use.writers import write_challenge_outputs, write_patients_csv, write_predictions_csv
 
 
 def _truth(folder: Path) -> dict[str, tuple[str, str]]:

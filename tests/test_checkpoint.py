@@ -8,7 +8,7 @@ import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
-from ignite_trainer.checkpoint import (
+from ignite_trainer.runs.checkpoint import (
     CheckpointName,
     RNGStates,
     SafeDiskSaver,
@@ -19,7 +19,7 @@ from ignite_trainer.checkpoint import (
     load_model_weights,
     restore,
 )
-from ignite_trainer.errors import CheckpointError
+from ignite_trainer.core.errors import CheckpointError
 
 
 def _run_checkpointing(tmp_path, saver, epochs=3, n_saved=1):
@@ -77,7 +77,7 @@ def test_safe_saver_deletes_the_outgoing_file_only_after_the_new_one_exists(tmp_
 
 
 def test_checkpoint_names_are_made_and_parsed_in_one_place(tmp_path):
-    from ignite_trainer.checkpoint import find_best_checkpoint, parse_checkpoint_name
+    from ignite_trainer.runs.checkpoint import find_best_checkpoint, parse_checkpoint_name
 
     assert parse_checkpoint_name("last_checkpoint_12.pt") == CheckpointName("last", 12)
     assert parse_checkpoint_name("best_checkpoint_3_neg_val_loss=-0.5000.pt") == CheckpointName(

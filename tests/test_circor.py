@@ -17,7 +17,7 @@ from ignite_trainer.data.demographics import (DEMOGRAPHIC_FEATURES, HEIGHT_CM, W
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.data.synthetic import sample_patient, write_synthetic
 from ignite_trainer.data.wav import write_wav
-from ignite_trainer.errors import ConfigError, DataError
+from ignite_trainer.core.errors import ConfigError, DataError
 
 SEED = 11
 N_PATIENTS = 24

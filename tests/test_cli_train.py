@@ -7,9 +7,9 @@ import torch
 from ignite.engine import Events
 
 import cli
-from ignite_trainer.checkpoint import find_resume_checkpoint
-from ignite_trainer.config import TrainConfig
-from ignite_trainer.run import train
+from ignite_trainer.runs.checkpoint import find_resume_checkpoint
+from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.training.run import train
 
 # Small features (8 mels at 1 kHz) keep each run to a few seconds; the math is the default's.
 TINY = ["--set", "n_mels=8", "--set", "sample_rate=1000", "--set", "hop_ms=20", "--set", "n_fft=64",

@@ -3,8 +3,8 @@
 import pytest
 import yaml
 
-from ignite_trainer.config import TrainConfig, config_conflicts
-from ignite_trainer.errors import ConfigError
+from ignite_trainer.core.config import TrainConfig, config_conflicts
+from ignite_trainer.core.errors import ConfigError
 
 
 def test_defaults_are_the_seeds():

@@ -12,10 +12,10 @@ import pytest
 
 import cli
 from conftest import CONSTANT_MODEL, tiny_config
-from ignite_trainer.console import best_summary, split_fingerprint, summary_lines
+from ignite_trainer.training.console import best_summary, split_fingerprint, summary_lines
 from ignite_trainer.data.discovery import detect_format, discover_recordings
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.logs import progress_bar_wanted, setup_logging
+from ignite_trainer.runs.logs import progress_bar_wanted, setup_logging
 
 EPOCH_LINE = re.compile(r"^epoch +(\d+)/(\d+)  train_loss \d+\.\d{4}  val_loss \d+\.\d{4}  macro_f1 (\d\.\d{3}|n/a)  "
                         r"(murmur\.f1 (\d\.\d{4}|n/a)  )?tuned_f1 (\d\.\d{3}|n/a)  lr \d\.\d\de[-+]\d\d  "
@@ -89,7 +89,7 @@ def test_the_summary_describes_the_best_checkpoint_not_the_last_epoch(early_run)
 
 def test_the_split_is_printed_with_its_fingerprint(early_run):
     base, data, _, err = early_run
-    from ignite_trainer.config import TrainConfig
+    from ignite_trainer.core.config import TrainConfig
     from ignite_trainer.data.prepare import prepare_data
 
     config = TrainConfig.from_yaml(base / "runs" / "early" / "config.yaml")
@@ -200,7 +200,7 @@ def test_best_summary_of_an_empty_folder_is_none(tmp_path):
 
 
 def test_filling_the_feature_cache_shows_counts_on_a_terminal_only(early_run, tmp_path, capsys):
-    from ignite_trainer.config import TrainConfig
+    from ignite_trainer.core.config import TrainConfig
     from ignite_trainer.data.features import FeatureCache, FeatureSettings
     from ignite_trainer.data.readers import read_recordings
 
@@ -263,7 +263,7 @@ def _sleep_until_told(started, event):
 def test_a_forked_worker_alive_after_training_does_not_keep_the_run_locked(tmp_path):
     import multiprocessing
 
-    from ignite_trainer.run_lock import hold_run_lock, is_running
+    from ignite_trainer.runs.lock import hold_run_lock, is_running
 
     context = multiprocessing.get_context("fork")
     started, done = context.Event(), context.Event()
@@ -281,9 +281,9 @@ def test_a_forked_worker_alive_after_training_does_not_keep_the_run_locked(tmp_p
 def test_evaluate_prints_na_and_no_row_for_a_label_present_nowhere(tmp_path, capsys):
     import numpy as np
 
-    from ignite_trainer.evaluation import level_scores
-    from ignite_trainer.predictions import LevelPredictions
-    from ignite_trainer.writers import write_json
+    from ignite_trainer.use.evaluation import level_scores
+    from ignite_trainer.scoring.predictions import LevelPredictions
+    from ignite_trainer.use.writers import write_json
 
     # PhysioNet 2016: murmur masked everywhere; every heart label positive, so specificity does not exist
     level = LevelPredictions(level="patient", ids=["a", "b"], probs=np.array([[0.9, 0.5], [0.2, 0.5]]),

@@ -13,11 +13,11 @@ from ignite.engine import Events
 
 from cli import main
 from cv_experiment import FOLDS, SEEDS, cv_config, cv_data, shared_experiment
-from ignite_trainer.cv import Experiment, Member, cross_validate, member_status, resume_cross_validation
-from ignite_trainer.cv_report import METRICS, read_oof_predictions
-from ignite_trainer.predictions import tune_thresholds
+from ignite_trainer.experiments.cv import Experiment, Member, cross_validate, member_status, resume_cross_validation
+from ignite_trainer.experiments.cv_report import METRICS, read_oof_predictions
+from ignite_trainer.scoring.predictions import tune_thresholds
 from ignite_trainer.data.prepare import prepare_data
-from ignite_trainer.splits import assign_folds, read_split_file
+from ignite_trainer.data.splits import assign_folds, read_split_file
 
 QUIET = dict(bootstrap=0, figures=False, echo=lambda _: None)
 
@@ -93,7 +93,7 @@ def test_each_fold_is_decided_by_thresholds_tuned_on_the_other_folds(experiment)
 def oof_levels(exp_dir, seed, folds):
     """Patient- and recording-level predictions of the members ``fold<k>_seed<seed>`` (k in folds), from
     their own oof/ files and the experiment's oof_predictions.csv truth, patients sorted by id."""
-    from ignite_trainer.predictions import LevelPredictions
+    from ignite_trainer.scoring.predictions import LevelPredictions
 
     truth = {r["patient_id"]: r for r in read_oof_predictions(exp_dir / "oof_predictions.csv") if r["seed"] == seed}
     patients, recs = {}, []
@@ -117,8 +117,8 @@ def oof_levels(exp_dir, seed, folds):
 
 
 def test_each_fold_is_decided_by_a_challenge_layer_fitted_on_the_other_folds(experiment):
-    from ignite_trainer.challenge_scores import challenge_scores
-    from ignite_trainer.decision import DecisionLayer, fit_decision, patient_features, patient_truth
+    from ignite_trainer.scoring.challenge import challenge_scores
+    from ignite_trainer.scoring.decision import DecisionLayer, fit_decision, patient_features, patient_truth
 
     summary = json.loads((experiment.exp_dir / "report" / "summary.json").read_text())
     seed0 = summary["sets"]["seed0"]

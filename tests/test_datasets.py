@@ -24,7 +24,7 @@ from ignite_trainer.data.datasets import (
 )
 from ignite_trainer.data.features import FeatureCache, FeatureSettings
 from ignite_trainer.data.records import Recording
-from ignite_trainer.errors import DataError
+from ignite_trainer.core.errors import DataError
 
 SETTINGS = FeatureSettings()
 W = 4.0

@@ -8,8 +8,8 @@ import pytest
 import safetensors.torch
 import torch
 
-from ignite_trainer.challenge_scores import MURMUR_CLASSES, challenge_scores
-from ignite_trainer.decision import (
+from ignite_trainer.scoring.challenge import MURMUR_CLASSES, challenge_scores
+from ignite_trainer.scoring.decision import (
     DecisionLayer,
     MurmurBand,
     MurmurLogistic,
@@ -17,8 +17,8 @@ from ignite_trainer.decision import (
     PatientFeatures,
     patient_features,
 )
-from ignite_trainer.errors import CheckpointError
-from ignite_trainer.predictions import LevelPredictions, murmur_classes
+from ignite_trainer.core.errors import CheckpointError
+from ignite_trainer.scoring.predictions import LevelPredictions, murmur_classes
 
 WEIGHTS = np.array([5.0, 3.0, 1.0])
 

@@ -22,23 +22,23 @@ import pytest
 import torch
 from ignite.engine import Engine, Events
 
-import ignite_trainer.run as run_module
+import ignite_trainer.training.run as run_module
 from conftest import tiny_config
-from ignite_trainer.checkpoint import find_resume_checkpoint, load_checkpoint, load_model_weights
-from ignite_trainer.config import TrainConfig
-from ignite_trainer.errors import ConfigError
+from ignite_trainer.runs.checkpoint import find_resume_checkpoint, load_checkpoint, load_model_weights
+from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.data.datasets import EvalWindows
 from ignite_trainer.data.features import FeatureCache
 from ignite_trainer.data.loaders import ShardSampler, make_eval_loader
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.engine import create_evaluator
-from ignite_trainer.losses import WeightedBCELoss
-from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
-from ignite_trainer.models import build_model
-from ignite_trainer.predictions import PredictionCollector
-from ignite_trainer.errors import DistributedFailure
+from ignite_trainer.training.engine import create_evaluator
+from ignite_trainer.training.losses import WeightedBCELoss
+from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
+from ignite_trainer.model.models import build_model
+from ignite_trainer.scoring.predictions import PredictionCollector
+from ignite_trainer.core.errors import DistributedFailure
 from ignite_trainer.data.prepare import PreparedData, prepare_data
-from ignite_trainer.run import train
+from ignite_trainer.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -246,7 +246,7 @@ def test_a_global_batch_that_does_not_divide_over_the_ranks_is_refused(base: Pat
 def _epoch_length(local_rank: int, n: int, batch: int, out: Path) -> None:
     from ignite_trainer.data.loaders import make_train_loader
 
-    from ignite_trainer.handlers import attach_sampler_epoch
+    from ignite_trainer.training.handlers import attach_sampler_epoch
 
     loader = make_train_loader(torch.utils.data.TensorDataset(torch.arange(n)), batch, 0, torch.device("cpu"))
     seen: list[list[int]] = []

@@ -7,10 +7,10 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Events
 
-from ignite_trainer.engine import create_evaluator, create_trainer
-from ignite_trainer.errors import TrainingAborted
-from ignite_trainer.events import TrainerEvents
-from ignite_trainer.handlers import attach_nan_guard
+from ignite_trainer.training.engine import create_evaluator, create_trainer
+from ignite_trainer.core.errors import TrainingAborted
+from ignite_trainer.training.events import TrainerEvents
+from ignite_trainer.training.handlers import attach_nan_guard
 
 from conftest import TinyModel
 

@@ -11,14 +11,14 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Events
 
-from ignite_trainer.engine import (
+from ignite_trainer.training.engine import (
     StepEvents,
     accumulation_window,
     check_accumulation,
     create_trainer,
 )
-from ignite_trainer.errors import ConfigError, TrainingAborted
-from ignite_trainer.handlers import attach_nan_guard
+from ignite_trainer.core.errors import ConfigError, TrainingAborted
+from ignite_trainer.training.handlers import attach_nan_guard
 
 from conftest import TinyModel, make_batches
 

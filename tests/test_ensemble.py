@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 
 from cv_experiment import FOLDS, SEEDS, shared_experiment
-from ignite_trainer.ensemble import export_ensemble, is_ensemble, load_ensemble, mean_probabilities
-from ignite_trainer.errors import CheckpointError
+from ignite_trainer.use.ensemble import export_ensemble, is_ensemble, load_ensemble, mean_probabilities
+from ignite_trainer.core.errors import CheckpointError
 from ignite_trainer.data.discovery import discover_recordings
-from ignite_trainer.inference import run_windows
-from ignite_trainer.model_files import load_trained_model
-from ignite_trainer.predictions import patient_predictions
+from ignite_trainer.use.inference import run_windows
+from ignite_trainer.use.model_files import load_trained_model
+from ignite_trainer.scoring.predictions import patient_predictions
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +99,7 @@ def test_the_exported_file_keeps_the_out_of_fold_decision_layer(experiment, tmp_
     assert loaded.decision == original.decision and loaded.decision_source == original.decision_source
     assert [m.config.seed for m in loaded.members] == [m.config.seed for m in original.members]
     # the library function takes an experiment directory too (the CLI and scripts write the same file)
-    from ignite_trainer.model_files import export_safetensors
+    from ignite_trainer.use.model_files import export_safetensors
 
     again = export_safetensors(experiment.exp_dir, tmp_path / "again.safetensors")
     assert load_ensemble(again).decision == original.decision
@@ -108,9 +108,9 @@ def test_the_exported_file_keeps_the_out_of_fold_decision_layer(experiment, tmp_
 
 def test_evaluate_and_predict_score_an_experiment_as_its_ensemble(experiment, recordings, tmp_path):
     from cli import main
-    from ignite_trainer.errors import ConfigError
-    from ignite_trainer.evaluation import challenge_section, evaluate
-    from ignite_trainer.inference import predict
+    from ignite_trainer.core.errors import ConfigError
+    from ignite_trainer.use.evaluation import challenge_section, evaluate
+    from ignite_trainer.use.inference import predict
 
     from ignite_trainer.data.readers import read_recordings
 
@@ -141,8 +141,8 @@ def test_evaluate_and_predict_score_an_experiment_as_its_ensemble(experiment, re
 def test_predictor_loads_an_experiment_with_its_decision_layer(experiment, tmp_path):
     from test_predictor import _patients
 
-    from ignite_trainer.inference import predict
-    from ignite_trainer.predictor import Predictor
+    from ignite_trainer.use.inference import predict
+    from ignite_trainer.use.predictor import Predictor
 
     folder = predict(experiment.exp_dir, [experiment.data])
     labels, probs = folder.challenge_outputs()

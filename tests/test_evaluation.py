@@ -14,17 +14,17 @@ import torch
 
 import cli
 from conftest import circor_subset, level_predictions, read_csv, tiny_config  # noqa: F401
-from ignite_trainer.checkpoint import load_checkpoint
+from ignite_trainer.runs.checkpoint import load_checkpoint
 from ignite_trainer.data.datasets import split_patients
 from ignite_trainer.data.readers import read_recordings
-from ignite_trainer.errors import CheckpointError, DataError
-from ignite_trainer.challenge_scores import challenge_cost
-from ignite_trainer.decision import DecisionLayer
-from ignite_trainer.evaluation import challenge_section, evaluate, level_scores
-from ignite_trainer.model_files import load_trained_model
-from ignite_trainer.writers import PATIENT_COLUMNS
-from ignite_trainer.predictions import LevelPredictions
-from ignite_trainer.scores import auprc, auroc, binary_stats, macc
+from ignite_trainer.core.errors import CheckpointError, DataError
+from ignite_trainer.scoring.challenge import challenge_cost
+from ignite_trainer.scoring.decision import DecisionLayer
+from ignite_trainer.use.evaluation import challenge_section, evaluate, level_scores
+from ignite_trainer.use.model_files import load_trained_model
+from ignite_trainer.use.writers import PATIENT_COLUMNS
+from ignite_trainer.scoring.predictions import LevelPredictions
+from ignite_trainer.scoring.scores import auprc, auroc, binary_stats, macc
 
 
 # ---------------------------------------------------------------------------------------------- score wiring

@@ -10,10 +10,10 @@ import torch
 import yaml
 
 import cli
-from ignite_trainer.errors import CheckpointError
-from ignite_trainer.evaluation import evaluate
-from ignite_trainer.inference import predict
-from ignite_trainer.model_files import export_safetensors, load_trained_model
+from ignite_trainer.core.errors import CheckpointError
+from ignite_trainer.use.evaluation import evaluate
+from ignite_trainer.use.inference import predict
+from ignite_trainer.use.model_files import export_safetensors, load_trained_model
 
 from conftest import circor_subset
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 from scipy.io import wavfile
 
-from ignite_trainer.config import TrainConfig
+from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.data import wav as wav_module
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.features import (
@@ -28,7 +28,7 @@ from ignite_trainer.data.features import (
     resample,
 )
 from ignite_trainer.data.records import Recording
-from ignite_trainer.errors import DataError
+from ignite_trainer.core.errors import DataError
 
 
 # ---------------------------------------------------------------------------------------------- helpers

@@ -7,10 +7,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ignite_trainer.engine import create_trainer
-from ignite_trainer.errors import ConfigError
-from ignite_trainer.losses import WeightedBCELoss
-from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
+from ignite_trainer.training.engine import create_trainer
+from ignite_trainer.core.errors import ConfigError
+from ignite_trainer.training.losses import WeightedBCELoss
+from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
 
 from conftest import TinyModel, make_batches
 

@@ -12,11 +12,11 @@ import torch
 from ignite.engine import Events
 
 import cli
-from ignite_trainer.checkpoint import load_checkpoint
-from ignite_trainer.config import TrainConfig
-from ignite_trainer.graceful import GracefulStop, TrainingStopped
-from ignite_trainer.run import train
-from ignite_trainer.rundir import read_metrics_log
+from ignite_trainer.runs.checkpoint import load_checkpoint
+from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.training.graceful import GracefulStop, TrainingStopped
+from ignite_trainer.training.run import train
+from ignite_trainer.runs.rundir import read_metrics_log
 
 from conftest import tiny_config
 from test_bad_inputs import SMALL, fresh_log_stream, pristine  # noqa: F401

@@ -7,11 +7,11 @@ import torch
 import torch.nn.functional as F
 from ignite.engine import Events
 
-from ignite_trainer.checkpoint import Snapshot
-from ignite_trainer.engine import create_trainer
-from ignite_trainer.events import TrainerEvents
-from ignite_trainer.rundir import MetricsLog
-from ignite_trainer.handlers import (
+from ignite_trainer.runs.checkpoint import Snapshot
+from ignite_trainer.training.engine import create_trainer
+from ignite_trainer.training.events import TrainerEvents
+from ignite_trainer.runs.rundir import MetricsLog
+from ignite_trainer.training.handlers import (
     attach_best_checkpoint,
     attach_early_stopping,
     attach_lr_scheduler,
@@ -168,12 +168,12 @@ def _standard_run(tmp_path, model, epochs=3):
     from types import SimpleNamespace
 
     from conftest import make_batches
-    from ignite_trainer.config import TrainConfig
+    from ignite_trainer.core.config import TrainConfig
     from ignite_trainer.data.records import Recording
-    from ignite_trainer.engine import create_evaluator
-    from ignite_trainer.losses import WeightedBCELoss
-    from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
-    from ignite_trainer.predictions import PredictionCollector
+    from ignite_trainer.training.engine import create_evaluator
+    from ignite_trainer.training.losses import WeightedBCELoss
+    from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
+    from ignite_trainer.scoring.predictions import PredictionCollector
 
     train_batches, val_batches = make_batches(seed=1), make_batches(n_batches=2, seed=2)
     labels = torch.cat([b[1] for b in val_batches])
@@ -197,7 +197,7 @@ def _position(trainer, event, handler):
 
 
 def test_standard_handlers_attach_in_the_documented_order_and_each_can_be_removed(tmp_path, tiny_model):
-    from ignite_trainer.standard import attach_standard_handlers
+    from ignite_trainer.training.standard import attach_standard_handlers
 
     trainer, evaluator, kwargs = _standard_run(tmp_path, tiny_model)
     h = attach_standard_handlers(trainer, evaluator, **kwargs)
@@ -216,9 +216,9 @@ def test_standard_handlers_attach_in_the_documented_order_and_each_can_be_remove
 
 
 def test_the_best_checkpoint_holds_its_epochs_thresholds_and_the_log_its_epochs_lr(tmp_path, tiny_model):
-    from ignite_trainer.checkpoint import find_best_checkpoint, load_checkpoint
-    from ignite_trainer.rundir import MetricsLog
-    from ignite_trainer.standard import attach_standard_handlers
+    from ignite_trainer.runs.checkpoint import find_best_checkpoint, load_checkpoint
+    from ignite_trainer.runs.rundir import MetricsLog
+    from ignite_trainer.training.standard import attach_standard_handlers
 
     trainer, evaluator, kwargs = _standard_run(tmp_path, tiny_model)
     h = attach_standard_handlers(trainer, evaluator, **kwargs)

@@ -149,7 +149,7 @@ def test_a_run_resumed_mid_epoch_equals_the_uninterrupted_run(dataset, workers, 
     from ignite.engine import Events
 
     from ignite_trainer.data.loaders import set_sampler_position
-    from ignite_trainer.engine import closes_window, create_trainer
+    from ignite_trainer.training.engine import closes_window, create_trainer
 
     from conftest import TinyModel
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from ignite_trainer.losses import WeightedBCELoss
+from ignite_trainer.training.losses import WeightedBCELoss
 
 POS_WEIGHT = torch.tensor([1.0, 2.5])
 

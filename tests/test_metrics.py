@@ -15,9 +15,9 @@ from ignite.exceptions import NotComputableError
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
 from ignite_trainer.data.records import LABELS
-from ignite_trainer.losses import WeightedBCELoss
-from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
-from ignite_trainer.scores import tune_threshold
+from ignite_trainer.training.losses import WeightedBCELoss
+from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
+from ignite_trainer.scoring.scores import tune_threshold
 
 STATS = ("accuracy", "precision", "recall", "sensitivity", "specificity", "f1")
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from ignite_trainer import models
-from ignite_trainer.errors import ConfigError
+from ignite_trainer.model import models
+from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.data.demographics import DEMOGRAPHIC_FEATURES, Demographics, encode_demographics
-from ignite_trainer.fusion import N_DEMOGRAPHIC, DemographicsFusion
-from ignite_trainer.models import available_models, build_model, register_model
+from ignite_trainer.model.fusion import N_DEMOGRAPHIC, DemographicsFusion
+from ignite_trainer.model.models import available_models, build_model, register_model
 
 #: The attention score's output bias adds the same number to every step before the softmax, so its gradient is
 #: zero up to rounding: it is the one parameter no loss can move.
@@ -177,7 +177,7 @@ def assert_same_function(model: nn.Module, other: nn.Module) -> None:
 
 @pytest.mark.parametrize("name", ["attention_cnn", "mean_pool_cnn"])
 def test_the_fused_kernel_computes_the_same_function(name: str) -> None:
-    """The trunk's BatchNorm -> GELU -> max-pool through `ignite_trainer.fused_block`, against the modules."""
+    """The trunk's BatchNorm -> GELU -> max-pool through `ignite_trainer.model.fused_block`, against the modules."""
     fused = build_model(name, n_mels=16)
     plain = build_model(name, n_mels=16, fused=False)
     plain.load_state_dict(fused.state_dict())

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import cli
-from ignite_trainer import evaluation
+from ignite_trainer.use import evaluation
 
 from test_bad_inputs import expect_error, train_args, tree_digest  # noqa: F401  (fixtures below)
 from test_bad_inputs import fresh_log_stream, pristine  # noqa: F401

@@ -12,10 +12,10 @@ import pytest
 import torch
 
 import cli
-from ignite_trainer.checkpoint import load_checkpoint
+from ignite_trainer.runs.checkpoint import load_checkpoint
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.models import build_model, register_model
-from ignite_trainer.run import train
+from ignite_trainer.model.models import build_model, register_model
+from ignite_trainer.training.run import train
 
 from conftest import tiny_config
 
@@ -115,7 +115,7 @@ class _StepNorms(torch.optim.AdamW):
 
 @pytest.mark.parametrize("clip", [1.0, 0.0])
 def test_clipping_bounds_an_exploding_gradient_in_a_real_run(data, tmp_path, monkeypatch, clip):
-    import ignite_trainer.run as run
+    import ignite_trainer.training.run as run
 
     base_loss = run.WeightedBCELoss
 

@@ -13,7 +13,7 @@ from ignite_trainer.data.physionet2016 import read_physionet2016
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.data.synthetic import sample_patient, write_synthetic
 from ignite_trainer.data.wav import wav_info, write_wav
-from ignite_trainer.errors import DataError
+from ignite_trainer.core.errors import DataError
 
 
 def write_folder(root: Path, letter: str, labels: dict[str, str], quality: dict[str, str] | None = None,

@@ -11,10 +11,10 @@ import pytest
 import cli
 from ignite_trainer.data.synthetic import write_synthetic
 from ignite_trainer.data.wav import write_wav
-from ignite_trainer.errors import DataError
+from ignite_trainer.core.errors import DataError
 from ignite_trainer.data.discovery import detect_format, discover_recordings
-from ignite_trainer.inference import predict
-from ignite_trainer.writers import CHALLENGE_CLASSES, PREDICTION_COLUMNS
+from ignite_trainer.use.inference import predict
+from ignite_trainer.use.writers import CHALLENGE_CLASSES, PREDICTION_COLUMNS
 
 from conftest import circor_subset, read_csv
 
@@ -70,7 +70,7 @@ def test_predict_a_single_wav_to_stdout(trained_run, capsys):
 
 
 def test_predict_agrees_with_evaluate_on_the_same_recordings(trained_run, tmp_path):
-    from ignite_trainer.evaluation import evaluate
+    from ignite_trainer.use.evaluation import evaluate
 
     folder = circor_subset(trained_run.data, tmp_path / "subset", 2)
     evaluated = evaluate(trained_run.run_dir, data=folder, out_dir=tmp_path / "eval", figures=False)
@@ -80,7 +80,7 @@ def test_predict_agrees_with_evaluate_on_the_same_recordings(trained_run, tmp_pa
 
 
 def _rows(result):
-    from ignite_trainer.writers import write_predictions_csv
+    from ignite_trainer.use.writers import write_predictions_csv
 
     buffer = io.StringIO()
     write_predictions_csv(result, buffer)

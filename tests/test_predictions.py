@@ -11,14 +11,14 @@ from ignite.engine import Engine
 
 from conftest import TinyModel, make_batches
 from ignite_trainer.data.records import Recording
-from ignite_trainer.engine import create_evaluator
-from ignite_trainer.events import TrainerEvents
-from ignite_trainer.handlers import attach_validation
-from ignite_trainer.predictions import (
+from ignite_trainer.training.engine import create_evaluator
+from ignite_trainer.training.events import TrainerEvents
+from ignite_trainer.training.handlers import attach_validation
+from ignite_trainer.scoring.predictions import (
     PredictionCollector, aggregate, attach_pr_curves, attach_threshold_tuning, murmur_classes, patient_labels,
     patient_predictions, recording_predictions, tune_thresholds, unknown_band,
 )
-from ignite_trainer.scores import binary_stats
+from ignite_trainer.scoring.scores import binary_stats
 
 
 def rec(rid, pid, labels=(0.0, 0.0), mask=(True, True), murmur_class=None):

@@ -7,12 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from ignite_trainer.challenge_scores import CHALLENGE_OUTPUT_CLASSES
+from ignite_trainer.scoring.challenge import CHALLENGE_OUTPUT_CLASSES
 from ignite_trainer.data.wav import read_wav
-from ignite_trainer.decision import DecisionLayer, MurmurLogistic, OutcomeThreshold
-from ignite_trainer.inference import predict
-from ignite_trainer.model_files import load_trained_model
-from ignite_trainer.predictor import Predictor, challenge_recordings
+from ignite_trainer.scoring.decision import DecisionLayer, MurmurLogistic, OutcomeThreshold
+from ignite_trainer.use.inference import predict
+from ignite_trainer.use.model_files import load_trained_model
+from ignite_trainer.use.predictor import Predictor, challenge_recordings
 
 
 def _patients(folder: Path) -> list[tuple[str, str, list]]:

@@ -15,8 +15,8 @@ import test_physionet2016
 from conftest import by_id
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.readers import read_recordings
-from ignite_trainer.errors import DataError
-from ignite_trainer.vocabulary import FORMATS
+from ignite_trainer.core.errors import DataError
+from ignite_trainer.core.vocabulary import FORMATS
 
 
 def _two_circor_patients(root: Path) -> set[str]:

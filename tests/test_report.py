@@ -9,10 +9,10 @@ import matplotlib
 import numpy as np
 from matplotlib.image import imread
 
-from ignite_trainer.decision import DecisionLayer
-from ignite_trainer.evaluation import challenge_section, level_scores
+from ignite_trainer.scoring.decision import DecisionLayer
+from ignite_trainer.use.evaluation import challenge_section, level_scores
 from conftest import level_predictions
-from ignite_trainer.report import (
+from ignite_trainer.use.report import (
     plot_confusion_matrices, plot_roc_pr, plot_training_curves, read_metrics_log, write_report,
 )
 
@@ -138,7 +138,7 @@ def test_report_shows_the_official_scores_per_task_and_class(tmp_path):
 # ---------------------------------------------------------------------------------------------- what figures say
 def _captured(monkeypatch):
     """The `Figure` objects the report draws, kept instead of only written, so their content can be read."""
-    import ignite_trainer.report as report
+    import ignite_trainer.use.report as report
 
     figures = []
     real_save = report._save
@@ -157,7 +157,7 @@ def _texts(ax):
 
 
 def test_best_epoch_follows_the_monitor_and_keeps_the_first_of_equals():
-    from ignite_trainer.report import best_epoch
+    from ignite_trainer.use.report import best_epoch
 
     records = [{"epoch": 1, "val_loss": 0.7, "macro_f1": 0.2, "murmur": {"f1": 0.1}},
                {"epoch": 2, "val_loss": 0.5, "macro_f1": 0.4, "murmur": {"f1": None}},

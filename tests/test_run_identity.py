@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import cli
-from ignite_trainer.checkpoint import load_checkpoint
-from ignite_trainer.evaluation import evaluate
+from ignite_trainer.runs.checkpoint import load_checkpoint
+from ignite_trainer.use.evaluation import evaluate
 
 from conftest import circor_subset
 from test_bad_inputs import expect_error, fresh_log_stream  # noqa: F401

@@ -9,11 +9,11 @@ import pytest
 import cli
 from conftest import CONSTANT_MODEL, tiny_config
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.evaluation import evaluate
-from ignite_trainer.events import TrainerEvents
-from ignite_trainer.run import train
-from ignite_trainer.run_lock import hold_run_lock, is_running
-from ignite_trainer.runs_table import config_diff, read_run, read_runs
+from ignite_trainer.use.evaluation import evaluate
+from ignite_trainer.training.events import TrainerEvents
+from ignite_trainer.training.run import train
+from ignite_trainer.runs.lock import hold_run_lock, is_running
+from ignite_trainer.runs.table import config_diff, read_run, read_runs
 
 
 def stop_after_first_epoch(trainer, evaluator):

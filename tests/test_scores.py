@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import confusion_matrix, precision_recall_fscore_support
 
-from ignite_trainer.scores import (
+from ignite_trainer.scoring.scores import (
     auprc,
     auroc,
     binary_stats,

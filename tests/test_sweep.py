@@ -18,14 +18,14 @@ from optuna.trial import TrialState
 
 from cli import main
 from conftest import read_csv, tiny_config
-from ignite_trainer.checkpoint import find_resume_checkpoint
+from ignite_trainer.runs.checkpoint import find_resume_checkpoint
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.rundir import read_metrics_log
-from ignite_trainer import sweep as sweep_module
-from ignite_trainer.errors import ConfigError
-from ignite_trainer.sweep import (SurplusTrial, counted_trials, make_objective, open_storage, open_study, storage_url,
+from ignite_trainer.runs.rundir import read_metrics_log
+from ignite_trainer.experiments import sweeps as sweep_module
+from ignite_trainer.core.errors import ConfigError
+from ignite_trainer.experiments.sweeps import (SurplusTrial, counted_trials, make_objective, open_storage, open_study, storage_url,
                                   sweep)
-from ignite_trainer.sweep_space import SWEEP_OWNED_FIELDS, load_space, parse_space
+from ignite_trainer.experiments.space import SWEEP_OWNED_FIELDS, load_space, parse_space
 
 LR = {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}
 
@@ -148,8 +148,8 @@ KILL_AFTER_FIRST_EPOCH = """
 import os, signal, sys
 sys.path.insert(0, "tests")
 from ignite.engine import Events
-from ignite_trainer import sweep as sweep_module
-from ignite_trainer.sweep_space import load_space
+from ignite_trainer.experiments import sweeps as sweep_module
+from ignite_trainer.experiments.space import load_space
 
 run = sweep_module.TRIAL_RUNNERS["run"]
 

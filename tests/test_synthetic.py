@@ -19,7 +19,7 @@ from ignite_trainer.data.circor import read_circor
 from ignite_trainer.data.synthetic import (CSV_COLUMNS, ensure_embedded_dataset, sample_patient,
                                            synthesize_recording, write_synthetic)
 from ignite_trainer.data.wav import read_wav, wav_info
-from ignite_trainer.errors import ConfigError, DataError
+from ignite_trainer.core.errors import ConfigError, DataError
 
 SEED = 7
 N_PATIENTS = 30

@@ -14,13 +14,13 @@ from sklearn.metrics import average_precision_score, roc_auc_score
 from tensorboardX.proto.event_pb2 import Event, SessionLog
 
 from conftest import TinyModel, make_batches
-from ignite_trainer.engine import create_evaluator, create_trainer
-from ignite_trainer.epoch_scalars import ranking_scores
-from ignite_trainer.events import TrainerEvents
-from ignite_trainer.handlers import attach_best_checkpoint, attach_validation
-from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
-from ignite_trainer.predictions import PredictionCollector
-from ignite_trainer.tensorboard_epoch import attach_epoch_tensorboard
+from ignite_trainer.training.engine import create_evaluator, create_trainer
+from ignite_trainer.training.epoch_scalars import ranking_scores
+from ignite_trainer.training.events import TrainerEvents
+from ignite_trainer.training.handlers import attach_best_checkpoint, attach_validation
+from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
+from ignite_trainer.scoring.predictions import PredictionCollector
+from ignite_trainer.training.tensorboard import attach_epoch_tensorboard
 
 
 def read_scalars(log_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -152,8 +152,8 @@ def test_auroc_is_over_recordings_when_the_validation_dataset_is_given(tmp_path)
     from types import SimpleNamespace
 
     from ignite_trainer.data.records import Recording
-    from ignite_trainer.epoch_scalars import EpochScalars
-    from ignite_trainer.predictions import WindowPredictions
+    from ignite_trainer.training.epoch_scalars import EpochScalars
+    from ignite_trainer.scoring.predictions import WindowPredictions
 
     recordings = [Recording(rid, "p" + rid, Path(f"{rid}.wav"), labels, (True, True))
                   for rid, labels in (("A", (1.0, 0.0)), ("B", (0.0, 1.0)), ("C", (1.0, 1.0)))]

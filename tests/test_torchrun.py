@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_config
-from ignite_trainer.checkpoint import find_resume_checkpoint, load_checkpoint
+from ignite_trainer.runs.checkpoint import find_resume_checkpoint, load_checkpoint
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.rundir import MetricsLog
+from ignite_trainer.runs.rundir import MetricsLog
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,12 +25,12 @@ REPO = Path(__file__).resolve().parents[1]
 LAUNCHER = '''
 import functools, sys
 import cli
-import ignite_trainer.run as run
+import ignite_trainer.training.run as run
 
 def fail_on_rank_1(trainer, evaluator):
     import ignite.distributed as idist
     from ignite.engine import Events
-    from ignite_trainer.errors import DataError
+    from ignite_trainer.core.errors import DataError
     if idist.get_rank() == 1:
         @trainer.on(Events.ITERATION_COMPLETED(once=2))
         def fail(engine):

@@ -8,13 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from conftest import TinyModel, make_batches
-from ignite_trainer.config import TrainConfig
-from ignite_trainer.engine import create_evaluator, create_trainer
-from ignite_trainer.errors import ConfigError
-from ignite_trainer.events import TrainerEvents
-from ignite_trainer.handlers import attach_best_checkpoint, attach_early_stopping, attach_validation
-from ignite_trainer.metrics import MaskedLoss, PerLabelMetrics
-from ignite_trainer.predictions import PredictionCollector
+from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.training.engine import create_evaluator, create_trainer
+from ignite_trainer.core.errors import ConfigError
+from ignite_trainer.training.events import TrainerEvents
+from ignite_trainer.training.handlers import attach_best_checkpoint, attach_early_stopping, attach_validation
+from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
+from ignite_trainer.scoring.predictions import PredictionCollector
 
 
 def bce(logits, y, mask=None):
@@ -23,7 +23,7 @@ def bce(logits, y, mask=None):
 
 def tracked_run(tmp_path, epochs=3, patience=0, error=None):
     """A real trainer/evaluator whose run directory is ``tmp_path/runs/r``, tracked in the default local store."""
-    from ignite_trainer.tracking import attach_mlflow, close_mlflow
+    from ignite_trainer.training.tracking import attach_mlflow, close_mlflow
 
     config = TrainConfig(output_dir=str(tmp_path / "runs"), name="r", epochs=epochs, learning_rate=0.5,
                          early_stopping_patience=patience)
@@ -106,7 +106,7 @@ def test_mlflow_run_says_how_it_ended(tmp_path):
 
 
 def test_without_mlflow_one_config_error(monkeypatch):
-    from ignite_trainer.tracking import require_mlflow
+    from ignite_trainer.training.tracking import require_mlflow
 
     monkeypatch.setitem(sys.modules, "mlflow", None)  # what an environment without the extra sees
     with pytest.raises(ConfigError, match=r"pip install 'ignite_trainer\[mlflow\]'"):
@@ -115,7 +115,7 @@ def test_without_mlflow_one_config_error(monkeypatch):
 
 def test_a_resumed_training_continues_its_mlflow_run(tmp_path):
     pytest.importorskip("mlflow")
-    from ignite_trainer.tracking import attach_mlflow, close_mlflow
+    from ignite_trainer.training.tracking import attach_mlflow, close_mlflow
 
     run_dir, first, _ = tracked_run(tmp_path, epochs=2)
     _, before = the_run(tmp_path)

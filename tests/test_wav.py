@@ -11,7 +11,7 @@ import pytest
 from scipy.io import wavfile
 
 from ignite_trainer.data.wav import check_declared_rate, read_wav, read_wfdb_rate, wav_info, write_wav
-from ignite_trainer.errors import DataError
+from ignite_trainer.core.errors import DataError
 
 
 def _tone(n: int = 4000) -> np.ndarray:

@@ -14,22 +14,22 @@ import torch
 from ignite.engine import Events
 
 import cli
-from ignite_trainer import run as run_module
-from ignite_trainer.augment import Augmenter
-from ignite_trainer.checkpoint import load_checkpoint
-from ignite_trainer.config import TrainConfig, config_conflicts
+from ignite_trainer.training import run as run_module
+from ignite_trainer.training.augment import Augmenter
+from ignite_trainer.runs.checkpoint import load_checkpoint
+from ignite_trainer.core.config import TrainConfig, config_conflicts
 from ignite_trainer.data.loaders import epoch_order
 from ignite_trainer.data.prepare import prepare_data
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.engine import StepEvents, create_evaluator, create_trainer
-from ignite_trainer.errors import ConfigError, TrainingAborted
-from ignite_trainer.fusion import DemographicsFusion
-from ignite_trainer.handlers import attach_nan_guard
-from ignite_trainer.losses import WeightedBCELoss
-from ignite_trainer.metrics import MaskedLoss
-from ignite_trainer.model_files import load_trained_model
-from ignite_trainer.models import build_model
-from ignite_trainer.run import train
+from ignite_trainer.training.engine import StepEvents, create_evaluator, create_trainer
+from ignite_trainer.core.errors import ConfigError, TrainingAborted
+from ignite_trainer.model.fusion import DemographicsFusion
+from ignite_trainer.training.handlers import attach_nan_guard
+from ignite_trainer.training.losses import WeightedBCELoss
+from ignite_trainer.training.metrics import MaskedLoss
+from ignite_trainer.use.model_files import load_trained_model
+from ignite_trainer.model.models import build_model
+from ignite_trainer.training.run import train
 
 from conftest import TinyModel, make_batches, tiny_config
 

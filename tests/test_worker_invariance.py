@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 from ignite.engine import Events
 
-from ignite_trainer.checkpoint import load_checkpoint
-from ignite_trainer.config import TrainConfig
+from ignite_trainer.runs.checkpoint import load_checkpoint
+from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.run import train
+from ignite_trainer.training.run import train
 
 from conftest import tiny_config
 

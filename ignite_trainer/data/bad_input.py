@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 
-from ignite_trainer.errors import DataError
+from ignite_trainer.core.errors import DataError
 
 log = logging.getLogger("ignite_trainer.data")
 

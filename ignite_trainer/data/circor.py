@@ -20,7 +20,7 @@ from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.demographics import DEMOGRAPHIC_FIELDS, Demographics, demographics_from_fields
 from ignite_trainer.data.records import Recording
 from ignite_trainer.data.wav import check_declared_rate
-from ignite_trainer.errors import DataError
+from ignite_trainer.core.errors import DataError
 
 #: Auscultation locations, keyed by their lower-case spelling (the release writes both ``Phc`` and ``PhC``).
 LOCATIONS = {"av": "AV", "pv": "PV", "tv": "TV", "mv": "MV", "phc": "Phc"}

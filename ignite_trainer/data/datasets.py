@@ -34,7 +34,7 @@ from torch.utils.data import Dataset
 from ignite_trainer.data.demographics import encode_many
 from ignite_trainer.data.features import FeatureCache, FeatureSettings
 from ignite_trainer.data.records import Recording
-from ignite_trainer.errors import ConfigError, DataError
+from ignite_trainer.core.errors import ConfigError, DataError
 
 #: ``(x [n_mels, W_frames], y [2], mask [2], index)``: what both datasets yield and the engines consume;
 #: built with ``demographics=True`` a fifth tensor follows, the patient's `encode_demographics` values and

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Mapping, Sequence
 
 import torch
 
-from ignite_trainer.errors import ConfigError
+from ignite_trainer.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from ignite_trainer.data.records import Recording

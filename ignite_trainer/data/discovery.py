@@ -14,7 +14,7 @@ from typing import Sequence
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.circor import LOCATIONS, parse_patient_file, patient_folder, read_training_table
 from ignite_trainer.data.records import Recording
-from ignite_trainer.errors import DataError
+from ignite_trainer.core.errors import DataError
 
 __all__ = ["detect_format", "has_labels", "discover_recordings", "is_patient_file"]
 

@@ -38,13 +38,13 @@ import scipy.signal
 import torch
 from tqdm import tqdm
 
-from ignite_trainer.atomic import PARTIAL_SUFFIX, atomic_write
+from ignite_trainer.core.atomic import PARTIAL_SUFFIX, atomic_write
 from ignite_trainer.data import wav as wav_io
 from ignite_trainer.data.records import Recording
-from ignite_trainer.errors import ConfigError, DataError
+from ignite_trainer.core.errors import ConfigError, DataError
 
 if TYPE_CHECKING:
-    from ignite_trainer.config import TrainConfig
+    from ignite_trainer.core.config import TrainConfig
     from ignite_trainer.data.bad_input import BadInputPolicy
 
 #: Bump when the feature computation changes in a way `FeatureSettings` does not capture: old cache files

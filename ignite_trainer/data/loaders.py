@@ -26,7 +26,7 @@ from ignite.engine import Engine
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from ignite_trainer.data.datasets import STREAM_SHUFFLE, EvalWindows, ResidentFeatures, TrainWindows, sample_seed
-from ignite_trainer.errors import DataError
+from ignite_trainer.core.errors import DataError
 
 
 class ShardSampler(Sampler[int]):

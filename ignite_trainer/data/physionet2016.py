@@ -12,7 +12,7 @@ from pathlib import Path
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.records import Recording
 from ignite_trainer.data.wav import check_declared_rate, read_wfdb_rate
-from ignite_trainer.errors import DataError
+from ignite_trainer.core.errors import DataError
 
 HEART_VALUES = {"1": 1.0, "-1": 0.0}
 QUALITY_VALUES = {"1": True, "0": False}

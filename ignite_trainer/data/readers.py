@@ -12,8 +12,8 @@ from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.circor import read_circor
 from ignite_trainer.data.physionet2016 import read_physionet2016
 from ignite_trainer.data.records import Recording
-from ignite_trainer.errors import ConfigError
-from ignite_trainer.vocabulary import FORMATS
+from ignite_trainer.core.errors import ConfigError
+from ignite_trainer.core.vocabulary import FORMATS
 
 
 def read_recordings(root: str | Path, fmt: str, unknown_murmur: str = "mask",

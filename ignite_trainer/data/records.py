@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from ignite_trainer.data.demographics import Demographics
-from ignite_trainer.vocabulary import LABELS  # noqa: F401  (the order of ``labels`` and ``mask``)
+from ignite_trainer.core.vocabulary import LABELS  # noqa: F401  (the order of ``labels`` and ``mask``)
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,10 @@ import numpy as np
 from scipy import fft as sfft
 from tqdm import tqdm
 
-from ignite_trainer.atomic import atomic_directory, swap_directory
+from ignite_trainer.core.atomic import atomic_directory, swap_directory
 from ignite_trainer.data.wav import write_wav
-from ignite_trainer.errors import ConfigError, DataError
-from ignite_trainer.vocabulary import FORMATS
+from ignite_trainer.core.errors import ConfigError, DataError
+from ignite_trainer.core.vocabulary import FORMATS
 
 CIRCOR_RATE = 4000
 PHYSIONET_RATE = 2000

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from scipy.io import wavfile
 
-from ignite_trainer.errors import DataError
+from ignite_trainer.core.errors import DataError
 
 _PCM = 1
 #: The RIFF size a streaming writer leaves when it cannot seek back: "unknown", the data chunk decides.

@@ -1,0 +1,218 @@
+"""Patient folds for cross-validation: deal them, write them, read a published one back, and check it.
+
+A cross-validated score is only comparable when everyone knows which patients were held out together, so
+the folds are data of their own: `assign_folds` deals patients into k folds stratified by the combination
+of both labels (heart x murmur, a masked label being a stratum value of its own) from an explicit
+``split_seed``, so that changing the training ``seed`` moves the initialisation and the crops but never
+the folds. `write_split_file` / `read_split_file` store them as patient ids per fold (JSON, or a
+``patient_id,fold`` CSV for published splits), and `check_folds` refuses a split that names unknown
+patients, puts one patient in two folds or leaves one out.
+
+The dealing is the one `data.datasets.split_patients` has always used for ``n_folds >= 2`` (strata in
+sorted order, each shuffled with ``random.Random(seed)``, dealt round-robin across strata), so a config
+written before ``split_seed`` existed gets exactly its old folds back.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Sequence
+
+from ignite_trainer.data.datasets import patient_stratum
+from ignite_trainer.data.records import Recording
+from ignite_trainer.core.errors import ConfigError, DataError
+
+__all__ = ["SPLIT_FORMAT", "patient_strata", "assign_folds", "check_folds", "read_split_file", "write_split_file",
+           "fold_split"]
+
+SPLIT_FORMAT = "ignite_trainer/splits/1"
+
+
+def patient_strata(recordings: Sequence[Recording]) -> dict[tuple[str, str], list[str]]:
+    """Sorted patient ids per stratum ``(heart, murmur)``, each value ``"0"``, ``"1"`` or ``"?"`` (masked).
+
+    Example::
+
+        strata = patient_strata(read_recordings(root, "circor2022"))
+        print({k: len(v) for k, v in strata.items()})   # {('0', '0'): 138, ('1', '?'): 15, ...}
+    """
+    by_patient: dict[str, list[Recording]] = defaultdict(list)
+    for r in recordings:
+        by_patient[r.patient_id].append(r)
+    strata: dict[tuple[str, str], list[str]] = defaultdict(list)
+    for pid in sorted(by_patient):
+        strata[patient_stratum(by_patient[pid])].append(pid)
+    return {s: strata[s] for s in sorted(strata)}
+
+
+def assign_folds(recordings: Sequence[Recording], n_folds: int, split_seed: int) -> list[list[str]]:
+    """Patient ids per fold (k lists, each sorted), stratified by both labels; a function of the patients
+    and ``split_seed`` only (not of the recordings' order).
+
+    Every stratum must hold at least ``n_folds`` patients, or some fold would never see it in validation
+    (and its scores for that stratum would be undefined): a `DataError` names the rarest stratum.
+
+    Example::
+
+        folds = assign_folds(recordings, n_folds=5, split_seed=0)
+        write_split_file(folds, "splits.json", split_seed=0)
+    """
+    if n_folds < 2:
+        raise ConfigError(f"n_folds={n_folds}: cross-validation needs at least 2 folds")
+    strata = patient_strata(recordings)
+    if not strata:
+        raise DataError("no patients to split into folds")
+    rarest = min(strata, key=lambda s: (len(strata[s]), s))
+    if len(strata[rarest]) < n_folds:
+        heart, murmur = rarest
+        raise DataError(f"n_folds={n_folds} is more than the {len(strata[rarest])} patient(s) of the rarest stratum "
+                        f"(heart={heart}, murmur={murmur}; '?' = label missing); use at most "
+                        f"{len(strata[rarest])} folds")
+    rng = random.Random(split_seed)
+    ordered = []
+    for stratum in strata.values():
+        pids = list(stratum)
+        rng.shuffle(pids)
+        ordered.extend(pids)
+    folds: list[list[str]] = [[] for _ in range(n_folds)]
+    for i, pid in enumerate(ordered):  # round-robin across strata: fold sizes differ by at most one
+        folds[i % n_folds].append(pid)
+    return [sorted(f) for f in folds]
+
+
+def check_folds(folds: Sequence[Sequence[str]], patients: Sequence[str], source: str = "split") -> None:
+    """Refuse folds that cannot be a k-fold split of ``patients``: fewer than 2 folds, an empty fold, a
+    patient in two folds, a patient the data does not hold, or a patient of the data in no fold.
+
+    Example::
+
+        check_folds(read_split_file("published.json"), sorted({r.patient_id for r in recordings}), "published.json")
+    """
+    if len(folds) < 2:
+        raise DataError(f"{source}: {len(folds)} fold(s); a k-fold split needs at least 2")
+    seen: dict[str, int] = {}
+    for k, fold in enumerate(folds):
+        if not fold:
+            raise DataError(f"{source}: fold {k} is empty")
+        for pid in fold:
+            if pid in seen:
+                where = f"folds {seen[pid]} and {k}" if seen[pid] != k else f"fold {k} twice"
+                raise DataError(f"{source}: patient {pid} is in {where} (folds must not overlap)")
+            seen[pid] = k
+    known = set(patients)
+    unknown = sorted(set(seen) - known)
+    if unknown:
+        raise DataError(f"{source}: {len(unknown)} patient id(s) not in the data, e.g. {', '.join(unknown[:3])}")
+    missing = sorted(known - set(seen))
+    if missing:
+        raise DataError(f"{source}: {len(missing)} patient(s) of the data are in no fold, e.g. {', '.join(missing[:3])}")
+
+
+def read_split_file(path: str | Path) -> list[list[str]]:
+    """Patient ids per fold from a split file (not yet checked against any data; see `check_folds`).
+
+    Two layouts: JSON, either a list of lists of ids or an object whose ``"folds"`` is one (what
+    `write_split_file` writes); or CSV with a header holding ``patient_id`` and ``fold`` columns, folds
+    numbered by integers (renumbered 0..k-1 in ascending order, so 1-based files work as they are).
+
+    Example::
+
+        folds = read_split_file("published_5fold.csv")
+    """
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise DataError(f"{path}: cannot read the split file ({e.strerror or e})") from None
+    if path.suffix.lower() == ".csv":
+        return _folds_from_csv(text, path)
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise DataError(f"{path}: not valid JSON (line {e.lineno}: {e.msg}); expected patient ids per fold") from None
+    if isinstance(value, dict):
+        if "folds" not in value:
+            raise DataError(f"{path}: a JSON object split file needs a 'folds' list of patient-id lists")
+        value = value["folds"]
+    if not isinstance(value, list) or not all(isinstance(f, list) for f in value):
+        raise DataError(f"{path}: expected a list of folds, each a list of patient ids")
+    folds = []
+    for k, fold in enumerate(value):
+        ids = []
+        for pid in fold:
+            if isinstance(pid, bool) or not isinstance(pid, (str, int)) or not str(pid).strip():
+                raise DataError(f"{path}: fold {k} holds {pid!r}, which is not a patient id")
+            ids.append(str(pid).strip())
+        folds.append(ids)
+    return folds
+
+
+def _folds_from_csv(text: str, path: Path) -> list[list[str]]:
+    rows = list(csv.DictReader(text.splitlines()))
+    if not rows or not {"patient_id", "fold"} <= set(rows[0]):
+        raise DataError(f"{path}: a CSV split file needs a header with 'patient_id' and 'fold' columns and one row "
+                        "per patient")
+    by_fold: dict[int, list[str]] = defaultdict(list)
+    for line, row in enumerate(rows, start=2):
+        pid, fold = (row.get("patient_id") or "").strip(), (row.get("fold") or "").strip()
+        try:
+            number = int(fold)
+        except ValueError:
+            raise DataError(f"{path}: line {line}: fold {fold!r} is not an integer") from None
+        if not pid:
+            raise DataError(f"{path}: line {line}: empty patient_id")
+        by_fold[number].append(pid)
+    return [by_fold[k] for k in sorted(by_fold)]
+
+
+def write_split_file(folds: Sequence[Sequence[str]], path: str | Path, split_seed: int | None = None,
+                     **info: Any) -> Path:
+    """Write patient ids per fold as JSON (atomically: a reader never sees half a file).
+
+    ``split_seed`` is None for a split that was given rather than dealt; ``info`` adds fields (such as
+    the stratum sizes) for the reader's benefit.
+
+    Example::
+
+        write_split_file(assign_folds(recordings, 5, 0), "exp/splits.json", split_seed=0)
+    """
+    path = Path(path)
+    body = {"format": SPLIT_FORMAT, "n_folds": len(folds), "split_seed": split_seed,
+            "stratified_by": ["heart", "murmur"], **info, "folds": [sorted(map(str, f)) for f in folds]}
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(body, indent=1) + "\n")
+        os.replace(tmp, path)
+    except OSError as e:
+        raise DataError(f"{path}: cannot write the split file ({e.strerror or e})") from None
+    return path
+
+
+def fold_split(recordings: Sequence[Recording], n_folds: int, fold: int, split_seed: int,
+               split_file: str | Path | None = None) -> tuple[list[Recording], list[Recording]]:
+    """``(train, validation)`` recordings with fold ``fold`` as validation: from ``split_file`` when given
+    (``n_folds`` 0 takes its fold count, any other value must match it), else `assign_folds`.
+
+    Example::
+
+        train, val = fold_split(recordings, n_folds=5, fold=2, split_seed=0)
+    """
+    if split_file is not None:
+        folds = read_split_file(split_file)
+        check_folds(folds, sorted({r.patient_id for r in recordings}), str(split_file))
+        if n_folds not in (0, len(folds)):
+            raise ConfigError(f"n_folds={n_folds} but {split_file} holds {len(folds)} folds")
+    else:
+        folds = assign_folds(recordings, n_folds, split_seed)
+    if not 0 <= fold < len(folds):
+        raise ConfigError(f"fold={fold} does not exist: the split has folds 0..{len(folds) - 1}")
+    val_patients = set(folds[fold])
+    train = [r for r in recordings if r.patient_id not in val_patients]
+    val = [r for r in recordings if r.patient_id in val_patients]
+    return train, val

@@ -1,0 +1,141 @@
+"""Stopping a training on purpose: SIGINT (Ctrl-C) or SIGTERM (what a scheduler sends before preemption).
+
+The first signal does not interrupt anything: the current iteration finishes, and as soon as no
+gradient is pending (`engine.closes_window`: accumulation windows are not part of any checkpoint) the
+run writes a resumable checkpoint of that exact point, logs the stop and ends with `TrainingStopped`,
+which the CLI turns into one line with the ``--resume`` command and exit code 128 + the signal
+(130 for SIGINT, 143 for SIGTERM). A second signal aborts at once (the last complete checkpoint
+stays, a partial one is cleaned up on resume).
+
+Resuming from the mid-epoch checkpoint gives the weights of the run never stopped: the trainer's
+iteration is in the checkpoint and `data.loaders.set_sampler_position` starts the epoch's sampler at
+the next batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import signal
+import sys
+import threading
+from pathlib import Path
+from typing import Iterator
+
+from ignite.engine import Engine, Events
+from ignite.handlers import Checkpoint
+
+from ignite_trainer.training.engine import closes_window
+
+__all__ = ["GracefulStop", "TrainingStopped", "STOP_SIGNALS"]
+
+log = logging.getLogger("ignite_trainer")
+
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+
+
+class TrainingStopped(Exception):
+    """Training was stopped on purpose by ``signum`` after writing a checkpoint it resumes from.
+
+    Not an error: the CLI prints `message` (the ``--resume`` command) and exits with `exit_code`.
+    """
+
+    def __init__(self, signum: int, run_dir: Path, checkpoint: str | None) -> None:
+        self.signum, self.run_dir, self.checkpoint = signum, Path(run_dir), checkpoint
+        super().__init__(self.message)
+
+    @property
+    def signal_name(self) -> str:
+        return signal.Signals(self.signum).name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+    @property
+    def message(self) -> str:
+        return (f"stopped by {self.signal_name}; checkpoint {self.checkpoint} written; continue with: "
+                f"python cli.py train --resume {self.run_dir}")
+
+
+class GracefulStop:
+    """Turn SIGINT/SIGTERM into a checkpointed stop after the current iteration.
+
+    ``checkpoint`` is the run's last-checkpoint handler (`handlers.attach_last_checkpoint`): called
+    mid-epoch it writes the resume state of that iteration. A stop that falls on an epoch's last
+    iteration waits for the epoch's own handlers (validation, LR step, that epoch's checkpoint) and stops
+    after them, so the checkpoint is the ordinary end-of-epoch one. Attach it after the standard handlers.
+
+    Example::
+
+        stop = GracefulStop(handlers.last_checkpoint, run_dir, accumulation_steps=1)
+        stop.attach(trainer)
+        with stop.installed():
+            trainer.run(train_loader, max_epochs=10)
+        stop.raise_if_stopped()
+    """
+
+    def __init__(self, checkpoint: Checkpoint, run_dir: str | Path, accumulation_steps: int = 1) -> None:
+        self.checkpoint_handler, self.run_dir, self.accumulation_steps = checkpoint, Path(run_dir), accumulation_steps
+        self.requested: int | None = None
+        self.checkpoint: str | None = None
+        self.stopped = False
+        self._pid = os.getpid()
+
+    def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
+        trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
+
+    def _on_iteration(self, engine: Engine) -> None:
+        if self.requested is None or self.stopped or not closes_window(engine, self.accumulation_steps):
+            return
+        if engine.state.iteration % engine.state.epoch_length == 0:
+            return  # the epoch's end: its own handlers and checkpoint come first (`_on_epoch_completed`)
+        self.checkpoint_handler(engine)
+        self._stop(engine)
+
+    def _on_epoch_completed(self, engine: Engine) -> None:
+        if self.requested is None or self.stopped or engine.state.epoch >= engine.state.max_epochs:
+            return  # no request, or the run ends here anyway
+        self._stop(engine)  # the epoch's checkpoint was just written by its own handler
+
+    def _stop(self, engine: Engine) -> None:
+        self.checkpoint = Path(self.checkpoint_handler.last_checkpoint or "").name
+        self.stopped = True
+        assert self.requested is not None
+        log.warning("stopped by %s at epoch %d, iteration %d; checkpoint %s written; resume with --resume %s",
+                    signal.Signals(self.requested).name, engine.state.epoch, engine.state.iteration,
+                    self.checkpoint, self.run_dir)
+        engine.terminate()
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if os.getpid() != self._pid:
+            return  # a DataLoader worker forked with our handler (Ctrl-C reaches the whole group): the main process decides
+        if self.requested is not None:  # the second signal: no more waiting
+            sys.stderr.write(f"\nerror: second {signal.Signals(signum).name}: aborted at once; the last complete "
+                             f"checkpoint resumes with --resume {self.run_dir}\n")
+            sys.stderr.flush()
+            os._exit(128 + signum)
+        self.requested = signum
+        log.warning("%s received: stopping after the current iteration (send it again to abort at once)",
+                    signal.Signals(signum).name)
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Our handlers for `STOP_SIGNALS` while the block runs (the main thread only; elsewhere a no-op)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        self._pid = os.getpid()
+        previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
+        try:
+            yield
+        finally:
+            for s, handler in previous.items():
+                signal.signal(s, handler)
+
+    def raise_if_stopped(self) -> None:
+        """After the run: `TrainingStopped` if a signal stopped it."""
+        if self.stopped and self.requested is not None:
+            raise TrainingStopped(self.requested, self.run_dir, self.checkpoint)

@@ -1,0 +1,302 @@
+"""Compose a whole training run from a `TrainConfig`: `train`, the function the CLI and scripts call.
+
+`train` opens the run once (`rundir.open_run`: every input check, then the run directory), then starts
+`training_process` on every rank (`launch`). Each rank builds the same model, loaders and engines and
+attaches the standard handlers (`standard.attach_standard_handlers`); only rank 0 writes logs, and
+Ignite's `Checkpoint` saves on rank 0. Under ``torchrun`` every rank enters `train`: rank 0 opens the
+run and broadcasts the outcome, so both launch paths open a run the same way.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import ignite.distributed as idist
+import torch
+import yaml
+from ignite.engine import Engine
+
+from ignite_trainer.core.atomic import atomic_write
+from ignite_trainer.runs.checkpoint import Snapshot
+from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.training.augment import Augmenter, AugmentSettings
+from ignite_trainer.training.console import best_summary, split_line, summary_lines
+from ignite_trainer.data.datasets import EvalWindows, ResidentFeatures, TrainWindows
+from ignite_trainer.data.features import FeatureSettings
+from ignite_trainer.data.loaders import ResidentEvalLoader, ResidentTrainLoader, make_eval_loader, make_train_loader
+from ignite_trainer.data.prepare import PreparedData, checked_data, prepare_data
+from ignite_trainer.training.engine import create_evaluator, create_trainer
+from ignite_trainer.core.errors import DistributedFailure
+from ignite_trainer.training.graceful import GracefulStop, TrainingStopped
+from ignite_trainer.training.launch import broadcast_from_rank0, run_joined, run_spawned
+from ignite_trainer.runs.logs import quiet_non_zero_rank, setup_logging
+from ignite_trainer.training.losses import WeightedBCELoss
+from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
+from ignite_trainer.model.models import build_model
+from ignite_trainer.scoring.predictions import PredictionCollector
+from ignite_trainer.training.preflight import check_settings, check_training_set
+from ignite_trainer.runs.lock import hold_run_lock
+from ignite_trainer.runs.record import end_environment, record_environment, run_identity, write_split
+from ignite_trainer.runs.rundir import OpenedRun, RunDirectory, open_run
+from ignite_trainer.training.runtime import (
+    distributed_backend, resolve_device, resolved_settings, seed_everything, torchrun_world_size,
+)
+from ignite_trainer.training.standard import attach_standard_handlers
+from ignite_trainer.training.tracking import attach_mlflow, close_mlflow, require_mlflow
+
+__all__ = ["train", "training_process", "SetupHook"]
+
+log = logging.getLogger("ignite_trainer")
+
+#: Beside config.yaml: what ``auto``/empty settings resolved to on the machine that ran (`runtime.resolved_settings`).
+RESOLVED_FILE = "resolved.yaml"
+
+#: ``setup(trainer, evaluator)``: research code hooked on after the standard handlers, before training.
+SetupHook = Callable[[Engine, Engine], None]
+
+
+def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: bool = False,
+          overrides: dict[str, Any] | None = None, setup: SetupHook | None = None) -> dict[str, Any]:
+    """Train (or resume) a run; returns a summary with ``run_dir``, ``finished``, the last epoch's scores
+    (``metrics``) and the best checkpoint's description (``best``, `console.best_summary`), which it also logs.
+
+    With ``resume``, the run's saved config is used and ``overrides`` (explicit command-line values) may
+    only change fields that do not affect the result (device, workers, progress bar, ...).
+    ``setup(trainer, evaluator)`` runs in every process after the standard handlers are attached and
+    before training starts: the place to hook research code onto `TrainerEvents` (with more than one
+    process it must be a module-level function, so that it can be sent to the workers).
+
+    Example::
+
+        from ignite_trainer import TrainConfig, train
+        summary = train(TrainConfig(epochs=5, name="quick"))
+        print(summary["run_dir"], summary["metrics"]["murmur"]["f1"])
+    """
+    if torchrun_world_size() > 1 and config.nproc_per_node == 1:
+        overrides = overrides or {}
+        backend = distributed_backend(overrides.get("backend") or config.backend,
+                                      overrides.get("device") or config.device)
+        result: dict[str, Any] = {}
+        run_joined(_torchrun_rank, (config, resume, overwrite, overrides, setup, result), backend)
+        return result
+
+    def validate(checked_config: TrainConfig) -> PreparedData:
+        check_settings(checked_config)
+        if checked_config.tracker == "mlflow":
+            require_mlflow()  # a missing extra costs nothing: no run directory yet
+        data = checked_data(checked_config)
+        check_training_set(checked_config, len(data.train))
+        return data
+
+    run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate,
+                   identify=run_identity)
+    if run.finished:
+        return _finished_summary(run)
+    data = run.checked
+    assert data is not None
+    _record_start(run, data)
+    setup_logging(run.directory.train_log)
+    log.info("data %s: %d train / %d validation recordings", data.source, len(data.train), len(data.val))
+    log.info(split_line(data.train, data.val))
+    config = run.config
+    _write_resolved(run.directory, config, data)
+    with hold_run_lock(run.directory.path), _session(run.directory.path):
+        try:
+            run_spawned(training_process, (config, run.directory.path, data, run.resume_from, setup),
+                        config.nproc_per_node, distributed_backend(config.backend, config.device), run.directory.path)
+        except DistributedFailure as e:
+            log.error("%s", e)  # train.log's last record: the runs table reads the run as failed
+            raise
+    return _summary(run.directory, config, skipped=data.skipped)
+
+
+def _write_resolved(directory: RunDirectory, config: TrainConfig, data: PreparedData) -> None:
+    """``resolved.yaml``: the values ``auto``/empty settings took here (`runtime.resolved_settings`);
+    ``config.yaml`` keeps what was asked for. Rewritten by a resume, which may run elsewhere."""
+    with atomic_write(directory.path / RESOLVED_FILE, durable=True) as f:
+        f.write(yaml.safe_dump(resolved_settings(config, data.source), sort_keys=False))
+
+
+def _summary(directory: RunDirectory, config: TrainConfig, skipped: list[str]) -> dict[str, Any]:
+    """What `train` returns, with the best checkpoint described (and logged: console and ``train.log``)."""
+    records = directory.metrics_log.records()
+    last = records[-1] if records else None
+    best = best_summary(directory.path, config.monitor)
+    last_epoch = last["epoch"] if last else None
+    early = last_epoch is not None and last_epoch < config.epochs
+    for line in summary_lines(best, last_epoch=last_epoch, early_stopped=early):
+        log.info(line)
+    return {"run_dir": directory.path, "finished": True, "already_finished": False, "metrics": last,
+            "best": best, "skipped": skipped}
+
+
+def _record_start(run: OpenedRun, data: PreparedData) -> None:
+    """``split.json`` (a new run) and this session in ``environment.json``."""
+    if run.resume_from is None:
+        write_split(run.directory.path, run.config, data)
+    record_environment(run.directory.path, str(resolve_device(run.config.device)))
+
+
+@contextlib.contextmanager
+def _session(run_dir: Path) -> Iterator[None]:
+    """Close this session in ``environment.json`` with how it ended."""
+    outcome = "failed"
+    try:
+        yield
+        outcome = "finished"
+    except TrainingStopped as e:
+        outcome = f"stopped by {e.signal_name}"
+        raise
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        raise
+    finally:
+        end_environment(run_dir, outcome)
+
+
+def _finished_summary(run: OpenedRun) -> dict[str, Any]:
+    return {"run_dir": run.directory.path, "finished": True, "already_finished": True, "epoch": run.epoch,
+            "metrics": run.directory.metrics_log.last()}
+
+
+def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | None, overwrite: bool,
+                   overrides: dict[str, Any], setup: SetupHook | None, result: dict[str, Any]) -> None:
+    """`train` on one rank that ``torchrun`` started: rank 0 opens the run, every rank learns the outcome;
+    each node's local rank 0 fills the feature cache before the node's other ranks read it."""
+    world = idist.get_world_size()
+
+    def open_on_rank0() -> OpenedRun:
+        def validate(checked_config: TrainConfig) -> PreparedData:
+            check_settings(checked_config, world)
+            data = checked_data(checked_config)  # fills the cache too
+            check_training_set(checked_config, len(data.train), world)
+            return data
+
+        if config.tracker == "mlflow":
+            require_mlflow()
+        run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate,
+                       identify=run_identity)
+        if not run.finished:
+            _record_start(run, run.checked)
+        setup_logging(run.directory.train_log)
+        return dataclasses.replace(run, checked=None)  # every rank prepares its own; no need to broadcast it
+
+    run = broadcast_from_rank0(open_on_rank0)
+    if run.finished:
+        result.update(_finished_summary(run))
+        return
+    if idist.get_local_rank() != 0:
+        idist.barrier()  # wait until this node's feature cache is filled
+    data = prepare_data(run.config)
+    if idist.get_local_rank() == 0:
+        idist.barrier()
+    if idist.get_rank() == 0:
+        log.info(split_line(data.train, data.val))
+        _write_resolved(run.directory, run.config, data)
+        with hold_run_lock(run.directory.path), _session(run.directory.path):
+            training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup)
+        result.update(_summary(run.directory, run.config, skipped=data.skipped))
+    else:
+        training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup)
+        result.update(run_dir=run.directory.path, finished=True, already_finished=False,
+                      metrics=run.directory.metrics_log.last(), skipped=data.skipped)
+
+
+def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: PreparedData,
+                     resume_path: Path | None, setup: SetupHook | None = None) -> None:
+    """Everything one rank does: build the model, loaders and engines, attach the standard handlers
+    (restoring them on resume), run the setup hook, train."""
+    rank = idist.get_rank()
+    device = idist.device() if idist.get_world_size() > 1 else resolve_device(config.device)
+    seed_everything(config.seed)
+    if rank == 0:
+        setup_logging(RunDirectory(run_dir).train_log)  # a spawned rank 0 starts without the parent's handlers
+    else:
+        quiet_non_zero_rank()
+
+    model = idist.auto_model(build_model(config.model, n_mels=config.n_mels, demographics=config.demographics))
+    # the fused kernel skips a non-finite step on the device (found_inf), so the step never waits for the host
+    optimizer = idist.auto_optim(torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
+                                                   weight_decay=config.weight_decay, fused=device.type == "cuda"))
+    loss_fn = WeightedBCELoss(*config.pos_weight).to(device)
+    train_loader, val_dataset, val_loader = _loaders(config, data, device)
+    identity = run_identity(config, data)  # in every checkpoint: a resume checks it is this run's
+
+    # fp16 autocast on CUDA needs loss scaling; the one scaler is created here and checkpointed with the run
+    fp16_on_cuda = config.amp and config.amp_dtype == "float16" and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda") if fp16_on_cuda else None
+    # checkpoints keep the plain model; only the steps run the compiled one
+    step_model = torch.compile(model) if config.compile else model
+    augment = Augmenter(AugmentSettings.from_config(config), seed=config.seed,
+                        feature_settings=FeatureSettings.from_config(config))
+    trainer = create_trainer(step_model, optimizer, loss_fn, device, gradient_clip=config.gradient_clip,
+                             amp=config.amp, accumulation_steps=config.accumulation_steps, scaler=scaler,
+                             amp_dtype_name=config.amp_dtype, sync_every=config.sync_every,
+                             augment=augment if augment.enabled else None)
+    evaluator = create_evaluator(step_model, {"val_loss": MaskedLoss(loss_fn, device=device),
+                                              "labels": PerLabelMetrics(device=device),
+                                              "predictions": PredictionCollector(device=device)},
+                                 device, amp=config.amp, amp_dtype_name=config.amp_dtype)
+    handlers = attach_standard_handlers(
+        trainer, evaluator, model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,
+        val_dataset=val_dataset, config=config, run_dir=run_dir, scaler=scaler,
+        extra_to_save={"run_identity": Snapshot(lambda: identity)}, resume_from=resume_path, writes_logs=rank == 0)
+    tracker = None
+    if rank == 0 and config.tracker == "mlflow":
+        tracker = attach_mlflow(trainer, optimizer, config, run_dir, tracking_uri=config.tracking_uri,
+                                val_dataset=val_dataset, best_checkpoint=handlers.best_checkpoint)
+    if setup is not None:
+        setup(trainer, evaluator)
+    stop = None
+    if idist.get_world_size() == 1:  # several ranks would have to agree on where to stop: not supported yet
+        stop = GracefulStop(handlers.last_checkpoint, run_dir, config.accumulation_steps)
+        stop.attach(trainer)
+    error: BaseException | None = None
+    try:
+        try:
+            with stop.installed() if stop is not None else contextlib.nullcontext():
+                trainer.run(train_loader, max_epochs=config.epochs)
+        finally:
+            handlers.close()
+        if stop is not None:
+            stop.raise_if_stopped()
+    except TrainingStopped:
+        error = KeyboardInterrupt()  # a stop on purpose: the tracker records it as interrupted, not failed
+        raise
+    except KeyboardInterrupt as e:
+        error = e
+        log.warning("interrupted at epoch %s; resume with --resume %s", trainer.state.epoch, run_dir)
+        raise
+    except BaseException as e:
+        error = e
+        log.error("stopped by an error at epoch %s: %s: %s", trainer.state.epoch, type(e).__name__, e)
+        raise
+    finally:
+        if tracker is not None:
+            close_mlflow(tracker, error)
+    if idist.get_world_size() > 1:
+        # Leave together: a rank that tore down its gloo group while rank 0 was still closing its files
+        # died with SIGABRT ("terminate called without an active exception") in 2 of 12 runs.
+        idist.barrier()
+
+
+def _loaders(config: TrainConfig, data: PreparedData, device: torch.device) -> tuple[Any, EvalWindows, Any]:
+    """``(train loader, validation dataset, validation loader)``: on the device when ``resident_features``
+    is set and the features fit there (the same batches, bit for bit), else DataLoaders over the cache."""
+    cache = data.feature_cache()
+    train_dataset = TrainWindows(data.train, cache, config.window_seconds, seed=config.seed,
+                                 demographics=config.demographics)
+    val_dataset = EvalWindows(data.val, cache, config.window_seconds, demographics=config.demographics)
+    eval_batch_size = config.eval_batch_size or config.batch_size
+    if config.resident_features and ResidentFeatures.fits(train_dataset, device) \
+            and ResidentFeatures.fits(val_dataset, device):
+        return (ResidentTrainLoader(train_dataset, config.batch_size, device), val_dataset,
+                ResidentEvalLoader(val_dataset, eval_batch_size, device))
+    if config.resident_features:
+        log.info("resident_features: the features do not fit on %s; reading them from the cache", device)
+    return (make_train_loader(train_dataset, config.batch_size, config.num_workers, device), val_dataset,
+            make_eval_loader(val_dataset, eval_batch_size, config.num_workers, device))

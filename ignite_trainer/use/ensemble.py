@@ -1,0 +1,333 @@
+"""Several trained models used as one: the fold models of a cross-validation experiment, or any list of them.
+
+The ensemble's probability for a recording is the **mean of its members' probabilities** (each member
+runs its own features and windows, averages its windows per recording, and the recording probabilities
+are then averaged over members); recordings become patients as for a single model (``aggregation``), so
+with ``mean`` aggregation a patient's probability is also the mean of the members' patient probabilities.
+Probability averaging, not a vote: it keeps a ranking (AUROC, AUPRC) and lets one threshold decide.
+
+Decisions use thresholds and a Challenge decision layer that were tuned where the members never trained:
+a cross-validation experiment's out-of-fold ones (``EXP_DIR/ensemble.json``, ``thresholds`` in it and
+``EXP_DIR/decision.json``, written by `cv.collect_experiment`). For a plain list of models they can be
+given; otherwise the mean of the members' own validation thresholds and the first member's own decision
+layer are used, and `Ensemble.threshold_source` / `Ensemble.decision_source` say which.
+
+`load_ensemble` reads an experiment directory, a list of run directories / checkpoints / exports /
+`TrainedModel` objects, or a file written by `export_ensemble` (one safetensors file holding every
+member's weights, config, the thresholds and the decision layer; no pickle). `load_model` is the one
+entry for a path that may be either a single model or an ensemble.
+
+`mean_probabilities` is the one "mean of the members" of the project: `Ensemble.levels` (through the
+feature cache) and `predictor.Predictor` (in memory) both combine members with it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Mapping, Sequence
+
+import numpy as np
+import yaml
+
+from ignite_trainer.core.atomic import atomic_path
+from ignite_trainer.data.records import LABELS, Recording
+from ignite_trainer.scoring.decision import DecisionLayer
+from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError
+
+__all__ = ["Ensemble", "load_ensemble", "load_model", "export_ensemble", "is_ensemble", "mean_probabilities",
+           "ENSEMBLE_FORMAT"]
+
+ENSEMBLE_FORMAT = "ignite_trainer/ensemble/1"
+
+
+def mean_probabilities(member_probs: Sequence[np.ndarray]) -> np.ndarray:
+    """The ensemble's probabilities: the element-wise mean of the members' (same items, same order).
+
+    Example:
+
+        >>> mean_probabilities([np.array([[0.2, 0.9]]), np.array([[0.4, 0.5]])]).round(6).tolist()
+        [[0.3, 0.7]]
+    """
+    if not member_probs:
+        raise ValueError("an ensemble needs at least one member")
+    stacked = np.stack([np.asarray(p, dtype=np.float64) for p in member_probs])
+    return stacked.mean(axis=0)
+
+
+@dataclass
+class Ensemble:
+    """Trained members (`model_files.TrainedModel`), the thresholds and the decision layer that decide their
+    mean probability.
+
+    Example::
+
+        ensemble = load_ensemble("runs/cv-a")
+        recordings, patients, warnings = ensemble.levels(discover_recordings(["new/"]))
+        print(patients.probs, ensemble.thresholds, ensemble.decision_source)
+    """
+
+    members: list  # list[TrainedModel]
+    thresholds: dict[str, float]
+    thresholds_tuned: bool
+    threshold_source: str
+    source: Path
+    #: The Challenge decision layer (None: the legacy rule from ``thresholds``, see `decision_layer`).
+    decision: DecisionLayer | None = None
+    decision_source: str = ""
+
+    @property
+    def config(self):
+        """The first member's config: aggregation, window and label settings a caller may need."""
+        return self.members[0].config
+
+    @property
+    def epoch(self) -> None:
+        """An ensemble has no single epoch (its members' are in ``members``)."""
+        return None
+
+    def decision_layer(self, unknown_margin: float = 0.1) -> DecisionLayer:
+        """The ensemble's decision layer, or the legacy rule from its thresholds (Unknown within
+        ``unknown_margin`` of the murmur threshold) when it has none."""
+        if self.decision is not None:
+            return self.decision
+        return DecisionLayer.legacy(self.thresholds["murmur"], self.thresholds["heart"], unknown_margin)
+
+    def levels(self, recordings: Sequence[Recording], how: Literal["mean", "any"] | None = None,
+               device: str = "cpu") -> tuple:
+        """``(recording, patient)`` `LevelPredictions` of the ensemble and the inputs' warnings.
+
+        Every member predicts every recording; the recording probabilities are averaged over members
+        (`mean_probabilities`), then aggregated to patients with ``how`` (default: the first member's).
+        """
+        from ignite_trainer.use.inference import run_windows
+        from ignite_trainer.scoring.predictions import LevelPredictions, patient_predictions
+
+        how = how or self.config.aggregation
+        per_member, warnings, reference = [], [], None
+        for trained in self.members:
+            run = run_windows(trained, recordings, device=device)
+            _, recs, _ = run.levels(how)
+            if reference is None:
+                reference, used = recs, run.dataset.recordings
+            elif recs.ids != reference.ids:
+                raise DataError(f"{trained.source}: its member saw other recordings than {self.members[0].source}")
+            per_member.append(recs.probs)
+            warnings.extend(w for w in run.warnings if w not in warnings)
+        recs = LevelPredictions("recording", reference.ids, mean_probabilities(per_member), reference.targets,
+                                reference.mask, reference.patient_ids, reference.murmur_classes, reference.n_windows)
+        return recs, patient_predictions(recs, used, how), warnings
+
+
+def is_ensemble(path: str | Path) -> bool:
+    """Whether ``path`` is an ensemble: an experiment directory or a file written by `export_ensemble`.
+
+    Example::
+
+        model = load_ensemble(path) if is_ensemble(path) else load_trained_model(path)
+    """
+    path = Path(path)
+    if path.is_dir():
+        return (path / "ensemble.json").is_file() or (path / "experiment.yaml").is_file()
+    if path.suffix == ".safetensors" and path.is_file():
+        return _safetensors_metadata(path).get("format") == ENSEMBLE_FORMAT
+    return False
+
+
+def load_ensemble(source, thresholds: Mapping[str, float] | None = None,
+                  decision: DecisionLayer | None = None) -> Ensemble:
+    """An experiment directory, an `export_ensemble` file, or a list of models -> `Ensemble`.
+
+    Each model of a list is a run directory (its best checkpoint), a checkpoint, a single-model export or a
+    `TrainedModel`. ``thresholds`` and ``decision`` replace the stored ones.
+
+    Example::
+
+        ensemble = load_ensemble("runs/cv-a")                          # out-of-fold thresholds and layer
+        ensemble = load_ensemble(["runs/a", "runs/b"], {"heart": 0.4, "murmur": 0.35})
+    """
+    from ignite_trainer.use.model_files import TrainedModel, load_trained_model
+
+    given = _checked_thresholds(thresholds, "thresholds") if thresholds is not None else None
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        if path.is_dir() and not (path / "config.yaml").is_file():
+            return _with(_from_experiment(path), given, decision)
+        if path.suffix == ".safetensors" and path.is_file() and \
+                _safetensors_metadata(path).get("format") == ENSEMBLE_FORMAT:
+            return _with(_from_export(path), given, decision)
+        items: list = [path]
+    elif isinstance(source, TrainedModel):
+        items = [source]
+    else:
+        items = list(source)
+    if not items:
+        raise CheckpointError("an ensemble needs at least one model")
+    members = [m if isinstance(m, TrainedModel) else load_trained_model(m) for m in items]
+    first = members[0]
+    layer, layer_source = ((first.decision, "the first member's own (validation) decision layer")
+                           if first.decision is not None else (None, "legacy rule from the thresholds"))
+    if all(m.thresholds_tuned for m in members):
+        mean = {label: float(np.mean([m.thresholds[label] for m in members])) for label in LABELS}
+        ensemble = Ensemble(members, mean, True, "mean of the members' own validation thresholds", first.source,
+                            layer, layer_source)
+    else:
+        ensemble = Ensemble(members, {label: 0.5 for label in LABELS}, False,
+                            "default 0.5 (a member holds no tuned thresholds)", first.source, layer, layer_source)
+    return _with(ensemble, given, decision)
+
+
+def load_model(source):
+    """A `TrainedModel` for one model, an `Ensemble` for an experiment directory, an `export_ensemble` file or
+    a list: what `evaluate`, `predict` and `Predictor.load` accept.
+
+    Example::
+
+        model = load_model("runs/cv-a")        # Ensemble
+        model = load_model("runs/quick")       # TrainedModel
+    """
+    from ignite_trainer.use.model_files import TrainedModel, load_trained_model
+
+    if isinstance(source, TrainedModel):
+        return source
+    if isinstance(source, (str, os.PathLike)):
+        return load_ensemble(source) if is_ensemble(source) else load_trained_model(source)
+    return load_ensemble(source)
+
+
+def _with(ensemble: Ensemble, thresholds: dict[str, float] | None, decision: DecisionLayer | None) -> Ensemble:
+    from dataclasses import replace
+
+    if thresholds is not None:
+        ensemble = replace(ensemble, thresholds=thresholds, thresholds_tuned=True, threshold_source="given")
+    if decision is not None:
+        ensemble = replace(ensemble, decision=decision, decision_source="given")
+    return ensemble
+
+
+def _checked_thresholds(value: object, where: str) -> dict[str, float]:
+    if not isinstance(value, Mapping) or set(value) != set(LABELS) or not all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) <= 1.0 for v in value.values()):
+        raise ConfigError(f"{where}: {value!r} is not one number in [0, 1] per label {LABELS}")
+    return {label: float(value[label]) for label in LABELS}
+
+
+def _from_experiment(exp_dir: Path) -> Ensemble:
+    from ignite_trainer.use.model_files import load_trained_model
+
+    manifest_path = exp_dir / "ensemble.json"
+    if not manifest_path.is_file():
+        what = "a cross-validation experiment that was never collected" if (exp_dir / "experiment.yaml").is_file() \
+            else "not a cross-validation experiment"
+        raise CheckpointError(f"{exp_dir}: {what} (no ensemble.json); run cli.py cv --collect {exp_dir}")
+    try:
+        manifest = json.loads(manifest_path.read_text())
+        member_dirs = [exp_dir / p for p in manifest["members"]]
+        stored = _checked_thresholds(manifest["thresholds"], str(manifest_path))
+        decision_file = manifest.get("decision")
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{manifest_path}: damaged ensemble manifest ({e})") from None
+    if not member_dirs:
+        raise CheckpointError(f"{manifest_path}: lists no member")
+    layer, layer_source = None, "legacy rule from the out-of-fold thresholds (collected before decision layers)"
+    if decision_file:
+        layer_path = exp_dir / str(decision_file)
+        try:
+            layer = DecisionLayer.from_json(layer_path.read_text())
+        except (OSError, CheckpointError) as e:
+            raise CheckpointError(f"{layer_path}: unreadable decision layer ({e})") from None
+        layer_source = str(manifest.get("decision_source", "out-of-fold"))
+    members = [load_trained_model(p) for p in member_dirs]
+    return Ensemble(members, stored, True, str(manifest.get("thresholds_source", "out-of-fold")), exp_dir,
+                    layer, layer_source)
+
+
+# ---------------------------------------------------------------------------------------------- one file
+def _safetensors_metadata(path: Path) -> dict[str, str]:
+    import safetensors
+
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            return f.metadata() or {}
+    except (safetensors.SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+
+
+def export_ensemble(source: Ensemble | str | Path | Sequence[str | Path], out_path: str | Path, *,
+                    overwrite: bool = False) -> Path:
+    """Write every member's weights, its config, the ensemble's thresholds and decision layer into one
+    safetensors file.
+
+    Tensors are named ``member<i>.<parameter>``; the metadata holds each member's config (YAML), epoch and
+    source, the thresholds and the decision layer (`DecisionLayer.to_json`) with where they came from.
+    `load_ensemble` reads it back. ``out_path`` is replaced only with ``overwrite``.
+
+    Example::
+
+        export_ensemble("runs/cv-a", "cv-a.safetensors")
+        ensemble = load_ensemble("cv-a.safetensors")
+    """
+    import safetensors.torch
+
+    from ignite_trainer.use.model_files import check_export_target
+
+    out_path = check_export_target(out_path, overwrite)
+    ensemble = source if isinstance(source, Ensemble) else load_ensemble(source)
+    tensors, members = {}, []
+    for i, trained in enumerate(ensemble.members):
+        for key, value in trained.model.state_dict().items():
+            tensors[f"member{i}.{key}"] = value.detach().cpu().contiguous().clone()
+        members.append({"config": trained.config.to_yaml(), "epoch": trained.epoch, "source": str(trained.source)})
+    metadata = {"format": ENSEMBLE_FORMAT, "members": json.dumps(members), "thresholds": json.dumps(ensemble.thresholds),
+                "thresholds_tuned": json.dumps(ensemble.thresholds_tuned), "threshold_source": ensemble.threshold_source,
+                "combine": "mean of the members' probabilities",
+                "decision": "" if ensemble.decision is None else ensemble.decision.to_json(),
+                "decision_source": ensemble.decision_source}
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out_path, durable=True) as tmp:  # the same write as a single model's export
+            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
+    except OSError as e:
+        raise CheckpointError(f"{out_path}: cannot write the export ({e.strerror or e})") from None
+    return out_path
+
+
+def _from_export(path: Path) -> Ensemble:
+    import safetensors
+
+    from ignite_trainer.runs.checkpoint import load_model_weights
+    from ignite_trainer.core.config import TrainConfig
+    from ignite_trainer.data.features import FeatureSettings
+    from ignite_trainer.use.model_files import TrainedModel
+    from ignite_trainer.model.models import build_model
+
+    metadata = _safetensors_metadata(path)
+    try:
+        members_meta = json.loads(metadata["members"])
+        thresholds = _checked_thresholds(json.loads(metadata["thresholds"]), str(path))
+        tuned = bool(json.loads(metadata.get("thresholds_tuned", "true")))
+        layer = DecisionLayer.from_json(metadata["decision"]) if metadata.get("decision") else None
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (KeyError, json.JSONDecodeError, TypeError, CheckpointError) as e:
+        raise CheckpointError(f"{path}: damaged ensemble metadata ({e})") from None
+    members = []
+    for i, meta in enumerate(members_meta):
+        prefix = f"member{i}."
+        state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        try:
+            config = TrainConfig.from_mapping(yaml.safe_load(meta["config"]), source=f"{path} member {i}")
+            model = build_model(config.model, n_mels=config.n_mels)
+        except (ConfigError, yaml.YAMLError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{path}: member {i} cannot be rebuilt ({e})") from None
+        load_model_weights(model, state, f"{path} member {i}")
+        model.eval()
+        members.append(TrainedModel(model=model, config=config, settings=FeatureSettings.from_config(config),
+                                    thresholds=dict(thresholds), thresholds_tuned=tuned, source=path, run_dir=None,
+                                    epoch=meta.get("epoch")))
+    if not members:
+        raise CheckpointError(f"{path}: holds no member")
+    return Ensemble(members, thresholds, tuned, metadata.get("threshold_source", ""), path, layer,
+                    metadata.get("decision_source", "") if layer is not None else "legacy rule from the thresholds")

@@ -1,0 +1,208 @@
+"""A trained model as a file: load it (run directory, checkpoint or safetensors export) or export it.
+
+A trained model is only useful away from its training run, so `load_trained_model` rebuilds the exact
+model and feature settings from what the file itself stores (never from the current defaults), and
+`export_safetensors` writes one self-contained file that holds no pickle at all.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import safetensors
+import safetensors.torch
+import torch
+import yaml
+
+from ignite_trainer.core.atomic import atomic_path
+from ignite_trainer.runs.checkpoint import find_best_checkpoint, load_checkpoint, load_model_weights
+from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.data.features import FeatureSettings
+from ignite_trainer.scoring.decision import DecisionLayer
+from ignite_trainer.core.errors import CheckpointError, ConfigError
+from ignite_trainer.model.models import build_model
+from ignite_trainer.scoring.predictions import DEFAULT_THRESHOLDS
+from ignite_trainer.core.vocabulary import LABELS
+
+__all__ = ["TrainedModel", "load_trained_model", "export_safetensors", "SAFETENSORS_FORMAT"]
+
+#: The ``format`` metadata of our safetensors exports; a file without it was not written by us.
+SAFETENSORS_FORMAT = "ignite_trainer/1"
+
+
+@dataclass
+class TrainedModel:
+    """A model ready to run (eval mode) with everything needed to feed it and read its output.
+
+    Example::
+
+        trained = load_trained_model("runs/quick")
+        layer = trained.decision_layer()  # what evaluate and predict decide the Challenge classes with
+        predictor = Predictor([trained])
+    """
+
+    model: torch.nn.Module
+    config: TrainConfig
+    settings: FeatureSettings
+    thresholds: dict[str, float]
+    thresholds_tuned: bool  # False: the file held none, 0.5 is used
+    source: Path
+    run_dir: Path | None
+    epoch: int | None
+    #: The Challenge decision layer fitted on validation when the model was trained (None: an older file).
+    decision: DecisionLayer | None = None
+
+    def decision_layer(self, unknown_margin: float = 0.1) -> DecisionLayer:
+        """The stored decision layer, or for a file without one the legacy rule: Unknown within
+        ``unknown_margin`` of the murmur threshold, Abnormal at or above the heart threshold."""
+        if self.decision is not None:
+            return self.decision
+        return DecisionLayer.legacy(self.thresholds["murmur"], self.thresholds["heart"], unknown_margin)
+
+
+def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu") -> TrainedModel:
+    """Load a run directory (its best checkpoint), a ``.pt`` checkpoint or a ``.safetensors`` export.
+
+    The model, its feature settings and its window length come from the config stored *in the file*, so a
+    file can never be run with settings other than its own; weights that do not fit that model (another
+    model or feature setting) are a one-line `CheckpointError`, as are a missing config and a model name
+    that is not registered. Checkpoints are only ever read with ``weights_only=True``.
+
+    Example::
+
+        trained = load_trained_model("runs/quick")          # or runs/quick/checkpoints/best_...pt
+        print(trained.config.model, trained.thresholds)
+    """
+    path = Path(path)
+    if path.is_dir():
+        run_dir: Path | None = path
+        path = find_best_checkpoint(path)
+    elif not path.exists():
+        raise CheckpointError(f"{path}: no such run directory or checkpoint file")
+    else:
+        parent = path.parent
+        run_dir = parent.parent if parent.name == "checkpoints" and (parent.parent / "config.yaml").is_file() else None
+    if path.suffix == ".safetensors":
+        state, saved, thresholds, epoch, decision = _read_safetensors(path)
+    else:
+        ckpt = load_checkpoint(path, map_location="cpu")
+        if "model_state_dict" not in ckpt:
+            raise CheckpointError(f"{path}: checkpoint holds no model_state_dict")
+        state, saved = ckpt["model_state_dict"], ckpt.get("config")
+        thresholds, epoch = ckpt.get("thresholds"), ckpt.get("epoch")
+        decision = _decision_from(ckpt.get("decision"), path)
+    config = _config_from(saved, path)
+    try:
+        model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
+    load_model_weights(model, state, path)
+    model.to(map_location).eval()
+    tuned = _thresholds_from(thresholds, path)
+    return TrainedModel(model=model, config=config, settings=FeatureSettings.from_config(config),
+                        thresholds=tuned or dict(DEFAULT_THRESHOLDS), thresholds_tuned=tuned is not None,
+                        source=path, run_dir=run_dir, epoch=int(epoch) if isinstance(epoch, int) else None,
+                        decision=decision)
+
+
+def _config_from(saved: Any, path: Path) -> TrainConfig:
+    if not isinstance(saved, Mapping):
+        raise CheckpointError(f"{path}: holds no training config; cannot tell which model and features it needs")
+    try:
+        return TrainConfig.from_mapping(saved, source=str(path))
+    except ConfigError as e:
+        raise CheckpointError(f"{path}: its training config is not usable ({e})") from None
+
+
+def _thresholds_from(value: Any, path: Path) -> dict[str, float] | None:
+    """The tuned thresholds a checkpoint carries, or None when it has none."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or set(value) != set(LABELS) or not all(
+            isinstance(v, (int, float)) and 0.0 <= float(v) <= 1.0 for v in value.values()):
+        raise CheckpointError(f"{path}: thresholds {value!r} are not one number in [0, 1] per label {LABELS}")
+    return {label: float(value[label]) for label in LABELS}
+
+
+def _decision_from(value: Any, path: Path) -> DecisionLayer | None:
+    """The decision layer a checkpoint carries (a `DecisionLayer.to_dict`), or None when it has none."""
+    if value is None:
+        return None
+    try:
+        return DecisionLayer.from_dict(value)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, Any, DecisionLayer | None]:
+    try:
+        with safetensors.safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except (safetensors.SafetensorError, OSError) as e:
+        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    if metadata.get("format") != SAFETENSORS_FORMAT or "config" not in metadata:
+        raise CheckpointError(f"{path}: safetensors file holds no ignite_trainer config "
+                              "(not written by `cli.py export`?)")
+    try:
+        saved = yaml.safe_load(metadata["config"])
+        thresholds = json.loads(metadata["thresholds"]) if metadata.get("thresholds") else None
+    except (yaml.YAMLError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: damaged metadata ({type(e).__name__})") from None
+    epoch = int(metadata["epoch"]) if metadata.get("epoch", "").isdigit() else None
+    try:
+        decision = DecisionLayer.from_json(metadata["decision"]) if metadata.get("decision") else None
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+    return state, saved, thresholds, epoch, decision
+
+
+def check_export_target(out_path: str | Path, overwrite: bool) -> Path:
+    """Refuse, before any work, an export name that is not ``.safetensors`` or that would replace a file
+    without ``overwrite``; every export (one model or an ensemble) goes through here."""
+    out_path = Path(out_path)
+    if out_path.suffix != ".safetensors":
+        raise CheckpointError(f"{out_path}: the export must end in .safetensors")
+    if out_path.exists() and not overwrite:
+        raise CheckpointError(f"{out_path}: already exists; pass --overwrite to replace it")
+    return out_path
+
+
+def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path, *, overwrite: bool = False) -> Path:
+    """Write the model's weights as safetensors, with the config (YAML), thresholds and decision layer
+    (JSON) in its metadata.
+
+    The export is enough on its own to evaluate or predict (`load_trained_model` reads it), holds no
+    pickle at all, and is a fraction of a training checkpoint (no optimizer or resume state). An existing
+    ``out_path`` is replaced only with ``overwrite``.
+
+    Example::
+
+        export_safetensors("runs/quick", "quick.safetensors")
+        trained = load_trained_model("quick.safetensors")
+    """
+    from ignite_trainer.use.ensemble import export_ensemble, is_ensemble
+
+    if is_ensemble(checkpoint_or_run_dir):  # a cv experiment directory: every member in one file
+        return export_ensemble(checkpoint_or_run_dir, out_path, overwrite=overwrite)
+    out_path = check_export_target(out_path, overwrite)
+    trained = load_trained_model(checkpoint_or_run_dir)
+    state = {k: v.detach().cpu().contiguous().clone() for k, v in trained.model.state_dict().items()}
+    metadata = {
+        "format": SAFETENSORS_FORMAT,
+        "config": trained.config.to_yaml(),
+        "thresholds": json.dumps(trained.thresholds) if trained.thresholds_tuned else "",
+        "epoch": "" if trained.epoch is None else str(trained.epoch),
+        "decision": "" if trained.decision is None else trained.decision.to_json(),
+        "source": trained.source.name,
+    }
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(out_path, durable=True) as tmp:
+            safetensors.torch.save_file(state, str(tmp), metadata=metadata)
+    except OSError as e:
+        raise CheckpointError(f"{out_path}: cannot write the export ({e.strerror or e})") from None
+    return out_path
