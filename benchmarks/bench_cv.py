@@ -45,7 +45,7 @@ def main() -> None:
     from ignite_trainer.use.inference import run_windows
     from ignite_trainer.data.readers import read_recordings
     from ignite_trainer.scoring.decision import patient_features
-    from ignite_trainer.scoring.predictions import patient_labels
+    from ignite_trainer.data.splits import patient_labels
 
     args.out.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(epochs=args.epochs, synthetic_patients=args.patients, cache_dir=str(args.out / "cache"),

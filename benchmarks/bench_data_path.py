@@ -26,7 +26,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ignite_trainer.data.datasets import EvalWindows, TrainWindows, split_patients  # noqa: E402
+from ignite_trainer.data.datasets import EvalWindows, TrainWindows
+from ignite_trainer.data.splits import split_patients  # noqa: E402
 from ignite_trainer.data.features import FeatureCache, FeatureSettings, feature_workers  # noqa: E402
 from ignite_trainer.data.loaders import (  # noqa: E402
     ResidentEvalLoader,

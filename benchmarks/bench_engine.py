@@ -40,8 +40,8 @@ from ignite_trainer.training.handlers import (  # noqa: E402
 )
 from ignite_trainer.training.losses import WeightedBCELoss  # noqa: E402
 from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics  # noqa: E402
-from ignite_trainer.model.models import build_model  # noqa: E402
-from ignite_trainer.scoring.predictions import PredictionCollector  # noqa: E402
+from ignite_trainer.model.registry import build_model  # noqa: E402
+from ignite_trainer.training.metrics import PredictionCollector  # noqa: E402
 
 TARGET = 1.03
 

@@ -37,7 +37,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ignite_trainer.training.losses import WeightedBCELoss  # noqa: E402
-from ignite_trainer.model.models import build_model  # noqa: E402
+from ignite_trainer.model.registry import build_model  # noqa: E402
 
 #: The machine peak the figures are compared with: 2 cores x 2 FMA units x 8 fp32 lanes x 2 FLOP x ~2.45 GHz.
 PEAK_GFLOPS_2_CORES = 157.0

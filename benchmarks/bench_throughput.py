@@ -34,7 +34,7 @@ from ignite_trainer.data.synthetic import write_synthetic  # noqa: E402
 from ignite_trainer.training.engine import create_evaluator, create_trainer  # noqa: E402
 from ignite_trainer.training.losses import WeightedBCELoss  # noqa: E402
 from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics  # noqa: E402
-from ignite_trainer.model.models import build_model  # noqa: E402
+from ignite_trainer.model.registry import build_model  # noqa: E402
 from ignite_trainer.data.prepare import prepare_data  # noqa: E402
 
 TARGET_WAIT = 0.05

@@ -71,7 +71,7 @@ _EXPORTS: dict[str, str] = {
     "write_synthetic": "ignite_trainer.data.synthetic",
     "FeatureSettings": "ignite_trainer.data.features",
     "FeatureCache": "ignite_trainer.data.features",
-    "split_patients": "ignite_trainer.data.datasets",
+    "split_patients": "ignite_trainer.data.splits",
     "TrainWindows": "ignite_trainer.data.datasets",
     "EvalWindows": "ignite_trainer.data.datasets",
     "make_train_loader": "ignite_trainer.data.loaders",
@@ -84,18 +84,18 @@ _EXPORTS: dict[str, str] = {
     "DEMOGRAPHIC_FEATURES": "ignite_trainer.data.demographics",
     "encode_demographics": "ignite_trainer.data.demographics",
     # augmentation
-    "AugmentSettings": "ignite_trainer.training.augment",
+    "AugmentSettings": "ignite_trainer.core.augmentation",
     "Augmenter": "ignite_trainer.training.augment",
     # models
-    "build_model": "ignite_trainer.model.models",
-    "register_model": "ignite_trainer.model.models",
-    "available_models": "ignite_trainer.model.models",
+    "build_model": "ignite_trainer.model.registry",
+    "register_model": "ignite_trainer.model.registry",
+    "available_models": "ignite_trainer.model.registry",
     "DemographicsFusion": "ignite_trainer.model.fusion",
     # loss and metrics
     "WeightedBCELoss": "ignite_trainer.training.losses",
     "PerLabelMetrics": "ignite_trainer.training.metrics",
     "MaskedLoss": "ignite_trainer.training.metrics",
-    "PredictionCollector": "ignite_trainer.scoring.predictions",
+    "PredictionCollector": "ignite_trainer.training.metrics",
     "recording_predictions": "ignite_trainer.scoring.predictions",
     # engines, events, handlers
     "create_trainer": "ignite_trainer.training.engine",
@@ -113,8 +113,8 @@ _EXPORTS: dict[str, str] = {
     "attach_tensorboard": "ignite_trainer.training.handlers",
     "attach_metrics_log": "ignite_trainer.training.handlers",
     "attach_sampler_epoch": "ignite_trainer.training.handlers",
-    "attach_threshold_tuning": "ignite_trainer.scoring.predictions",
-    "attach_pr_curves": "ignite_trainer.scoring.predictions",
+    "attach_threshold_tuning": "ignite_trainer.training.decisions",
+    "attach_pr_curves": "ignite_trainer.training.tensorboard",
     "training_state": "ignite_trainer.training.handlers",
     "attach_standard_handlers": "ignite_trainer.training.standard",
     "attach_epoch_tensorboard": "ignite_trainer.training.tensorboard",
@@ -170,7 +170,7 @@ _EXPORTS: dict[str, str] = {
     "PatientFeatures": "ignite_trainer.scoring.decision",
     "patient_features": "ignite_trainer.scoring.decision",
     "fit_decision": "ignite_trainer.scoring.decision",
-    "attach_decision_fitting": "ignite_trainer.scoring.predictions",
+    "attach_decision_fitting": "ignite_trainer.training.decisions",
     # errors
     "UserError": "ignite_trainer.core.errors",
     "ConfigError": "ignite_trainer.core.errors",
@@ -204,12 +204,14 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from ignite_trainer.use.ensemble import Ensemble, export_ensemble, load_ensemble
     from ignite_trainer.data.splits import assign_folds, read_split_file, write_split_file
     from ignite_trainer.experiments.space import SweepSpace, load_space
-    from ignite_trainer.data.datasets import EvalWindows, TrainWindows, split_patients
+    from ignite_trainer.data.datasets import EvalWindows, TrainWindows
+    from ignite_trainer.data.splits import split_patients
     from ignite_trainer.data.features import FeatureCache, FeatureSettings
     from ignite_trainer.data.loaders import (EpochSampler, ResidentEvalLoader, ResidentTrainLoader, make_eval_loader,
                                              make_train_loader, set_sampler_position)
     from ignite_trainer.data.readers import read_recordings
-    from ignite_trainer.training.augment import Augmenter, AugmentSettings
+    from ignite_trainer.training.augment import Augmenter
+    from ignite_trainer.core.augmentation import AugmentSettings
     from ignite_trainer.data.demographics import DEMOGRAPHIC_FEATURES, Demographics, encode_demographics
     from ignite_trainer.data.records import Recording
     from ignite_trainer.data.synthetic import write_synthetic
@@ -232,9 +234,11 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
     from ignite_trainer.training.losses import WeightedBCELoss
     from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
     from ignite_trainer.model.fusion import DemographicsFusion
-    from ignite_trainer.model.models import available_models, build_model, register_model
-    from ignite_trainer.scoring.predictions import (PredictionCollector, attach_decision_fitting, attach_pr_curves,
-                                            attach_threshold_tuning, recording_predictions)
+    from ignite_trainer.model.registry import available_models, build_model, register_model
+    from ignite_trainer.training.metrics import PredictionCollector
+    from ignite_trainer.training.decisions import attach_decision_fitting, attach_threshold_tuning
+    from ignite_trainer.training.tensorboard import attach_pr_curves
+    from ignite_trainer.scoring.predictions import recording_predictions
     from ignite_trainer.training.run import train
     from ignite_trainer.training.console import attach_epoch_lines, best_summary
     from ignite_trainer.training.epoch_scalars import EpochScalars

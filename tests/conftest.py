@@ -17,7 +17,7 @@ import torch
 from ignite_trainer.runs.checkpoint import find_best_checkpoint, load_checkpoint
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.model.models import register_model
+from ignite_trainer.model.registry import register_model
 from ignite_trainer.scoring.predictions import LevelPredictions
 from ignite_trainer.training.run import train
 

@@ -11,8 +11,8 @@ import torch
 
 import numpy as np
 
-from ignite_trainer.training.augment import (AugmentSettings, Augmenter, coloured_noise_shape, gain_offset, mix_in_power,
-                                    mixup_partners, noise_log_power)
+from ignite_trainer.core.augmentation import AugmentSettings
+from ignite_trainer.training.augment import (Augmenter, coloured_noise_shape, gain_offset, mix_in_power, mixup_partners, noise_log_power)
 from ignite_trainer.data.features import FeatureSettings, hz_to_mel, mel_to_hz
 from ignite_trainer.core.errors import ConfigError
 

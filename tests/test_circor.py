@@ -12,8 +12,8 @@ from conftest import by_id
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.circor import parse_patient_file, read_circor, read_training_table
 from ignite_trainer.data.demographics import (DEMOGRAPHIC_FEATURES, HEIGHT_CM, WEIGHT_KG, Demographics,
-                                              demographics_from_fields, encode_demographics, encode_many,
-                                              require_demographics)
+                                              demographics_from_fields, encode_demographics, encode_many)
+from ignite_trainer.data.records import require_demographics
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.data.synthetic import sample_patient, write_synthetic
 from ignite_trainer.data.wav import write_wav

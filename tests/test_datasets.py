@@ -15,13 +15,8 @@ import torch
 from scipy.io import wavfile
 from torch.utils.data import DataLoader
 
-from ignite_trainer.data.datasets import (
-    EvalWindows,
-    TrainWindows,
-    frames_per_window,
-    patient_stratum,
-    split_patients,
-)
+from ignite_trainer.data.datasets import EvalWindows, TrainWindows, frames_per_window
+from ignite_trainer.data.splits import assign_folds, patient_stratum, split_patients
 from ignite_trainer.data.features import FeatureCache, FeatureSettings
 from ignite_trainer.data.records import Recording
 from ignite_trainer.core.errors import DataError
@@ -96,10 +91,11 @@ def test_split_depends_only_on_seed() -> None:
 
 
 def test_k_fold_folds_are_disjoint_cover_all_patients_and_are_stratified() -> None:
-    recs = make_patients(103)
+    recs = make_patients(203)  # enough that every stratum fills the 5 folds (the one fold rule refuses less)
     folds = [patients_of(split_patients(recs, 0.2, seed=2, n_folds=5, fold=k)[1]) for k in range(5)]
+    assert folds == [set(f) for f in assign_folds(recs, 5, 2)]  # the same dealing as cross-validation's
     assert set().union(*folds) == patients_of(recs)
-    assert sum(len(f) for f in folds) == 103
+    assert sum(len(f) for f in folds) == 203
     assert max(map(len, folds)) - min(map(len, folds)) <= 1
     for k in range(5):
         train, val = split_patients(recs, 0.2, seed=2, n_folds=5, fold=k)

@@ -34,8 +34,8 @@ from ignite_trainer.data.synthetic import write_synthetic
 from ignite_trainer.training.engine import create_evaluator
 from ignite_trainer.training.losses import WeightedBCELoss
 from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
-from ignite_trainer.model.models import build_model
-from ignite_trainer.scoring.predictions import PredictionCollector
+from ignite_trainer.model.registry import build_model
+from ignite_trainer.training.metrics import PredictionCollector
 from ignite_trainer.core.errors import DistributedFailure
 from ignite_trainer.data.prepare import PreparedData, prepare_data
 from ignite_trainer.training.run import train

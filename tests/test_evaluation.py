@@ -15,7 +15,7 @@ import torch
 import cli
 from conftest import circor_subset, level_predictions, read_csv, tiny_config  # noqa: F401
 from ignite_trainer.runs.checkpoint import load_checkpoint
-from ignite_trainer.data.datasets import split_patients
+from ignite_trainer.data.splits import split_patients
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.core.errors import CheckpointError, DataError
 from ignite_trainer.scoring.challenge import challenge_cost

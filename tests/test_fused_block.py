@@ -14,7 +14,7 @@ from torch import nn
 
 from ignite_trainer.model import cpu_kernels
 from ignite_trainer.model import fused_block
-from ignite_trainer.model.models import build_model
+from ignite_trainer.model.registry import build_model
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -156,7 +156,7 @@ def test_channel_counts_the_kernel_cannot_take_run_unfused() -> None:
 
 
 def test_switched_off_by_the_environment_the_model_still_runs() -> None:
-    code = ("import torch; from ignite_trainer.model import cpu_kernels as f; from ignite_trainer.model.models import build_model;"
+    code = ("import torch; from ignite_trainer.model import cpu_kernels as f; from ignite_trainer.model.registry import build_model;"
             "m = build_model('attention_cnn', n_mels=16); m(torch.randn(2, 16, 20))[0].sum().backward();"
             "print(f.load_kernel() is None, f.kernel_status())")
     env = dict(os.environ, **{cpu_kernels.ENV_SWITCH: "0"})

@@ -173,7 +173,7 @@ def _standard_run(tmp_path, model, epochs=3):
     from ignite_trainer.training.engine import create_evaluator
     from ignite_trainer.training.losses import WeightedBCELoss
     from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
-    from ignite_trainer.scoring.predictions import PredictionCollector
+    from ignite_trainer.training.metrics import PredictionCollector
 
     train_batches, val_batches = make_batches(seed=1), make_batches(n_batches=2, seed=2)
     labels = torch.cat([b[1] for b in val_batches])

@@ -7,11 +7,11 @@ import pytest
 import torch
 from torch import nn
 
-from ignite_trainer.model import models
+from ignite_trainer.model import cnn, registry
 from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.data.demographics import DEMOGRAPHIC_FEATURES, Demographics, encode_demographics
 from ignite_trainer.model.fusion import N_DEMOGRAPHIC, DemographicsFusion
-from ignite_trainer.model.models import available_models, build_model, register_model
+from ignite_trainer.model.registry import available_models, build_model, register_model
 
 #: The attention score's output bias adds the same number to every step before the softmax, so its gradient is
 #: zero up to rounding: it is the one parameter no loss can move.
@@ -90,10 +90,10 @@ def test_default_model_learns_a_murmur_like_band_between_beats(one_thread: None)
 
 def test_registry_lists_builds_and_rejects(monkeypatch: pytest.MonkeyPatch) -> None:
     assert set(BUILT_IN) <= set(available_models())
-    assert isinstance(build_model("attention_cnn", n_mels=64), models.AttentionCNN)
-    assert isinstance(build_model("mean_pool_cnn", n_mels=64), models.MeanPoolCNN)
+    assert isinstance(build_model("attention_cnn", n_mels=64), cnn.AttentionCNN)
+    assert isinstance(build_model("mean_pool_cnn", n_mels=64), cnn.MeanPoolCNN)
 
-    monkeypatch.setattr(models, "_REGISTRY", dict(models._REGISTRY))  # keep the real registry clean
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))  # keep the real registry clean
 
     @register_model("tiny_linear")
     class TinyLinear(nn.Module):
@@ -206,7 +206,7 @@ def test_attention_cnn_keeps_its_original_function() -> None:
 def test_strided_layout_is_its_own_name_with_the_same_shapes() -> None:
     torch.manual_seed(0)
     pooled, strided = build_model("attention_cnn", n_mels=64), build_model("strided_attention_cnn", n_mels=64)
-    assert isinstance(strided, models.StridedAttentionCNN)
+    assert isinstance(strided, cnn.StridedAttentionCNN)
     assert {k: v.shape for k, v in pooled.state_dict().items()} == {k: v.shape for k, v in strided.state_dict().items()}
     assert not any(isinstance(m, nn.MaxPool2d) for m in strided.modules())
     assert build_model("attention_cnn", n_mels=64, downsample="stride").trunk.blocks[0].stride == (2, 2)

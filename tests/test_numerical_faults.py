@@ -14,7 +14,7 @@ import torch
 import cli
 from ignite_trainer.runs.checkpoint import load_checkpoint
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.model.models import build_model, register_model
+from ignite_trainer.model.registry import build_model, register_model
 from ignite_trainer.training.run import train
 
 from conftest import tiny_config

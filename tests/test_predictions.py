@@ -14,10 +14,11 @@ from ignite_trainer.data.records import Recording
 from ignite_trainer.training.engine import create_evaluator
 from ignite_trainer.training.events import TrainerEvents
 from ignite_trainer.training.handlers import attach_validation
-from ignite_trainer.scoring.predictions import (
-    PredictionCollector, aggregate, attach_pr_curves, attach_threshold_tuning, murmur_classes, patient_labels,
-    patient_predictions, recording_predictions, tune_thresholds, unknown_band,
-)
+from ignite_trainer.training.metrics import PredictionCollector
+from ignite_trainer.scoring.predictions import (aggregate, murmur_classes, patient_predictions, recording_predictions, tune_thresholds, unknown_band)
+from ignite_trainer.training.tensorboard import attach_pr_curves
+from ignite_trainer.training.decisions import attach_threshold_tuning
+from ignite_trainer.data.splits import patient_labels
 from ignite_trainer.scoring.scores import binary_stats
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from ignite_trainer.core.config import TrainConfig
-from ignite_trainer.data.datasets import patient_stratum, split_patients
+from ignite_trainer.data.splits import patient_stratum, split_patients
 from ignite_trainer.data.records import Recording
 from ignite_trainer.core.errors import ConfigError, DataError
 from ignite_trainer.data.splits import (assign_folds, check_folds, fold_split, patient_strata, read_split_file,

@@ -19,7 +19,7 @@ from ignite_trainer.training.epoch_scalars import ranking_scores
 from ignite_trainer.training.events import TrainerEvents
 from ignite_trainer.training.handlers import attach_best_checkpoint, attach_validation
 from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
-from ignite_trainer.scoring.predictions import PredictionCollector
+from ignite_trainer.training.metrics import PredictionCollector
 from ignite_trainer.training.tensorboard import attach_epoch_tensorboard
 
 

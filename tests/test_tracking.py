@@ -14,7 +14,7 @@ from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.training.events import TrainerEvents
 from ignite_trainer.training.handlers import attach_best_checkpoint, attach_early_stopping, attach_validation
 from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
-from ignite_trainer.scoring.predictions import PredictionCollector
+from ignite_trainer.training.metrics import PredictionCollector
 
 
 def bce(logits, y, mask=None):

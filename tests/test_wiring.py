@@ -28,7 +28,7 @@ from ignite_trainer.training.handlers import attach_nan_guard
 from ignite_trainer.training.losses import WeightedBCELoss
 from ignite_trainer.training.metrics import MaskedLoss
 from ignite_trainer.use.model_files import load_trained_model
-from ignite_trainer.model.models import build_model
+from ignite_trainer.model.registry import build_model
 from ignite_trainer.training.run import train
 
 from conftest import TinyModel, make_batches, tiny_config

@@ -8,6 +8,8 @@ can trust it: an unknown key, a wrong type or an out-of-range value is a `Config
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import os
 import typing
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -15,6 +17,7 @@ from typing import Any, Literal, Mapping
 
 import yaml
 
+from ignite_trainer.core.augmentation import SHIFT_MODES, AugmentSettings, augment_default
 from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.core.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS, OBJECTIVES, STATS, is_score
 
@@ -102,28 +105,28 @@ class TrainConfig:
     eval_batch_size: int | None = _f(None, "evaluation batch size; default batch_size", min=1)
     demographics: bool = _f(False, "fuse age, sex, height, weight and pregnancy into the heart logit (CirCor only)")
     synthetic_difficulty: Literal["default", "hard"] = _f("default", "embedded synthetic set: default, or hard")
-    augment_gain_prob: float = _f(0.0, "chance per sample and epoch of a random gain", min=0.0, max=1.0)
-    augment_gain_low_db: float = _f(-6.0, "lowest gain (dB)")
-    augment_gain_high_db: float = _f(6.0, "highest gain (dB)")
-    augment_noise_prob: float = _f(0.0, "chance of added coloured noise", min=0.0, max=1.0)
-    augment_noise_snr_low_db: float = _f(5.0, "lowest noise SNR (dB)")
-    augment_noise_snr_high_db: float = _f(30.0, "highest noise SNR (dB)")
-    augment_noise_beta_low: float = _f(0.0, "lowest noise colour 1/f^beta (0 white, 1 pink, 2 brown)")
-    augment_noise_beta_high: float = _f(2.0, "highest noise colour beta")
-    augment_shift_prob: float = _f(0.0, "chance of a time shift", min=0.0, max=1.0)
-    augment_shift_max_fraction: float = _f(0.5, "largest shift, as a share of the window", min=0.0, max=1.0)
-    augment_shift_mode: Literal["circular", "pad"] = _f("circular", "roll the window, or pad the gap with zeros")
-    augment_stretch_prob: float = _f(0.0, "chance of a time stretch", min=0.0, max=1.0)
-    augment_stretch_max: float = _f(0.1, "stretch rate drawn in [1 - max, 1 + max]", min=0.0, max=0.5)
-    augment_time_mask_prob: float = _f(0.0, "chance of SpecAugment time masks", min=0.0, max=1.0)
-    augment_time_masks: int = _f(2, "time masks per sample", min=0)
-    augment_time_mask_width: int = _f(40, "widest time mask (frames)", min=0)
-    augment_freq_mask_prob: float = _f(0.0, "chance of SpecAugment frequency masks", min=0.0, max=1.0)
-    augment_freq_masks: int = _f(2, "frequency masks per sample", min=0)
-    augment_freq_mask_width: int = _f(8, "widest frequency mask (mel bands)", min=0)
-    augment_mixup_prob: float = _f(0.0, "chance of mixup with a partner of the same batch", min=0.0, max=1.0)
-    augment_mixup_alpha: float = _f(0.4, "mixup Beta(alpha, alpha)", min=0.0, exclusive_min=True)
-    augment_log_power_scale: float = _f(3.0, "nepers of log power per z unit (see docs/augmentation.md)",
+    augment_gain_prob: float = _f(augment_default("gain_prob"), "chance per sample and epoch of a random gain", min=0.0, max=1.0)
+    augment_gain_low_db: float = _f(augment_default("gain_low_db"), "lowest gain (dB)")
+    augment_gain_high_db: float = _f(augment_default("gain_high_db"), "highest gain (dB)")
+    augment_noise_prob: float = _f(augment_default("noise_prob"), "chance of added coloured noise", min=0.0, max=1.0)
+    augment_noise_snr_low_db: float = _f(augment_default("noise_snr_low_db"), "lowest noise SNR (dB)")
+    augment_noise_snr_high_db: float = _f(augment_default("noise_snr_high_db"), "highest noise SNR (dB)")
+    augment_noise_beta_low: float = _f(augment_default("noise_beta_low"), "lowest noise colour 1/f^beta (0 white, 1 pink, 2 brown)")
+    augment_noise_beta_high: float = _f(augment_default("noise_beta_high"), "highest noise colour beta")
+    augment_shift_prob: float = _f(augment_default("shift_prob"), "chance of a time shift", min=0.0, max=1.0)
+    augment_shift_max_fraction: float = _f(augment_default("shift_max_fraction"), "largest shift, as a share of the window", min=0.0, max=1.0)
+    augment_shift_mode: Literal[SHIFT_MODES] = _f(augment_default("shift_mode"), "roll the window, or pad the gap with zeros")
+    augment_stretch_prob: float = _f(augment_default("stretch_prob"), "chance of a time stretch", min=0.0, max=1.0)
+    augment_stretch_max: float = _f(augment_default("stretch_max"), "stretch rate drawn in [1 - max, 1 + max]", min=0.0, max=0.5)
+    augment_time_mask_prob: float = _f(augment_default("time_mask_prob"), "chance of SpecAugment time masks", min=0.0, max=1.0)
+    augment_time_masks: int = _f(augment_default("time_masks"), "time masks per sample", min=0)
+    augment_time_mask_width: int = _f(augment_default("time_mask_width"), "widest time mask (frames)", min=0)
+    augment_freq_mask_prob: float = _f(augment_default("freq_mask_prob"), "chance of SpecAugment frequency masks", min=0.0, max=1.0)
+    augment_freq_masks: int = _f(augment_default("freq_masks"), "frequency masks per sample", min=0)
+    augment_freq_mask_width: int = _f(augment_default("freq_mask_width"), "widest frequency mask (mel bands)", min=0)
+    augment_mixup_prob: float = _f(augment_default("mixup_prob"), "chance of mixup with a partner of the same batch", min=0.0, max=1.0)
+    augment_mixup_alpha: float = _f(augment_default("mixup_alpha"), "mixup Beta(alpha, alpha)", min=0.0, exclusive_min=True)
+    augment_log_power_scale: float = _f(augment_default("log_power_scale"), "nepers of log power per z unit (see docs/augmentation.md)",
                                         min=0.0, exclusive_min=True)
 
     # ------------------------------------------------------------------ construction and checks
@@ -221,8 +224,6 @@ class TrainConfig:
                 f"{source}: monitor={self.monitor!r} is not a score (val_loss, macro_f1, or <label>.<metric> "
                 f"with label {'|'.join(LABELS)} and metric one of {', '.join(STATS)})"
             )
-        from ignite_trainer.training.augment import AugmentSettings  # augment imports the feature code, which reads configs
-
         AugmentSettings.from_config(self, source)  # the ranges between fields (low <= high)
         if self.name is not None and (not self.name.strip() or "/" in self.name or self.name in (".", "..")):
             raise ConfigError(f"{source}: name={self.name!r} is not a valid run directory name")
@@ -245,6 +246,22 @@ class TrainConfig:
     @property
     def pos_weight(self) -> tuple[float, float]:
         return (self.pos_weight_heart, self.pos_weight_murmur)
+
+
+def cache_root(config: "TrainConfig") -> Path:
+    """The cache root (synthetic data, ``features/``): ``config.cache_dir``, ``$IGNITE_TRAINER_CACHE``, else
+    ``$XDG_CACHE_HOME/ignite_trainer`` (``~/.cache/ignite_trainer``).
+
+    Example::
+
+        features_dir = cache_root(config) / "features"
+    """
+    if config.cache_dir:
+        return Path(config.cache_dir).expanduser()
+    env = os.environ.get("IGNITE_TRAINER_CACHE")
+    if env:
+        return Path(env).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ignite_trainer"
 
 
 #: Fields that may differ between a run and its resume: they change where or how fast it runs, not the math.
@@ -304,7 +321,5 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
 
 
 def _closest(key: str, known: set[str]) -> str | None:
-    import difflib
-
     match = difflib.get_close_matches(key, sorted(known), n=1)
     return match[0] if match else None

@@ -19,11 +19,9 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import math
-import random
 import resource
 import struct
-from collections import OrderedDict, defaultdict
+from collections import OrderedDict
 from pathlib import Path
 from typing import Sequence
 
@@ -34,7 +32,7 @@ from torch.utils.data import Dataset
 from ignite_trainer.data.demographics import encode_many
 from ignite_trainer.data.features import FeatureCache, FeatureSettings
 from ignite_trainer.data.records import Recording
-from ignite_trainer.core.errors import ConfigError, DataError
+from ignite_trainer.core.errors import DataError
 
 #: ``(x [n_mels, W_frames], y [2], mask [2], index)``: what both datasets yield and the engines consume;
 #: built with ``demographics=True`` a fifth tensor follows, the patient's `encode_demographics` values and
@@ -93,79 +91,6 @@ def crop_start(seed: int, epoch: int, index: int, spare: int) -> int:
 def frames_per_window(settings: FeatureSettings, window_seconds: float) -> int:
     """Feature frames in a window of ``window_seconds`` (one frame per hop: 4 s at 10 ms -> 400)."""
     return max(1, int(round(window_seconds * settings.frames_per_second)))
-
-
-# ---------------------------------------------------------------------------------------------- splitting
-def patient_stratum(recordings: Sequence[Recording]) -> tuple[str, str]:
-    """A patient's label combination, e.g. ``("1", "?")``: per label the maximum over its recordings where
-    the label is present, or ``"?"`` when it is masked in all of them (so masked is a stratum of its own)."""
-    stratum = []
-    for i in range(2):
-        known = [r.labels[i] for r in recordings if r.mask[i]]
-        stratum.append(str(int(max(known) > 0.5)) if known else "?")
-    return stratum[0], stratum[1]
-
-
-def split_patients(
-    recordings: Sequence[Recording], val_fraction: float, seed: int, n_folds: int = 0, fold: int = 0
-) -> tuple[list[Recording], list[Recording]]:
-    """``(train, validation)`` recordings, split by patient and stratified by the patient's label combination.
-
-    With ``n_folds >= 2`` the patients are dealt into k folds and fold ``fold`` is validation; otherwise
-    ``val_fraction`` of the patients are (at least one, from each stratum its rounded share). The result
-    depends only on the recordings and ``seed``, not on their order; both sides keep the input order.
-
-    Example::
-
-        train, val = split_patients(recordings, val_fraction=0.2, seed=0)
-        train, val = split_patients(recordings, 0.0, seed=0, n_folds=5, fold=2)  # fold 2 of 5 is validation
-    """
-    by_patient: dict[str, list[Recording]] = defaultdict(list)
-    for r in recordings:
-        by_patient[r.patient_id].append(r)
-    n_patients = len(by_patient)
-    strata: dict[tuple[str, str], list[str]] = defaultdict(list)
-    for pid in sorted(by_patient):
-        strata[patient_stratum(by_patient[pid])].append(pid)
-    rng = random.Random(seed)
-    ordered = [sorted(strata[s]) for s in sorted(strata)]
-    for pids in ordered:
-        rng.shuffle(pids)
-
-    if n_folds >= 2:
-        if not 0 <= fold < n_folds:
-            raise ConfigError(f"fold={fold} must be in 0..{n_folds - 1} for n_folds={n_folds}")
-        if n_patients < n_folds:
-            raise DataError(f"n_folds={n_folds} needs at least {n_folds} patients, the data has {n_patients}")
-        # Deal round-robin, continuing across strata, so every fold gets each stratum's share and folds
-        # differ in size by at most one patient.
-        val_patients = {pid for i, pid in enumerate(p for pids in ordered for p in pids) if i % n_folds == fold}
-    else:
-        if not 0 < val_fraction < 1:
-            raise DataError(f"val_fraction={val_fraction} leaves one side of the patient split empty")
-        if n_patients < 2:
-            raise DataError(f"cannot split {n_patients} patient(s) into training and validation; need at least 2")
-        n_val = min(n_patients - 1, max(1, round(n_patients * val_fraction)))
-        counts = _largest_remainder([len(p) for p in ordered], n_val)
-        val_patients = {pid for pids, k in zip(ordered, counts) for pid in pids[:k]}
-
-    train = [r for r in recordings if r.patient_id not in val_patients]
-    val = [r for r in recordings if r.patient_id in val_patients]
-    if not train or not val:
-        side = "training" if not train else "validation"
-        raise DataError(f"the patient split leaves the {side} set empty ({n_patients} patients)")
-    return train, val
-
-
-def _largest_remainder(sizes: list[int], total: int) -> list[int]:
-    """Integer shares of ``total`` proportional to ``sizes`` that add up to exactly ``total``."""
-    n = sum(sizes)
-    exact = [s * total / n for s in sizes]
-    counts = [math.floor(e) for e in exact]
-    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
-    for i in by_remainder[: total - sum(counts)]:
-        counts[i] += 1
-    return counts
 
 
 # ---------------------------------------------------------------------------------------------- datasets

@@ -16,14 +16,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Mapping, Sequence
+from typing import Mapping, Sequence
 
 import torch
 
-from ignite_trainer.core.errors import ConfigError
 
-if TYPE_CHECKING:
-    from ignite_trainer.data.records import Recording
 
 #: CirCor's age groups, in the order of their one-hot features.
 AGE_GROUPS: tuple[str, ...] = ("Neonate", "Infant", "Child", "Adolescent", "Young Adult")
@@ -131,18 +128,3 @@ def encode_many(demographics: Sequence[Demographics | None]) -> tuple[torch.Tens
         empty = torch.zeros(0, len(DEMOGRAPHIC_FEATURES))
         return empty, empty.clone()
     return torch.stack([v for v, _ in pairs]), torch.stack([m for _, m in pairs])
-
-
-def require_demographics(recordings: Sequence["Recording"], fmt: str, field: str = "demographics",
-                         source: str = "config") -> None:
-    """Refuse a model that fuses demographics on data that records none (PhysioNet 2016): one `ConfigError`
-    naming the setting and the format, raised before anything is trained or written.
-
-    Example::
-
-        if config.demographics:
-            require_demographics(recordings, config.format, field="demographics")
-    """
-    if not any(r.demographics is not None for r in recordings):
-        raise ConfigError(f"{source}: {field} needs the patients' demographics (age, sex, height, weight, "
-                          f"pregnancy), and format={fmt!r} records none; turn {field} off for this data")

@@ -12,14 +12,15 @@ from pathlib import Path
 
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.data.bad_input import BadInputPolicy
-from ignite_trainer.data.datasets import split_patients
-from ignite_trainer.data.demographics import require_demographics
+from ignite_trainer.data.splits import split_patients
+from ignite_trainer.data.records import require_demographics
 from ignite_trainer.data.features import FeatureCache, FeatureSettings, feature_workers
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.data.records import Recording
+from ignite_trainer.data.splits import fold_split
 from ignite_trainer.data.synthetic import ensure_embedded_dataset
 from ignite_trainer.core.errors import DataError
-from ignite_trainer.training.runtime import cache_root
+from ignite_trainer.core.config import cache_root
 
 __all__ = ["PreparedData", "prepare_data", "checked_data"]
 
@@ -76,8 +77,6 @@ def split_recordings(recordings: list[Recording], config: TrainConfig) -> tuple[
     the patients are held out. ``split_seed`` (empty: ``seed``) places the patients.
     """
     if config.split_file or config.n_folds >= 2:
-        from ignite_trainer.data.splits import fold_split
-
         return fold_split(recordings, config.n_folds, config.fold, config.effective_split_seed, config.split_file)
     return split_patients(recordings, config.val_fraction, config.effective_split_seed)
 

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Sequence
 
+from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.data.demographics import Demographics
 from ignite_trainer.core.vocabulary import LABELS  # noqa: F401  (the order of ``labels`` and ``mask``)
 
@@ -40,3 +42,18 @@ class Recording:
     murmur_class: str | None = None
     #: The patient's age group, sex, height, weight and pregnancy status; None for formats without them.
     demographics: Demographics | None = None
+
+
+def require_demographics(recordings: Sequence[Recording], fmt: str, field: str = "demographics",
+                         source: str = "config") -> None:
+    """Refuse a model that fuses demographics on data that records none (PhysioNet 2016): one `ConfigError`
+    naming the setting and the format, raised before anything is trained or written.
+
+    Example::
+
+        if config.demographics:
+            require_demographics(recordings, config.format, field="demographics")
+    """
+    if not any(r.demographics is not None for r in recordings):
+        raise ConfigError(f"{source}: {field} needs the patients' demographics (age, sex, height, weight, "
+                          f"pregnancy), and format={fmt!r} records none; turn {field} off for this data")

@@ -17,20 +17,53 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import os
 import random
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
-from ignite_trainer.data.datasets import patient_stratum
 from ignite_trainer.data.records import Recording
 from ignite_trainer.core.errors import ConfigError, DataError
 
-__all__ = ["SPLIT_FORMAT", "patient_strata", "assign_folds", "check_folds", "read_split_file", "write_split_file",
+__all__ = ["SPLIT_FORMAT", "patient_labels", "patient_stratum", "patient_strata", "split_patients", "assign_folds", "check_folds", "read_split_file", "write_split_file",
            "fold_split"]
 
 SPLIT_FORMAT = "ignite_trainer/splits/1"
+
+
+def patient_labels(recordings: Sequence[Recording]) -> tuple[tuple[float, float], tuple[bool, bool], str | None]:
+    """A patient's own labels ``(labels, mask, murmur_class)`` from its recordings.
+
+    The heart outcome is per patient, so any recording carries it. The murmur is per patient too in
+    CirCor (``murmur_class``): a patient is Present even if some locations are not, Unknown stays masked
+    unless the recordings count it positive (``unknown_murmur: positive``). Without a class (other
+    formats) a label is the maximum over the recordings where it is present, masked if none has it.
+    """
+    labels, mask = [0.0, 0.0], [False, False]
+    for i in range(2):
+        known = [r.labels[i] for r in recordings if r.mask[i]]
+        if known:
+            labels[i], mask[i] = float(max(known) > 0.5), True
+    classes = {r.murmur_class for r in recordings if r.murmur_class is not None}
+    murmur_class = classes.pop() if len(classes) == 1 else None
+    if murmur_class == "Present":
+        labels[1], mask[1] = 1.0, True
+    elif murmur_class == "Absent":
+        labels[1], mask[1] = 0.0, True
+    elif murmur_class == "Unknown":
+        positive = any(r.mask[1] and r.labels[1] > 0.5 for r in recordings)
+        labels[1], mask[1] = (1.0, True) if positive else (0.0, False)
+    return (labels[0], labels[1]), (mask[0], mask[1]), murmur_class
+
+
+def patient_stratum(recordings: Sequence[Recording]) -> tuple[str, str]:
+    """A patient's label combination, e.g. ``("1", "?")``: per label its `patient_labels` value, ``"0"`` or
+    ``"1"``, or ``"?"`` where the patient's label is missing (so masked is a stratum of its own)."""
+    labels, mask, _ = patient_labels(recordings)
+    heart, murmur = (str(int(v > 0.5)) if known else "?" for v, known in zip(labels, mask))
+    return heart, murmur
 
 
 def patient_strata(recordings: Sequence[Recording]) -> dict[tuple[str, str], list[str]]:
@@ -50,6 +83,18 @@ def patient_strata(recordings: Sequence[Recording]) -> dict[tuple[str, str], lis
     return {s: strata[s] for s in sorted(strata)}
 
 
+def _shuffled_strata(recordings: Sequence[Recording], seed: int) -> list[list[str]]:
+    """Each stratum's patients (strata in sorted order) shuffled by one ``random.Random(seed)`` in turn: the
+    order both the folds and the ``val_fraction`` split deal patients from."""
+    rng = random.Random(seed)
+    ordered = []
+    for pids in patient_strata(recordings).values():
+        pids = list(pids)
+        rng.shuffle(pids)
+        ordered.append(pids)
+    return ordered
+
+
 def assign_folds(recordings: Sequence[Recording], n_folds: int, split_seed: int) -> list[list[str]]:
     """Patient ids per fold (k lists, each sorted), stratified by both labels; a function of the patients
     and ``split_seed`` only (not of the recordings' order).
@@ -67,22 +112,69 @@ def assign_folds(recordings: Sequence[Recording], n_folds: int, split_seed: int)
     strata = patient_strata(recordings)
     if not strata:
         raise DataError("no patients to split into folds")
+    n_patients = sum(len(pids) for pids in strata.values())
+    if n_patients < n_folds:
+        raise DataError(f"n_folds={n_folds} needs at least {n_folds} patients, the data has {n_patients}")
     rarest = min(strata, key=lambda s: (len(strata[s]), s))
     if len(strata[rarest]) < n_folds:
         heart, murmur = rarest
         raise DataError(f"n_folds={n_folds} is more than the {len(strata[rarest])} patient(s) of the rarest stratum "
                         f"(heart={heart}, murmur={murmur}; '?' = label missing); use at most "
                         f"{len(strata[rarest])} folds")
-    rng = random.Random(split_seed)
-    ordered = []
-    for stratum in strata.values():
-        pids = list(stratum)
-        rng.shuffle(pids)
-        ordered.extend(pids)
+    ordered = [pid for pids in _shuffled_strata(recordings, split_seed) for pid in pids]
     folds: list[list[str]] = [[] for _ in range(n_folds)]
     for i, pid in enumerate(ordered):  # round-robin across strata: fold sizes differ by at most one
         folds[i % n_folds].append(pid)
     return [sorted(f) for f in folds]
+
+
+def split_patients(
+    recordings: Sequence[Recording], val_fraction: float, seed: int, n_folds: int = 0, fold: int = 0
+) -> tuple[list[Recording], list[Recording]]:
+    """``(train, validation)`` recordings, split by patient and stratified by the patient's label combination.
+
+    With ``n_folds >= 2`` the patients are dealt into k folds and fold ``fold`` is validation; otherwise
+    ``val_fraction`` of the patients are (at least one, from each stratum its rounded share). The result
+    depends only on the recordings and ``seed``, not on their order; both sides keep the input order.
+
+    Example::
+
+        train, val = split_patients(recordings, val_fraction=0.2, seed=0)
+        train, val = split_patients(recordings, 0.0, seed=0, n_folds=5, fold=2)  # fold 2 of 5 is validation
+    """
+    patients = {r.patient_id for r in recordings}
+    n_patients = len(patients)
+    if n_folds >= 2:
+        if not 0 <= fold < n_folds:
+            raise ConfigError(f"fold={fold} must be in 0..{n_folds - 1} for n_folds={n_folds}")
+        val_patients = set(assign_folds(recordings, n_folds, seed)[fold])
+    else:
+        if not 0 < val_fraction < 1:
+            raise DataError(f"val_fraction={val_fraction} leaves one side of the patient split empty")
+        if n_patients < 2:
+            raise DataError(f"cannot split {n_patients} patient(s) into training and validation; need at least 2")
+        n_val = min(n_patients - 1, max(1, round(n_patients * val_fraction)))
+        ordered = _shuffled_strata(recordings, seed)
+        counts = _largest_remainder([len(p) for p in ordered], n_val)
+        val_patients = {pid for pids, k in zip(ordered, counts) for pid in pids[:k]}
+
+    train = [r for r in recordings if r.patient_id not in val_patients]
+    val = [r for r in recordings if r.patient_id in val_patients]
+    if not train or not val:
+        side = "training" if not train else "validation"
+        raise DataError(f"the patient split leaves the {side} set empty ({n_patients} patients)")
+    return train, val
+
+
+def _largest_remainder(sizes: list[int], total: int) -> list[int]:
+    """Integer shares of ``total`` proportional to ``sizes`` that add up to exactly ``total``."""
+    n = sum(sizes)
+    exact = [s * total / n for s in sizes]
+    counts = [math.floor(e) for e in exact]
+    by_remainder = sorted(range(len(sizes)), key=lambda i: (-(exact[i] - counts[i]), i))
+    for i in by_remainder[: total - sum(counts)]:
+        counts[i] += 1
+    return counts
 
 
 def check_folds(folds: Sequence[Sequence[str]], patients: Sequence[str], source: str = "split") -> None:

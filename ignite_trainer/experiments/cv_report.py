@@ -41,7 +41,8 @@ from ignite_trainer.scoring.challenge import MURMUR_CLASSES, OUTCOME_CLASSES, ch
 from ignite_trainer.data.records import LABELS, Recording
 from ignite_trainer.scoring.decision import DecisionLayer, PatientFeatures, patient_truth
 from ignite_trainer.core.errors import DataError
-from ignite_trainer.scoring.predictions import LevelPredictions, patient_labels, tune_thresholds
+from ignite_trainer.scoring.predictions import LevelPredictions, tune_thresholds
+from ignite_trainer.data.splits import patient_labels
 from ignite_trainer.scoring.scores import auprc, auroc
 
 if TYPE_CHECKING:

@@ -4,8 +4,8 @@ The stronger option beside ``attention_cnn``. Residual 2-D blocks see more of th
 convolutions (deeper, with shortcuts so that depth stays trainable), and two dilated 1-D blocks over the 40 ms
 steps then span about a second and a half, one or two heart cycles, which is what timing cues such as a wide
 split, an S3 or an irregular rhythm need. Downsampling is by strided convolutions and BatchNorm is folded at
-evaluation (`ignite_trainer.model.models.conv_bn`), so it stays cheap on 2 CPU cores. Registered on import of
-`ignite_trainer.model.models`.
+evaluation (`ignite_trainer.model.blocks.conv_bn`), so it stays cheap on 2 CPU cores. Registered on import of
+the `ignite_trainer.model` wing.
 """
 
 from __future__ import annotations
@@ -13,7 +13,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ignite_trainer.model.models import AttentionPool, conv_bn, register_model
+from ignite_trainer.model.blocks import AttentionPool, conv_bn
+from ignite_trainer.model.registry import register_model
 
 
 class ResidualBlock(nn.Module):

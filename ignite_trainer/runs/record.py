@@ -28,6 +28,7 @@ from typing import Any, Mapping
 from ignite_trainer.core.atomic import atomic_write
 from ignite_trainer.core.config import RESUMABLE_CHANGES, TrainConfig
 from ignite_trainer.data.prepare import PreparedData
+from ignite_trainer.model.cpu_kernels import kernel_status
 from ignite_trainer.core.errors import CheckpointError
 
 __all__ = ["run_identity", "identity_differences", "write_split", "read_split", "record_environment",
@@ -150,8 +151,6 @@ def end_environment(run_dir: Path, outcome: str) -> None:
     """Close this session in ``environment.json`` with the end time, how it ended (finished, stopped, failed)
     and whether the fused CPU kernel computed the conv blocks (equal to the unfused modules up to rounding, so
     a resume that switches between the two is not bit-identical)."""
-    from ignite_trainer.model.cpu_kernels import kernel_status
-
     path = Path(run_dir) / ENVIRONMENT_FILE
     sessions = _sessions(path)
     if sessions and sessions[-1].get("ended") is None:

@@ -35,6 +35,7 @@ import yaml
 
 from ignite_trainer.core.vocabulary import score_mode
 from ignite_trainer.core.errors import CheckpointError
+from ignite_trainer.runs.checkpoint import load_checkpoint
 from ignite_trainer.runs.lock import is_running
 
 __all__ = ["RunRow", "STATES", "is_run_dir", "read_run", "read_runs", "format_table", "rows_as_json", "config_diff",
@@ -134,8 +135,6 @@ def _finished_flag(ckpt_dir: Path) -> bool | None:
 
     Read without touching the folder (a running save's temporary file must stay where it is).
     """
-    from ignite_trainer.runs.checkpoint import load_checkpoint
-
     candidates = []
     for p in ckpt_dir.glob("last_checkpoint_*.pt") if ckpt_dir.is_dir() else []:
         m = _LAST.match(p.name)

@@ -1,11 +1,12 @@
-"""From the evaluator's window logits to recording and patient predictions, and the thresholds that cut them.
+"""From window probabilities to recording and patient predictions, and the thresholds that cut them.
 
 The evaluator sees windows, but the field scores recordings (PhysioNet 2016) and patients (CirCor 2022).
-This module is the one place that (1) collects every window's probability across processes
-(`PredictionCollector`), (2) aggregates windows -> recordings -> patients with the labels each level
-really has (`recording_predictions`, `patient_predictions`), and (3) turns probabilities into decisions:
-per-label thresholds tuned on validation (`tune_thresholds`, `attach_threshold_tuning`) and the
-Present/Unknown/Absent band of the 2022 murmur task (`unknown_band`).
+This module (1) aggregates windows -> recordings -> patients with the labels each level really has
+(`recording_predictions`, `patient_predictions`; a patient's own labels are `data.splits.patient_labels`),
+and (2) turns probabilities into decisions: per-label thresholds tuned on validation (`tune_thresholds`)
+and the Present/Unknown/Absent band of the 2022 murmur task (`unknown_band`). It needs no Ignite: the
+evaluator's `training.metrics.PredictionCollector` gathers the windows, and `training.decisions` tunes
+after each validation.
 
 A level's predictions are a `LevelPredictions`: one row per item, ``probs``/``targets``/``mask`` of shape
 ``[n, 2]`` in `LABELS` order, ``mask`` False where a label is missing (it then counts nowhere).
@@ -14,27 +15,21 @@ A level's predictions are a `LevelPredictions`: one row per item, ``probs``/``ta
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Hashable, Mapping, Sequence
+from collections.abc import Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
-import ignite.distributed as idist
 import numpy as np
-import torch
-from ignite.engine import Engine
-from ignite.exceptions import NotComputableError
-from ignite.metrics.metric import Metric, reinit__is_reduced
 
-from ignite_trainer.data.records import Recording
-from ignite_trainer.scoring.decision import fit_decision
-from ignite_trainer.training.events import TrainerEvents
-from ignite_trainer.scoring.scores import binary_stats, probs_to_murmur_class, tune_threshold
 from ignite_trainer.core.vocabulary import AGGREGATIONS, LABELS, OBJECTIVES
+from ignite_trainer.data.records import Recording
+from ignite_trainer.data.splits import patient_labels
+from ignite_trainer.scoring.scores import binary_stats, probs_to_murmur_class, tune_threshold
 
 __all__ = [
-    "WindowPredictions", "LevelPredictions", "PredictionCollector", "aggregate", "window_level",
-    "recording_predictions", "patient_predictions", "patient_labels", "tune_thresholds", "unknown_band",
-    "murmur_classes", "attach_threshold_tuning", "attach_decision_fitting", "attach_pr_curves", "DEFAULT_THRESHOLDS",
+    "WindowPredictions", "LevelPredictions", "aggregate", "window_level",
+    "recording_predictions", "patient_predictions", "tune_thresholds", "unknown_band",
+    "murmur_classes", "scores_at_thresholds", "DEFAULT_THRESHOLDS",
 ]
 
 log = logging.getLogger("ignite_trainer")
@@ -90,68 +85,6 @@ class LevelPredictions:
         i = LABELS.index(name)
         keep = self.mask[:, i]
         return self.targets[keep, i].astype(np.int64), self.probs[keep, i]
-
-
-# ---------------------------------------------------------------------------------------------- collecting
-#: Columns of the collector's row block: probabilities, targets and mask per label, then the window index.
-_N = len(LABELS)
-_WIDTH = 3 * _N + 1
-
-
-def _identity(output: Any) -> Any:
-    """Default output transform; module-level (not a lambda) so the metric pickles to spawned processes."""
-    return output
-
-
-class PredictionCollector(Metric):
-    """Gathers every window's ``sigmoid(logits)``, target, mask and index, from every process.
-
-    Attach it to the evaluator next to the scalar metrics; ``compute()`` returns a `WindowPredictions`
-    that is the same on every rank (the shards are all-gathered, unequal sizes included, and sorted by
-    window index), so aggregation and threshold tuning agree everywhere. It is not a scalar, so
-    `handlers.attach_validation` leaves it out of ``validation_metrics``; read it from
-    ``trainer.state.validation_output.metrics[name]``.
-
-    Example::
-
-        PredictionCollector().attach(evaluator, "predictions")
-        windows = evaluator.run(val_loader).metrics["predictions"]
-        recordings = recording_predictions(windows, val_dataset.window_recording, val_dataset.recordings)
-    """
-
-    required_output_keys = ("logits", "y", "mask", "index")
-    _state_dict_all_req_keys = ("_rows",)
-
-    def __init__(self, output_transform: Callable[[Any], Any] = _identity,
-                 device: str | torch.device = torch.device("cpu")) -> None:
-        super().__init__(output_transform=output_transform, device=device, skip_unrolling=True)
-
-    @reinit__is_reduced
-    def reset(self) -> None:
-        self._rows: list[torch.Tensor] = []
-
-    @reinit__is_reduced
-    def update(self, output: Sequence[torch.Tensor]) -> None:
-        logits, y, mask, index = output
-        probs = torch.sigmoid(logits.detach().float()).double().cpu()
-        mask = torch.ones_like(probs) if mask is None else mask.detach().double().cpu()
-        # One float64 block per batch (indices are exact up to 2**53): a single all-gather at compute time.
-        self._rows.append(torch.cat([probs, y.detach().double().cpu(), mask,
-                                     index.detach().reshape(-1, 1).double().cpu()], dim=1))
-
-    def compute(self) -> WindowPredictions:
-        local = torch.cat(self._rows) if self._rows else torch.zeros(0, _WIDTH, dtype=torch.float64)
-        if idist.get_world_size() > 1:
-            device = idist.device()
-            sizes = [int(n) for n in idist.all_gather(int(local.shape[0]))]
-            shards = idist.all_gather_tensors_with_shapes(local.to(device), [[n, _WIDTH] for n in sizes])
-            local = torch.cat([s.cpu() for s in shards])
-        if local.shape[0] == 0:
-            raise NotComputableError("PredictionCollector must have at least one example before it can be computed.")
-        rows = local.numpy()
-        rows = rows[np.argsort(rows[:, -1], kind="stable")]
-        return WindowPredictions(probs=rows[:, :_N].copy(), targets=rows[:, _N:2 * _N].copy(),
-                                 mask=rows[:, 2 * _N:3 * _N] > 0.5, index=rows[:, -1].astype(np.int64))
 
 
 # ---------------------------------------------------------------------------------------------- aggregating
@@ -230,31 +163,6 @@ def recording_predictions(windows: WindowPredictions, window_recording: Sequence
         murmur_classes=[r.murmur_class for r in recordings],
         n_windows=n_windows,
     )
-
-
-def patient_labels(recordings: Sequence[Recording]) -> tuple[tuple[float, float], tuple[bool, bool], str | None]:
-    """A patient's own labels ``(labels, mask, murmur_class)`` from its recordings.
-
-    The heart outcome is per patient, so any recording carries it. The murmur is per patient too in
-    CirCor (``murmur_class``): a patient is Present even if some locations are not, Unknown stays masked
-    unless the recordings count it positive (``unknown_murmur: positive``). Without a class (other
-    formats) a label is the maximum over the recordings where it is present, masked if none has it.
-    """
-    labels, mask = [0.0, 0.0], [False, False]
-    for i in range(2):
-        known = [r.labels[i] for r in recordings if r.mask[i]]
-        if known:
-            labels[i], mask[i] = float(max(known) > 0.5), True
-    classes = {r.murmur_class for r in recordings if r.murmur_class is not None}
-    murmur_class = classes.pop() if len(classes) == 1 else None
-    if murmur_class == "Present":
-        labels[1], mask[1] = 1.0, True
-    elif murmur_class == "Absent":
-        labels[1], mask[1] = 0.0, True
-    elif murmur_class == "Unknown":
-        positive = any(r.mask[1] and r.labels[1] > 0.5 for r in recordings)
-        labels[1], mask[1] = (1.0, True) if positive else (0.0, False)
-    return (labels[0], labels[1]), (mask[0], mask[1]), murmur_class
 
 
 def patient_predictions(recs: LevelPredictions, recordings: Sequence[Recording],
@@ -358,97 +266,3 @@ def murmur_classes(probs: np.ndarray, threshold: float, margin: float) -> list[s
     """Present/Unknown/Absent per murmur probability, through `unknown_band` and `scores.probs_to_murmur_class`."""
     low, high = unknown_band(threshold, margin)
     return probs_to_murmur_class(np.asarray(probs, dtype=np.float64).reshape(-1), low, high)
-
-
-# ---------------------------------------------------------------------------------------------- trainer hooks
-def _validation_recordings(trainer: Engine, metric_name: str, val_dataset: Any) -> LevelPredictions:
-    output = getattr(trainer.state, "validation_output", None)
-    if output is None or metric_name not in output.metrics:
-        raise KeyError(f"no '{metric_name}' in the evaluator's metrics; attach a PredictionCollector under that name")
-    return recording_predictions(output.metrics[metric_name], val_dataset.window_recording, val_dataset.recordings)
-
-
-def attach_threshold_tuning(trainer: Engine, evaluator_metric_name: str, objective: Objective,
-                            val_dataset: Any) -> Callable[[Engine], None]:
-    """After each validation, tune per-label thresholds on the validation recordings.
-
-    Sets ``trainer.state.thresholds = {"heart": t, "murmur": t}`` (the metrics log and TensorBoard read
-    them from there) and ``trainer.state.threshold_scores``, each label's `scores_at_thresholds` on those
-    recordings. Attach it right after `handlers.attach_validation`, before the best checkpoint, so
-    that a ``Snapshot`` of the thresholds in the checkpoint sees this validation's values
-    (`standard.attach_standard_handlers` does). ``val_dataset`` is the `EvalWindows` the evaluator ran on.
-
-    Example::
-
-        PredictionCollector().attach(evaluator, "predictions")
-        attach_validation(trainer, evaluator, val_loader)
-        attach_threshold_tuning(trainer, "predictions", config.threshold_objective, val_dataset)
-        to_save["thresholds"] = Snapshot(lambda: getattr(trainer.state, "thresholds", None))
-    """
-
-    def tune(engine: Engine) -> None:
-        recs = _validation_recordings(engine, evaluator_metric_name, val_dataset)
-        engine.state.thresholds = tune_thresholds(recs.probs, recs.targets, recs.mask, objective)
-        engine.state.threshold_scores = scores_at_thresholds(recs.probs, recs.targets, recs.mask,
-                                                             engine.state.thresholds)
-
-    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, tune)
-    return tune
-
-
-def attach_decision_fitting(trainer: Engine, evaluator_metric_name: str, val_dataset: Any,
-                            aggregation: Aggregation = "mean") -> Callable[[Engine], None]:
-    """After each validation, fit the Challenge decision layer on the validation patients.
-
-    Sets ``trainer.state.decision`` to a `decision.DecisionLayer` (`decision.fit_decision` on the patients
-    aggregated with ``aggregation``, as evaluation will aggregate them). Attach it before the best
-    checkpoint, whose ``decision`` snapshot stores ``state.decision.to_dict()`` (plain strings and floats,
-    so the file still loads with ``weights_only=True``).
-
-    Example::
-
-        attach_threshold_tuning(trainer, "predictions", config.threshold_objective, val_dataset)
-        attach_decision_fitting(trainer, "predictions", val_dataset, config.aggregation)
-        to_save["decision"] = Snapshot(lambda: trainer.state.decision.to_dict())
-    """
-
-    def fit(engine: Engine) -> None:
-        recs = _validation_recordings(engine, evaluator_metric_name, val_dataset)
-        patients = patient_predictions(recs, val_dataset.recordings, aggregation)
-        engine.state.decision = fit_decision(patients, recs)
-
-    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, fit)
-    return fit
-
-
-def attach_pr_curves(trainer: Engine, tb_logger: Any, evaluator_metric_name: str = "predictions",
-                     val_dataset: Any = None) -> Callable[[Engine], None]:
-    """Write a TensorBoard PR curve per label after each validation (tag ``val_pr/<label>``).
-
-    With ``val_dataset`` (the validation `EvalWindows`) the curve is over recordings, the level the
-    thresholds are tuned on; without it, over windows. Masked labels are left out; a label with no
-    present example gets no curve. Step = ``trainer.state.epoch``, like every other validation tag
-    (`tensorboard_epoch.attach_epoch_tensorboard`: pass the logger it returns).
-
-    Example::
-
-        tb_epoch = attach_epoch_tensorboard(trainer, run_dir / "tb" / "epoch", val_dataset=val_dataset)
-        attach_pr_curves(trainer, tb_epoch, "predictions", val_dataset)
-    """
-
-    def write(engine: Engine) -> None:
-        level: LevelPredictions | WindowPredictions
-        if val_dataset is not None:
-            level = _validation_recordings(engine, evaluator_metric_name, val_dataset)
-        else:
-            level = engine.state.validation_output.metrics[evaluator_metric_name]
-        probs, targets, mask = level.probs, level.targets, level.mask
-        for i, label in enumerate(LABELS):
-            keep = mask[:, i]
-            if keep.any():
-                tb_logger.writer.add_pr_curve(f"val_pr/{label}", targets[keep, i].astype(np.int64),
-                                              probs[keep, i], engine.state.epoch)
-
-    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, write)
-    return write
-

@@ -21,11 +21,10 @@ from typing import Any, Callable, Mapping
 import torch
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, EarlyStopping, LRScheduler, ProgressBar, TensorboardLogger
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DistributedSampler
 
 from ignite_trainer.data.loaders import set_sampler_position
 from ignite_trainer.runs.checkpoint import BEST_PATTERN, LAST_PATTERN, SafeDiskSaver, Snapshot
-from ignite_trainer.data.loaders import set_sampler_position
 from ignite_trainer.training.engine import StepEvents, read_step_stats
 from ignite_trainer.core.errors import TrainingAborted
 from ignite_trainer.training.events import TrainerEvents

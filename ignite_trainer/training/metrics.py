@@ -1,4 +1,5 @@
-"""Ignite metrics for the masked multi-label evaluator: per-label scores and the epoch's validation loss.
+"""Ignite metrics for the masked multi-label evaluator: per-label scores, the epoch's validation loss, and
+`PredictionCollector`, which gathers every window's probability for the recording and patient levels.
 
 Ignite's own metrics cannot skip missing labels and `Accuracy(is_multilabel=True)` is exact-match
 accuracy, so these two metrics accumulate only *present* entries (the evaluator's ``mask``), keep
@@ -14,10 +15,13 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import ignite.distributed as idist
+import numpy as np
 import torch
 from ignite.exceptions import NotComputableError
 from ignite.metrics.metric import Metric, reinit__is_reduced, sync_all_reduce
 
+from ignite_trainer.scoring.predictions import WindowPredictions
 from ignite_trainer.scoring.scores import stats_from_counts
 from ignite_trainer.core.vocabulary import LABELS, STATS
 
@@ -255,3 +259,63 @@ class MaskedLoss(Metric):
             raise NotComputableError("MaskedLoss: every label of every example was masked; the loss is undefined.")
         return float(self._sum / self._count)
 
+
+#: Columns of the collector's row block: probabilities, targets and mask per label, then the window index.
+_N = len(LABELS)
+_WIDTH = 3 * _N + 1
+
+
+def _identity(output: Any) -> Any:
+    """Default output transform; module-level (not a lambda) so the metric pickles to spawned processes."""
+    return output
+
+
+class PredictionCollector(Metric):
+    """Gathers every window's ``sigmoid(logits)``, target, mask and index, from every process.
+
+    Attach it to the evaluator next to the scalar metrics; ``compute()`` returns a `WindowPredictions`
+    that is the same on every rank (the shards are all-gathered, unequal sizes included, and sorted by
+    window index), so aggregation and threshold tuning agree everywhere. It is not a scalar, so
+    `handlers.attach_validation` leaves it out of ``validation_metrics``; read it from
+    ``trainer.state.validation_output.metrics[name]``.
+
+    Example::
+
+        PredictionCollector().attach(evaluator, "predictions")
+        windows = evaluator.run(val_loader).metrics["predictions"]
+        recordings = recording_predictions(windows, val_dataset.window_recording, val_dataset.recordings)
+    """
+
+    required_output_keys = ("logits", "y", "mask", "index")
+    _state_dict_all_req_keys = ("_rows",)
+
+    def __init__(self, output_transform: Callable[[Any], Any] = _identity,
+                 device: str | torch.device = torch.device("cpu")) -> None:
+        super().__init__(output_transform=output_transform, device=device, skip_unrolling=True)
+
+    @reinit__is_reduced
+    def reset(self) -> None:
+        self._rows: list[torch.Tensor] = []
+
+    @reinit__is_reduced
+    def update(self, output: Sequence[torch.Tensor]) -> None:
+        logits, y, mask, index = output
+        probs = torch.sigmoid(logits.detach().float()).double().cpu()
+        mask = torch.ones_like(probs) if mask is None else mask.detach().double().cpu()
+        # One float64 block per batch (indices are exact up to 2**53): a single all-gather at compute time.
+        self._rows.append(torch.cat([probs, y.detach().double().cpu(), mask,
+                                     index.detach().reshape(-1, 1).double().cpu()], dim=1))
+
+    def compute(self) -> WindowPredictions:
+        local = torch.cat(self._rows) if self._rows else torch.zeros(0, _WIDTH, dtype=torch.float64)
+        if idist.get_world_size() > 1:
+            device = idist.device()
+            sizes = [int(n) for n in idist.all_gather(int(local.shape[0]))]
+            shards = idist.all_gather_tensors_with_shapes(local.to(device), [[n, _WIDTH] for n in sizes])
+            local = torch.cat([s.cpu() for s in shards])
+        if local.shape[0] == 0:
+            raise NotComputableError("PredictionCollector must have at least one example before it can be computed.")
+        rows = local.numpy()
+        rows = rows[np.argsort(rows[:, -1], kind="stable")]
+        return WindowPredictions(probs=rows[:, :_N].copy(), targets=rows[:, _N:2 * _N].copy(),
+                                 mask=rows[:, 2 * _N:3 * _N] > 0.5, index=rows[:, -1].astype(np.int64))

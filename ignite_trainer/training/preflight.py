@@ -24,9 +24,10 @@ from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.data.features import FeatureSettings, mel_filterbank
 from ignite_trainer.training.engine import check_accumulation
 from ignite_trainer.core.errors import ConfigError, DataError
-from ignite_trainer.model.models import available_models
+from ignite_trainer.model.registry import available_models
 from ignite_trainer.training.launch import dist_timeout
-from ignite_trainer.training.runtime import cache_root, distributed_backend, resolve_device, torchrun_world_size
+from ignite_trainer.core.config import cache_root
+from ignite_trainer.training.runtime import distributed_backend, resolve_device, torchrun_world_size
 
 __all__ = ["check_settings", "check_training_set", "MIN_WINDOW_FRAMES"]
 

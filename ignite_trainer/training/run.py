@@ -23,7 +23,8 @@ from ignite.engine import Engine
 from ignite_trainer.core.atomic import atomic_write
 from ignite_trainer.runs.checkpoint import Snapshot
 from ignite_trainer.core.config import TrainConfig
-from ignite_trainer.training.augment import Augmenter, AugmentSettings
+from ignite_trainer.training.augment import Augmenter
+from ignite_trainer.core.augmentation import AugmentSettings
 from ignite_trainer.training.console import best_summary, split_line, summary_lines
 from ignite_trainer.data.datasets import EvalWindows, ResidentFeatures, TrainWindows
 from ignite_trainer.data.features import FeatureSettings
@@ -36,8 +37,8 @@ from ignite_trainer.training.launch import broadcast_from_rank0, run_joined, run
 from ignite_trainer.runs.logs import quiet_non_zero_rank, setup_logging
 from ignite_trainer.training.losses import WeightedBCELoss
 from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
-from ignite_trainer.model.models import build_model
-from ignite_trainer.scoring.predictions import PredictionCollector
+from ignite_trainer.model.registry import build_model
+from ignite_trainer.training.metrics import PredictionCollector
 from ignite_trainer.training.preflight import check_settings, check_training_set
 from ignite_trainer.runs.lock import hold_run_lock
 from ignite_trainer.runs.record import end_environment, record_environment, run_identity, write_split

@@ -1,4 +1,4 @@
-"""Where a process runs: its device, its distributed backend, its seeds and its cache folder.
+"""Where a process runs: its device, its distributed backend and its seeds (the cache folder is `core.config.cache_root`).
 
 Training, evaluation and prediction all need these answers and must give the same ones, so they live
 here rather than in any one of them.
@@ -14,26 +14,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from ignite_trainer.core.config import cache_root
 from ignite_trainer.core.errors import ConfigError
 
 if TYPE_CHECKING:
     from ignite_trainer.core.config import TrainConfig
-
-
-def cache_root(config: "TrainConfig") -> Path:
-    """The cache root (synthetic data, ``features/``): ``config.cache_dir``, ``$IGNITE_TRAINER_CACHE``, else
-    ``$XDG_CACHE_HOME/ignite_trainer`` (``~/.cache/ignite_trainer``).
-
-    Example::
-
-        features_dir = cache_root(config) / "features"
-    """
-    if config.cache_dir:
-        return Path(config.cache_dir).expanduser()
-    env = os.environ.get("IGNITE_TRAINER_CACHE")
-    if env:
-        return Path(env).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "ignite_trainer"
 
 
 def resolve_device(name: str) -> torch.device:

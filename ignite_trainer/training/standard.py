@@ -44,7 +44,8 @@ from ignite_trainer.training.handlers import (
     attach_validation, training_state,
 )
 from ignite_trainer.runs.logs import progress_bar_wanted
-from ignite_trainer.scoring.predictions import attach_decision_fitting, attach_pr_curves, attach_threshold_tuning
+from ignite_trainer.training.decisions import attach_decision_fitting, attach_threshold_tuning
+from ignite_trainer.training.tensorboard import attach_pr_curves
 from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.training.tensorboard import attach_epoch_tensorboard
 

@@ -18,15 +18,19 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import numpy as np
 from ignite.engine import Engine
 from ignite.handlers import Checkpoint, TensorboardLogger
 
+from ignite_trainer.core.vocabulary import LABELS
+from ignite_trainer.scoring.predictions import LevelPredictions, WindowPredictions
+from ignite_trainer.training.decisions import validation_recordings
 from ignite_trainer.training.epoch_scalars import EpochScalars
 from ignite_trainer.training.events import TrainerEvents
 
-__all__ = ["attach_epoch_tensorboard"]
+__all__ = ["attach_epoch_tensorboard", "attach_pr_curves"]
 
 
 def attach_epoch_tensorboard(trainer: Engine, log_dir: str | Path, *, monitor: str = "val_loss",
@@ -63,3 +67,35 @@ def attach_epoch_tensorboard(trainer: Engine, log_dir: str | Path, *, monitor: s
     # One small write per epoch: flush it, so that a kill after the epoch's checkpoint loses none of it.
     trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, lambda _: tb.writer.flush())
     return tb
+
+
+def attach_pr_curves(trainer: Engine, tb_logger: Any, evaluator_metric_name: str = "predictions",
+                     val_dataset: Any = None) -> Callable[[Engine], None]:
+    """Write a TensorBoard PR curve per label after each validation (tag ``val_pr/<label>``).
+
+    With ``val_dataset`` (the validation `EvalWindows`) the curve is over recordings, the level the
+    thresholds are tuned on; without it, over windows. Masked labels are left out; a label with no
+    present example gets no curve. Step = ``trainer.state.epoch``, like every other validation tag
+    (`tensorboard_epoch.attach_epoch_tensorboard`: pass the logger it returns).
+
+    Example::
+
+        tb_epoch = attach_epoch_tensorboard(trainer, run_dir / "tb" / "epoch", val_dataset=val_dataset)
+        attach_pr_curves(trainer, tb_epoch, "predictions", val_dataset)
+    """
+
+    def write(engine: Engine) -> None:
+        level: LevelPredictions | WindowPredictions
+        if val_dataset is not None:
+            level = validation_recordings(engine, evaluator_metric_name, val_dataset)
+        else:
+            level = engine.state.validation_output.metrics[evaluator_metric_name]
+        probs, targets, mask = level.probs, level.targets, level.mask
+        for i, label in enumerate(LABELS):
+            keep = mask[:, i]
+            if keep.any():
+                tb_logger.writer.add_pr_curve(f"val_pr/{label}", targets[keep, i].astype(np.int64),
+                                              probs[keep, i], engine.state.epoch)
+
+    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, write)
+    return write

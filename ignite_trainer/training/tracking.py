@@ -27,9 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from ignite.engine import Engine, Events
-from ignite.handlers import Checkpoint
+from ignite.handlers import Checkpoint, MLflowLogger
 
 from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.runs.checkpoint import find_best_checkpoint
 from ignite_trainer.training.epoch_scalars import EpochScalars
 from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.training.events import TrainerEvents
@@ -97,7 +98,6 @@ def attach_mlflow(trainer: Engine, optimizer: Any, config: TrainConfig, run_dir:
             close_mlflow(tracker, error)
     """
     mlflow = require_mlflow()
-    from ignite.handlers import MLflowLogger
     from mlflow.tracking import MlflowClient
 
     run_dir = Path(run_dir).resolve()
@@ -128,8 +128,6 @@ def _best_file(run_dir: Path, best_checkpoint: Checkpoint | None) -> Path | None
     """The file the best-checkpoint handler holds as best, else the run directory's best by name."""
     if best_checkpoint is not None and best_checkpoint.last_checkpoint is not None:
         return Path(best_checkpoint.last_checkpoint)
-    from ignite_trainer.runs.checkpoint import find_best_checkpoint
-
     try:
         return find_best_checkpoint(run_dir)
     except CheckpointError:

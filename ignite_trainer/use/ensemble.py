@@ -301,7 +301,7 @@ def _from_export(path: Path) -> Ensemble:
     from ignite_trainer.core.config import TrainConfig
     from ignite_trainer.data.features import FeatureSettings
     from ignite_trainer.use.model_files import TrainedModel
-    from ignite_trainer.model.models import build_model
+    from ignite_trainer.model.registry import build_model
 
     metadata = _safetensors_metadata(path)
     try:

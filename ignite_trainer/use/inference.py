@@ -24,11 +24,10 @@ from ignite_trainer.data.records import Recording
 from ignite_trainer.scoring.decision import DecisionLayer, PatientFeatures, patient_features
 from ignite_trainer.training.engine import create_evaluator
 from ignite_trainer.use.model_files import TrainedModel
-from ignite_trainer.scoring.predictions import (
-    LevelPredictions, PredictionCollector, WindowPredictions, patient_predictions,
-    recording_predictions, unknown_band, window_level,
-)
-from ignite_trainer.training.runtime import cache_root, resolve_device
+from ignite_trainer.scoring.predictions import (LevelPredictions, WindowPredictions, patient_predictions, recording_predictions, unknown_band, window_level)
+from ignite_trainer.training.metrics import PredictionCollector
+from ignite_trainer.core.config import cache_root
+from ignite_trainer.training.runtime import resolve_device
 
 __all__ = ["WindowRun", "run_windows", "PredictionResult", "predict"]
 

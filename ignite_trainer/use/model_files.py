@@ -23,7 +23,7 @@ from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.data.features import FeatureSettings
 from ignite_trainer.scoring.decision import DecisionLayer
 from ignite_trainer.core.errors import CheckpointError, ConfigError
-from ignite_trainer.model.models import build_model
+from ignite_trainer.model.registry import build_model
 from ignite_trainer.scoring.predictions import DEFAULT_THRESHOLDS
 from ignite_trainer.core.vocabulary import LABELS
 

@@ -1,0 +1,88 @@
+"""The model registry: names a config can choose (``model: attention_cnn``), and the one way a model is built.
+
+A researcher adds a model with ``@register_model("my_model")`` on a class or function that takes ``n_mels``
+(plus keyword options) and returns an `nn.Module` mapping log-mel windows ``[B, n_mels, T]`` to
+``(logits [B, 2], attention [B, T'])``. The attention weights come back with the logits so that reports can
+show which part of a window drove a prediction. The built-in models register themselves when the
+``ignite_trainer.model`` wing is imported.
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Callable, TypeVar
+
+from torch import nn
+
+from ignite_trainer.core.errors import ConfigError
+from ignite_trainer.model.fusion import DemographicsFusion
+
+ModelFactory = Callable[..., nn.Module]
+F = TypeVar("F", bound=ModelFactory)
+
+_REGISTRY: dict[str, ModelFactory] = {}
+
+
+def register_model(name: str) -> Callable[[F], F]:
+    """Decorator: make a model class or factory buildable by ``name``, so configs and ``--model`` can pick it.
+
+    Names are unique (a second, different factory under a taken name is a `ValueError`). The factory takes
+    ``n_mels`` plus keyword options and returns a module whose ``forward(x [B, n_mels, T])`` gives
+    ``(logits [B, 2], attention [B, T'])``. The registry is per process: register before building.
+
+    Example::
+
+        @register_model("linear_probe")
+        class LinearProbe(nn.Module):
+            def __init__(self, n_mels: int):
+                super().__init__()
+                self.head = nn.Linear(n_mels, 2)
+
+            def forward(self, x):
+                t = x.shape[-1]
+                return self.head(x.mean(dim=-1)), x.new_full((x.shape[0], t), 1.0 / t)
+
+        model = build_model("linear_probe", n_mels=64)
+    """
+
+    def decorate(factory: F) -> F:
+        if name in _REGISTRY and _REGISTRY[name] is not factory:
+            raise ValueError(f"model name {name!r} is already registered to {_REGISTRY[name]!r}")
+        _REGISTRY[name] = factory
+        return factory
+
+    return decorate
+
+
+def available_models() -> list[str]:
+    """The registered model names, sorted: what ``--model`` and ``model:`` accept in this process.
+
+    Example::
+
+        assert "attention_cnn" in available_models()
+    """
+    return sorted(_REGISTRY)
+
+
+def build_model(name: str, n_mels: int, *, demographics: bool = False, **kwargs: object) -> nn.Module:
+    """Instantiate a registered model; an unknown name or option is a `ConfigError` that lists the choices.
+
+    ``demographics=True`` wraps it in `ignite_trainer.model.fusion.DemographicsFusion` (its forward then also takes
+    the batch's ``demographics`` tensor, fused into the heart logit); the model needs ``embed`` for that.
+
+    Example::
+
+        model = build_model("attention_cnn", n_mels=64, hidden=64)
+        logits, attention = model(torch.randn(8, 64, 400))     # [8, 2], [8, 100]
+    """
+    factory = _REGISTRY.get(name)
+    if factory is None:
+        raise ConfigError(f"model {name!r} is not registered; choose one of: {', '.join(available_models())}")
+    try:
+        inspect.signature(factory).bind(n_mels=n_mels, **kwargs)
+    except TypeError as e:
+        raise ConfigError(f"model {name!r}: {e}") from None
+    model = factory(n_mels=n_mels, **kwargs)
+    if demographics:
+        model = DemographicsFusion(model)
+    return model
