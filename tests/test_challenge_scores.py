@@ -252,3 +252,14 @@ def test_binary_spellings_the_official_reader_accepts(tmp_path):
     f = tmp_path / "1.csv"
     f.write_text("#1\nPresent,Unknown,Absent\nTrue,0.0,'0'\n1,0,0\n")
     assert read_challenge_output(f).labels == (1, 0, 0)
+
+
+def test_challenge_cost_worked_examples():
+    # n = 4, TP 1, FP 1, FN 1, TN 1: s/n = 0.5, c_expert = (25 + 198.5 - 429.5 + 706) * 4 = 2000,
+    # cost = (10 * 4 + 2000 + 10000 + 50000) / 4
+    assert challenge_cost(1, 1, 1, 1) == pytest.approx(15510.0)
+    # everyone referred (TP 1, FP 1): s/n = 1, c_expert = (25 + 397 - 1718 + 11296) * 2 = 20000
+    assert challenge_cost(1, 1, 0, 0) == pytest.approx(15010.0)
+    # nobody referred (FN 1, TN 1): c_expert = 25 * 2, cost = (20 + 50 + 50000) / 2
+    assert challenge_cost(0, 0, 1, 1) == pytest.approx(25035.0)
+    assert challenge_cost(0, 0, 0, 0) is None

@@ -14,8 +14,6 @@ from ignite_trainer.scoring.scores import (
     binary_stats,
     binary_weighted_accuracy,
     macc,
-    murmur_weighted_accuracy,
-    outcome_cost,
     probs_to_murmur_class,
     stats_from_counts,
     tune_threshold,
@@ -91,45 +89,12 @@ def test_macc_is_mean_of_sensitivity_and_specificity() -> None:
 
 
 # ---------------------------------------------------------------- 2022 weighted accuracy
-def test_murmur_weighted_accuracy_worked_example() -> None:
-    true = ["Present", "Present", "Unknown", "Absent", "Absent", "Absent"]
-    pred = ["Present", "Absent", "Unknown", "Absent", "Present", "Unknown"]
-    # correct: one Present (5), one Unknown (3), one Absent (1) = 9
-    # weights of the true classes: 2 Present (10) + 1 Unknown (3) + 3 Absent (3) = 16
-    assert murmur_weighted_accuracy(true, pred) == pytest.approx(9 / 16)
-
-
-def test_murmur_weighted_accuracy_weights_a_missed_present_most() -> None:
-    true = ["Present", "Absent", "Absent", "Absent", "Absent", "Absent"]
-    # missing the one Present loses 5 of 10; calling one Absent "Present" loses 1 of 10
-    assert murmur_weighted_accuracy(true, ["Absent"] * 6) == pytest.approx(5 / 10)
-    assert murmur_weighted_accuracy(true, ["Present", "Present"] + ["Absent"] * 4) == pytest.approx(9 / 10)
-    assert murmur_weighted_accuracy(true, true) == 1.0
-    assert murmur_weighted_accuracy([], []) == 0.0
-    with pytest.raises(ValueError):
-        murmur_weighted_accuracy(["present"], ["Present"])  # class names are exact
-
-
 def test_binary_weighted_accuracy_worked_example() -> None:
     # TP 2, FN 1, FP 1, TN 3: (5·2 + 3) / (5·3 + 4) = 13/19
     assert binary_weighted_accuracy([1, 1, 1, 0, 0, 0, 0], [1, 1, 0, 0, 0, 1, 0]) == pytest.approx(13 / 19)
     # all positives predicted, no negatives right: (5·2 + 0) / (5·2 + 2) = 10/12
     assert binary_weighted_accuracy([1, 1, 0, 0], [1, 1, 1, 1]) == pytest.approx(10 / 12)
     assert binary_weighted_accuracy([], []) == 0.0
-
-
-# ---------------------------------------------------------------- 2022 outcome cost
-def test_outcome_cost_worked_examples() -> None:
-    # n = 4, TP 1, FP 1, FN 1, TN 1: s/n = 2/4 = 0.5
-    # c_expert = (25 + 397·0.5 − 1718·0.25 + 11296·0.0625)·4 = (25 + 198.5 − 429.5 + 706)·4 = 500·4 = 2000
-    # cost = (10·4 + 2000 + 10000·1 + 50000·1) / 4 = 62040 / 4 = 15510
-    assert outcome_cost([1, 1, 0, 0], [1, 0, 1, 0]) == pytest.approx(15510.0)
-    # n = 2, everyone referred (TP 1, FP 1): s/n = 1, c_expert = (25 + 397 − 1718 + 11296)·2 = 20000
-    # cost = (20 + 20000 + 10000) / 2 = 15010
-    assert outcome_cost([1, 0], [1, 1]) == pytest.approx(15010.0)
-    # n = 2, nobody referred (FN 1): c_expert = 25·2 = 50, cost = (20 + 50 + 50000) / 2 = 25035
-    assert outcome_cost([1, 0], [0, 0]) == pytest.approx(25035.0)
-    assert outcome_cost([], []) == 0.0
 
 
 # ---------------------------------------------------------------- ranking scores

@@ -7,6 +7,9 @@ them in one leaf module (no imports) means a new format or score is added in one
 
 from __future__ import annotations
 
+import math
+from typing import Iterable
+
 #: Label order everywhere: model outputs, targets, masks, metrics, files.
 LABELS: tuple[str, ...] = ("heart", "murmur")
 
@@ -24,6 +27,14 @@ AGGREGATIONS: tuple[str, ...] = ("mean", "any")
 
 #: How per-label thresholds are chosen on validation.
 OBJECTIVES: tuple[str, ...] = ("f1", "challenge", "fixed")
+
+#: The 2022 Challenge's patient classes, in the order of its output files: murmur, then outcome.
+MURMUR_CLASSES: tuple[str, str, str] = ("Present", "Unknown", "Absent")
+OUTCOME_CLASSES: tuple[str, str] = ("Abnormal", "Normal")
+CHALLENGE_OUTPUT_CLASSES: tuple[str, ...] = MURMUR_CLASSES + OUTCOME_CLASSES
+
+#: The Challenge's weight of a correct call, by the patient's *true* class: missing a murmur costs most.
+CLASS_WEIGHTS: dict[tuple[str, ...], tuple[int, ...]] = {MURMUR_CLASSES: (5, 3, 1), OUTCOME_CLASSES: (5, 1)}
 
 #: Where a model may run.
 DEVICES: tuple[str, ...] = ("auto", "cpu", "cuda")
@@ -44,5 +55,36 @@ def is_score(name: str) -> bool:
 
 
 def score_mode(name: str) -> str:
-    """``"min"`` for the loss, ``"max"`` for every other score."""
+    """``"min"`` for the loss, ``"max"`` for every other score: the one rule of which direction is better."""
     return "min" if name == "val_loss" else "max"
+
+
+def score_sign(name: str) -> float:
+    """``-1.0`` for the loss, ``1.0`` otherwise: ``score_sign(name) * value`` is larger-is-better.
+
+    Example:
+
+        >>> score_sign("val_loss") * 0.4 > score_sign("val_loss") * 0.5
+        True
+    """
+    return -1.0 if score_mode(name) == "min" else 1.0
+
+
+def best_epoch(scores: Iterable[tuple[int, float | None]], mode: str = "max") -> int | None:
+    """The epoch of the best score among ``(epoch, score)`` pairs, ``mode`` being `score_mode` of the score.
+
+    On a tie the **later** epoch wins, the one trained longer: Ignite's `Checkpoint` keeps equal scores in
+    that order (the last of its saved files is its best), and it is the file ``evaluate`` and ``predict`` have
+    always loaded. Undefined scores (None, NaN) are skipped; None when no epoch has a score.
+
+    Example:
+
+        >>> best_epoch([(1, 0.7), (2, 0.6), (3, 0.6)], "min")
+        3
+    """
+    sign = -1.0 if mode == "min" else 1.0
+    scored = [(sign * float(s), int(e)) for e, s in scores if s is not None and math.isfinite(s)]
+    if not scored:
+        return None
+    top = max(s for s, _ in scored)
+    return max(e for s, e in scored if s == top)

@@ -30,8 +30,11 @@ import torch
 from ignite.handlers import Checkpoint, DiskSaver
 
 from ignite_trainer.core.atomic import PARTIAL_SUFFIX, atomic_write
+from ignite_trainer.core.vocabulary import best_epoch
 from ignite_trainer.core.errors import CheckpointError
 
+#: The run directory's folder of checkpoint files (`rundir.RunDirectory.checkpoints`).
+CHECKPOINTS_DIR = "checkpoints"
 #: Ignite ``filename_pattern`` of the best checkpoints: the epoch, then the score (larger is better).
 BEST_PATTERN = "best_checkpoint_{global_step}_{score_name}={score}.{ext}"
 #: Ignite ``filename_pattern`` of the per-epoch resume checkpoints.
@@ -233,21 +236,30 @@ def checkpoint_epoch(path: Path) -> int:
 def find_best_checkpoint(run_dir: str | Path) -> Path:
     """The best checkpoint of a run: the highest score among its ``best_checkpoint_*`` files.
 
-    Scores in the names are "larger is better" (a loss is stored negated); ties go to the later epoch.
+    Scores in the names are "larger is better" (a loss is stored negated); a tie goes to the later epoch
+    (`vocabulary.best_epoch`, the rule of the whole project).
 
     Example::
 
         path = find_best_checkpoint("runs/quick")   # runs/quick/checkpoints/best_checkpoint_9_...pt
     """
-    ckpt_dir = Path(run_dir) / "checkpoints"
-    ranked = []
+    ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR
+    files = best_checkpoint_files(ckpt_dir)
+    epoch = best_epoch(((e, score) for e, (score, _) in files.items()), "max")
+    if epoch is None:
+        raise CheckpointError(f"{run_dir}: no best_checkpoint_*.pt in {ckpt_dir} (has the run validated an epoch?)")
+    return files[epoch][1]
+
+
+def best_checkpoint_files(ckpt_dir: str | Path) -> dict[int, tuple[float, Path]]:
+    """``{epoch: (larger-is-better score in the name, path)}`` of the ``best_checkpoint_*`` files in ``ckpt_dir``."""
+    ckpt_dir = Path(ckpt_dir)
+    found = {}
     for p in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
         parsed = parse_checkpoint_name(p.name)
-        if parsed is not None and parsed.kind == "best":
-            ranked.append((parsed.score, parsed.epoch, p))
-    if not ranked:
-        raise CheckpointError(f"{run_dir}: no best_checkpoint_*.pt in {ckpt_dir} (has the run validated an epoch?)")
-    return max(ranked)[2]
+        if parsed is not None and parsed.kind == "best" and parsed.score is not None:
+            found[parsed.epoch] = (parsed.score, p)
+    return found
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -260,7 +272,7 @@ def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
         path, ckpt = find_resume_checkpoint("runs/x")
         print(f"would resume from {path.name} after epoch {ckpt['epoch']}")
     """
-    ckpt_dir = Path(run_dir) / "checkpoints"
+    ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no checkpoints folder; nothing to resume")
     clean_partial_files(ckpt_dir)

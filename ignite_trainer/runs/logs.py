@@ -11,12 +11,17 @@ about its own launcher and wrappers are lowered to WARNING: the run's summary sa
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from pathlib import Path
 
 from tqdm.auto import tqdm
 
 log = logging.getLogger("ignite_trainer")
+
+#: ``train.log``'s record format, and the pattern that reads a record of it back.
+LOG_FORMAT = "%(asctime)s %(levelname)s %(message)s"
+_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([A-Z]+) (.*)$")
 
 _IGNITE_CHATTER = ("ignite.distributed.launcher.Parallel", "ignite.distributed.auto.auto_dataloader",
                    "ignite.distributed.auto.auto_model", "ignite.distributed.auto.auto_optim")
@@ -36,7 +41,7 @@ def setup_logging(path: Path) -> None:
             log.removeHandler(h)
             h.close()
     file_handler = logging.FileHandler(path)
-    file_handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+    file_handler.setFormatter(logging.Formatter(LOG_FORMAT))
     log.addHandler(file_handler)
     if not any(isinstance(h, _CurrentStderr) for h in log.handlers):
         stream = _CurrentStderr()
@@ -44,6 +49,20 @@ def setup_logging(path: Path) -> None:
         log.addHandler(stream)
     log.setLevel(logging.INFO)
     quiet_ignite()
+
+
+def last_error(train_log: Path) -> str | None:
+    """The message of ``train_log``'s last record when that record is an ERROR or CRITICAL one (training logs
+    the error that stopped it as its last word; a resume logs on, so an old error no longer counts)."""
+    try:
+        lines = Path(train_log).read_text(errors="replace").splitlines()
+    except OSError:
+        return None
+    for line in reversed(lines):
+        m = _LOG_RECORD.match(line)
+        if m:
+            return m.group(2) if m.group(1) in ("ERROR", "CRITICAL") else None
+    return None
 
 
 def progress_bar_wanted(progress: bool | None) -> bool:

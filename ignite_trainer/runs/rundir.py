@@ -23,10 +23,10 @@ from pathlib import Path
 from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from ignite_trainer.core.atomic import atomic_write
-from ignite_trainer.runs.checkpoint import find_resume_checkpoint, parse_checkpoint_name
+from ignite_trainer.runs.checkpoint import CHECKPOINTS_DIR, find_resume_checkpoint, parse_checkpoint_name
 from ignite_trainer.core.config import TrainConfig, config_conflicts
 from ignite_trainer.core.errors import CheckpointError, ConfigError
-from ignite_trainer.runs.record import identity_differences
+from ignite_trainer.runs.record import ENVIRONMENT_FILE, SPLIT_FILE, identity_differences
 
 __all__ = ["RunDirectory", "OpenedRun", "open_run", "MetricsLog", "read_metrics_log", "run_dir_path"]
 
@@ -50,8 +50,13 @@ class RunDirectory:
         return self.path / "config.yaml"
 
     @property
+    def resolved_file(self) -> Path:
+        """What ``auto``/empty settings turned into on the machine that ran it (`runtime.resolved_settings`)."""
+        return self.path / "resolved.yaml"
+
+    @property
     def checkpoints(self) -> Path:
-        return self.path / "checkpoints"
+        return self.path / CHECKPOINTS_DIR
 
     @property
     def tensorboard(self) -> Path:
@@ -62,8 +67,25 @@ class RunDirectory:
         return self.path / "train.log"
 
     @property
+    def metrics_file(self) -> Path:
+        return self.path / "metrics.jsonl"
+
+    @property
     def metrics_log(self) -> "MetricsLog":
-        return MetricsLog(self.path / "metrics.jsonl")
+        return MetricsLog(self.metrics_file)
+
+    @property
+    def split_file(self) -> Path:
+        return self.path / SPLIT_FILE
+
+    @property
+    def environment_file(self) -> Path:
+        return self.path / ENVIRONMENT_FILE
+
+    @property
+    def report(self) -> Path:
+        """``evaluate``'s report folder (``report.md``, ``metrics.json``, figures)."""
+        return self.path / "report"
 
     def is_used(self) -> bool:
         """Whether the folder exists and holds anything (an empty folder may be reused freely)."""

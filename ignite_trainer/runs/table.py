@@ -26,26 +26,23 @@ from __future__ import annotations
 
 import json
 import math
-import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
 import yaml
 
-from ignite_trainer.core.vocabulary import score_mode
 from ignite_trainer.core.errors import CheckpointError
-from ignite_trainer.runs.checkpoint import load_checkpoint
+from ignite_trainer.core.vocabulary import best_epoch, score_sign
+from ignite_trainer.runs.checkpoint import best_checkpoint_files, load_checkpoint, parse_checkpoint_name
 from ignite_trainer.runs.lock import is_running
+from ignite_trainer.runs.logs import last_error
+from ignite_trainer.runs.rundir import RunDirectory, read_metrics_log
 
 __all__ = ["RunRow", "STATES", "is_run_dir", "read_run", "read_runs", "format_table", "rows_as_json", "config_diff",
            "format_diff"]
 
 STATES = ("running", "finished", "stopped early", "failed", "interrupted")
-_BEST = re.compile(r"^best_checkpoint_(\d+)_.*=(-?[0-9.]+(?:e[-+]?\d+)?)\.pt$", re.IGNORECASE)
-_LAST = re.compile(r"^last_checkpoint_(\d+)\.pt$")
-#: A record of `ignite_trainer.runs.logs.setup_logging`'s file format: "2026-11-29 20:31:08,123 LEVEL message".
-_LOG_RECORD = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} ([A-Z]+) (.*)$")
 CHALLENGE_KEYS = ("murmur_weighted_accuracy", "outcome_cost", "heart_macc")
 
 
@@ -77,30 +74,19 @@ class RunRow:
 
 # ---------------------------------------------------------------------------------------------- reading
 def _read_config(run_dir: Path) -> dict[str, Any]:
+    path = RunDirectory(run_dir).config_file
     try:
-        values = yaml.safe_load((run_dir / "config.yaml").read_text())
+        values = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as e:
-        raise CheckpointError(f"{run_dir / 'config.yaml'}: cannot read the run's config ({e})") from None
+        raise CheckpointError(f"{path}: cannot read the run's config ({e})") from None
     if not isinstance(values, dict):
-        raise CheckpointError(f"{run_dir / 'config.yaml'}: expected a mapping of config fields")
+        raise CheckpointError(f"{path}: expected a mapping of config fields")
     return values
 
 
 def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The epochs of ``metrics.jsonl``; a line cut short by a kill is skipped."""
-    records = []
-    try:
-        lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    except OSError:
-        return []
-    for line in lines:
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError:
-            continue
-        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
-            records.append(record)
-    return records
+    """The epochs of ``metrics.jsonl`` that carry an epoch number; a line cut short by a kill is skipped."""
+    return [r for r in read_metrics_log(RunDirectory(run_dir).metrics_file) if isinstance(r.get("epoch"), int)]
 
 
 def _score(record: Mapping[str, Any], monitor: str) -> float | None:
@@ -114,20 +100,16 @@ def _score(record: Mapping[str, Any], monitor: str) -> float | None:
 
 
 def _best(ckpt_dir: Path, monitor: str, records: list[dict[str, Any]]) -> tuple[int | None, float | None]:
-    """Epoch of the best checkpoint (highest score in its name, ties to the later epoch, as ``evaluate`` picks)
+    """Epoch of the best checkpoint (the file ``evaluate`` picks: `checkpoint.find_best_checkpoint`'s rule)
     and the monitored score of that epoch (exact from metrics.jsonl, else the name's rounded one)."""
-    ranked = []
-    for p in ckpt_dir.glob("best_checkpoint_*.pt") if ckpt_dir.is_dir() else []:
-        m = _BEST.match(p.name)
-        if m:
-            ranked.append((float(m.group(2)), int(m.group(1))))
-    if not ranked:
+    files = best_checkpoint_files(ckpt_dir)
+    epoch = best_epoch(((e, score) for e, (score, _) in files.items()), "max")
+    if epoch is None:
         return None, None
-    named_score, epoch = max(ranked)
     exact = next((_score(r, monitor) for r in records if r["epoch"] == epoch), None)
     if exact is not None:
         return epoch, exact
-    return epoch, -named_score if score_mode(monitor) == "min" else named_score
+    return epoch, score_sign(monitor) * files[epoch][0]
 
 
 def _finished_flag(ckpt_dir: Path) -> bool | None:
@@ -136,10 +118,10 @@ def _finished_flag(ckpt_dir: Path) -> bool | None:
     Read without touching the folder (a running save's temporary file must stay where it is).
     """
     candidates = []
-    for p in ckpt_dir.glob("last_checkpoint_*.pt") if ckpt_dir.is_dir() else []:
-        m = _LAST.match(p.name)
-        if m:
-            candidates.append((int(m.group(1)), p))
+    for p in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
+        parsed = parse_checkpoint_name(p.name)
+        if parsed is not None and parsed.kind == "last":
+            candidates.append((parsed.epoch, p))
     for _, path in sorted(candidates, reverse=True):
         try:
             return bool(load_checkpoint(path).get("finished"))
@@ -148,22 +130,9 @@ def _finished_flag(ckpt_dir: Path) -> bool | None:
     return None
 
 
-def _last_error(run_dir: Path) -> str | None:
-    """The message of train.log's last record when that record is an ERROR or CRITICAL one."""
-    try:
-        lines = (run_dir / "train.log").read_text(errors="replace").splitlines()
-    except OSError:
-        return None
-    for line in reversed(lines):
-        m = _LOG_RECORD.match(line)
-        if m:
-            return m.group(2) if m.group(1) in ("ERROR", "CRITICAL") else None
-    return None
-
-
 def _challenge(run_dir: Path) -> dict[str, Any] | None:
     try:
-        report = json.loads((run_dir / "report" / "metrics.json").read_text())
+        report = json.loads((RunDirectory(run_dir).report / "metrics.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
     scores = report.get("challenge") if isinstance(report, dict) else None
@@ -183,7 +152,7 @@ def _data_name(config: Mapping[str, Any]) -> str:
 
 def is_run_dir(path: Path) -> bool:
     """A run directory is one that holds ``config.yaml`` (written before anything else of a run)."""
-    return path.is_dir() and (path / "config.yaml").is_file()
+    return path.is_dir() and RunDirectory(path).config_file.is_file()
 
 
 def read_run(run_dir: str | Path) -> RunRow:
@@ -199,7 +168,7 @@ def read_run(run_dir: str | Path) -> RunRow:
     config = _read_config(run_dir)
     monitor = str(config.get("monitor") or "val_loss")
     records = _read_metrics(run_dir)
-    ckpt_dir = run_dir / "checkpoints"
+    ckpt_dir = RunDirectory(run_dir).checkpoints
     best_epoch, best_score = _best(ckpt_dir, monitor, records)
     seconds = [float(r.get("seconds") or 0.0) + float(r.get("val_seconds") or 0.0) for r in records]
     max_epochs = config.get("epochs") if isinstance(config.get("epochs"), int) else None
@@ -213,7 +182,7 @@ def read_run(run_dir: str | Path) -> RunRow:
         if finished:
             state = "finished" if max_epochs is None or last_epoch >= max_epochs else "stopped early"
         else:
-            error = _last_error(run_dir)
+            error = last_error(RunDirectory(run_dir).train_log)
             state = "failed" if error is not None else "interrupted"
     return RunRow(
         name=run_dir.name, path=str(run_dir), state=state, model=config.get("model"), data=_data_name(config),

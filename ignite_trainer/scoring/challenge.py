@@ -46,6 +46,7 @@ import numpy as np
 from numpy.typing import ArrayLike
 
 from ignite_trainer.core.errors import DataError
+from ignite_trainer.core.vocabulary import CHALLENGE_OUTPUT_CLASSES, CLASS_WEIGHTS, MURMUR_CLASSES, OUTCOME_CLASSES
 
 __all__ = [
     "MURMUR_CLASSES",
@@ -66,13 +67,6 @@ __all__ = [
     "read_challenge_outputs",
 ]
 
-MURMUR_CLASSES: tuple[str, str, str] = ("Present", "Unknown", "Absent")
-OUTCOME_CLASSES: tuple[str, str] = ("Abnormal", "Normal")
-#: The columns of a per-patient output file, in the order the project writes them.
-CHALLENGE_OUTPUT_CLASSES: tuple[str, ...] = MURMUR_CLASSES + OUTCOME_CLASSES
-
-#: Weight of a correct call, by the patient's true class.
-_WEIGHTS: dict[tuple[str, ...], tuple[int, ...]] = {MURMUR_CLASSES: (5, 3, 1), OUTCOME_CLASSES: (5, 1)}
 #: Calls that send a patient to an expert, and the true class that needs treatment.
 _REFERRED = {"Present", "Unknown", "Abnormal"}
 
@@ -243,7 +237,7 @@ def score_task(truth: Sequence[str], binary: ArrayLike, probabilities: ArrayLike
 
         score_task(["Present"], [[1, 0, 0]], [[0.7, 0.2, 0.1]], MURMUR_CLASSES, ["Abnormal"]).weighted_accuracy
     """
-    if classes not in _WEIGHTS:
+    if classes not in CLASS_WEIGHTS:
         raise ValueError(f"classes must be {MURMUR_CLASSES} or {OUTCOME_CLASSES}, got {classes}")
     n, k = len(truth), len(classes)
     if n == 0:
@@ -268,7 +262,7 @@ def score_task(truth: Sequence[str], binary: ArrayLike, probabilities: ArrayLike
     accuracy_classes = tuple(float(tp[j] / n_true[j]) if n_true[j] else None for j in range(k))
     accuracy = float(tp.sum() / n)
 
-    weights = np.asarray(_WEIGHTS[classes], dtype=np.float64)
+    weights = np.asarray(CLASS_WEIGHTS[classes], dtype=np.float64)
     weighted_accuracy = float(np.sum(weights * tp) / np.sum(weights * n_true))
 
     referred = calls[:, [c in _REFERRED for c in classes]].any(axis=1)

@@ -40,7 +40,8 @@ import numpy as np
 from scipy.optimize import minimize
 from scipy.special import expit, log_softmax, softmax
 
-from ignite_trainer.scoring.challenge import CHALLENGE_OUTPUT_CLASSES, MURMUR_CLASSES, OUTCOME_CLASSES, challenge_cost
+from ignite_trainer.core.vocabulary import CHALLENGE_OUTPUT_CLASSES, CLASS_WEIGHTS, MURMUR_CLASSES, OUTCOME_CLASSES
+from ignite_trainer.scoring.challenge import challenge_cost
 from ignite_trainer.core.errors import CheckpointError
 
 __all__ = [
@@ -58,7 +59,7 @@ __all__ = [
 ]
 
 #: Weight of a correct murmur call by true class (the Challenge's), used as ``argmax w·P``.
-DECISION_WEIGHTS: tuple[float, float, float] = (5.0, 3.0, 1.0)
+DECISION_WEIGHTS: tuple[float, ...] = tuple(float(w) for w in CLASS_WEIGHTS[MURMUR_CLASSES])
 #: Features of `MurmurLogistic`, in the order of its coefficients.
 FEATURES: tuple[str, ...] = ("murmur_logit", "murmur_spread", "heart_logit")
 #: Probabilities are clipped this far from 0 and 1 before a logit, so a saturated model stays finite.

@@ -16,26 +16,19 @@ import numpy as np
 from numpy.typing import ArrayLike
 from sklearn.metrics import average_precision_score, roc_auc_score
 
-from ignite_trainer.scoring.challenge import challenge_cost
+from ignite_trainer.core.vocabulary import CLASS_WEIGHTS, OUTCOME_CLASSES
 
 __all__ = [
-    "MURMUR_CLASSES",
     "stats_from_counts",
     "binary_stats",
     "macc",
-    "murmur_weighted_accuracy",
     "binary_weighted_accuracy",
-    "outcome_cost",
     "auroc",
     "auprc",
     "tune_threshold",
     "probs_to_murmur_class",
 ]
 
-#: CirCor's three patient murmur classes, in the Challenge's order.
-MURMUR_CLASSES: tuple[str, str, str] = ("Present", "Unknown", "Absent")
-#: 2022 weights on the *true* class: missing a murmur costs most.
-MURMUR_CLASS_WEIGHTS: dict[str, int] = {"Present": 5, "Unknown": 3, "Absent": 1}
 
 
 def _ratio(num: float, den: float) -> float:
@@ -126,42 +119,11 @@ def macc(se: float, sp: float) -> float:
     return (float(se) + float(sp)) / 2.0
 
 
-def murmur_weighted_accuracy(true_classes: Sequence[str], pred_classes: Sequence[str]) -> float:
-    """PhysioNet/CinC 2022 murmur score over patients: accuracy weighted 5/3/1 by the *true* class.
-
-    ``(5·m_PP + 3·m_UU + m_AA) / (5·#Present + 3·#Unknown + #Absent)``, where ``m_XX`` counts
-    patients of true class X predicted as X. Classes are ``"Present"``, ``"Unknown"``, ``"Absent"``.
-    Empty input gives 0.0.
-    """
-    true_list, pred_list = list(true_classes), list(pred_classes)
-    if len(true_list) != len(pred_list):
-        raise ValueError(f"true_classes and pred_classes differ in length: {len(true_list)} vs {len(pred_list)}")
-    for name, values in (("true_classes", true_list), ("pred_classes", pred_list)):
-        unknown = sorted({str(v) for v in values} - set(MURMUR_CLASSES))
-        if unknown:
-            raise ValueError(f"{name} has classes {unknown}; expected {list(MURMUR_CLASSES)}")
-    correct = sum(MURMUR_CLASS_WEIGHTS[t] for t, p in zip(true_list, pred_list) if t == p)
-    total = sum(MURMUR_CLASS_WEIGHTS[t] for t in true_list)
-    return _ratio(correct, total)
-
-
 def binary_weighted_accuracy(y_true: ArrayLike, y_pred: ArrayLike) -> float:
     """Two-class form of the 2022 weighted accuracy: ``(5·TP + TN) / (5·(TP+FN) + (FP+TN))``."""
     tp, fp, fn, tn = _counts(y_true, y_pred)
-    return _ratio(5 * tp + tn, 5 * (tp + fn) + (fp + tn))
-
-
-def outcome_cost(y_true: ArrayLike, y_pred: ArrayLike) -> float:
-    """PhysioNet/CinC 2022 clinical-outcome cost per patient (lower is better); positive = referral.
-
-    ``(10·n + c_expert(TP+FP, n) + 10000·TP + 50000·FN) / n`` with
-    ``c_expert(s, n) = (25 + 397·(s/n) − 1718·(s/n)² + 11296·(s/n)⁴)·n``: the formula lives in
-    `ignite_trainer.scoring.challenge.challenge_cost`, once. With no patient there is nothing to pay for,
-    so empty input gives 0.0.
-    """
-    tp, fp, fn, tn = _counts(y_true, y_pred)
-    cost = challenge_cost(tp, fp, fn, tn)
-    return 0.0 if cost is None else cost
+    positive, negative = CLASS_WEIGHTS[OUTCOME_CLASSES]
+    return _ratio(positive * tp + negative * tn, positive * (tp + fn) + negative * (fp + tn))
 
 
 def _single_class(t: np.ndarray) -> bool:

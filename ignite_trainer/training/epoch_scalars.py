@@ -13,7 +13,7 @@ items are all of one class, a label that is masked everywhere, a loss that is no
 from __future__ import annotations
 
 import math
-import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -25,13 +25,13 @@ from ignite_trainer.training.events import TrainerEvents
 from ignite_trainer.scoring.predictions import recording_predictions
 from ignite_trainer.scoring.scores import auprc, auroc
 from ignite_trainer.core.vocabulary import LABELS
-from ignite_trainer.core.vocabulary import score_mode
+from ignite_trainer.core.vocabulary import best_epoch, score_sign
+from ignite_trainer.runs.checkpoint import parse_checkpoint_name
 
 __all__ = ["EpochScalars", "ranking_scores"]
 
 #: The epoch in Ignite's ``<prefix>_<name>_<global step>_<score name>=<score>.pt`` (the best checkpoint's global
 #: step is its epoch, `handlers.attach_best_checkpoint`); score names start with a letter (``neg_val_loss``).
-_BEST_FILE = re.compile(r"_(\d+)_[A-Za-z][\w.]*=[-+0-9.eE]+\.\w+$")
 
 
 def ranking_scores(probs: np.ndarray, targets: np.ndarray, mask: np.ndarray) -> dict[str, float]:
@@ -137,13 +137,20 @@ class EpochScalars:
 def _restored_best(best_checkpoint: Checkpoint, monitor: str) -> tuple[int | None, float | None]:
     """Epoch and monitored score of the best file a (restored) best-checkpoint handler holds, if any.
 
-    Ignite keeps its saved files as ``(priority, filename)`` sorted by priority, the score function's
-    value (the monitored score, negated for a loss): the last one is the best.
+    Ignite keeps its saved files as ``(priority, filename)``, the priority being the score function's value
+    (the monitored score, negated for a loss); the best is the highest, the later epoch on a tie
+    (`vocabulary.best_epoch`, as `checkpoint.find_best_checkpoint` picks it).
     """
     saved = best_checkpoint.state_dict().get("_saved") or []
     if not saved:
         return None, None
-    priority, filename = saved[-1]
-    match = _BEST_FILE.search(str(filename))
-    sign = -1.0 if score_mode(monitor) == "min" else 1.0
-    return (int(match.group(1)) if match else None), sign * float(priority)
+    epochs = {}
+    for priority, filename in saved:
+        parsed = parse_checkpoint_name(Path(str(filename)).name)
+        if parsed is not None:
+            epochs[parsed.epoch] = float(priority)
+    epoch = best_epoch(epochs.items(), "max")
+    if epoch is None:
+        priority, _ = saved[-1]
+        return None, score_sign(monitor) * float(priority)
+    return epoch, score_sign(monitor) * epochs[epoch]

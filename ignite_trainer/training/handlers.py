@@ -29,7 +29,7 @@ from ignite_trainer.training.engine import StepEvents, read_step_stats
 from ignite_trainer.core.errors import TrainingAborted
 from ignite_trainer.training.events import TrainerEvents
 from ignite_trainer.runs.rundir import MetricsLog
-from ignite_trainer.core.vocabulary import LABELS, STATS, score_mode
+from ignite_trainer.core.vocabulary import LABELS, STATS, score_sign
 
 log = logging.getLogger("ignite_trainer")
 
@@ -76,7 +76,7 @@ def monitored_score(monitor: str) -> Callable[[Engine], float | None]:
     without murmur positives): early stopping and the best checkpoint then skip the epoch, neither
     counting it as an improvement nor against the patience.
     """
-    sign = -1.0 if score_mode(monitor) == "min" else 1.0
+    sign = score_sign(monitor)
 
     def score(engine: Engine) -> float | None:
         value = engine.state.validation_metrics.get(monitor)
@@ -170,7 +170,7 @@ def attach_best_checkpoint(
 
         best = attach_best_checkpoint(trainer, {"model_state_dict": model}, "runs/x/checkpoints", "macro_f1")
     """
-    score_name = f"neg_{monitor}" if score_mode(monitor) == "min" else monitor
+    score_name = f"neg_{monitor}" if score_sign(monitor) < 0 else monitor
     best = BestCheckpoint(
         to_save, SafeDiskSaver(dirname), score_function=monitored_score(monitor), score_name=score_name,
         n_saved=n_saved, global_step_transform=epoch_step, filename_pattern=BEST_PATTERN, monitor=monitor,

@@ -23,6 +23,7 @@ import ignite.distributed as idist
 import torch
 from torch.multiprocessing.spawn import ProcessException, ProcessExitedException, ProcessRaisedException
 
+from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.runs.checkpoint import clean_partial_files, find_resume_checkpoint
 from ignite_trainer.core.errors import CheckpointError, ConfigError, DistributedFailure, UserError
 
@@ -71,7 +72,7 @@ def run_spawned(fn: Callable[..., None], args: tuple, nproc: int, backend: str, 
         with idist.Parallel(backend=backend, nproc_per_node=nproc, timeout=dist_timeout()) as parallel:
             parallel.run(_spawned_rank, fn, errors, *args)
     except ProcessException as e:
-        clean_partial_files(run_dir / "checkpoints")  # a rank stopped by SIGTERM mid-save leaves its temp file
+        clean_partial_files(RunDirectory(run_dir).checkpoints)  # a rank stopped by SIGTERM mid-save leaves its temp file
         raised = {}
         while not errors.empty():
             rank, error = errors.get()

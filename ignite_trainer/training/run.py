@@ -54,7 +54,6 @@ __all__ = ["train", "training_process", "SetupHook"]
 log = logging.getLogger("ignite_trainer")
 
 #: Beside config.yaml: what ``auto``/empty settings resolved to on the machine that ran (`runtime.resolved_settings`).
-RESOLVED_FILE = "resolved.yaml"
 
 #: ``setup(trainer, evaluator)``: research code hooked on after the standard handlers, before training.
 SetupHook = Callable[[Engine, Engine], None]
@@ -118,7 +117,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
 def _write_resolved(directory: RunDirectory, config: TrainConfig, data: PreparedData) -> None:
     """``resolved.yaml``: the values ``auto``/empty settings took here (`runtime.resolved_settings`);
     ``config.yaml`` keeps what was asked for. Rewritten by a resume, which may run elsewhere."""
-    with atomic_write(directory.path / RESOLVED_FILE, durable=True) as f:
+    with atomic_write(directory.resolved_file, durable=True) as f:
         f.write(yaml.safe_dump(resolved_settings(config, data.source), sort_keys=False))
 
 

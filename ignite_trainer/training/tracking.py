@@ -29,6 +29,7 @@ from typing import Any
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, MLflowLogger
 
+from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.runs.checkpoint import find_best_checkpoint
 from ignite_trainer.training.epoch_scalars import EpochScalars
@@ -143,14 +144,15 @@ def _log_outcome(trainer: Engine, logger: Any, run_dir: Path, best_checkpoint: C
     else:
         state = "interrupted"  # a hook called terminate(): the run can be resumed
     logger.set_tag("state", state)
+    run = RunDirectory(run_dir)
     best = _best_file(run_dir, best_checkpoint)
     if best is not None and best.is_file():
-        logger.log_artifact(str(best), artifact_path="checkpoints")
-    for name in ("config.yaml", "metrics.jsonl"):
-        if (run_dir / name).is_file():
-            logger.log_artifact(str(run_dir / name))
-    if (run_dir / "report").is_dir():
-        logger.log_artifacts(str(run_dir / "report"), artifact_path="report")
+        logger.log_artifact(str(best), artifact_path=run.checkpoints.name)
+    for path in (run.config_file, run.metrics_file):
+        if path.is_file():
+            logger.log_artifact(str(path))
+    if run.report.is_dir():
+        logger.log_artifacts(str(run.report), artifact_path=run.report.name)
 
 
 def close_mlflow(logger: Any, error: BaseException | None = None) -> None:
