@@ -118,7 +118,8 @@ def attach_epoch_lines(trainer: Engine, optimizer: torch.optim.Optimizer, monito
 
     Example::
 
-        best = attach_best_checkpoint(trainer, to_save, run_dir / "checkpoints", "macro_f1")
+        run = RunDirectory(run_dir)  # the run directory's paths (runs.rundir)
+        best = attach_best_checkpoint(trainer, to_save, run.checkpoints, "macro_f1")
         attach_epoch_lines(trainer, optimizer, "macro_f1")
     """
     lines = EpochLines(optimizer, monitor)

@@ -188,8 +188,9 @@ def attach_last_checkpoint(trainer: Engine, to_save: Mapping[str, Any], dirname:
 
     Example::
 
+        run = RunDirectory(run_dir)  # the run directory's paths (runs.rundir)
         to_save = {"model_state_dict": model, "optimizer_state_dict": optimizer, "trainer": trainer}
-        attach_last_checkpoint(trainer, to_save, run_dir / "checkpoints")
+        attach_last_checkpoint(trainer, to_save, run.checkpoints)
     """
     last = Checkpoint(
         to_save, SafeDiskSaver(dirname), n_saved=n_saved, global_step_transform=epoch_step, include_self=True,
@@ -278,7 +279,8 @@ def attach_tensorboard(
 
     Example::
 
-        tb = attach_tensorboard(trainer, optimizer, run_dir / "tb")
+        run = RunDirectory(run_dir)  # the run directory's paths (runs.rundir)
+        tb = attach_tensorboard(trainer, optimizer, run.tensorboard)
         try:
             trainer.run(train_loader, max_epochs=10)
         finally:
@@ -345,7 +347,8 @@ def attach_metrics_log(trainer: Engine, optimizer: torch.optim.Optimizer, path: 
 
     Example::
 
-        writer = attach_metrics_log(trainer, optimizer, run_dir / "metrics.jsonl")
+        run = RunDirectory(run_dir)  # the run directory's paths (runs.rundir)
+        writer = attach_metrics_log(trainer, optimizer, run.metrics_file)
         assert trainer.has_event_handler(writer)
     """
     writer = MetricsLogWriter(optimizer, path)
@@ -391,8 +394,9 @@ def training_state(trainer: Engine, config: Mapping[str, Any]) -> dict[str, Snap
 
     Example::
 
+        run = RunDirectory(run_dir)  # the run directory's paths (runs.rundir)
         to_save = {"model_state_dict": model, "trainer": trainer, **training_state(trainer, config.to_dict())}
-        attach_best_checkpoint(trainer, to_save, run_dir / "checkpoints")   # files hold epoch, val_loss, ...
+        attach_best_checkpoint(trainer, to_save, run.checkpoints)   # files hold epoch, val_loss, ...
     """
     return {
         "epoch": Snapshot(lambda: trainer.state.epoch),

@@ -44,8 +44,9 @@ def attach_epoch_tensorboard(trainer: Engine, log_dir: str | Path, *, monitor: s
 
     Example::
 
-        best = attach_best_checkpoint(trainer, to_save, run_dir / "checkpoints", "macro_f1")
-        tb_epoch = attach_epoch_tensorboard(trainer, run_dir / "tb" / "epoch", monitor="macro_f1",
+        run = RunDirectory(run_dir)  # the run directory's paths (runs.rundir)
+        best = attach_best_checkpoint(trainer, to_save, run.checkpoints, "macro_f1")
+        tb_epoch = attach_epoch_tensorboard(trainer, run.tensorboard / "epoch", monitor="macro_f1",
                                             val_dataset=val_dataset, best_checkpoint=best)
         try:
             trainer.run(train_loader, max_epochs=10)
@@ -80,7 +81,8 @@ def attach_pr_curves(trainer: Engine, tb_logger: Any, evaluator_metric_name: str
 
     Example::
 
-        tb_epoch = attach_epoch_tensorboard(trainer, run_dir / "tb" / "epoch", val_dataset=val_dataset)
+        run = RunDirectory(run_dir)  # the run directory's paths (runs.rundir)
+        tb_epoch = attach_epoch_tensorboard(trainer, run.tensorboard / "epoch", val_dataset=val_dataset)
         attach_pr_curves(trainer, tb_epoch, "predictions", val_dataset)
     """
 
