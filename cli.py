@@ -370,7 +370,8 @@ def cv(config_file: str | None, data: str | None, fmt: str | None, epochs: int |
        resume_dir: str | None, collect_dir: str | None, overwrite: bool, bootstrap: int, figures: bool) -> None:
     """Cross-validate: k patient folds x training seeds, out-of-fold predictions and thresholds, a report
     with spread and intervals, and the fold models as an ensemble (EXP_DIR/report/, EXP_DIR/ensemble.json)."""
-    from ignite_trainer.experiments.cv import collect_experiment, cross_validate, parse_member, resume_cross_validation
+    from ignite_trainer.experiments.cv import collect_experiment, cross_validate, resume_cross_validation
+    from ignite_trainer.experiments.layout import parse_member
 
     if bootstrap < 0:
         raise click.BadParameter(f"--bootstrap={bootstrap} must be >= 0")

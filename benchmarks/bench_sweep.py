@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ignite_trainer.experiments import sweeps as sweep_module  # noqa: E402
+from ignite_trainer.experiments import trials as trial_module  # noqa: E402
 from ignite_trainer.core.config import TrainConfig  # noqa: E402
 from ignite_trainer.training.run import prepare_data  # noqa: E402
 from ignite_trainer.experiments.space import parse_space  # noqa: E402
@@ -35,7 +36,7 @@ def space(cache: Path, patients: int, epochs: int) -> dict:
 def stub_runner(config, metric, direction, **_):
     run_dir = Path(config.output_dir) / config.name
     run_dir.mkdir(parents=True, exist_ok=True)
-    return sweep_module.TrialResult(run_dir, 0.5, 1)
+    return trial_module.TrialResult(run_dir, 0.5, 1)
 
 
 def main() -> None:
@@ -63,7 +64,7 @@ def main() -> None:
         rows.append((f"train, {workers} worker(s), sqlite", summary["counted"], seconds,
                      f"{summary['counted'] / seconds * 3600:.1f} trials/h"))
 
-    sweep_module.TRIAL_RUNNERS["run"] = stub_runner
+    trial_module.TRIAL_RUNNERS["run"] = stub_runner
     for name, storage in (("sqlite", None), ("journal", f"journal:{work / 'stub.journal'}")):
         started = time.perf_counter()
         summary = sweep_module.sweep(parse_space(values), work / f"stub_{name}", args.stub_trials, storage=storage)

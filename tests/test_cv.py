@@ -13,7 +13,8 @@ from ignite.engine import Events
 
 from cli import main
 from cv_experiment import FOLDS, SEEDS, cv_config, cv_data, shared_experiment
-from ignite_trainer.experiments.cv import Experiment, Member, cross_validate, member_status, resume_cross_validation
+from ignite_trainer.experiments.cv import cross_validate, resume_cross_validation
+from ignite_trainer.experiments.layout import Experiment, Member, member_status
 from ignite_trainer.experiments.cv_report import METRICS, read_oof_predictions
 from ignite_trainer.scoring.predictions import tune_thresholds
 from ignite_trainer.data.prepare import prepare_data

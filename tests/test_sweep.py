@@ -21,10 +21,11 @@ from conftest import read_csv, tiny_config
 from ignite_trainer.runs.checkpoint import find_resume_checkpoint
 from ignite_trainer.data.synthetic import write_synthetic
 from ignite_trainer.runs.rundir import read_metrics_log
-from ignite_trainer.experiments import sweeps as sweep_module
+from ignite_trainer.experiments import storage as storage_module
 from ignite_trainer.core.errors import ConfigError
-from ignite_trainer.experiments.sweeps import (SurplusTrial, counted_trials, make_objective, open_storage, open_study, storage_url,
-                                  sweep)
+from ignite_trainer.experiments.storage import open_storage, open_study, storage_url
+from ignite_trainer.experiments.sweeps import make_objective, sweep
+from ignite_trainer.experiments.workers import SurplusTrial, counted_trials
 from ignite_trainer.experiments.space import SWEEP_OWNED_FIELDS, load_space, parse_space
 
 LR = {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}
@@ -148,10 +149,10 @@ KILL_AFTER_FIRST_EPOCH = """
 import os, signal, sys
 sys.path.insert(0, "tests")
 from ignite.engine import Events
-from ignite_trainer.experiments import sweeps as sweep_module
+from ignite_trainer.experiments import sweeps as sweep_module, trials as trial_module
 from ignite_trainer.experiments.space import load_space
 
-run = sweep_module.TRIAL_RUNNERS["run"]
+run = trial_module.TRIAL_RUNNERS["run"]
 
 def dying_run(config, metric, direction, *, setup, **kw):
     def setup_and_die(trainer, evaluator):
@@ -159,7 +160,7 @@ def dying_run(config, metric, direction, *, setup, **kw):
         trainer.add_event_handler(Events.EPOCH_COMPLETED, lambda e: os.kill(os.getpid(), signal.SIGKILL))
     return run(config, metric, direction, setup=setup_and_die, **kw)
 
-sweep_module.TRIAL_RUNNERS["run"] = dying_run
+trial_module.TRIAL_RUNNERS["run"] = dying_run
 sweep_module.sweep(load_space(sys.argv[1]), sys.argv[2], 1, storage=sys.argv[3])
 """
 
@@ -308,8 +309,8 @@ def test_joining_a_study_with_another_space_or_foreign_trials_is_refused(base, t
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_trial_whose_heartbeat_stopped_is_failed_and_retried(base, monkeypatch):
-    monkeypatch.setattr(sweep_module, "HEARTBEAT_INTERVAL", 1)
-    monkeypatch.setattr(sweep_module, "HEARTBEAT_GRACE", 1)
+    monkeypatch.setattr(storage_module, "HEARTBEAT_INTERVAL", 1)
+    monkeypatch.setattr(storage_module, "HEARTBEAT_GRACE", 1)
     space = parse_space(make_space(base))
     sweep_dir = base / "heartbeat"
     sweep_dir.mkdir()

@@ -9,9 +9,11 @@ import yaml
 
 from cli import main
 from cv_experiment import cv_config
-from ignite_trainer.experiments.cv import Experiment
+from ignite_trainer.experiments.layout import Experiment
 from ignite_trainer.core.errors import ConfigError
-from ignite_trainer.experiments.sweeps import member_score, open_storage, storage_url, sweep
+from ignite_trainer.experiments.storage import open_storage, storage_url
+from ignite_trainer.experiments.sweeps import sweep
+from ignite_trainer.experiments.trials import member_score
 from ignite_trainer.experiments.space import SWEEP_OWNED_FIELDS, parse_space
 
 LR = {"type": "float", "low": 1e-4, "high": 1e-1, "log": True}

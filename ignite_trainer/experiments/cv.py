@@ -18,7 +18,7 @@ ensemble. `cross_validate` does all of it with the normal `train` and `evaluate`
 A killed experiment resumes with `resume_cross_validation`: finished members are skipped, an interrupted
 one continues from its last checkpoint with ``train(..., resume=run_dir)``.
 
-Layout::
+Layout (members, run directories and state files: `layout`)::
 
     EXP_DIR/experiment.yaml        base config, folds, seeds, split_seed (what `resume` needs)
     EXP_DIR/splits.json            patient ids per fold (reusable with --splits)
@@ -34,180 +34,36 @@ Layout::
 
 from __future__ import annotations
 
+import csv
 import dataclasses
-import json
 import os
 import shutil
 import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import torch
 import yaml
 
 from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError, TrainingAborted, UserError
+from ignite_trainer.data.prepare import prepare_data
 from ignite_trainer.data.records import Recording
-from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError, UserError
 from ignite_trainer.data.splits import assign_folds, check_folds, patient_strata, read_split_file, write_split_file
+from ignite_trainer.training.run import train
+from ignite_trainer.use.evaluation import evaluate
+from ignite_trainer.experiments.cv_report import build_report
+from ignite_trainer.experiments.layout import (Experiment, Member, member_status, parse_member, speaks_for_run,
+                                               write_state)
 
-__all__ = ["Member", "Experiment", "cross_validate", "resume_cross_validation", "collect_experiment", "run_member",
-           "member_status", "parse_member", "EXPERIMENT_FORMAT"]
-
-EXPERIMENT_FORMAT = "ignite_trainer/cv/1"
-
-
-# ---------------------------------------------------------------------------------------------- the experiment
-@dataclass(frozen=True, order=True)
-class Member:
-    """One fold/seed run of an experiment: fold ``fold`` is its validation, ``seed`` its training seed."""
-
-    seed: int
-    fold: int
-
-    @property
-    def name(self) -> str:
-        return f"fold{self.fold}_seed{self.seed}"
-
-
-def parse_member(text: str) -> Member:
-    """``"FOLD:SEED"`` (as ``cv --only`` takes it) -> `Member`.
-
-    Example::
-
-        parse_member("2:0")  # Member(seed=0, fold=2)
-    """
-    fold, sep, seed = text.partition(":")
-    try:
-        if not sep:
-            raise ValueError
-        return Member(seed=int(seed), fold=int(fold))
-    except ValueError:
-        raise ConfigError(f"--only {text!r}: expected FOLD:SEED, e.g. 2:0") from None
-
-
-@dataclass
-class Experiment:
-    """What ``experiment.yaml`` holds: the base config, the fold count, the seeds and where the folds came from.
-
-    ``split_seed`` is the seed the folds were dealt with, None when they were given as a split file
-    (``splits_given`` names it); either way ``EXP_DIR/splits.json`` holds them.
-
-    Example::
-
-        exp = Experiment.load("runs/cv-a")
-        print([m.name for m in exp.members()], exp.folds())
-    """
-
-    exp_dir: Path
-    config: TrainConfig
-    n_folds: int
-    seeds: list[int]
-    split_seed: int | None
-    splits_given: str | None = None
-
-    def members(self) -> list[Member]:
-        """Every member, seed by seed, fold by fold."""
-        return [Member(seed=s, fold=k) for s in self.seeds for k in range(self.n_folds)]
-
-    def run_dir(self, member: Member) -> Path:
-        return self.exp_dir / "runs" / member.name
-
-    @property
-    def splits_path(self) -> Path:
-        return self.exp_dir / "splits.json"
-
-    def folds(self) -> list[list[str]]:
-        """Patient ids per fold, from ``splits.json``."""
-        return read_split_file(self.splits_path)
-
-    def member_config(self, member: Member) -> TrainConfig:
-        """The base config with this member's seed, fold and place; the split comes from the experiment.
-
-        Dealt folds are reproduced from ``n_folds``/``fold``/``split_seed`` (the run stays self-contained);
-        given folds are read from the experiment's own copy of the split file.
-        """
-        values: dict[str, Any] = {
-            "seed": member.seed, "n_folds": self.n_folds, "fold": member.fold, "name": member.name,
-            "output_dir": str((self.exp_dir / "runs").resolve()),
-            "split_seed": self.split_seed, "split_file": None,
-        }
-        if self.split_seed is None:
-            values["split_file"] = str(self.splits_path.resolve())
-        return self.config.updated(values, source=f"experiment member {member.name}")
-
-    def to_dict(self) -> dict[str, Any]:
-        return {"format": EXPERIMENT_FORMAT, "folds": self.n_folds, "seeds": list(self.seeds),
-                "split_seed": self.split_seed, "splits_given": self.splits_given, "config": self.config.to_dict()}
-
-    @classmethod
-    def load(cls, exp_dir: str | Path) -> "Experiment":
-        exp_dir = Path(exp_dir)
-        path = exp_dir / "experiment.yaml"
-        if not path.is_file():
-            raise CheckpointError(f"{exp_dir}: not a cross-validation experiment (no experiment.yaml)")
-        try:
-            values = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as e:
-            raise CheckpointError(f"{path}: cannot read the experiment ({e})") from None
-        if not isinstance(values, dict) or values.get("format") != EXPERIMENT_FORMAT:
-            raise CheckpointError(f"{path}: not an experiment file of this version ({EXPERIMENT_FORMAT})")
-        config = TrainConfig.from_mapping(values.get("config") or {}, source=str(path))
-        return cls(exp_dir, config, int(values["folds"]), [int(s) for s in values["seeds"]], values.get("split_seed"),
-                   values.get("splits_given"))
+__all__ = ["cross_validate", "resume_cross_validation", "collect_experiment", "run_member", "dataset_recordings"]
 
 
 # ---------------------------------------------------------------------------------------------- members
-def member_status(run_dir: str | Path) -> str:
-    """``"new"`` (no complete checkpoint), ``"partial"`` (resumable) or ``"trained"`` (its last checkpoint
-    says finished); ``"done"`` once its out-of-fold predictions are written too.
-
-    Example::
-
-        member_status("runs/cv-a/runs/fold0_seed0")  # "done"
-    """
-    from ignite_trainer.runs.checkpoint import find_resume_checkpoint
-
-    run_dir = Path(run_dir)
-    try:
-        _, ckpt = find_resume_checkpoint(run_dir)
-    except CheckpointError:
-        return "new"
-    if not ckpt.get("finished"):
-        return "partial"
-    return "done" if (run_dir / "oof" / "metrics.json").is_file() else "trained"
-
-
-def _speaks_for_run() -> bool:
-    """Under ``torchrun`` (one member over several processes) rank 0 alone predicts and records the member."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
-def _write_state(exp: Experiment, member: Member, **values: Any) -> None:
-    if not _speaks_for_run():
-        return
-    path = exp.exp_dir / "state" / f"{member.name}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps({"member": member.name, "fold": member.fold, "seed": member.seed, **values}) + "\n")
-    os.replace(tmp, path)
-
-
-def read_states(exp: Experiment) -> dict[str, dict[str, Any]]:
-    """The state file of every member that has one (members run elsewhere write their own)."""
-    states = {}
-    for m in exp.members():
-        path = exp.exp_dir / "state" / f"{m.name}.json"
-        try:
-            states[m.name] = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError):
-            continue
-    return states
-
-
 def run_member(exp: Experiment, member: Member, threads: int | None = None, progress: bool | None = None,
                setup: Callable | None = None) -> str:
     """Train one member (fresh, resumed or not at all when finished), then write its out-of-fold predictions.
@@ -219,10 +75,6 @@ def run_member(exp: Experiment, member: Member, threads: int | None = None, prog
 
         run_member(Experiment.load("runs/cv-a"), Member(seed=0, fold=2), threads=1)
     """
-    import torch
-
-    from ignite_trainer import evaluate, train
-
     run_dir = exp.run_dir(member)
     previous = torch.get_num_threads()
     if threads:
@@ -240,7 +92,7 @@ def run_member(exp: Experiment, member: Member, threads: int | None = None, prog
             action = "trained"
         else:
             action = "skipped"
-        if not _speaks_for_run():
+        if not speaks_for_run():
             return action
         if member_status(run_dir) == "trained":
             config = TrainConfig.from_yaml(run_dir / "config.yaml")
@@ -253,8 +105,6 @@ def run_member(exp: Experiment, member: Member, threads: int | None = None, prog
 
 def _check_oof_patients(exp: Experiment, member: Member, patients_csv: str | Path) -> None:
     """The member's predicted patients must be exactly its fold (the run reproduced the experiment's split)."""
-    import csv
-
     with open(patients_csv, newline="") as f:
         predicted = sorted(row["patient_id"] for row in csv.DictReader(f))
     expected = sorted(exp.folds()[member.fold])
@@ -295,10 +145,10 @@ def _run_members(exp: Experiment, members: Sequence[Member], jobs: int, setup: C
                 message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
                 _log_failure(exp, m, traceback.format_exc())
                 failures[m.name] = message
-                _write_state(exp, m, status="failed", error=message, seconds=time.perf_counter() - start)
+                write_state(exp, m, status="failed", error=message, seconds=time.perf_counter() - start)
                 echo(f"{m.name}: failed: {message}")
                 continue
-            _write_state(exp, m, status="finished", seconds=time.perf_counter() - start)
+            write_state(exp, m, status="finished", seconds=time.perf_counter() - start)
             echo(f"{m.name}: finished")
         return failures
 
@@ -322,12 +172,12 @@ def _run_members(exp: Experiment, members: Sequence[Member], jobs: int, setup: C
                 del running[m]
                 seconds = time.perf_counter() - start
                 if code == 0:
-                    _write_state(exp, m, status="finished", seconds=seconds)
+                    write_state(exp, m, status="finished", seconds=seconds)
                     echo(f"{m.name}: finished")
                 else:
                     message = _failure_line(exp.exp_dir / "logs" / f"{m.name}.log", code)
                     failures[m.name] = message
-                    _write_state(exp, m, status="failed", error=message, seconds=seconds)
+                    write_state(exp, m, status="failed", error=message, seconds=seconds)
                     echo(f"{m.name}: failed: {message}")
     finally:
         for proc, _, log in running.values():  # interrupted: stop the members still running (they resume later)
@@ -372,8 +222,6 @@ def _log_failure(exp: Experiment, m: Member, text: str) -> None:
 # ---------------------------------------------------------------------------------------------- data
 def dataset_recordings(config: TrainConfig) -> list[Recording]:
     """Every usable recording of the config's dataset, read (and featurised into the cache) as training will."""
-    from ignite_trainer.data.prepare import prepare_data
-
     whole = dataclasses.replace(config, n_folds=0, fold=0, split_file=None, split_seed=None, val_fraction=0.5)
     data = prepare_data(whole)
     return data.train + data.val
@@ -553,8 +401,6 @@ def collect_experiment(exp_dir: str | Path, *, bootstrap: int = 1000, figures: b
         summary = collect_experiment("runs/cv-a")
         print(summary["missing"], summary["thresholds"])
     """
-    from ignite_trainer.experiments.cv_report import build_report
-
     exp = Experiment.load(exp_dir)
     for m in exp.members():
         if member_status(exp.run_dir(m)) == "trained":
@@ -569,8 +415,6 @@ def collect_experiment(exp_dir: str | Path, *, bootstrap: int = 1000, figures: b
 # ---------------------------------------------------------------------------------------------- member process
 def _member_main(argv: list[str]) -> int:
     """``python -m ignite_trainer.experiments.cv member EXP_DIR FOLD SEED THREADS``: one member in its own process."""
-    from ignite_trainer.core.errors import TrainingAborted
-
     if len(argv) != 5 or argv[0] != "member":
         print("usage: python -m ignite_trainer.experiments.cv member EXP_DIR FOLD SEED THREADS", file=sys.stderr)
         return 2

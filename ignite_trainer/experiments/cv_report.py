@@ -31,22 +31,25 @@ import csv
 import json
 import math
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
 import numpy as np
+import yaml
 
 from ignite_trainer.scoring.challenge import MURMUR_CLASSES, OUTCOME_CLASSES, challenge_scores
 from ignite_trainer.data.records import LABELS, Recording
 from ignite_trainer.scoring.decision import DecisionLayer, PatientFeatures, patient_truth
-from ignite_trainer.core.errors import DataError
-from ignite_trainer.scoring.predictions import LevelPredictions, tune_thresholds
+from ignite_trainer.core.errors import CheckpointError, DataError
 from ignite_trainer.data.splits import patient_labels
+from ignite_trainer.scoring.predictions import LevelPredictions, tune_thresholds
 from ignite_trainer.scoring.scores import auprc, auroc
-
-if TYPE_CHECKING:
-    from ignite_trainer.experiments.cv import Experiment, Member
+from ignite_trainer.runs.checkpoint import find_best_checkpoint
+from ignite_trainer.runs.rundir import read_metrics_log
+from ignite_trainer.use.report import _figure, _save, plot_roc_pr
+from ignite_trainer.experiments.layout import Experiment, Member
 
 __all__ = ["OOF_COLUMNS", "METRICS", "OOFSet", "OOFDecision", "tune_decision", "score_patients", "bootstrap_interval",
            "build_report", "read_oof_predictions"]
@@ -263,7 +266,7 @@ def _member_probs(run_dir: Path) -> dict[str, tuple[tuple[float, float], dict[st
 _Row = tuple[int, tuple[float, float], dict[str, float]]  # fold, (heart, murmur), {recording: murmur prob}
 
 
-def _oof_sets(exp: "Experiment", done: Sequence["Member"], truth: Mapping[str, Any]) -> list[OOFSet]:
+def _oof_sets(exp: Experiment, done: Sequence[Member], truth: Mapping[str, Any]) -> list[OOFSet]:
     per_seed: dict[int, dict[str, _Row]] = {}
     for m in done:
         for pid, (probs, recs) in _member_probs(exp.run_dir(m)).items():
@@ -336,7 +339,7 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the report
-def build_report(exp: "Experiment", done: Sequence["Member"], recordings: Sequence[Recording], bootstrap: int = 1000,
+def build_report(exp: Experiment, done: Sequence[Member], recordings: Sequence[Recording], bootstrap: int = 1000,
                  figures: bool = True) -> dict[str, Any]:
     """Everything `cv.collect_experiment` writes from the finished members ``done``; returns ``summary.json``'s content.
 
@@ -488,12 +491,9 @@ def _markdown(report: Mapping[str, Any]) -> str:
 
 
 # ---------------------------------------------------------------------------------------------- figures
-def _figures(exp: "Experiment", done: Sequence["Member"], sets: Sequence[OOFSet], report: Mapping[str, Any],
+def _figures(exp: Experiment, done: Sequence[Member], sets: Sequence[OOFSet], report: Mapping[str, Any],
              fig_dir: Path) -> list[Path]:
     from matplotlib.ticker import MaxNLocator
-
-    from ignite_trainer.use.report import _figure, _save, plot_roc_pr
-    from ignite_trainer.runs.rundir import read_metrics_log
 
     made = []
     # per-fold scores as points, one colour per seed, the mean over runs as a line
@@ -545,11 +545,6 @@ def _figures(exp: "Experiment", done: Sequence["Member"], sets: Sequence[OOFSet]
 
 def _best_epoch(run_dir: Path) -> int | None:
     """The epoch of the run's best checkpoint (``best_checkpoint_<epoch>_<score>.pt``), None without one."""
-    import re
-
-    from ignite_trainer.core.errors import CheckpointError
-    from ignite_trainer.runs.checkpoint import find_best_checkpoint
-
     try:
         m = re.match(r"best_checkpoint_(\d+)_", find_best_checkpoint(run_dir).name)
     except CheckpointError:
@@ -558,8 +553,6 @@ def _best_epoch(run_dir: Path) -> int | None:
 
 
 def _configured_epochs(run_dir: Path) -> int | None:
-    import yaml
-
     try:
         return int(yaml.safe_load((run_dir / "config.yaml").read_text())["epochs"])
     except Exception:  # noqa: BLE001

@@ -26,12 +26,14 @@ high end and at every choice, so a range outside a field's limits fails with the
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
+import optuna
 import yaml
 
 from ignite_trainer.core.config import TrainConfig
@@ -217,8 +219,6 @@ def _mapping(value: Any, where: str) -> dict[str, Any]:
 def _param(name: Any, spec: Any, base: TrainConfig, where: str) -> Param:
     known = TrainConfig.field_names()
     if name not in known:
-        import difflib
-
         hint = difflib.get_close_matches(str(name), known, n=1)
         raise ConfigError(f"{where}: unknown config field '{name}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
     if name in SWEEP_OWNED_FIELDS:
@@ -331,8 +331,6 @@ def _pruner(value: Any, where: str) -> tuple[str, dict[str, Any]]:
     if name == "none" and spec:
         raise ConfigError(f"{where}: '{sorted(spec)[0]}' has no meaning with name: none")
     if name == "median":
-        import optuna
-
         try:
             optuna.pruners.MedianPruner(**spec)
         except (TypeError, ValueError) as e:

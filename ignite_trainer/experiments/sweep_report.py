@@ -21,7 +21,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.experiments.space import SweepSpace
-from ignite_trainer.experiments.sweeps import counted_trials
+from ignite_trainer.experiments.workers import counted_trials
 
 REPORT_DIR = "report"
 BEST_RUNS_DIR = "best"
