@@ -49,6 +49,7 @@ from typing import Any, Callable, Sequence
 import torch
 import yaml
 
+from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError, TrainingAborted, UserError
 from ignite_trainer.data.prepare import prepare_data
@@ -95,7 +96,7 @@ def run_member(exp: Experiment, member: Member, threads: int | None = None, prog
         if not speaks_for_run():
             return action
         if member_status(run_dir) == "trained":
-            config = TrainConfig.from_yaml(run_dir / "config.yaml")
+            config = TrainConfig.from_yaml(RunDirectory(run_dir).config_file)
             result = evaluate(run_dir, out_dir=run_dir / "oof", figures=False, device=config.device)
             _check_oof_patients(exp, member, result["files"]["patients"])
         return action

@@ -47,7 +47,7 @@ from ignite_trainer.data.splits import patient_labels
 from ignite_trainer.scoring.predictions import LevelPredictions, tune_thresholds
 from ignite_trainer.scoring.scores import auprc, auroc
 from ignite_trainer.runs.checkpoint import find_best_checkpoint
-from ignite_trainer.runs.rundir import read_metrics_log
+from ignite_trainer.runs.rundir import RunDirectory, read_metrics_log
 from ignite_trainer.use.report import _figure, _save, plot_roc_pr
 from ignite_trainer.experiments.layout import Experiment, Member
 
@@ -394,7 +394,7 @@ def build_report(exp: Experiment, done: Sequence[Member], recordings: Sequence[R
     report["pooled_challenge"] = report["sets"][final_set.name]["pooled_challenge"]
 
     exp_dir = exp.exp_dir
-    out = exp_dir / "report"
+    out = exp.report_dir
     out.mkdir(parents=True, exist_ok=True)
     _write_oof_csv(sets, exp_dir / "oof_predictions.csv")
     _write_json(exp_dir / "thresholds.json", {"thresholds": report["thresholds"], "objective": objective,
@@ -412,7 +412,7 @@ def build_report(exp: Experiment, done: Sequence[Member], recordings: Sequence[R
     _write_scores_csv(report, out / "scores.csv")
     made = _figures(exp, done, sets, report, out / "figures") if figures else []
     report["figures"] = [str(p.relative_to(out)) for p in made]
-    _write_json(out / "summary.json", _finite(report))
+    _write_json(exp.summary_file, _finite(report))
     (out / "report.md").write_text(_markdown(report))
     return report
 
@@ -522,7 +522,7 @@ def _figures(exp: Experiment, done: Sequence[Member], sets: Sequence[OOFSet], re
     ax = fig.subplots()
     for m in done:
         run_dir = exp.run_dir(m)
-        records = read_metrics_log(run_dir / "metrics.jsonl")
+        records = read_metrics_log(RunDirectory(run_dir).metrics_file)
         if not records:
             continue
         epochs = [r["epoch"] for r in records]
@@ -554,6 +554,6 @@ def _best_epoch(run_dir: Path) -> int | None:
 
 def _configured_epochs(run_dir: Path) -> int | None:
     try:
-        return int(yaml.safe_load((run_dir / "config.yaml").read_text())["epochs"])
+        return int(yaml.safe_load(RunDirectory(run_dir).config_file.read_text())["epochs"])
     except Exception:  # noqa: BLE001
         return None

@@ -91,6 +91,15 @@ class Experiment:
         return self.exp_dir / "runs" / member.name
 
     @property
+    def report_dir(self) -> Path:
+        """The experiment's report (``summary.json``, tables, figures), written by `cv_report.build_report`."""
+        return self.exp_dir / "report"
+
+    @property
+    def summary_file(self) -> Path:
+        return self.report_dir / "summary.json"
+
+    @property
     def splits_path(self) -> Path:
         return self.exp_dir / "splits.json"
 

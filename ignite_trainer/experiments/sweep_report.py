@@ -19,6 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from optuna.trial import FrozenTrial, TrialState
 
+from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.experiments.space import SweepSpace
 from ignite_trainer.experiments.workers import counted_trials
@@ -168,7 +169,7 @@ def write_best_config(trial: FrozenTrial, sweep_dir: Path, path: Path) -> Path |
     """The best trial's own ``config.yaml`` under a fresh run name (``SWEEP_DIR/best/trial_NNNN``):
     ``train --config best.yaml`` trains it again from scratch, to the same score."""
     run_dir = trial.user_attrs.get("run_dir")
-    source = Path(run_dir) / "config.yaml" if run_dir else None
+    source = RunDirectory(Path(run_dir)).config_file if run_dir else None
     if source is None or not source.is_file():
         return None
     config = TrainConfig.from_yaml(source).updated(

@@ -27,7 +27,7 @@ from ignite.engine import Events
 
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.core.errors import UserError
-from ignite_trainer.runs.rundir import read_metrics_log
+from ignite_trainer.runs.rundir import RunDirectory, read_metrics_log
 from ignite_trainer.training.run import train
 from ignite_trainer.experiments.cv import collect_experiment, cross_validate, resume_cross_validation
 from ignite_trainer.experiments.layout import Experiment
@@ -148,7 +148,7 @@ def experiment_score(exp_dir: Path, metric: str, direction: str) -> tuple[float 
     epochs = sum(n for _, n in per_run)
     if metric.startswith("oof."):
         try:
-            pooled = json.loads((exp_dir / "report" / "summary.json").read_text())["pooled"]
+            pooled = json.loads(exp.summary_file.read_text())["pooled"]
         except (OSError, ValueError, KeyError):
             return None, epochs
         value = pooled.get(metric[len("oof."):])
@@ -174,7 +174,7 @@ TRIAL_RUNNERS: dict[str, Callable[..., TrialResult]] = {"run": run_trial, "cv": 
 def best_score(run_dir: Path, metric: str, direction: str) -> tuple[float | None, int]:
     """The best value of ``metric`` (``val_loss``, ``macro_f1``, ``heart.f1``, ...) over a run's logged
     epochs, and the number of epochs logged. Epochs where it is undefined (null) are left out."""
-    records = read_metrics_log(Path(run_dir) / "metrics.jsonl")
+    records = read_metrics_log(RunDirectory(Path(run_dir)).metrics_file)
     values = [v for v in (metric_value(r, metric) for r in records) if v is not None]
     if not values:
         return None, len(records)
