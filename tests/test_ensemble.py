@@ -162,3 +162,23 @@ def test_a_damaged_decision_layer_is_one_checkpoint_error(experiment, tmp_path):
     (tmp_path / "decision.json").write_text('{"format": "ignite_trainer.decision/1", "murmur.kind": "oracle"}')
     with pytest.raises(CheckpointError, match="decision.json: unreadable decision layer"):
         load_ensemble(tmp_path)
+
+
+def test_an_exported_ensemble_of_demographics_models_loads_and_predicts_the_same(tmp_path_factory, tmp_path):
+    from cv_experiment import cv_config, cv_data
+
+    from ignite_trainer.model.fusion import DemographicsFusion
+    from ignite_trainer.training.run import train
+    from ignite_trainer.use.inference import predict
+
+    _, data = cv_data(tmp_path_factory)
+    runs = [train(cv_config(tmp_path_factory, name=f"demo{seed}", seed=seed, demographics=True,
+                            output_dir=str(tmp_path / "runs")))["run_dir"] for seed in (0, 1)]
+    path = export_ensemble(runs, tmp_path / "demo.safetensors")
+    loaded = load_ensemble(path)
+    assert len(loaded.members) == 2 and all(isinstance(m.model, DemographicsFusion) for m in loaded.members)
+    assert all(m.config.demographics for m in loaded.members)
+    in_memory, from_file = predict(runs, [data]), predict(path, [data])
+    assert from_file.recordings.ids == in_memory.recordings.ids and from_file.thresholds == in_memory.thresholds
+    np.testing.assert_array_equal(from_file.recordings.probs, in_memory.recordings.probs)
+    np.testing.assert_array_equal(from_file.patients.probs, in_memory.patients.probs)

@@ -297,11 +297,9 @@ def export_ensemble(source: Ensemble | str | Path | Sequence[str | Path], out_pa
 def _from_export(path: Path) -> Ensemble:
     import safetensors
 
-    from ignite_trainer.runs.checkpoint import load_model_weights
     from ignite_trainer.core.config import TrainConfig
     from ignite_trainer.data.features import FeatureSettings
-    from ignite_trainer.use.model_files import TrainedModel
-    from ignite_trainer.model.models import build_model
+    from ignite_trainer.use.model_files import TrainedModel, rebuild_model
 
     metadata = _safetensors_metadata(path)
     try:
@@ -317,13 +315,12 @@ def _from_export(path: Path) -> Ensemble:
     for i, meta in enumerate(members_meta):
         prefix = f"member{i}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        source = f"{path} member {i}"
         try:
-            config = TrainConfig.from_mapping(yaml.safe_load(meta["config"]), source=f"{path} member {i}")
-            model = build_model(config.model, n_mels=config.n_mels)
+            config = TrainConfig.from_mapping(yaml.safe_load(meta["config"]), source=source)
+            model = rebuild_model(config, state, source)
         except (ConfigError, yaml.YAMLError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: member {i} cannot be rebuilt ({e})") from None
-        load_model_weights(model, state, f"{path} member {i}")
-        model.eval()
         members.append(TrainedModel(model=model, config=config, settings=FeatureSettings.from_config(config),
                                     thresholds=dict(thresholds), thresholds_tuned=tuned, source=path, run_dir=None,
                                     epoch=meta.get("epoch")))

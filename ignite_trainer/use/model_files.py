@@ -2,7 +2,9 @@
 
 A trained model is only useful away from its training run, so `load_trained_model` rebuilds the exact
 model and feature settings from what the file itself stores (never from the current defaults), and
-`export_safetensors` writes one self-contained file that holds no pickle at all.
+`export_safetensors` writes one self-contained file that holds no pickle at all. `rebuild_model` is the
+one place a model is rebuilt from a stored config and its weights (a single model's file here, every
+member of an ensemble export in `ensemble`).
 """
 
 from __future__ import annotations
@@ -27,7 +29,7 @@ from ignite_trainer.model.models import build_model
 from ignite_trainer.scoring.predictions import DEFAULT_THRESHOLDS
 from ignite_trainer.core.vocabulary import LABELS
 
-__all__ = ["TrainedModel", "load_trained_model", "export_safetensors", "SAFETENSORS_FORMAT"]
+__all__ = ["TrainedModel", "load_trained_model", "rebuild_model", "export_safetensors", "SAFETENSORS_FORMAT"]
 
 #: The ``format`` metadata of our safetensors exports; a file without it was not written by us.
 SAFETENSORS_FORMAT = "ignite_trainer/1"
@@ -96,11 +98,10 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
         decision = _decision_from(ckpt.get("decision"), path)
     config = _config_from(saved, path)
     try:
-        model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
+        model = rebuild_model(config, state, path)
     except ConfigError as e:
         raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
-    load_model_weights(model, state, path)
-    model.to(map_location).eval()
+    model.to(map_location)
     tuned = _thresholds_from(thresholds, path)
     return TrainedModel(model=model, config=config, settings=FeatureSettings.from_config(config),
                         thresholds=tuned or dict(DEFAULT_THRESHOLDS), thresholds_tuned=tuned is not None,
@@ -115,6 +116,22 @@ def _config_from(saved: Any, path: Path) -> TrainConfig:
         return TrainConfig.from_mapping(saved, source=str(path))
     except ConfigError as e:
         raise CheckpointError(f"{path}: its training config is not usable ({e})") from None
+
+
+def rebuild_model(config: TrainConfig, state: Mapping[str, torch.Tensor], source: str | Path) -> torch.nn.Module:
+    """The model ``config`` describes (its name, ``n_mels`` and ``demographics``) with the weights ``state``,
+    in eval mode on the CPU: every model read back from a file is rebuilt here.
+
+    A model name that is not registered is the `ConfigError` of `build_model` (callers say which file it
+    came from); weights that do not fit the model are a one-line `CheckpointError` naming ``source``.
+
+    Example::
+
+        model = rebuild_model(TrainConfig.from_mapping(ckpt["config"]), ckpt["model_state_dict"], path)
+    """
+    model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
+    load_model_weights(model, state, source)
+    return model.eval()
 
 
 def _thresholds_from(value: Any, path: Path) -> dict[str, float] | None:
