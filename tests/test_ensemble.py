@@ -10,8 +10,8 @@ from cv_experiment import FOLDS, SEEDS, shared_experiment
 from ignite_trainer.use.ensemble import export_ensemble, is_ensemble, load_ensemble, mean_probabilities
 from ignite_trainer.core.errors import CheckpointError
 from ignite_trainer.data.discovery import discover_recordings
-from ignite_trainer.use.inference import run_windows
 from ignite_trainer.use.model_files import load_trained_model
+from ignite_trainer.use.windows import run_windows
 from ignite_trainer.scoring.predictions import patient_predictions
 
 

@@ -36,6 +36,8 @@ from ignite_trainer.core.atomic import atomic_path
 from ignite_trainer.data.records import LABELS, Recording
 from ignite_trainer.scoring.decision import DecisionLayer
 from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError
+from ignite_trainer.scoring.predictions import LevelPredictions, patient_predictions
+from ignite_trainer.use.windows import run_windows
 
 __all__ = ["Ensemble", "load_ensemble", "load_model", "export_ensemble", "is_ensemble", "mean_probabilities",
            "ENSEMBLE_FORMAT"]
@@ -102,9 +104,6 @@ class Ensemble:
         Every member predicts every recording; the recording probabilities are averaged over members
         (`mean_probabilities`), then aggregated to patients with ``how`` (default: the first member's).
         """
-        from ignite_trainer.use.inference import run_windows
-        from ignite_trainer.scoring.predictions import LevelPredictions, patient_predictions
-
         how = how or self.config.aggregation
         per_member, warnings, reference = [], [], None
         for trained in self.members:

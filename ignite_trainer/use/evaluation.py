@@ -40,7 +40,6 @@ from ignite_trainer.scoring.challenge import ChallengeScores, challenge_scores, 
 from ignite_trainer.data.records import Recording
 from ignite_trainer.scoring.decision import DecisionLayer, patient_features, patient_truth
 from ignite_trainer.core.errors import ConfigError, DataError
-from ignite_trainer.use.inference import run_windows
 from ignite_trainer.use.ensemble import Ensemble, is_ensemble, load_model
 from ignite_trainer.use.model_files import TrainedModel
 from ignite_trainer.scoring.predictions import LevelPredictions
@@ -49,6 +48,7 @@ from ignite_trainer.runs.record import read_split
 from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.scoring.scores import auprc, auroc, binary_stats, macc
 from ignite_trainer.core.vocabulary import AGGREGATIONS, LABELS
+from ignite_trainer.use.windows import run_windows
 from ignite_trainer.use.writers import PATIENT_COLUMNS, write_json, write_patients_csv, write_recordings_csv
 
 __all__ = ["evaluate", "label_scores", "level_scores", "challenge_section", "PATIENT_COLUMNS", "LEVELS"]
