@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from cv_experiment import FOLDS, SEEDS, shared_experiment
-from ignite_trainer.use.ensemble import export_ensemble, is_ensemble, load_ensemble, mean_probabilities
+from ignite_trainer.use.ensemble import is_ensemble, load_ensemble, mean_probabilities
+from ignite_trainer.use.export import export_ensemble
 from ignite_trainer.core.errors import CheckpointError
 from ignite_trainer.data.discovery import discover_recordings
 from ignite_trainer.use.model_files import load_trained_model
@@ -99,7 +100,7 @@ def test_the_exported_file_keeps_the_out_of_fold_decision_layer(experiment, tmp_
     assert loaded.decision == original.decision and loaded.decision_source == original.decision_source
     assert [m.config.seed for m in loaded.members] == [m.config.seed for m in original.members]
     # the library function takes an experiment directory too (the CLI and scripts write the same file)
-    from ignite_trainer.use.model_files import export_safetensors
+    from ignite_trainer.use.export import export_safetensors
 
     again = export_safetensors(experiment.exp_dir, tmp_path / "again.safetensors")
     assert load_ensemble(again).decision == original.decision

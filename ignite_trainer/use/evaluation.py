@@ -13,7 +13,7 @@ every window and aggregates. Two kinds of figures come out, kept apart:
   precision, recall = sensitivity, specificity, F1, AUROC, AUPRC, and the 2016 MAcc on the heart label)
   at the per-label thresholds tuned on validation.
 
-An ensemble (a cross-validation experiment directory, an `ensemble.export_ensemble` file or a list of
+An ensemble (a cross-validation experiment directory, an `export.export_ensemble` file or a list of
 models) is scored the same way on recordings and patients: each recording's probability is the mean of
 its members' probabilities, decided by the ensemble's out-of-fold thresholds and decision layer. Its
 members trained on every patient of their dataset between them, so an ensemble needs ``data`` (held-out

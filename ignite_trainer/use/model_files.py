@@ -1,10 +1,11 @@
-"""A trained model as a file: load it (run directory, checkpoint or safetensors export) or export it.
+"""A trained model as a file: read it back from a run directory, a checkpoint or a safetensors export.
 
 A trained model is only useful away from its training run, so `load_trained_model` rebuilds the exact
-model and feature settings from what the file itself stores (never from the current defaults), and
-`export_safetensors` writes one self-contained file that holds no pickle at all. `rebuild_model` is the
-one place a model is rebuilt from a stored config and its weights (a single model's file here, every
-member of an ensemble export in `ensemble`).
+model and feature settings from what the file itself stores (never from the current defaults).
+`rebuild_model` is the one place a model is rebuilt from a stored config and its weights (a single
+model's file here, every member of an ensemble export in `ensemble`), and `read_safetensors` the one
+reader of a safetensors file.
+Writing files is `export`'s.
 """
 
 from __future__ import annotations
@@ -15,11 +16,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import safetensors
-import safetensors.torch
 import torch
 import yaml
 
-from ignite_trainer.core.atomic import atomic_path
 from ignite_trainer.runs.checkpoint import find_best_checkpoint, load_checkpoint, load_model_weights
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.data.features import FeatureSettings
@@ -29,7 +28,7 @@ from ignite_trainer.model.models import build_model
 from ignite_trainer.scoring.predictions import DEFAULT_THRESHOLDS
 from ignite_trainer.core.vocabulary import LABELS
 
-__all__ = ["TrainedModel", "load_trained_model", "rebuild_model", "export_safetensors", "SAFETENSORS_FORMAT"]
+__all__ = ["TrainedModel", "load_trained_model", "rebuild_model", "read_safetensors", "SAFETENSORS_FORMAT"]
 
 #: The ``format`` metadata of our safetensors exports; a file without it was not written by us.
 SAFETENSORS_FORMAT = "ignite_trainer/1"
@@ -154,13 +153,25 @@ def _decision_from(value: Any, path: Path) -> DecisionLayer | None:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, Any, DecisionLayer | None]:
+def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a safetensors file (``tensors=False``: the metadata only, no tensor read);
+    an unreadable file is a one-line `CheckpointError`.
+
+    Example::
+
+        metadata, _ = read_safetensors("cv-a.safetensors", tensors=False)
+    """
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (safetensors.SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    return metadata, state
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, Any, DecisionLayer | None]:
+    metadata, state = read_safetensors(path)
     if metadata.get("format") != SAFETENSORS_FORMAT or "config" not in metadata:
         raise CheckpointError(f"{path}: safetensors file holds no ignite_trainer config "
                               "(not written by `cli.py export`?)")
@@ -175,51 +186,3 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, An
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return state, saved, thresholds, epoch, decision
-
-
-def check_export_target(out_path: str | Path, overwrite: bool) -> Path:
-    """Refuse, before any work, an export name that is not ``.safetensors`` or that would replace a file
-    without ``overwrite``; every export (one model or an ensemble) goes through here."""
-    out_path = Path(out_path)
-    if out_path.suffix != ".safetensors":
-        raise CheckpointError(f"{out_path}: the export must end in .safetensors")
-    if out_path.exists() and not overwrite:
-        raise CheckpointError(f"{out_path}: already exists; pass --overwrite to replace it")
-    return out_path
-
-
-def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the model's weights as safetensors, with the config (YAML), thresholds and decision layer
-    (JSON) in its metadata.
-
-    The export is enough on its own to evaluate or predict (`load_trained_model` reads it), holds no
-    pickle at all, and is a fraction of a training checkpoint (no optimizer or resume state). An existing
-    ``out_path`` is replaced only with ``overwrite``.
-
-    Example::
-
-        export_safetensors("runs/quick", "quick.safetensors")
-        trained = load_trained_model("quick.safetensors")
-    """
-    from ignite_trainer.use.ensemble import export_ensemble, is_ensemble
-
-    if is_ensemble(checkpoint_or_run_dir):  # a cv experiment directory: every member in one file
-        return export_ensemble(checkpoint_or_run_dir, out_path, overwrite=overwrite)
-    out_path = check_export_target(out_path, overwrite)
-    trained = load_trained_model(checkpoint_or_run_dir)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in trained.model.state_dict().items()}
-    metadata = {
-        "format": SAFETENSORS_FORMAT,
-        "config": trained.config.to_yaml(),
-        "thresholds": json.dumps(trained.thresholds) if trained.thresholds_tuned else "",
-        "epoch": "" if trained.epoch is None else str(trained.epoch),
-        "decision": "" if trained.decision is None else trained.decision.to_json(),
-        "source": trained.source.name,
-    }
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out_path, durable=True) as tmp:
-            safetensors.torch.save_file(state, str(tmp), metadata=metadata)
-    except OSError as e:
-        raise CheckpointError(f"{out_path}: cannot write the export ({e.strerror or e})") from None
-    return out_path
