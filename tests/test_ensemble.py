@@ -9,7 +9,7 @@ import pytest
 from cv_experiment import FOLDS, SEEDS, shared_experiment
 from ignite_trainer.use.ensemble import is_ensemble, load_ensemble, mean_probabilities
 from ignite_trainer.use.export import export_ensemble
-from ignite_trainer.core.errors import CheckpointError
+from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.data.discovery import discover_recordings
 from ignite_trainer.use.model_files import load_trained_model
 from ignite_trainer.use.windows import run_windows
@@ -74,6 +74,9 @@ def test_a_list_of_models_uses_given_or_the_members_own_thresholds(experiment):
     assert ensemble.threshold_source == "mean of the members' own validation thresholds"
     given = load_ensemble(runs, {"heart": 0.3, "murmur": 0.6})
     assert given.thresholds == {"heart": 0.3, "murmur": 0.6} and given.threshold_source == "given"
+    for bad in ({"heart": True, "murmur": 0.6}, {"heart": 0.3}, {"heart": 1.5, "murmur": 0.6}):
+        with pytest.raises(ConfigError, match=r"^thresholds .* are not one number in \[0, 1\] per label"):
+            load_ensemble(runs, bad)
 
 
 def test_an_uncollected_experiment_is_refused(experiment, tmp_path):
@@ -109,7 +112,6 @@ def test_the_exported_file_keeps_the_out_of_fold_decision_layer(experiment, tmp_
 
 def test_evaluate_and_predict_score_an_experiment_as_its_ensemble(experiment, recordings, tmp_path):
     from cli import main
-    from ignite_trainer.core.errors import ConfigError
     from ignite_trainer.use.evaluation import challenge_section, evaluate
     from ignite_trainer.use.inference import predict
 

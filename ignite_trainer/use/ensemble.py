@@ -39,7 +39,8 @@ from ignite_trainer.data.features import FeatureSettings
 from ignite_trainer.data.records import LABELS, Recording
 from ignite_trainer.scoring.decision import DecisionLayer
 from ignite_trainer.scoring.predictions import LevelPredictions, patient_predictions
-from ignite_trainer.use.model_files import TrainedModel, load_trained_model, read_safetensors, rebuild_model
+from ignite_trainer.use.model_files import (TrainedModel, checked_thresholds, load_trained_model, read_safetensors,
+                                            rebuild_model)
 from ignite_trainer.use.windows import run_windows
 
 __all__ = ["Ensemble", "load_ensemble", "load_model", "is_ensemble", "mean_probabilities", "ENSEMBLE_FORMAT"]
@@ -154,7 +155,7 @@ def load_ensemble(source, thresholds: Mapping[str, float] | None = None,
         ensemble = load_ensemble("runs/cv-a")                          # out-of-fold thresholds and layer
         ensemble = load_ensemble(["runs/a", "runs/b"], {"heart": 0.4, "murmur": 0.35})
     """
-    given = _checked_thresholds(thresholds, "thresholds") if thresholds is not None else None
+    given = checked_thresholds(thresholds, "thresholds", ConfigError) if thresholds is not None else None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir() and not (path / "config.yaml").is_file():
@@ -206,13 +207,6 @@ def _with(ensemble: Ensemble, thresholds: dict[str, float] | None, decision: Dec
     return ensemble
 
 
-def _checked_thresholds(value: object, where: str) -> dict[str, float]:
-    if not isinstance(value, Mapping) or set(value) != set(LABELS) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) <= 1.0 for v in value.values()):
-        raise ConfigError(f"{where}: {value!r} is not one number in [0, 1] per label {LABELS}")
-    return {label: float(value[label]) for label in LABELS}
-
-
 def _from_experiment(exp_dir: Path) -> Ensemble:
     manifest_path = exp_dir / "ensemble.json"
     if not manifest_path.is_file():
@@ -222,7 +216,7 @@ def _from_experiment(exp_dir: Path) -> Ensemble:
     try:
         manifest = json.loads(manifest_path.read_text())
         member_dirs = [exp_dir / p for p in manifest["members"]]
-        stored = _checked_thresholds(manifest["thresholds"], str(manifest_path))
+        stored = checked_thresholds(manifest["thresholds"], f"{manifest_path}: thresholds", ConfigError)
         decision_file = manifest.get("decision")
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest_path}: damaged ensemble manifest ({e})") from None
@@ -246,7 +240,7 @@ def _from_export(path: Path) -> Ensemble:
     metadata, tensors = read_safetensors(path)
     try:
         members_meta = json.loads(metadata["members"])
-        thresholds = _checked_thresholds(json.loads(metadata["thresholds"]), str(path))
+        thresholds = checked_thresholds(json.loads(metadata["thresholds"]), f"{path}: thresholds", ConfigError)
         tuned = bool(json.loads(metadata.get("thresholds_tuned", "true")))
         layer = DecisionLayer.from_json(metadata["decision"]) if metadata.get("decision") else None
     except (KeyError, json.JSONDecodeError, TypeError, CheckpointError) as e:

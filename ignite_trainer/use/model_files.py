@@ -3,8 +3,8 @@
 A trained model is only useful away from its training run, so `load_trained_model` rebuilds the exact
 model and feature settings from what the file itself stores (never from the current defaults).
 `rebuild_model` is the one place a model is rebuilt from a stored config and its weights (a single
-model's file here, every member of an ensemble export in `ensemble`), and `read_safetensors` the one
-reader of a safetensors file.
+model's file here, every member of an ensemble export in `ensemble`), `checked_thresholds` the one check
+of stored or given per-label thresholds, and `read_safetensors` the one reader of a safetensors file.
 Writing files is `export`'s.
 """
 
@@ -28,7 +28,8 @@ from ignite_trainer.model.models import build_model
 from ignite_trainer.scoring.predictions import DEFAULT_THRESHOLDS
 from ignite_trainer.core.vocabulary import LABELS
 
-__all__ = ["TrainedModel", "load_trained_model", "rebuild_model", "read_safetensors", "SAFETENSORS_FORMAT"]
+__all__ = ["TrainedModel", "load_trained_model", "rebuild_model", "checked_thresholds", "read_safetensors",
+           "SAFETENSORS_FORMAT"]
 
 #: The ``format`` metadata of our safetensors exports; a file without it was not written by us.
 SAFETENSORS_FORMAT = "ignite_trainer/1"
@@ -101,7 +102,7 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
     except ConfigError as e:
         raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
     model.to(map_location)
-    tuned = _thresholds_from(thresholds, path)
+    tuned = None if thresholds is None else checked_thresholds(thresholds, f"{path}: thresholds", CheckpointError)
     return TrainedModel(model=model, config=config, settings=FeatureSettings.from_config(config),
                         thresholds=tuned or dict(DEFAULT_THRESHOLDS), thresholds_tuned=tuned is not None,
                         source=path, run_dir=run_dir, epoch=int(epoch) if isinstance(epoch, int) else None,
@@ -133,13 +134,21 @@ def rebuild_model(config: TrainConfig, state: Mapping[str, torch.Tensor], source
     return model.eval()
 
 
-def _thresholds_from(value: Any, path: Path) -> dict[str, float] | None:
-    """The tuned thresholds a checkpoint carries, or None when it has none."""
-    if value is None:
-        return None
+def checked_thresholds(value: Any, what: str, error: type[Exception]) -> dict[str, float]:
+    """``value`` as one float in [0, 1] per label (`LABELS`), or ``error`` naming ``what``.
+
+    A mapping with other labels, or a value that is not a number (a bool or a string included) or lies
+    outside [0, 1], is refused: the one check of thresholds read from a file or given by a caller.
+
+    Example:
+
+        >>> checked_thresholds({"heart": 0.4, "murmur": 1}, "thresholds", ValueError)
+        {'heart': 0.4, 'murmur': 1.0}
+    """
     if not isinstance(value, Mapping) or set(value) != set(LABELS) or not all(
-            isinstance(v, (int, float)) and 0.0 <= float(v) <= 1.0 for v in value.values()):
-        raise CheckpointError(f"{path}: thresholds {value!r} are not one number in [0, 1] per label {LABELS}")
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) <= 1.0
+            for v in value.values()):
+        raise error(f"{what} {value!r} are not one number in [0, 1] per label {LABELS}")
     return {label: float(value[label]) for label in LABELS}
 
 
