@@ -268,8 +268,8 @@ def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challe
 def export(model_path: str, out_path: str, overwrite: bool) -> None:
     """Export the model weights as safetensors, with its config, thresholds and decision layer in the metadata
     (an ensemble: every member in one file)."""
-    from ignite_trainer.use.ensemble import export_ensemble, is_ensemble
-    from ignite_trainer.use.model_files import export_safetensors
+    from ignite_trainer.use.ensemble import is_ensemble
+    from ignite_trainer.use.export import export_ensemble, export_safetensors
 
     source = _model_source(model_path)
     if isinstance(source, list) or is_ensemble(source):

@@ -42,7 +42,7 @@ def main() -> None:
     from ignite_trainer.data.synthetic import write_synthetic
     from ignite_trainer.use.ensemble import load_ensemble
     from ignite_trainer.data.discovery import discover_recordings
-    from ignite_trainer.use.inference import run_windows
+    from ignite_trainer.use.windows import run_windows
     from ignite_trainer.data.readers import read_recordings
     from ignite_trainer.scoring.decision import patient_features
     from ignite_trainer.data.splits import patient_labels

@@ -138,7 +138,7 @@ _EXPORTS: dict[str, str] = {
     "evaluate": "ignite_trainer.use.evaluation",
     "predict": "ignite_trainer.use.inference",
     "load_trained_model": "ignite_trainer.use.model_files",
-    "export_safetensors": "ignite_trainer.use.model_files",
+    "export_safetensors": "ignite_trainer.use.export",
     "TrainedModel": "ignite_trainer.use.model_files",
     "Predictor": "ignite_trainer.use.predictor",
     "PatientPrediction": "ignite_trainer.use.predictor",
@@ -154,7 +154,7 @@ _EXPORTS: dict[str, str] = {
     "write_split_file": "ignite_trainer.data.splits",
     "Ensemble": "ignite_trainer.use.ensemble",
     "load_ensemble": "ignite_trainer.use.ensemble",
-    "export_ensemble": "ignite_trainer.use.ensemble",
+    "export_ensemble": "ignite_trainer.use.export",
     "SweepSpace": "ignite_trainer.experiments.space",
     "load_space": "ignite_trainer.experiments.space",
     # the 2022 Challenge: official scores, output files and the decision layer
@@ -201,7 +201,8 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
                                            load_checkpoint, load_model_weights)
     from ignite_trainer.core.config import TrainConfig
     from ignite_trainer.experiments.cv import collect_experiment, cross_validate, resume_cross_validation
-    from ignite_trainer.use.ensemble import Ensemble, export_ensemble, load_ensemble
+    from ignite_trainer.use.ensemble import Ensemble, load_ensemble
+    from ignite_trainer.use.export import export_ensemble, export_safetensors
     from ignite_trainer.data.splits import assign_folds, read_split_file, write_split_file
     from ignite_trainer.experiments.space import SweepSpace, load_space
     from ignite_trainer.data.datasets import EvalWindows, TrainWindows
@@ -228,7 +229,7 @@ if TYPE_CHECKING:  # static analysers and IDEs see the real names
                                                  ChallengeScores, format_challenge_output,
                                                  read_challenge_outputs, scores_from_outputs, write_scores_csv)
     from ignite_trainer.scoring.decision import DecisionLayer, PatientFeatures, fit_decision, patient_features
-    from ignite_trainer.use.model_files import TrainedModel, export_safetensors, load_trained_model
+    from ignite_trainer.use.model_files import TrainedModel, load_trained_model
     from ignite_trainer.use.predictor import PatientPrediction, Predictor, challenge_recordings
     from ignite_trainer.use.writers import write_challenge_outputs, write_predictions_csv
     from ignite_trainer.training.losses import WeightedBCELoss

@@ -17,8 +17,9 @@ from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.scoring.decision import DecisionLayer
 from ignite_trainer.core.errors import CheckpointError
 from ignite_trainer.use.evaluation import evaluate
+from ignite_trainer.use.export import export_safetensors
 from ignite_trainer.use.inference import predict
-from ignite_trainer.use.model_files import export_safetensors, load_trained_model
+from ignite_trainer.use.model_files import load_trained_model
 from ignite_trainer.data.splits import patient_labels
 from ignite_trainer.use.writers import write_challenge_outputs, write_patients_csv, write_predictions_csv
 

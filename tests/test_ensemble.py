@@ -7,11 +7,12 @@ import numpy as np
 import pytest
 
 from cv_experiment import FOLDS, SEEDS, shared_experiment
-from ignite_trainer.use.ensemble import export_ensemble, is_ensemble, load_ensemble, mean_probabilities
-from ignite_trainer.core.errors import CheckpointError
+from ignite_trainer.use.ensemble import is_ensemble, load_ensemble, mean_probabilities
+from ignite_trainer.use.export import export_ensemble
+from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.data.discovery import discover_recordings
-from ignite_trainer.use.inference import run_windows
 from ignite_trainer.use.model_files import load_trained_model
+from ignite_trainer.use.windows import run_windows
 from ignite_trainer.scoring.predictions import patient_predictions
 
 
@@ -73,6 +74,9 @@ def test_a_list_of_models_uses_given_or_the_members_own_thresholds(experiment):
     assert ensemble.threshold_source == "mean of the members' own validation thresholds"
     given = load_ensemble(runs, {"heart": 0.3, "murmur": 0.6})
     assert given.thresholds == {"heart": 0.3, "murmur": 0.6} and given.threshold_source == "given"
+    for bad in ({"heart": True, "murmur": 0.6}, {"heart": 0.3}, {"heart": 1.5, "murmur": 0.6}):
+        with pytest.raises(ConfigError, match=r"^thresholds .* are not one number in \[0, 1\] per label"):
+            load_ensemble(runs, bad)
 
 
 def test_an_uncollected_experiment_is_refused(experiment, tmp_path):
@@ -99,7 +103,7 @@ def test_the_exported_file_keeps_the_out_of_fold_decision_layer(experiment, tmp_
     assert loaded.decision == original.decision and loaded.decision_source == original.decision_source
     assert [m.config.seed for m in loaded.members] == [m.config.seed for m in original.members]
     # the library function takes an experiment directory too (the CLI and scripts write the same file)
-    from ignite_trainer.use.model_files import export_safetensors
+    from ignite_trainer.use.export import export_safetensors
 
     again = export_safetensors(experiment.exp_dir, tmp_path / "again.safetensors")
     assert load_ensemble(again).decision == original.decision
@@ -108,7 +112,6 @@ def test_the_exported_file_keeps_the_out_of_fold_decision_layer(experiment, tmp_
 
 def test_evaluate_and_predict_score_an_experiment_as_its_ensemble(experiment, recordings, tmp_path):
     from cli import main
-    from ignite_trainer.core.errors import ConfigError
     from ignite_trainer.use.evaluation import challenge_section, evaluate
     from ignite_trainer.use.inference import predict
 
@@ -162,3 +165,23 @@ def test_a_damaged_decision_layer_is_one_checkpoint_error(experiment, tmp_path):
     (tmp_path / "decision.json").write_text('{"format": "ignite_trainer.decision/1", "murmur.kind": "oracle"}')
     with pytest.raises(CheckpointError, match="decision.json: unreadable decision layer"):
         load_ensemble(tmp_path)
+
+
+def test_an_exported_ensemble_of_demographics_models_loads_and_predicts_the_same(tmp_path_factory, tmp_path):
+    from cv_experiment import cv_config, cv_data
+
+    from ignite_trainer.model.fusion import DemographicsFusion
+    from ignite_trainer.training.run import train
+    from ignite_trainer.use.inference import predict
+
+    _, data = cv_data(tmp_path_factory)
+    runs = [train(cv_config(tmp_path_factory, name=f"demo{seed}", seed=seed, demographics=True,
+                            output_dir=str(tmp_path / "runs")))["run_dir"] for seed in (0, 1)]
+    path = export_ensemble(runs, tmp_path / "demo.safetensors")
+    loaded = load_ensemble(path)
+    assert len(loaded.members) == 2 and all(isinstance(m.model, DemographicsFusion) for m in loaded.members)
+    assert all(m.config.demographics for m in loaded.members)
+    in_memory, from_file = predict(runs, [data]), predict(path, [data])
+    assert from_file.recordings.ids == in_memory.recordings.ids and from_file.thresholds == in_memory.thresholds
+    np.testing.assert_array_equal(from_file.recordings.probs, in_memory.recordings.probs)
+    np.testing.assert_array_equal(from_file.patients.probs, in_memory.patients.probs)

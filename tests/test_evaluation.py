@@ -199,6 +199,7 @@ def _edited_checkpoint(trained_run, tmp_path, edit):
     (lambda c: c["config"].update(batch_sizes=3),
      r"training config is not usable .*unknown config field 'batch_sizes'"),
     (lambda c: c.update(thresholds={"heart": 2.0}), r"thresholds .* are not one number in \[0, 1\]"),
+    (lambda c: c.update(thresholds={"heart": True, "murmur": 0.5}), r"thresholds .* are not one number in \[0, 1\]"),
 ])
 def test_a_checkpoint_that_does_not_fit_gets_one_clear_line(trained_run, tmp_path, edit, message):
     path = _edited_checkpoint(trained_run, tmp_path, edit)

@@ -12,8 +12,9 @@ import yaml
 import cli
 from ignite_trainer.core.errors import CheckpointError
 from ignite_trainer.use.evaluation import evaluate
+from ignite_trainer.use.export import export_safetensors
 from ignite_trainer.use.inference import predict
-from ignite_trainer.use.model_files import export_safetensors, load_trained_model
+from ignite_trainer.use.model_files import load_trained_model
 
 from conftest import circor_subset
 

@@ -13,9 +13,10 @@ given; otherwise the mean of the members' own validation thresholds and the firs
 layer are used, and `Ensemble.threshold_source` / `Ensemble.decision_source` say which.
 
 `load_ensemble` reads an experiment directory, a list of run directories / checkpoints / exports /
-`TrainedModel` objects, or a file written by `export_ensemble` (one safetensors file holding every
-member's weights, config, the thresholds and the decision layer; no pickle). `load_model` is the one
-entry for a path that may be either a single model or an ensemble.
+`TrainedModel` objects, or a file written by `export.export_ensemble` (one safetensors file holding every
+member's weights, config, the thresholds and the decision layer; no pickle), whose members are rebuilt by
+`model_files.rebuild_model` like any other model file. `load_model` is the one entry for a path that may
+be either a single model or an ensemble.
 
 `mean_probabilities` is the one "mean of the members" of the project: `Ensemble.levels` (through the
 feature cache) and `predictor.Predictor` (in memory) both combine members with it.
@@ -25,21 +26,26 @@ from __future__ import annotations
 
 import json
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal, Mapping, Sequence
 
 import numpy as np
 import yaml
 
-from ignite_trainer.core.atomic import atomic_path
+from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError
+from ignite_trainer.data.features import FeatureSettings
 from ignite_trainer.data.records import LABELS, Recording
 from ignite_trainer.scoring.decision import DecisionLayer
-from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError
+from ignite_trainer.scoring.predictions import LevelPredictions, patient_predictions
+from ignite_trainer.use.model_files import (TrainedModel, checked_thresholds, load_trained_model, read_safetensors,
+                                            rebuild_model)
+from ignite_trainer.use.windows import run_windows
 
-__all__ = ["Ensemble", "load_ensemble", "load_model", "export_ensemble", "is_ensemble", "mean_probabilities",
-           "ENSEMBLE_FORMAT"]
+__all__ = ["Ensemble", "load_ensemble", "load_model", "is_ensemble", "mean_probabilities", "ENSEMBLE_FORMAT"]
 
+#: The ``format`` metadata of an `export.export_ensemble` file.
 ENSEMBLE_FORMAT = "ignite_trainer/ensemble/1"
 
 
@@ -69,7 +75,7 @@ class Ensemble:
         print(patients.probs, ensemble.thresholds, ensemble.decision_source)
     """
 
-    members: list  # list[TrainedModel]
+    members: list[TrainedModel]
     thresholds: dict[str, float]
     thresholds_tuned: bool
     threshold_source: str
@@ -102,9 +108,6 @@ class Ensemble:
         Every member predicts every recording; the recording probabilities are averaged over members
         (`mean_probabilities`), then aggregated to patients with ``how`` (default: the first member's).
         """
-        from ignite_trainer.use.inference import run_windows
-        from ignite_trainer.scoring.predictions import LevelPredictions, patient_predictions
-
         how = how or self.config.aggregation
         per_member, warnings, reference = [], [], None
         for trained in self.members:
@@ -122,7 +125,7 @@ class Ensemble:
 
 
 def is_ensemble(path: str | Path) -> bool:
-    """Whether ``path`` is an ensemble: an experiment directory or a file written by `export_ensemble`.
+    """Whether ``path`` is an ensemble: an experiment directory or a file written by `export.export_ensemble`.
 
     Example::
 
@@ -131,14 +134,18 @@ def is_ensemble(path: str | Path) -> bool:
     path = Path(path)
     if path.is_dir():
         return (path / "ensemble.json").is_file() or (path / "experiment.yaml").is_file()
-    if path.suffix == ".safetensors" and path.is_file():
-        return _safetensors_metadata(path).get("format") == ENSEMBLE_FORMAT
-    return False
+    return _is_export(path)
+
+
+def _is_export(path: Path) -> bool:
+    """Whether ``path`` is a safetensors file written by `export.export_ensemble`."""
+    return path.suffix == ".safetensors" and path.is_file() and \
+        read_safetensors(path, tensors=False)[0].get("format") == ENSEMBLE_FORMAT
 
 
 def load_ensemble(source, thresholds: Mapping[str, float] | None = None,
                   decision: DecisionLayer | None = None) -> Ensemble:
-    """An experiment directory, an `export_ensemble` file, or a list of models -> `Ensemble`.
+    """An experiment directory, an `export.export_ensemble` file, or a list of models -> `Ensemble`.
 
     Each model of a list is a run directory (its best checkpoint), a checkpoint, a single-model export or a
     `TrainedModel`. ``thresholds`` and ``decision`` replace the stored ones.
@@ -148,15 +155,12 @@ def load_ensemble(source, thresholds: Mapping[str, float] | None = None,
         ensemble = load_ensemble("runs/cv-a")                          # out-of-fold thresholds and layer
         ensemble = load_ensemble(["runs/a", "runs/b"], {"heart": 0.4, "murmur": 0.35})
     """
-    from ignite_trainer.use.model_files import TrainedModel, load_trained_model
-
-    given = _checked_thresholds(thresholds, "thresholds") if thresholds is not None else None
+    given = checked_thresholds(thresholds, "thresholds", ConfigError) if thresholds is not None else None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
         if path.is_dir() and not (path / "config.yaml").is_file():
             return _with(_from_experiment(path), given, decision)
-        if path.suffix == ".safetensors" and path.is_file() and \
-                _safetensors_metadata(path).get("format") == ENSEMBLE_FORMAT:
+        if _is_export(path):
             return _with(_from_export(path), given, decision)
         items: list = [path]
     elif isinstance(source, TrainedModel):
@@ -180,16 +184,14 @@ def load_ensemble(source, thresholds: Mapping[str, float] | None = None,
 
 
 def load_model(source):
-    """A `TrainedModel` for one model, an `Ensemble` for an experiment directory, an `export_ensemble` file or
-    a list: what `evaluate`, `predict` and `Predictor.load` accept.
+    """A `TrainedModel` for one model, an `Ensemble` for an experiment directory, an `export.export_ensemble`
+    file or a list: what `evaluate`, `predict` and `Predictor.load` accept.
 
     Example::
 
         model = load_model("runs/cv-a")        # Ensemble
         model = load_model("runs/quick")       # TrainedModel
     """
-    from ignite_trainer.use.model_files import TrainedModel, load_trained_model
-
     if isinstance(source, TrainedModel):
         return source
     if isinstance(source, (str, os.PathLike)):
@@ -198,8 +200,6 @@ def load_model(source):
 
 
 def _with(ensemble: Ensemble, thresholds: dict[str, float] | None, decision: DecisionLayer | None) -> Ensemble:
-    from dataclasses import replace
-
     if thresholds is not None:
         ensemble = replace(ensemble, thresholds=thresholds, thresholds_tuned=True, threshold_source="given")
     if decision is not None:
@@ -207,16 +207,7 @@ def _with(ensemble: Ensemble, thresholds: dict[str, float] | None, decision: Dec
     return ensemble
 
 
-def _checked_thresholds(value: object, where: str) -> dict[str, float]:
-    if not isinstance(value, Mapping) or set(value) != set(LABELS) or not all(
-            isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) <= 1.0 for v in value.values()):
-        raise ConfigError(f"{where}: {value!r} is not one number in [0, 1] per label {LABELS}")
-    return {label: float(value[label]) for label in LABELS}
-
-
 def _from_experiment(exp_dir: Path) -> Ensemble:
-    from ignite_trainer.use.model_files import load_trained_model
-
     manifest_path = exp_dir / "ensemble.json"
     if not manifest_path.is_file():
         what = "a cross-validation experiment that was never collected" if (exp_dir / "experiment.yaml").is_file() \
@@ -225,7 +216,7 @@ def _from_experiment(exp_dir: Path) -> Ensemble:
     try:
         manifest = json.loads(manifest_path.read_text())
         member_dirs = [exp_dir / p for p in manifest["members"]]
-        stored = _checked_thresholds(manifest["thresholds"], str(manifest_path))
+        stored = checked_thresholds(manifest["thresholds"], f"{manifest_path}: thresholds", ConfigError)
         decision_file = manifest.get("decision")
     except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
         raise CheckpointError(f"{manifest_path}: damaged ensemble manifest ({e})") from None
@@ -245,85 +236,25 @@ def _from_experiment(exp_dir: Path) -> Ensemble:
 
 
 # ---------------------------------------------------------------------------------------------- one file
-def _safetensors_metadata(path: Path) -> dict[str, str]:
-    import safetensors
-
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            return f.metadata() or {}
-    except (safetensors.SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-
-
-def export_ensemble(source: Ensemble | str | Path | Sequence[str | Path], out_path: str | Path, *,
-                    overwrite: bool = False) -> Path:
-    """Write every member's weights, its config, the ensemble's thresholds and decision layer into one
-    safetensors file.
-
-    Tensors are named ``member<i>.<parameter>``; the metadata holds each member's config (YAML), epoch and
-    source, the thresholds and the decision layer (`DecisionLayer.to_json`) with where they came from.
-    `load_ensemble` reads it back. ``out_path`` is replaced only with ``overwrite``.
-
-    Example::
-
-        export_ensemble("runs/cv-a", "cv-a.safetensors")
-        ensemble = load_ensemble("cv-a.safetensors")
-    """
-    import safetensors.torch
-
-    from ignite_trainer.use.model_files import check_export_target
-
-    out_path = check_export_target(out_path, overwrite)
-    ensemble = source if isinstance(source, Ensemble) else load_ensemble(source)
-    tensors, members = {}, []
-    for i, trained in enumerate(ensemble.members):
-        for key, value in trained.model.state_dict().items():
-            tensors[f"member{i}.{key}"] = value.detach().cpu().contiguous().clone()
-        members.append({"config": trained.config.to_yaml(), "epoch": trained.epoch, "source": str(trained.source)})
-    metadata = {"format": ENSEMBLE_FORMAT, "members": json.dumps(members), "thresholds": json.dumps(ensemble.thresholds),
-                "thresholds_tuned": json.dumps(ensemble.thresholds_tuned), "threshold_source": ensemble.threshold_source,
-                "combine": "mean of the members' probabilities",
-                "decision": "" if ensemble.decision is None else ensemble.decision.to_json(),
-                "decision_source": ensemble.decision_source}
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out_path, durable=True) as tmp:  # the same write as a single model's export
-            safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-    except OSError as e:
-        raise CheckpointError(f"{out_path}: cannot write the export ({e.strerror or e})") from None
-    return out_path
-
-
 def _from_export(path: Path) -> Ensemble:
-    import safetensors
-
-    from ignite_trainer.runs.checkpoint import load_model_weights
-    from ignite_trainer.core.config import TrainConfig
-    from ignite_trainer.data.features import FeatureSettings
-    from ignite_trainer.use.model_files import TrainedModel
-    from ignite_trainer.model.registry import build_model
-
-    metadata = _safetensors_metadata(path)
+    metadata, tensors = read_safetensors(path)
     try:
         members_meta = json.loads(metadata["members"])
-        thresholds = _checked_thresholds(json.loads(metadata["thresholds"]), str(path))
+        thresholds = checked_thresholds(json.loads(metadata["thresholds"]), f"{path}: thresholds", ConfigError)
         tuned = bool(json.loads(metadata.get("thresholds_tuned", "true")))
         layer = DecisionLayer.from_json(metadata["decision"]) if metadata.get("decision") else None
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (KeyError, json.JSONDecodeError, TypeError, CheckpointError) as e:
         raise CheckpointError(f"{path}: damaged ensemble metadata ({e})") from None
     members = []
     for i, meta in enumerate(members_meta):
         prefix = f"member{i}."
         state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+        source = f"{path} member {i}"
         try:
-            config = TrainConfig.from_mapping(yaml.safe_load(meta["config"]), source=f"{path} member {i}")
-            model = build_model(config.model, n_mels=config.n_mels)
+            config = TrainConfig.from_mapping(yaml.safe_load(meta["config"]), source=source)
+            model = rebuild_model(config, state, source)
         except (ConfigError, yaml.YAMLError, KeyError, TypeError) as e:
             raise CheckpointError(f"{path}: member {i} cannot be rebuilt ({e})") from None
-        load_model_weights(model, state, f"{path} member {i}")
-        model.eval()
         members.append(TrainedModel(model=model, config=config, settings=FeatureSettings.from_config(config),
                                     thresholds=dict(thresholds), thresholds_tuned=tuned, source=path, run_dir=None,
                                     epoch=meta.get("epoch")))

@@ -13,7 +13,7 @@ every window and aggregates. Two kinds of figures come out, kept apart:
   precision, recall = sensitivity, specificity, F1, AUROC, AUPRC, and the 2016 MAcc on the heart label)
   at the per-label thresholds tuned on validation.
 
-An ensemble (a cross-validation experiment directory, an `ensemble.export_ensemble` file or a list of
+An ensemble (a cross-validation experiment directory, an `export.export_ensemble` file or a list of
 models) is scored the same way on recordings and patients: each recording's probability is the mean of
 its members' probabilities, decided by the ensemble's out-of-fold thresholds and decision layer. Its
 members trained on every patient of their dataset between them, so an ensemble needs ``data`` (held-out
@@ -40,7 +40,6 @@ from ignite_trainer.scoring.challenge import ChallengeScores, challenge_scores, 
 from ignite_trainer.data.records import Recording
 from ignite_trainer.scoring.decision import DecisionLayer, patient_features, patient_truth
 from ignite_trainer.core.errors import ConfigError, DataError
-from ignite_trainer.use.inference import run_windows
 from ignite_trainer.use.ensemble import Ensemble, is_ensemble, load_model
 from ignite_trainer.use.model_files import TrainedModel
 from ignite_trainer.scoring.predictions import LevelPredictions
@@ -49,6 +48,7 @@ from ignite_trainer.runs.record import read_split
 from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.scoring.scores import auprc, auroc, binary_stats, macc
 from ignite_trainer.core.vocabulary import AGGREGATIONS, LABELS
+from ignite_trainer.use.windows import run_windows
 from ignite_trainer.use.writers import PATIENT_COLUMNS, write_json, write_patients_csv, write_recordings_csv
 
 __all__ = ["evaluate", "label_scores", "level_scores", "challenge_section", "PATIENT_COLUMNS", "LEVELS"]

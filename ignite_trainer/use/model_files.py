@@ -1,8 +1,11 @@
-"""A trained model as a file: load it (run directory, checkpoint or safetensors export) or export it.
+"""A trained model as a file: read it back from a run directory, a checkpoint or a safetensors export.
 
 A trained model is only useful away from its training run, so `load_trained_model` rebuilds the exact
-model and feature settings from what the file itself stores (never from the current defaults), and
-`export_safetensors` writes one self-contained file that holds no pickle at all.
+model and feature settings from what the file itself stores (never from the current defaults).
+`rebuild_model` is the one place a model is rebuilt from a stored config and its weights (a single
+model's file here, every member of an ensemble export in `ensemble`), `checked_thresholds` the one check
+of stored or given per-label thresholds, and `read_safetensors` the one reader of a safetensors file.
+Writing files is `export`'s.
 """
 
 from __future__ import annotations
@@ -13,11 +16,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import safetensors
-import safetensors.torch
 import torch
 import yaml
 
-from ignite_trainer.core.atomic import atomic_path
 from ignite_trainer.runs.checkpoint import find_best_checkpoint, load_checkpoint, load_model_weights
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.data.features import FeatureSettings
@@ -27,7 +28,8 @@ from ignite_trainer.model.registry import build_model
 from ignite_trainer.scoring.predictions import DEFAULT_THRESHOLDS
 from ignite_trainer.core.vocabulary import LABELS
 
-__all__ = ["TrainedModel", "load_trained_model", "export_safetensors", "SAFETENSORS_FORMAT"]
+__all__ = ["TrainedModel", "load_trained_model", "rebuild_model", "checked_thresholds", "read_safetensors",
+           "SAFETENSORS_FORMAT"]
 
 #: The ``format`` metadata of our safetensors exports; a file without it was not written by us.
 SAFETENSORS_FORMAT = "ignite_trainer/1"
@@ -96,12 +98,11 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
         decision = _decision_from(ckpt.get("decision"), path)
     config = _config_from(saved, path)
     try:
-        model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
+        model = rebuild_model(config, state, path)
     except ConfigError as e:
         raise CheckpointError(f"{path}: cannot rebuild its model ({e})") from None
-    load_model_weights(model, state, path)
-    model.to(map_location).eval()
-    tuned = _thresholds_from(thresholds, path)
+    model.to(map_location)
+    tuned = None if thresholds is None else checked_thresholds(thresholds, f"{path}: thresholds", CheckpointError)
     return TrainedModel(model=model, config=config, settings=FeatureSettings.from_config(config),
                         thresholds=tuned or dict(DEFAULT_THRESHOLDS), thresholds_tuned=tuned is not None,
                         source=path, run_dir=run_dir, epoch=int(epoch) if isinstance(epoch, int) else None,
@@ -117,13 +118,37 @@ def _config_from(saved: Any, path: Path) -> TrainConfig:
         raise CheckpointError(f"{path}: its training config is not usable ({e})") from None
 
 
-def _thresholds_from(value: Any, path: Path) -> dict[str, float] | None:
-    """The tuned thresholds a checkpoint carries, or None when it has none."""
-    if value is None:
-        return None
+def rebuild_model(config: TrainConfig, state: Mapping[str, torch.Tensor], source: str | Path) -> torch.nn.Module:
+    """The model ``config`` describes (its name, ``n_mels`` and ``demographics``) with the weights ``state``,
+    in eval mode on the CPU: every model read back from a file is rebuilt here.
+
+    A model name that is not registered is the `ConfigError` of `build_model` (callers say which file it
+    came from); weights that do not fit the model are a one-line `CheckpointError` naming ``source``.
+
+    Example::
+
+        model = rebuild_model(TrainConfig.from_mapping(ckpt["config"]), ckpt["model_state_dict"], path)
+    """
+    model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
+    load_model_weights(model, state, source)
+    return model.eval()
+
+
+def checked_thresholds(value: Any, what: str, error: type[Exception]) -> dict[str, float]:
+    """``value`` as one float in [0, 1] per label (`LABELS`), or ``error`` naming ``what``.
+
+    A mapping with other labels, or a value that is not a number (a bool or a string included) or lies
+    outside [0, 1], is refused: the one check of thresholds read from a file or given by a caller.
+
+    Example:
+
+        >>> checked_thresholds({"heart": 0.4, "murmur": 1}, "thresholds", ValueError)
+        {'heart': 0.4, 'murmur': 1.0}
+    """
     if not isinstance(value, Mapping) or set(value) != set(LABELS) or not all(
-            isinstance(v, (int, float)) and 0.0 <= float(v) <= 1.0 for v in value.values()):
-        raise CheckpointError(f"{path}: thresholds {value!r} are not one number in [0, 1] per label {LABELS}")
+            isinstance(v, (int, float)) and not isinstance(v, bool) and 0.0 <= float(v) <= 1.0
+            for v in value.values()):
+        raise error(f"{what} {value!r} are not one number in [0, 1] per label {LABELS}")
     return {label: float(value[label]) for label in LABELS}
 
 
@@ -137,13 +162,25 @@ def _decision_from(value: Any, path: Path) -> DecisionLayer | None:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, Any, DecisionLayer | None]:
+def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """``(metadata, tensors)`` of a safetensors file (``tensors=False``: the metadata only, no tensor read);
+    an unreadable file is a one-line `CheckpointError`.
+
+    Example::
+
+        metadata, _ = read_safetensors("cv-a.safetensors", tensors=False)
+    """
     try:
         with safetensors.safe_open(str(path), framework="pt") as f:
             metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
+            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
     except (safetensors.SafetensorError, OSError) as e:
         raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
+    return metadata, state
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, Any, DecisionLayer | None]:
+    metadata, state = read_safetensors(path)
     if metadata.get("format") != SAFETENSORS_FORMAT or "config" not in metadata:
         raise CheckpointError(f"{path}: safetensors file holds no ignite_trainer config "
                               "(not written by `cli.py export`?)")
@@ -158,51 +195,3 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, An
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
     return state, saved, thresholds, epoch, decision
-
-
-def check_export_target(out_path: str | Path, overwrite: bool) -> Path:
-    """Refuse, before any work, an export name that is not ``.safetensors`` or that would replace a file
-    without ``overwrite``; every export (one model or an ensemble) goes through here."""
-    out_path = Path(out_path)
-    if out_path.suffix != ".safetensors":
-        raise CheckpointError(f"{out_path}: the export must end in .safetensors")
-    if out_path.exists() and not overwrite:
-        raise CheckpointError(f"{out_path}: already exists; pass --overwrite to replace it")
-    return out_path
-
-
-def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path, *, overwrite: bool = False) -> Path:
-    """Write the model's weights as safetensors, with the config (YAML), thresholds and decision layer
-    (JSON) in its metadata.
-
-    The export is enough on its own to evaluate or predict (`load_trained_model` reads it), holds no
-    pickle at all, and is a fraction of a training checkpoint (no optimizer or resume state). An existing
-    ``out_path`` is replaced only with ``overwrite``.
-
-    Example::
-
-        export_safetensors("runs/quick", "quick.safetensors")
-        trained = load_trained_model("quick.safetensors")
-    """
-    from ignite_trainer.use.ensemble import export_ensemble, is_ensemble
-
-    if is_ensemble(checkpoint_or_run_dir):  # a cv experiment directory: every member in one file
-        return export_ensemble(checkpoint_or_run_dir, out_path, overwrite=overwrite)
-    out_path = check_export_target(out_path, overwrite)
-    trained = load_trained_model(checkpoint_or_run_dir)
-    state = {k: v.detach().cpu().contiguous().clone() for k, v in trained.model.state_dict().items()}
-    metadata = {
-        "format": SAFETENSORS_FORMAT,
-        "config": trained.config.to_yaml(),
-        "thresholds": json.dumps(trained.thresholds) if trained.thresholds_tuned else "",
-        "epoch": "" if trained.epoch is None else str(trained.epoch),
-        "decision": "" if trained.decision is None else trained.decision.to_json(),
-        "source": trained.source.name,
-    }
-    try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out_path, durable=True) as tmp:
-            safetensors.torch.save_file(state, str(tmp), metadata=metadata)
-    except OSError as e:
-        raise CheckpointError(f"{out_path}: cannot write the export ({e.strerror or e})") from None
-    return out_path

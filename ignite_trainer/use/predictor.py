@@ -14,7 +14,7 @@ patient with no usable recording gets the decision layer's prior answer (the val
 `DecisionLayer.prior_outputs`), never an exception.
 
 Ensembles: `Predictor.load` takes a cross-validation experiment directory, a file written by
-`ensemble.export_ensemble`, or a list of models (run directories, checkpoints, safetensors files or
+`export.export_ensemble`, or a list of models (run directories, checkpoints, safetensors files or
 `TrainedModel` objects); each recording's probability is the mean of the members' probabilities
 (`ensemble.mean_probabilities`, the same combination `evaluate` and `predict` use) before the patient is
 aggregated and decided by ``decision`` when given, else the ensemble's own layer (`ensemble.load_ensemble`:

@@ -8,12 +8,12 @@ the curves from scikit-learn's ``roc_curve`` / ``precision_recall_curve`` over t
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
@@ -160,8 +160,6 @@ def best_epoch(records: Sequence[Mapping[str, Any]], monitor: str) -> int | None
 
 def _run_monitor(metrics_log: Path) -> str:
     """The monitored score from the run's ``config.yaml`` beside its metrics log (``val_loss`` if unknown)."""
-    import yaml
-
     try:
         config = yaml.safe_load((metrics_log.parent / "config.yaml").read_text())
     except (OSError, yaml.YAMLError):
