@@ -73,18 +73,20 @@ def score_sign(name: str) -> float:
 def best_epoch(scores: Iterable[tuple[int, float | None]], mode: str = "max") -> int | None:
     """The epoch of the best score among ``(epoch, score)`` pairs, ``mode`` being `score_mode` of the score.
 
-    On a tie the **later** epoch wins, the one trained longer: Ignite's `Checkpoint` keeps equal scores in
-    that order (the last of its saved files is its best), and it is the file ``evaluate`` and ``predict`` have
-    always loaded. Undefined scores (None, NaN) are skipped; None when no epoch has a score.
+    On a tie the **earliest** epoch wins: Ignite's `Checkpoint` replaces its best file only on a strictly
+    better score (so with one file kept, the default, the file holds the first of equal epochs), and its
+    `EarlyStopping` counts a tie as no improvement. Reports, the runs table, TensorBoard's best epoch and the
+    file ``evaluate`` loads all follow this one rule. Undefined scores (None, NaN) are skipped; None when no
+    epoch has a score.
 
     Example:
 
         >>> best_epoch([(1, 0.7), (2, 0.6), (3, 0.6)], "min")
-        3
+        2
     """
     sign = -1.0 if mode == "min" else 1.0
     scored = [(sign * float(s), int(e)) for e, s in scores if s is not None and math.isfinite(s)]
     if not scored:
         return None
     top = max(s for s, _ in scored)
-    return max(e for s, e in scored if s == top)
+    return min(e for s, e in scored if s == top)

@@ -236,7 +236,7 @@ def checkpoint_epoch(path: Path) -> int:
 def find_best_checkpoint(run_dir: str | Path) -> Path:
     """The best checkpoint of a run: the highest score among its ``best_checkpoint_*`` files.
 
-    Scores in the names are "larger is better" (a loss is stored negated); a tie goes to the later epoch
+    Scores in the names are "larger is better" (a loss is stored negated); a tie goes to the earlier epoch
     (`vocabulary.best_epoch`, the rule of the whole project).
 
     Example::

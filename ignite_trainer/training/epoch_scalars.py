@@ -138,7 +138,7 @@ def _restored_best(best_checkpoint: Checkpoint, monitor: str) -> tuple[int | Non
     """Epoch and monitored score of the best file a (restored) best-checkpoint handler holds, if any.
 
     Ignite keeps its saved files as ``(priority, filename)``, the priority being the score function's value
-    (the monitored score, negated for a loss); the best is the highest, the later epoch on a tie
+    (the monitored score, negated for a loss); the best is the highest, the earliest epoch on a tie
     (`vocabulary.best_epoch`, as `checkpoint.find_best_checkpoint` picks it).
     """
     saved = best_checkpoint.state_dict().get("_saved") or []

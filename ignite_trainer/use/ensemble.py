@@ -33,6 +33,7 @@ from typing import Literal, Mapping, Sequence
 import numpy as np
 import yaml
 
+from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError
 from ignite_trainer.data.features import FeatureSettings
@@ -158,7 +159,7 @@ def load_ensemble(source, thresholds: Mapping[str, float] | None = None,
     given = checked_thresholds(thresholds, "thresholds", ConfigError) if thresholds is not None else None
     if isinstance(source, (str, os.PathLike)):
         path = Path(source)
-        if path.is_dir() and not (path / "config.yaml").is_file():
+        if path.is_dir() and not RunDirectory(path).config_file.is_file():
             return _with(_from_experiment(path), given, decision)
         if _is_export(path):
             return _with(_from_export(path), given, decision)

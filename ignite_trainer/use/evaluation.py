@@ -268,7 +268,7 @@ def _output_dir(trained, out_dir: str | Path | None, check_only: bool = False) -
         else:
             raise ConfigError("a list of models has no report folder of its own; give out_dir (--output-dir)")
     elif trained.run_dir is not None:
-        out = trained.run_dir / "report"
+        out = RunDirectory(trained.run_dir).report
     else:
         out = trained.source.parent / f"{trained.source.stem}_report"
     if check_only:

@@ -19,6 +19,7 @@ import safetensors
 import torch
 import yaml
 
+from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.runs.checkpoint import find_best_checkpoint, load_checkpoint, load_model_weights
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.data.features import FeatureSettings
@@ -86,7 +87,8 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
         raise CheckpointError(f"{path}: no such run directory or checkpoint file")
     else:
         parent = path.parent
-        run_dir = parent.parent if parent.name == "checkpoints" and (parent.parent / "config.yaml").is_file() else None
+        run = RunDirectory(parent.parent)
+        run_dir = run.path if parent == run.checkpoints and run.config_file.is_file() else None
     if path.suffix == ".safetensors":
         state, saved, thresholds, epoch, decision = _read_safetensors(path)
     else:

@@ -19,9 +19,10 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_curve, roc_curve
 
-from ignite_trainer.runs.rundir import read_metrics_log
+from ignite_trainer.runs.rundir import RunDirectory, read_metrics_log
 from ignite_trainer.scoring.predictions import LevelPredictions
 from ignite_trainer.core.vocabulary import LABELS
+from ignite_trainer.core import vocabulary
 from ignite_trainer.core.vocabulary import score_mode
 
 __all__ = ["plot_confusion_matrices", "plot_roc_pr", "plot_training_curves", "read_metrics_log", "best_epoch",
@@ -138,10 +139,8 @@ def _series(records: Sequence[Mapping[str, Any]], *keys: str) -> list[float]:
 
 
 def best_epoch(records: Sequence[Mapping[str, Any]], monitor: str) -> int | None:
-    """The epoch the best checkpoint holds: the first epoch with the best ``monitor`` score in the log.
-
-    Ignite's `Checkpoint` replaces its best file only on a strictly better score, so among equal scores
-    the first stays. ``val_loss`` is minimised, every other score maximised; None when no epoch has it.
+    """The epoch the best checkpoint holds: the best ``monitor`` score in the log, by the project's one rule
+    (`vocabulary.best_epoch`: the earliest of equal epochs). None when no epoch has it.
 
     Example:
 
@@ -150,18 +149,13 @@ def best_epoch(records: Sequence[Mapping[str, Any]], monitor: str) -> int | None
         2
     """
     keys = monitor.split(".")
-    scored = [(v, r["epoch"]) for r in records if not math.isnan(v := _series([r], *keys)[0])]
-    if not scored:
-        return None
-    sign = -1.0 if score_mode(monitor) == "min" else 1.0
-    best_value = max(sign * v for v, _ in scored)
-    return next(epoch for v, epoch in scored if sign * v == best_value)
+    return vocabulary.best_epoch(((r["epoch"], _series([r], *keys)[0]) for r in records), score_mode(monitor))
 
 
 def _run_monitor(metrics_log: Path) -> str:
     """The monitored score from the run's ``config.yaml`` beside its metrics log (``val_loss`` if unknown)."""
     try:
-        config = yaml.safe_load((metrics_log.parent / "config.yaml").read_text())
+        config = yaml.safe_load(RunDirectory(metrics_log.parent).config_file.read_text())
     except (OSError, yaml.YAMLError):
         return "val_loss"
     monitor = config.get("monitor") if isinstance(config, dict) else None
