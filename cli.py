@@ -361,17 +361,13 @@ def sweep_command(space_file: str, n_trials: int, sweep_dir: str | None, storage
 @click.option("--overwrite", is_flag=True, help="Replace an existing experiment directory.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Resamples of the 95 % intervals.")
 @click.option("--figures/--no-figures", default=True, help="Draw the report's figures [on].")
-def cv(config_file: str | None, assignments: tuple[str, ...], folds: int | None, seeds: str, split_seed: int | None,
-       splits_file: str | None, jobs: int, only: tuple[str, ...], resume_dir: str | None, collect_dir: str | None,
-       overwrite: bool, bootstrap: int, figures: bool, **fields: Any) -> None:
+def cv(**params: Any) -> None:
     """Cross-validate: k patient folds x training seeds, out-of-fold predictions and thresholds, a report
     with spread and intervals, and the fold models as an ensemble (EXP_DIR/report/, EXP_DIR/ensemble.json)."""
     from ignite_trainer.experiments.cv_flags import CvFlags, FlagCombinationError, FlagValueError, run_cv
 
-    flags = CvFlags(config_file=config_file, assignments=assignments, folds=folds, seeds=seeds, split_seed=split_seed,
-                    splits_file=splits_file, jobs=jobs, only=only, resume_dir=resume_dir, collect_dir=collect_dir,
-                    overwrite=overwrite, bootstrap=bootstrap, figures=figures,
-                    config_flags=tuple((config_flag(k), k, v) for k, v in fields.items() if v is not None))
+    typed = [(config_flag(name), name, params.pop(name)) for name in list(params) if name in CONFIG_FLAGS]
+    flags = CvFlags(config_flags=tuple(t for t in typed if t[2] is not None), **params)
     try:
         run_cv(flags, echo=lambda line: click.echo(line, err=True), report=_print_cv)
     except FlagValueError as e:
