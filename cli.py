@@ -6,11 +6,13 @@ code 2 and no traceback; a numerical fault that stops training exits with code 3
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import os
 import sys
+import typing
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Literal
 
 import click
 
@@ -27,22 +29,62 @@ FILE_SYSTEM_REFUSALS = frozenset({errno.ENAMETOOLONG, errno.ENOTDIR, errno.EISDI
                                   errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ELOOP, errno.ENOENT})
 EXIT_TRAINING_ABORTED = 3
 
-# CLI flag -> config field; each flag defaults to None so that only what the user typed overrides.
-TRAIN_FLAGS: dict[str, str] = {
-    "data": "data", "fmt": "format", "epochs": "epochs", "batch_size": "batch_size", "lr": "learning_rate",
-    "weight_decay": "weight_decay", "patience": "early_stopping_patience", "grad_clip": "gradient_clip",
-    "seed": "seed", "output_dir": "output_dir", "name": "name", "device": "device", "amp": "amp",
-    "num_workers": "num_workers", "model": "model", "skip_bad": "skip_bad", "progress": "progress",
-    "nproc_per_node": "nproc_per_node", "backend": "backend", "monitor": "monitor",
-    "window_seconds": "window_seconds", "n_folds": "n_folds", "fold": "fold", "cache_dir": "cache_dir",
-    "tracker": "tracker", "tracking_uri": "tracking_uri",
-}
-# precision, speed and model options (augmentation fields go through --config or --set augment_<name>=...)
-TRAIN_FLAGS.update({
-    "amp_dtype": "amp_dtype", "feature_dtype": "feature_dtype", "sync_every": "sync_every",
-    "resident_features": "resident_features", "compile": "compile", "eval_batch_size": "eval_batch_size",
-    "demographics": "demographics",
+# ---------------------------------------------------------------------------------------------- config flags
+#: The config fields that are flags of every command taking a run config (`train`, `cv`); each flag's type,
+#: choices, help and shown default come from the `TrainConfig` field. Every field, these included, can also
+#: be set with --config FILE or --set KEY=VALUE.
+CONFIG_FLAGS = frozenset({
+    "data", "format", "skip_bad", "cache_dir", "window_seconds", "n_folds", "fold", "batch_size", "learning_rate",
+    "weight_decay", "epochs", "early_stopping_patience", "gradient_clip", "amp", "model", "monitor", "seed", "device",
+    "num_workers", "output_dir", "name", "progress", "tracker", "tracking_uri", "nproc_per_node", "backend",
+    "feature_dtype", "amp_dtype", "sync_every", "resident_features", "compile", "eval_batch_size", "demographics",
 })
+#: Flags not spelled --<field-name-with-dashes>.
+FLAG_SPELLINGS = {"learning_rate": "--lr", "early_stopping_patience": "--patience", "gradient_clip": "--grad-clip"}
+
+
+def config_flag(name: str) -> str:
+    """The flag of config field ``name``: ``--lr`` for ``learning_rate``, ``--batch-size`` for ``batch_size``."""
+    return FLAG_SPELLINGS.get(name, "--" + name.replace("_", "-"))
+
+
+def shown_default(value: Any, flag: str) -> str | None:
+    """A field's default as its help shows it (None: not shown, the help says what empty means)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        return flag[2:] if value else f"no-{flag[2:]}"
+    return str(value)
+
+
+def config_options(helps: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--config, one option per field of `CONFIG_FLAGS` (in the dataclass's order; the parameter is named as
+    the field), and --set. ``helps`` replaces a field's help where the command gives it another meaning."""
+    hints = typing.get_type_hints(TrainConfig)
+    options = [click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of config fields.")]
+    for f in dataclasses.fields(TrainConfig):
+        if f.name not in CONFIG_FLAGS:
+            continue
+        flag = config_flag(f.name)
+        kind, args = hints[f.name], typing.get_args(hints[f.name])
+        if type(None) in args:  # an optional field: None is its default, never a value to type
+            kind = next(a for a in args if a is not type(None))
+        text = (helps or {}).get(f.name, f.metadata["help"])
+        default = shown_default(f.default, flag)
+        help_text = text + ("" if default is None else f" [default: {default}]")
+        if kind is bool:
+            options.append(click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text))
+        else:
+            kind = click.Choice(typing.get_args(kind)) if typing.get_origin(kind) is Literal else kind
+            options.append(click.option(flag, f.name, type=kind, default=None, help=help_text))
+    options.append(click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE",
+                                help="Set any config field; repeatable."))
+
+    def decorate(command: Callable[..., Any]) -> Callable[..., Any]:
+        for option in reversed(options):
+            command = option(command)
+        return command
+    return decorate
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -52,50 +94,12 @@ def cli() -> None:
 
 
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of config fields.")
-@click.option("--data", type=str, default=None, help="Dataset root (default: the embedded synthetic CirCor-format set).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="On-disk layout of --data.")
-@click.option("--epochs", type=int, default=None, help="Maximum epochs [100].")
-@click.option("--batch-size", type=int, default=None, help="Global batch size [32].")
-@click.option("--lr", type=float, default=None, help="AdamW learning rate [0.001].")
-@click.option("--weight-decay", type=float, default=None, help="AdamW weight decay [0.01].")
-@click.option("--patience", type=int, default=None, help="Early-stopping patience in epochs; 0 disables [15].")
-@click.option("--grad-clip", type=float, default=None, help="Max gradient norm; 0 disables [1.0].")
-@click.option("--seed", type=int, default=None, help="Random seed [0].")
-@click.option("--output-dir", type=str, default=None, help="Parent folder of run directories [runs].")
-@click.option("--name", type=str, default=None, help="Run directory name [a timestamp].")
+@config_options()
 @click.option("--resume", type=click.Path(file_okay=False), default=None, help="Continue the run in RUN_DIR from its last checkpoint.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing run directory of the same name.")
-@click.option("--device", type=click.Choice(DEVICES), default=None, help="Where to train [auto].")
-@click.option("--amp/--no-amp", default=None, help="Mixed precision [off].")
-@click.option("--num-workers", type=int, default=None, help="DataLoader workers [0].")
-@click.option("--model", type=str, default=None, help="Model name from the registry [attention_cnn].")
-@click.option("--skip-bad/--no-skip-bad", default=None, help="Skip unreadable recordings with a warning [stop].")
-@click.option("--progress/--no-progress", default=None,
-              help="Draw the progress bar [only when stderr is a terminal]; epoch lines are always written.")
-@click.option("--monitor", type=str, default=None,
-              help="Score for early stopping and the best checkpoint: val_loss, macro_f1, heart.f1, ... [val_loss].")
-@click.option("--window-seconds", type=float, default=None, help="Length of one training/evaluation window (s) [4].")
-@click.option("--n-folds", type=int, default=None, help="k-fold split by patient; 0 uses val_fraction [0].")
-@click.option("--fold", type=int, default=None, help="Which fold is validation when --n-folds > 0 [0].")
-@click.option("--cache-dir", type=str, default=None,
-              help="Feature and synthetic-data cache [$IGNITE_TRAINER_CACHE or ~/.cache/ignite_trainer].")
-@click.option("--tracker", type=click.Choice(["none", "mlflow"]), default=None,
-              help="Also log to MLflow (optional extra: pip install 'ignite_trainer[mlflow]') [none].")
-@click.option("--tracking-uri", type=str, default=None, help="MLflow tracking URI [OUTPUT_DIR/mlruns].")
-@click.option("--nproc-per-node", type=int, default=None, help="Processes on this node (ignite.distributed) [1].")
-@click.option("--backend", type=click.Choice(["gloo", "nccl"]), default=None, help="Distributed backend [gloo on CPU].")
-@click.option("--amp-dtype", type=click.Choice(["bfloat16", "float16"]), default=None, help="Autocast type with --amp [bfloat16].")
-@click.option("--feature-dtype", type=click.Choice(["float32", "float16"]), default=None, help="Cached feature dtype [float32].")
-@click.option("--sync-every", type=int, default=None, help="Iterations between reads of step statistics [50].")
-@click.option("--resident-features/--no-resident-features", default=None, help="Keep features on the device if they fit [off].")
-@click.option("--compile/--no-compile", default=None, help="torch.compile the model's steps [off].")
-@click.option("--eval-batch-size", type=int, default=None, help="Evaluation batch size [--batch-size].")
-@click.option("--demographics/--no-demographics", default=None, help="Fuse patient demographics (CirCor) [off].")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Set any config field; repeatable.")
 def train(config_file: str | None, resume: str | None, overwrite: bool, assignments: tuple[str, ...], **flags: Any) -> None:
     """Train a model; writes runs/<name>/ (config, checkpoints, metrics.jsonl, TensorBoard, train.log)."""
-    overrides = {TRAIN_FLAGS[k]: v for k, v in flags.items() if v is not None}
+    overrides = {k: v for k, v in flags.items() if v is not None}
     if resume is not None:
         if config_file:
             raise click.UsageError("--config cannot be combined with --resume (the run's own config is used)")
@@ -341,20 +345,13 @@ def sweep_command(space_file: str, n_trials: int, sweep_dir: str | None, storage
     click.echo(f"report: {Path(summary['files']['trials']).parent}")
 # ---------------------------------------------------------------------------------------------- cross-validation
 @cli.command()
-@click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of config fields.")
-@click.option("--data", type=str, default=None, help="Dataset root (default: the embedded synthetic set).")
-@click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="On-disk layout of --data.")
-@click.option("--epochs", type=int, default=None, help="Maximum epochs of every run [100].")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None, help="Where to train [auto].")
-@click.option("--progress/--no-progress", default=None, help="Progress bar of runs in this process [on].")
-@click.option("--set", "assignments", multiple=True, metavar="KEY=VALUE", help="Set any config field; repeatable.")
+@config_options(helps={"output_dir": "parent folder of the experiment directory",
+                       "name": "experiment directory name; default cv-<timestamp>"})
 @click.option("--folds", type=int, default=None, help="Patient folds, stratified by heart x murmur [n_folds, else 5].")
 @click.option("--seeds", type=str, default="0", show_default=True, help="Training seeds, comma separated (0,1,2).")
 @click.option("--split-seed", type=int, default=None, help="Seed that deals the folds [the config's split_seed, else seed].")
 @click.option("--splits", "splits_file", type=click.Path(dir_okay=False), default=None,
               help="Take the folds from this file (JSON lists of patient ids, or CSV patient_id,fold).")
-@click.option("--output-dir", type=str, default=None, help="Parent folder of the experiment [runs].")
-@click.option("--name", type=str, default=None, help="Experiment directory name [cv-<timestamp>].")
 @click.option("--jobs", type=int, default=1, show_default=True, help="Runs at once, each its own process.")
 @click.option("--only", multiple=True, metavar="FOLD:SEED", help="Run only this member (repeatable); no report.")
 @click.option("--resume", "resume_dir", type=click.Path(file_okay=False), default=None,
@@ -364,63 +361,19 @@ def sweep_command(space_file: str, n_trials: int, sweep_dir: str | None, storage
 @click.option("--overwrite", is_flag=True, help="Replace an existing experiment directory.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Resamples of the 95 % intervals.")
 @click.option("--figures/--no-figures", default=True, help="Draw the report's figures [on].")
-def cv(config_file: str | None, data: str | None, fmt: str | None, epochs: int | None, device: str | None,
-       progress: bool | None, assignments: tuple[str, ...], folds: int | None, seeds: str, split_seed: int | None,
-       splits_file: str | None, output_dir: str | None, name: str | None, jobs: int, only: tuple[str, ...],
-       resume_dir: str | None, collect_dir: str | None, overwrite: bool, bootstrap: int, figures: bool) -> None:
+def cv(**params: Any) -> None:
     """Cross-validate: k patient folds x training seeds, out-of-fold predictions and thresholds, a report
     with spread and intervals, and the fold models as an ensemble (EXP_DIR/report/, EXP_DIR/ensemble.json)."""
-    from ignite_trainer.experiments.cv import collect_experiment, cross_validate, resume_cross_validation
-    from ignite_trainer.experiments.layout import parse_member
+    from ignite_trainer.experiments.cv_flags import CvFlags, FlagCombinationError, FlagValueError, run_cv
 
-    if bootstrap < 0:
-        raise click.BadParameter(f"--bootstrap={bootstrap} must be >= 0")
-    if jobs < 1:
-        raise click.BadParameter(f"--jobs={jobs} must be >= 1")
-    members = [parse_member(o) for o in only]  # a malformed FOLD:SEED fails before any work
-    new_flags = {"--config": config_file, "--data": data, "--format": fmt, "--epochs": epochs, "--set": assignments,
-                 "--folds": folds, "--split-seed": split_seed, "--splits": splits_file, "--output-dir": output_dir,
-                 "--name": name, "--device": device, "--progress": progress}
-    given = [flag for flag, v in new_flags.items() if v not in (None, ())] + (["--seeds"] if seeds != "0" else [])
-    if resume_dir and collect_dir:
-        raise click.UsageError("--resume and --collect cannot be combined")
-    if (resume_dir or collect_dir) and given:
-        raise click.UsageError(f"{', '.join(given)} cannot be combined with --resume/--collect "
-                               "(the experiment's own settings are used)")
-    if collect_dir:
-        if members or overwrite:
-            raise click.UsageError("--collect takes no --only or --overwrite")
-        summary = collect_experiment(collect_dir, bootstrap=bootstrap, figures=figures)
-        _print_cv(summary)
-        return
-    if resume_dir:
-        if overwrite:
-            raise click.UsageError("--overwrite cannot be combined with --resume")
-        summary = resume_cross_validation(resume_dir, jobs=jobs, only=members, bootstrap=bootstrap, figures=figures,
-                                          echo=lambda line: click.echo(line, err=True))
-    else:
-        try:
-            seed_list = [int(s) for s in seeds.split(",") if s.strip()]
-        except ValueError:
-            raise click.BadParameter(f"--seeds={seeds!r}: expected integers separated by commas, e.g. 0,1,2") from None
-        config = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
-        flags = {"data": data, "format": fmt, "epochs": epochs, "device": device, "progress": progress,
-                 "output_dir": output_dir, "name": name}
-        config = config.updated({k: v for k, v in flags.items() if v is not None}, source="command line")
-        config = config.with_overrides(list(assignments))
-        if folds is None and not splits_file:
-            folds = config.n_folds if config.n_folds >= 2 else 5
-        summary = cross_validate(config, folds, seed_list,
-                                 split_seed=split_seed, splits=splits_file, jobs=jobs, only=members,
-                                 overwrite=overwrite, bootstrap=bootstrap, figures=figures,
-                                 echo=lambda line: click.echo(line, err=True))
-    if summary.get("collected"):
-        _print_cv(summary)
-    failed = summary.get("failed") or {}
-    if failed:
-        listing = "; ".join(f"{name} ({message})" for name, message in failed.items())
-        raise UserError(f"{len(failed)} run(s) of {summary['exp_dir'] if 'exp_dir' in summary else summary['experiment']} "
-                        f"failed: {listing}; the others finished; rerun them with cv --resume")
+    typed = [(config_flag(name), name, params.pop(name)) for name in list(params) if name in CONFIG_FLAGS]
+    flags = CvFlags(config_flags=tuple(t for t in typed if t[2] is not None), **params)
+    try:
+        run_cv(flags, echo=lambda line: click.echo(line, err=True), report=_print_cv)
+    except FlagValueError as e:
+        raise click.BadParameter(str(e)) from None
+    except FlagCombinationError as e:
+        raise click.UsageError(str(e)) from None
 
 
 def _print_cv(summary: dict[str, Any]) -> None:

@@ -49,7 +49,8 @@ class TrainConfig:
     skip_bad: bool = _f(False, "warn about and skip unreadable recordings instead of stopping")
     synthetic_patients: int = _f(300, "patients in the embedded synthetic set", min=4)
     synthetic_seed: int = _f(2022, "seed of the embedded synthetic set", min=0, max=2**32 - 1)
-    cache_dir: str | None = _f(None, "feature and synthetic-data cache; default $IGNITE_TRAINER_CACHE or ~/.cache")
+    cache_dir: str | None = _f(None, "feature and synthetic-data cache; default $IGNITE_TRAINER_CACHE or "
+                                     "~/.cache/ignite_trainer")
     # features
     sample_rate: int = _f(2000, "resample every recording to this rate (Hz)", min=800, max=48000)
     band_low_hz: float = _f(25.0, "band-pass lower edge (Hz)", min=1.0)
@@ -87,8 +88,10 @@ class TrainConfig:
     output_dir: str = _f("runs", "parent folder of run directories")
     name: str | None = _f(None, "run directory name; default a timestamp")
     n_saved_best: int = _f(1, "best checkpoints kept", min=1)
-    progress: bool | None = _f(None, "Ignite's progress bar: null = only when stderr is a terminal, true/false = always/never")
-    tracker: Literal["none", "mlflow"] = _f("none", "also log params, epoch scores and artifacts to MLflow")
+    progress: bool | None = _f(None, "Ignite's progress bar: null = only when stderr is a terminal, true/false = "
+                                     "always/never; epoch lines are always written")
+    tracker: Literal["none", "mlflow"] = _f("none", "also log params, epoch scores and artifacts to MLflow (optional "
+                                                    "extra: pip install 'ignite_trainer[mlflow]')")
     tracking_uri: str | None = _f(None, "MLflow tracking URI; default a local store <output_dir>/mlruns")
     # evaluation
     aggregation: Literal[AGGREGATIONS] = _f("mean", "recording/patient prediction: mean probability or any positive")
