@@ -50,7 +50,9 @@ def wing(module: str) -> str | None:
     return parts[1] if parts[1] in WINGS else FLAT_TO_WING.get(parts[1], "data" if parts[1] == "data" else None)
 
 
-def imports(mods: dict[str, Path]):
+def imports(mods: dict[str, Path]) -> list[tuple[str, str, bool, int]]:
+    """``(importer, imported, inside_a_function, line)`` for every import statement of the package, wherever
+    it sits (module level, a function, ``if TYPE_CHECKING:``); ``from pkg import submodule`` names the submodule."""
     rows = []
     for name, path in mods.items():
         tree = ast.parse(path.read_text())
@@ -68,13 +70,14 @@ def imports(mods: dict[str, Path]):
             else:
                 continue
             for t in targets:
-                rows.append((name, t, id(node) in nested))
+                rows.append((name, t, id(node) in nested, node.lineno))
     return rows
 
 
 def circles(mods: dict[str, Path], rows) -> list[list[str]]:
+    """The import circles: strongly connected components of more than one module (Tarjan)."""
     graph = {m: set() for m in mods}
-    for a, b, _ in rows:
+    for a, b, *_ in rows:
         if b in mods and a != "ignite_trainer" and a != b:
             graph[a].add(b)
     index, low, stack, on, found = {}, {}, [], set(), []
@@ -134,7 +137,7 @@ def figures(root: Path) -> dict[str, str]:
     rows = imports(mods)
     per_wing = Counter(wing(m) for m in mods if m != "ignite_trainer" and not m.endswith(tuple(f".{w}" for w in WINGS)))
     flat = sum(1 for m in mods if m.count(".") == 1 and m.split(".")[1] not in WINGS + ("data",))
-    up = sum(1 for a, b, _ in rows if b.startswith("ignite_trainer.") and a != "ignite_trainer" and wing(a) and wing(b)
+    up = sum(1 for a, b, *_ in rows if b.startswith("ignite_trainer.") and a != "ignite_trainer" and wing(a) and wing(b)
              and WINGS.index(wing(b)) > WINGS.index(wing(a)))
     inside = [r for r in rows if r[2]]
     longest = max((len(p.read_text().splitlines()), m) for m, p in mods.items())

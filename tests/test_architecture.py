@@ -8,15 +8,22 @@ dependency. The wing order below is the one a reader sees in the folder tree and
 from __future__ import annotations
 
 import ast
-import sys
+import importlib.util
 from pathlib import Path
 
 import pytest
 
-PACKAGE = Path(__file__).resolve().parents[1] / "ignite_trainer"
+ROOT = Path(__file__).resolve().parents[1]
+PACKAGE = ROOT / "ignite_trainer"
+
+# The import graph is read by the same code that prints the package's figures (benchmarks/), so the test
+# and the figures cannot disagree on what counts as an import, a wing or a circle.
+_spec = importlib.util.spec_from_file_location("architecture_figures", ROOT / "benchmarks" / "architecture_figures.py")
+figures = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(figures)
 
 #: Lowest first: a module may import its own wing and the wings before it, never one after it.
-WINGS = ("core", "data", "model", "scoring", "runs", "training", "use", "experiments")
+WINGS = figures.WINGS
 
 #: Third-party modules a function may import late, and why; every other import sits at the top of its module.
 DEFERRED = {
@@ -27,46 +34,9 @@ DEFERRED = {
     "torch.utils.cpp_extension": "only the opt-in CPU kernel build needs a compiler front-end",
 }
 
-
-def _modules() -> dict[str, Path]:
-    found = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
-        parts = path.relative_to(PACKAGE.parent).with_suffix("").parts
-        name = ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
-        found[name] = path
-    return found
-
-
-MODULES = _modules()
-
-
-def _targets(node: ast.Import | ast.ImportFrom, module: str, is_package: bool) -> list[str]:
-    """The package modules an import statement loads (``from pkg import submodule`` names the submodule)."""
-    if isinstance(node, ast.Import):
-        return [a.name for a in node.names]
-    base = node.module or ""
-    if node.level:
-        anchor = module.split(".") if is_package else module.split(".")[:-1]
-        anchor = anchor[:len(anchor) - node.level + 1]
-        base = ".".join(anchor + ([node.module] if node.module else []))
-    return [f"{base}.{a.name}" if f"{base}.{a.name}" in MODULES else base for a in node.names]
-
-
-def _imports() -> list[tuple[str, str, int, bool]]:
-    """``(importer, imported, line, inside_a_function)`` for every import in the package."""
-    rows = []
-    for name, path in MODULES.items():
-        tree = ast.parse(path.read_text(), str(path))
-        nested = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
-                  for n in ast.walk(f)}
-        for node in ast.walk(tree):
-            if isinstance(node, (ast.Import, ast.ImportFrom)):
-                for target in _targets(node, name, path.name == "__init__.py"):
-                    rows.append((name, target, node.lineno, id(node) in nested))
-    return rows
-
-
-IMPORTS = _imports()
+MODULES = figures.modules(ROOT)
+#: ``(importer, imported, inside_a_function, line)`` for every import in the package.
+IMPORTS = figures.imports(MODULES)
 
 
 def _wing(module: str) -> str | None:
@@ -81,7 +51,7 @@ def test_every_module_lives_in_a_wing():
 
 def test_imports_point_down_the_wings_only():
     upward = []
-    for importer, imported, line, _ in IMPORTS:
+    for importer, imported, _, line in IMPORTS:
         if importer == "ignite_trainer" or not imported.startswith("ignite_trainer"):
             continue
         if imported == "ignite_trainer":
@@ -93,47 +63,12 @@ def test_imports_point_down_the_wings_only():
 
 
 def test_there_is_no_import_circle():
-    graph: dict[str, set[str]] = {m: set() for m in MODULES}
-    for importer, imported, _, _ in IMPORTS:
-        if imported in MODULES and importer != "ignite_trainer" and imported != importer:
-            graph[importer].add(imported)
-    # Tarjan's strongly connected components: any component of more than one module is a circle.
-    index: dict[str, int] = {}
-    low: dict[str, int] = {}
-    stack: list[str] = []
-    on_stack: set[str] = set()
-    circles: list[list[str]] = []
-
-    def visit(v: str) -> None:
-        index[v] = low[v] = len(index)
-        stack.append(v)
-        on_stack.add(v)
-        for w in graph[v]:
-            if w not in index:
-                visit(w)
-                low[v] = min(low[v], low[w])
-            elif w in on_stack:
-                low[v] = min(low[v], index[w])
-        if low[v] == index[v]:
-            component = []
-            while True:
-                w = stack.pop()
-                on_stack.discard(w)
-                component.append(w)
-                if w == v:
-                    break
-            if len(component) > 1:
-                circles.append(sorted(component))
-
-    sys.setrecursionlimit(max(sys.getrecursionlimit(), 10_000))
-    for v in graph:
-        if v not in index:
-            visit(v)
+    circles = figures.circles(MODULES, IMPORTS)
     assert not circles, f"import circles: {circles}"
 
 
 def test_imports_inside_functions_only_defer_a_heavy_optional_dependency():
-    hidden = [f"{importer}:{line} imports {imported}" for importer, imported, line, inside in IMPORTS
+    hidden = [f"{importer}:{line} imports {imported}" for importer, imported, inside, line in IMPORTS
               if inside and not any(imported == d or imported.startswith(d + ".") for d in DEFERRED)]
     assert not hidden, "imports inside functions (move them to the top of the module):\n" + "\n".join(hidden)
 
