@@ -29,7 +29,7 @@ from ignite_trainer.data.records import Recording
 from ignite_trainer.scoring.decision import fit_decision
 from ignite_trainer.training.events import TrainerEvents
 from ignite_trainer.scoring.scores import binary_stats, probs_to_murmur_class, tune_threshold
-from ignite_trainer.core.vocabulary import AGGREGATIONS, LABELS, OBJECTIVES
+from ignite_trainer.core.vocabulary import AGGREGATIONS, INDEX, LABELS, LOGITS, MASK, OBJECTIVES, PREDICTIONS, TARGETS
 
 __all__ = [
     "WindowPredictions", "LevelPredictions", "PredictionCollector", "aggregate", "window_level",
@@ -119,7 +119,7 @@ class PredictionCollector(Metric):
         recordings = recording_predictions(windows, val_dataset.window_recording, val_dataset.recordings)
     """
 
-    required_output_keys = ("logits", "y", "mask", "index")
+    required_output_keys = (LOGITS, TARGETS, MASK, INDEX)
     _state_dict_all_req_keys = ("_rows",)
 
     def __init__(self, output_transform: Callable[[Any], Any] = _identity,
@@ -421,7 +421,7 @@ def attach_decision_fitting(trainer: Engine, evaluator_metric_name: str, val_dat
     return fit
 
 
-def attach_pr_curves(trainer: Engine, tb_logger: Any, evaluator_metric_name: str = "predictions",
+def attach_pr_curves(trainer: Engine, tb_logger: Any, evaluator_metric_name: str = PREDICTIONS,
                      val_dataset: Any = None) -> Callable[[Engine], None]:
     """Write a TensorBoard PR curve per label after each validation (tag ``val_pr/<label>``).
 

@@ -23,14 +23,15 @@ from typing import Any
 from ignite.engine import Engine
 from ignite.handlers import Checkpoint, TensorboardLogger
 
+from ignite_trainer.core.vocabulary import PREDICTIONS, VAL_LOSS
 from ignite_trainer.training.epoch_scalars import EpochScalars
 from ignite_trainer.training.events import TrainerEvents
 
 __all__ = ["attach_epoch_tensorboard"]
 
 
-def attach_epoch_tensorboard(trainer: Engine, log_dir: str | Path, *, monitor: str = "val_loss",
-                             predictions_name: str = "predictions", val_dataset: Any = None,
+def attach_epoch_tensorboard(trainer: Engine, log_dir: str | Path, *, monitor: str = VAL_LOSS,
+                             predictions_name: str = PREDICTIONS, val_dataset: Any = None,
                              best_checkpoint: Checkpoint | None = None) -> TensorboardLogger:
     """Log the per-epoch scalars (module docstring) to an Ignite `TensorboardLogger` in ``log_dir``.
 
