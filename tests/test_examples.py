@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from ignite_trainer import load_checkpoint, write_synthetic
+from ignite_trainer import write_synthetic
+from ignite_trainer.runs.checkpoint import load_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TINY_SETS = ["--set", "n_mels=8", "--set", "sample_rate=1000", "--set", "hop_ms=20", "--set", "n_fft=64",
