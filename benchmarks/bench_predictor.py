@@ -26,8 +26,9 @@ from scipy.io import wavfile
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from ignite_trainer import (FeatureSettings, Predictor, TrainConfig, TrainedModel, build_model,  # noqa: E402
+from ignite_trainer import (FeatureSettings, Predictor, TrainConfig, build_model,  # noqa: E402
                             challenge_recordings, load_trained_model, write_synthetic)
+from ignite_trainer.use.model_files import TrainedModel  # noqa: E402
 
 
 def untrained(config: TrainConfig) -> TrainedModel:

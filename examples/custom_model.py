@@ -21,8 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ignite_trainer import register_model
-from ignite_trainer.data.synthetic import ensure_embedded_dataset  # generated on the first run, reused after
+from ignite_trainer import register_model, write_synthetic
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # cli.py lives at the repository root, beside the package
@@ -69,7 +68,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command != "train":
         return cli_main([args.command, *rest])
     if "--data" not in rest and not any(a.startswith("--data=") for a in rest):
-        rest = ["--data", str(ensure_embedded_dataset(Path(args.data_out), args.patients, seed=1)), *rest]
+        data = Path(args.data_out) / f"synthetic_p{args.patients}"  # written on the first run, reused after
+        if not data.is_dir():
+            write_synthetic(data, args.patients, seed=1)
+        rest = ["--data", str(data), *rest]
     if "--model" not in rest:
         rest = ["--model", MODEL_NAME, *rest]
     return cli_main(["train", *rest])

@@ -4,9 +4,10 @@ The engines, data and loaders are built here; the standard handlers (validation,
 stopping, checkpoints, LR schedule, logs) are attached by `attach_standard_handlers`, the same call the
 CLI's training makes, so they run in the right order. Our handler is an exponential moving average (EMA)
 of the weights: updated after every optimiser step, evaluated on the validation set after every
-validation of the raw weights, and saved in both checkpoints under its own key. It shows the three things a custom script usually needs: a handler on an
-Ignite event, a second evaluator fed by the same loader, and an object with ``state_dict()`` that goes
-into checkpoints next to the standard ones.
+validation of the raw weights, and saved in both checkpoints under its own key. It shows the three things
+a custom script usually needs: a handler on an Ignite event, a second evaluator fed by the same loader, and
+an object with ``state_dict()`` that goes into checkpoints next to the standard ones. Everything comes from
+``ignite_trainer``'s top-level names, metric names included.
 
 Run::
 
@@ -29,6 +30,10 @@ import torch
 from ignite.engine import Engine, Events
 
 from ignite_trainer import (
+    MACRO_F1,
+    PER_LABEL,
+    PREDICTIONS,
+    VAL_LOSS,
     EvalWindows,
     FeatureCache,
     FeatureSettings,
@@ -47,8 +52,8 @@ from ignite_trainer import (
     make_train_loader,
     read_recordings,
     split_patients,
+    write_synthetic,
 )
-from ignite_trainer.data.synthetic import ensure_embedded_dataset  # generated on the first run, reused after
 
 
 class WeightEMA:
@@ -57,6 +62,8 @@ class WeightEMA:
     Averaged weights often validate better and more smoothly than the last step's on small, noisy data
     sets like PCG recordings. Float tensors (weights and BatchNorm statistics) are averaged; integer
     buffers (``num_batches_tracked``) are copied. ``state_dict()`` makes it checkpointable by Ignite.
+    A step the trainer skipped (a non-finite loss or gradient) left the weights as they were, so averaging
+    them once more is harmless, and the trainer's NaN guard stops the run at once anyway.
     """
 
     def __init__(self, model: torch.nn.Module, decay: float = 0.9) -> None:
@@ -67,8 +74,6 @@ class WeightEMA:
 
     @torch.no_grad()
     def update(self, engine: Engine) -> None:
-        if not engine.state.output.get("finite", True):
-            return  # the step was skipped; nothing changed
         for ema, live in zip(self.model.state_dict().values(), self.source.state_dict().values()):
             if ema.dtype.is_floating_point:
                 ema.lerp_(live, 1.0 - self.decay)
@@ -106,12 +111,17 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     logging.getLogger("ignite.distributed.auto.auto_dataloader").setLevel(logging.WARNING)  # one INFO per loader
     tiny = dict(n_mels=8, sample_rate=1000, hop_ms=20.0, n_fft=64) if args.tiny else {}
-    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, device="cpu", monitor="macro_f1",
+    config = TrainConfig(epochs=args.epochs, batch_size=args.batch_size, device="cpu", monitor=MACRO_F1,
                          progress=False, **tiny)
     torch.manual_seed(config.seed)
 
     # data: folder -> recordings -> cached features -> patient split -> window datasets -> loaders
-    data = Path(args.data) if args.data else ensure_embedded_dataset(out / "data", args.patients, seed=1)
+    if args.data:
+        data = Path(args.data)
+    else:  # synthetic patients, written on the first run and reused after
+        data = out / f"synthetic_p{args.patients}"
+        if not data.is_dir():
+            write_synthetic(data, args.patients, seed=1)
     recordings = read_recordings(data, "circor2022")
     cache = FeatureCache(Path(args.cache_dir or out / "cache"), FeatureSettings.from_config(config))
     recordings = cache.prepare(recordings)
@@ -126,12 +136,14 @@ def main(argv: list[str] | None = None) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
     loss_fn = WeightedBCELoss(*config.pos_weight)
     trainer = create_trainer(model, optimizer, loss_fn, device, gradient_clip=config.gradient_clip)
-    evaluator = create_evaluator(model, {"val_loss": MaskedLoss(loss_fn), "labels": PerLabelMetrics(),
-                                         "predictions": PredictionCollector()}, device)
+    # metric names from the package: the standard handlers read PREDICTIONS (threshold tuning) and the monitored
+    # score (VAL_LOSS, MACRO_F1, ...); PerLabelMetrics's scores are flattened, so PER_LABEL is never read back
+    evaluator = create_evaluator(model, {VAL_LOSS: MaskedLoss(loss_fn), PER_LABEL: PerLabelMetrics(),
+                                         PREDICTIONS: PredictionCollector()}, device)
 
     # our handler, and a second evaluator that scores its weights on the same loader
     ema = WeightEMA(model, decay=args.ema_decay).attach(trainer)
-    ema_evaluator = create_evaluator(ema.model, {"val_loss": MaskedLoss(loss_fn), "labels": PerLabelMetrics()}, device)
+    ema_evaluator = create_evaluator(ema.model, {VAL_LOSS: MaskedLoss(loss_fn), PER_LABEL: PerLabelMetrics()}, device)
 
     # the standard handlers, in their order, with the EMA in every checkpoint
     (out / "checkpoints").mkdir(parents=True, exist_ok=True)
@@ -146,13 +158,13 @@ def main(argv: list[str] | None = None) -> dict:
     def validate_ema(engine: Engine) -> None:
         raw = engine.state.validation_metrics
         averaged = ema_evaluator.run(val_loader).metrics
-        row = {"epoch": engine.state.epoch, "ema_updates": ema.updates,
-               "val_loss": raw["val_loss"], "ema_val_loss": float(averaged["val_loss"]),
-               "macro_f1": raw["macro_f1"], "ema_macro_f1": float(averaged["macro_f1"])}
+        row = {"epoch": engine.state.epoch, "ema_updates": ema.updates}
+        for name in (VAL_LOSS, MACRO_F1):
+            row[name], row[f"ema_{name}"] = raw[name], float(averaged[name])
         with open(ema_log, "a") as f:
             f.write(json.dumps(row) + "\n")
-        print(f"epoch {row['epoch']}: val_loss {row['val_loss']:.4f} (EMA {row['ema_val_loss']:.4f})  "
-              f"macro_f1 {row['macro_f1']:.3f} (EMA {row['ema_macro_f1']:.3f})")
+        print(f"epoch {row['epoch']}: " + "  ".join(f"{name} {row[name]:.4f} (EMA {row[f'ema_{name}']:.4f})"
+                                                    for name in (VAL_LOSS, MACRO_F1)))
 
     try:
         trainer.run(train_loader, max_epochs=config.epochs)

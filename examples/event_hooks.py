@@ -23,20 +23,22 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import torch
 from ignite.engine import Engine, Events
-from tensorboardX import SummaryWriter
+from ignite.handlers import TensorboardLogger
 
 from ignite_trainer import (
     LABELS,
+    MACRO_F1,
+    PREDICTIONS,
+    VAL_LOSS,
     TrainConfig,
     TrainerEvents,
     load_trained_model,
     recording_predictions,
     train,
+    write_synthetic,
 )
-from ignite_trainer.data.synthetic import ensure_embedded_dataset  # generated on the first run, reused after
 
 
 class ResearchHooks:
@@ -50,24 +52,24 @@ class ResearchHooks:
         self.run_dir = Path(run_dir)
         self.n_windows = n_windows
         self.show = show
-        self.writer: SummaryWriter | None = None
+        self.tb: TensorboardLogger | None = None
 
     def __call__(self, trainer: Engine, evaluator: Engine) -> None:
         import ignite.distributed as idist
 
         if idist.get_rank() != 0:
             return
-        self.writer = SummaryWriter(str(self.run_dir / "tb" / "hooks"))
+        self.tb = TensorboardLogger(log_dir=str(self.run_dir / "tb" / "hooks"))  # Ignite's, over tensorboardX
         trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, self.list_misclassified)
         trainer.add_event_handler(TrainerEvents.BEST_MODEL_SAVED, self.attention_maps)
         trainer.add_event_handler(TrainerEvents.EARLY_STOPPED, self.early_stopped)
-        trainer.add_event_handler(Events.COMPLETED, lambda _: self.writer.close())  # also after an early stop
+        trainer.add_event_handler(Events.COMPLETED, lambda _: self.tb.close())  # also after an early stop
 
     # ------------------------------------------------------------------ handlers
     def list_misclassified(self, engine: Engine) -> None:
         output = engine.state.validation_output  # the evaluator's state after this validation
         dataset = output.dataloader.dataset  # the validation EvalWindows
-        recs = recording_predictions(output.metrics["predictions"], dataset.window_recording, dataset.recordings)
+        recs = recording_predictions(output.metrics[PREDICTIONS], dataset.window_recording, dataset.recordings)
         thresholds = engine.state.thresholds
         wrong = []
         for i, rec_id in enumerate(recs.ids):
@@ -81,7 +83,7 @@ class ResearchHooks:
                                   "target": int(recs.targets[i, j]), "margin": round(margin, 4)})
         wrong.sort(key=lambda w: -w["margin"])
         m = engine.state.validation_metrics
-        self.log("validation_completed", engine, misclassified=wrong, macro_f1=m["macro_f1"], val_loss=m["val_loss"])
+        self.log("validation_completed", engine, misclassified=wrong, **{MACRO_F1: m[MACRO_F1], VAL_LOSS: m[VAL_LOSS]})
         names = ", ".join(f"{w['recording']}:{w['label']}" for w in wrong[: self.show])
         print(f"epoch {engine.state.epoch}: {len(wrong)} misclassified of {len(recs)} recordings; worst: {names}")
 
@@ -89,13 +91,13 @@ class ResearchHooks:
         path = engine.state.best_model_path
         trained = load_trained_model(path)  # the best weights, as evaluate/predict would load them
         dataset = engine.state.validation_output.dataloader.dataset
-        picks = np.linspace(0, len(dataset) - 1, num=min(self.n_windows, len(dataset))).round().astype(int)
+        picks = torch.linspace(0, len(dataset) - 1, steps=min(self.n_windows, len(dataset))).round().long()
         x = torch.stack([dataset[int(i)][0] for i in picks])
         with torch.no_grad():
             _, attention = trained.model(x)  # [K, T']
         image = attention / attention.amax(dim=1, keepdim=True).clamp_min(1e-12)  # each row scaled to [0, 1]
-        self.writer.add_image("attention/best_model", image.unsqueeze(0), engine.state.epoch, dataformats="CHW")
-        self.writer.flush()
+        self.tb.writer.add_image("attention/best_model", image.unsqueeze(0), engine.state.epoch, dataformats="CHW")
+        self.tb.writer.flush()
         self.log("best_model_saved", engine, best_model_path=str(path), best_score=engine.state.best_score,
                  attention_shape=list(attention.shape))
 
@@ -116,7 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--patience", type=int, default=3, help="early-stopping patience (epochs)")
-    p.add_argument("--monitor", default="macro_f1")
+    p.add_argument("--monitor", default=MACRO_F1, help=f"{VAL_LOSS}, {MACRO_F1}, heart.f1, murmur.f1, ...")
     p.add_argument("--out", default="runs", help="parent folder of the run directory")
     p.add_argument("--name", default="event_hooks", help="run directory name (replaced if it exists)")
     p.add_argument("--cache-dir", help="feature cache (default: the standard one)")
@@ -124,7 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
     args = p.parse_args(argv)
 
     out = Path(args.out)
-    data = Path(args.data) if args.data else ensure_embedded_dataset(out / f"{args.name}_data", args.patients, seed=1)
+    if args.data:
+        data = Path(args.data)
+    else:  # synthetic patients, written on the first run and reused after
+        data = out / f"{args.name}_data_p{args.patients}"
+        if not data.is_dir():
+            write_synthetic(data, args.patients, seed=1)
     tiny = dict(n_mels=8, sample_rate=1000, hop_ms=20.0, n_fft=64) if args.tiny else {}
     config = TrainConfig(data=str(data), epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                          early_stopping_patience=args.patience, monitor=args.monitor, output_dir=str(out),

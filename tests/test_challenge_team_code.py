@@ -14,7 +14,8 @@ import pytest
 from scipy.io import wavfile
 
 from conftest import circor_subset
-from ignite_trainer import evaluate, predict, read_challenge_outputs, scores_from_outputs
+from ignite_trainer import evaluate, predict
+from ignite_trainer.scoring.challenge import read_challenge_outputs, scores_from_outputs
 
 TEAM_CODE = Path(__file__).resolve().parent.parent / "examples" / "challenge" / "team_code.py"
 

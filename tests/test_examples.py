@@ -4,6 +4,7 @@ One subprocess per example (the model registry is per process, and this is how a
 shared 12-patient data set and feature cache, with tiny features (8 mels at 1 kHz) and one torch thread.
 """
 
+import ast
 import json
 import os
 import subprocess
@@ -13,11 +14,57 @@ from pathlib import Path
 import pytest
 import torch
 
-from ignite_trainer import load_checkpoint, write_synthetic
+import ignite_trainer
+from ignite_trainer import write_synthetic
+from ignite_trainer.runs.checkpoint import load_checkpoint
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 TINY_SETS = ["--set", "n_mels=8", "--set", "sample_rate=1000", "--set", "hop_ms=20", "--set", "n_fft=64",
              "--set", "val_fraction=0.34"]
+
+
+#: What an example may import besides the package's top-level names: the standard library, torch and Ignite,
+#: and ``cli`` (the repository's command line, which ``custom_model.py`` drives in its own process).
+ALLOWED_MODULES = {*sys.stdlib_module_names, "__future__", "torch", "ignite", "cli"}
+
+
+def _imports(path: Path) -> list[tuple[int, str, list[str]]]:
+    """Every import in ``path``, nested ones included: ``(line, module, names)``; ``names`` empty for ``import m``."""
+    found = []
+    for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+        if isinstance(node, ast.Import):
+            found += [(node.lineno, alias.name, []) for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            found.append((node.lineno, "." * node.level + (node.module or ""), [a.name for a in node.names]))
+    return found
+
+
+@pytest.mark.parametrize("script", sorted(p.relative_to(EXAMPLES).as_posix() for p in EXAMPLES.rglob("*.py")))
+def test_examples_use_only_the_public_face(script):
+    """An example is what a user may copy: ``from ignite_trainer import X`` of names in ``__all__`` only, never a
+    wing module, and otherwise nothing but the standard library, torch and Ignite."""
+    wrong = []
+    for line, module, names in _imports(EXAMPLES / script):
+        top = module.split(".")[0]
+        if module == "ignite_trainer":
+            wrong += [f"{line}: {name} is not a public name" for name in names if name not in ignite_trainer.__all__]
+        elif top == "ignite_trainer":
+            wrong.append(f"{line}: imports the wing module {module}; use a top-level name")
+        elif top not in ALLOWED_MODULES:
+            wrong.append(f"{line}: imports {module}")
+    assert not wrong, f"examples/{script}:\n" + "\n".join(wrong)
+
+
+@pytest.mark.parametrize("script", sorted(p.relative_to(EXAMPLES).as_posix() for p in EXAMPLES.rglob("*.py")))
+def test_examples_name_metrics_through_the_constants(script):
+    """The metric names the standard handlers read are written through the package's constants, never as strings."""
+    names = {ignite_trainer.VAL_LOSS, ignite_trainer.MACRO_F1, ignite_trainer.PREDICTIONS, ignite_trainer.PER_LABEL}
+    tree = ast.parse((EXAMPLES / script).read_text())
+    docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                  if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef)) and ast.get_docstring(node)}
+    bare = [f"{node.lineno}: {node.value!r}" for node in ast.walk(tree)
+            if isinstance(node, ast.Constant) and node.value in names and id(node) not in docstrings]
+    assert not bare, f"examples/{script} spells metric names as strings:\n" + "\n".join(bare)
 
 
 @pytest.fixture(scope="module")

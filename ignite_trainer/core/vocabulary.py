@@ -56,7 +56,7 @@ def is_score(name: str) -> bool:
 
 def score_mode(name: str) -> str:
     """``"min"`` for the loss, ``"max"`` for every other score: the one rule of which direction is better."""
-    return "min" if name == "val_loss" else "max"
+    return "min" if name == VAL_LOSS else "max"
 
 
 def score_sign(name: str) -> float:
@@ -90,3 +90,58 @@ def best_epoch(scores: Iterable[tuple[int, float | None]], mode: str = "max") ->
         return None
     top = max(s for s, _ in scored)
     return min(e for s, e in scored if s == top)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Metric and output names.
+#
+# The names a run is composed with: the evaluator metrics are attached under them (``create_evaluator``), the
+# handlers are told them (``monitor=``, ``attach_threshold_tuning``), and handlers read them back from
+# ``engine.state.metrics`` and ``trainer.state.validation_metrics``. The engines' output dicts use the keys
+# below. Each name is written here once; the library and scripts refer to the constant.
+# ------------------------------------------------------------------------------------------------------------
+
+#: The evaluator's epoch loss (`MaskedLoss`), the one score that is minimised.
+VAL_LOSS = "val_loss"
+#: Mean of the labels' defined F1 scores (`PerLabelMetrics`).
+MACRO_F1 = "macro_f1"
+#: The trainer's mean loss over an epoch, in ``trainer.state.metrics``.
+TRAIN_LOSS = "train_loss"
+#: The evaluator's `PredictionCollector` (every window's probability): threshold tuning, the decision layer
+#: and the PR curves read the validation predictions under this name.
+PREDICTIONS = "predictions"
+#: The name `PerLabelMetrics` is attached under; its scores are flattened into ``engine.state.metrics`` as
+#: `label_score` keys and ``MACRO_F1``, so nothing reads this name back.
+PER_LABEL = "labels"
+
+#: The trainer's ``engine.state.output`` keys: the step's loss, the gradient norm before clipping (NaN on an
+#: accumulation micro-step), whether the step was finite (a non-finite step is skipped).
+LOSS = "loss"
+GRAD_NORM = "grad_norm"
+FINITE = "finite"
+#: The evaluator's ``engine.state.output`` keys: logits ``[B, L]``, targets ``[B, L]``, label mask ``[B, L]``
+#: and the window index ``[B]``; every metric reads these.
+LOGITS = "logits"
+TARGETS = "y"
+MASK = "mask"
+INDEX = "index"
+
+
+def label_score(label: str, stat: str) -> str:
+    """The name of one label's score, ``"<label>.<stat>"``, as `PerLabelMetrics` reports it and ``monitor`` takes it.
+
+    ``label`` is one of `LABELS` (or of the labels a `PerLabelMetrics` was given); ``stat`` one of `STATS`
+    or ``"support"``.
+
+    Example:
+
+        >>> label_score("murmur", "f1")
+        'murmur.f1'
+        >>> is_score(label_score("heart", "specificity"))
+        True
+    """
+    if not label or "." in label:
+        raise ValueError(f"label {label!r} must be a non-empty name without a dot")
+    if stat not in (*STATS, "support"):
+        raise ValueError(f"unknown statistic {stat!r}; one of {', '.join((*STATS, 'support'))}")
+    return f"{label}.{stat}"

@@ -39,6 +39,7 @@ from ignite.engine import Engine, EventEnum, Events
 from ignite.metrics import Average, Metric
 
 from ignite_trainer.core.errors import ConfigError
+from ignite_trainer.core.vocabulary import FINITE, GRAD_NORM, INDEX, LOGITS, LOSS, MASK, TARGETS, TRAIN_LOSS
 from ignite_trainer.training.events import TrainerEvents
 
 #: Default number of iterations between two reads of the step statistics (one host sync each).
@@ -307,11 +308,11 @@ def create_trainer(
         if not math.isfinite(loss_value):
             optimizer.zero_grad(set_to_none=True)
             stats.record(iteration, loss, nan, torch.tensor(True, device=device))
-            return {"loss": loss_value, "grad_norm": math.nan, "finite": False}
+            return {LOSS: loss_value, GRAD_NORM: math.nan, FINITE: False}
         backward(loss, window)
         if not closes:
             stats.record(iteration, loss, nan, no)
-            return {"loss": loss_value, "grad_norm": math.nan, "finite": True}
+            return {LOSS: loss_value, GRAD_NORM: math.nan, FINITE: True}
 
         if scaler is not None:
             scaler.unscale_(optimizer)
@@ -326,7 +327,7 @@ def create_trainer(
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         stats.record(iteration, loss, norm, torch.tensor(not finite, device=device))
-        return {"loss": loss_value, "grad_norm": grad_norm, "finite": finite}
+        return {LOSS: loss_value, GRAD_NORM: grad_norm, FINITE: finite}
 
     def device_update(engine: Engine, batch: Sequence[torch.Tensor]) -> dict[str, Any]:
         window, closes = accumulation_window(position_in_epoch(engine), accumulation_steps, engine.state.epoch_length)
@@ -337,7 +338,7 @@ def create_trainer(
         backward(loss, window)  # a non-finite loss makes non-finite gradients: that step is skipped below
         if not closes:
             stats.record(engine.state.iteration, loss_detached, nan, bad_loss)
-            return {"loss": loss_detached, "grad_norm": nan, "finite": ~bad_loss}
+            return {LOSS: loss_detached, GRAD_NORM: nan, FINITE: ~bad_loss}
         if scaler is not None:
             scaler.unscale_(optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
@@ -354,7 +355,7 @@ def create_trainer(
             finally:
                 del optimizer.grad_scale, optimizer.found_inf  # type: ignore[attr-defined]
         optimizer.zero_grad(set_to_none=True)
-        return {"loss": loss_detached, "grad_norm": norm, "finite": ~bad}
+        return {LOSS: loss_detached, GRAD_NORM: norm, FINITE: ~bad}
 
     trainer = Engine(device_update if check_on_device else host_update)
     # Counted by epoch, so Ignite's filters work on them: VALIDATION_COMPLETED(every=5), BEST_MODEL_SAVED(once=3).
@@ -368,12 +369,12 @@ def create_trainer(
         if engine.state.iteration % sync_every == 0 or (length is not None and position_in_epoch(engine) == length):
             read_step_stats(engine)
 
-    Average(output_transform=_loss_of, device=device).attach(trainer, "train_loss")
+    Average(output_transform=_loss_of, device=device).attach(trainer, TRAIN_LOSS)
     return trainer
 
 
 def _loss_of(output: Mapping[str, Any]) -> Any:
-    return output["loss"]
+    return output[LOSS]
 
 
 def create_evaluator(
@@ -404,7 +405,7 @@ def create_evaluator(
         x, y, mask, index, demographics = prepare_batch(batch, device)
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
             logits, _ = run_model(model, x, demographics)
-        return {"logits": logits.float(), "y": y, "mask": mask, "index": index}
+        return {LOGITS: logits.float(), TARGETS: y, MASK: mask, INDEX: index}
 
     evaluator = Engine(step)
     for name, metric in metrics.items():

@@ -24,8 +24,7 @@ from ignite.handlers import Checkpoint
 from ignite_trainer.training.events import TrainerEvents
 from ignite_trainer.scoring.predictions import recording_predictions
 from ignite_trainer.scoring.scores import auprc, auroc
-from ignite_trainer.core.vocabulary import LABELS
-from ignite_trainer.core.vocabulary import best_epoch, score_sign
+from ignite_trainer.core.vocabulary import LABELS, PREDICTIONS, VAL_LOSS, best_epoch, score_sign
 from ignite_trainer.runs.checkpoint import parse_checkpoint_name
 
 __all__ = ["EpochScalars", "ranking_scores"]
@@ -94,7 +93,7 @@ class EpochScalars:
             print(engine.state.epoch, scalars.validation(engine), scalars.epoch(engine))
     """
 
-    def __init__(self, trainer: Engine, *, monitor: str = "val_loss", predictions_name: str = "predictions",
+    def __init__(self, trainer: Engine, *, monitor: str = VAL_LOSS, predictions_name: str = PREDICTIONS,
                  val_dataset: Any = None, best_checkpoint: Checkpoint | None = None) -> None:
         self.monitor = monitor
         self.predictions_name = predictions_name

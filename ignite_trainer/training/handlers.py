@@ -29,7 +29,7 @@ from ignite_trainer.training.engine import StepEvents, read_step_stats
 from ignite_trainer.core.errors import TrainingAborted
 from ignite_trainer.training.events import TrainerEvents
 from ignite_trainer.runs.rundir import MetricsLog
-from ignite_trainer.core.vocabulary import LABELS, STATS, score_sign
+from ignite_trainer.core.vocabulary import LABELS, STATS, VAL_LOSS, score_sign
 
 log = logging.getLogger("ignite_trainer")
 
@@ -101,7 +101,7 @@ class ValidationEarlyStopping(EarlyStopping):
     (the sentence the epoch lines log after the epoch's line; Ignite's own "Stop training" line is silenced),
     fires ``EARLY_STOPPED``, and skips an epoch whose monitored score is undefined."""
 
-    def __init__(self, *args: Any, monitor: str = "val_loss", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, monitor: str = VAL_LOSS, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.monitor = monitor
         self.logger.setLevel(logging.WARNING)
@@ -117,7 +117,7 @@ class ValidationEarlyStopping(EarlyStopping):
             engine.fire_event(TrainerEvents.EARLY_STOPPED)
 
 
-def attach_early_stopping(trainer: Engine, patience: int, monitor: str = "val_loss") -> ValidationEarlyStopping:
+def attach_early_stopping(trainer: Engine, patience: int, monitor: str = VAL_LOSS) -> ValidationEarlyStopping:
     """Ignite's `EarlyStopping` on the monitored validation score; fires ``EARLY_STOPPED`` when it stops.
 
     It is attached to the trainer's ``VALIDATION_COMPLETED`` rather than with ``attach(evaluator,
@@ -159,7 +159,7 @@ class BestCheckpoint(Checkpoint):
 
 
 def attach_best_checkpoint(
-    trainer: Engine, to_save: Mapping[str, Any], dirname: str | Path, monitor: str = "val_loss", n_saved: int = 1
+    trainer: Engine, to_save: Mapping[str, Any], dirname: str | Path, monitor: str = VAL_LOSS, n_saved: int = 1
 ) -> BestCheckpoint:
     """Keep the ``n_saved`` best checkpoints by the monitored score; fire ``BEST_MODEL_SAVED`` on each new one.
 

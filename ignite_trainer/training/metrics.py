@@ -23,7 +23,7 @@ from ignite.metrics.metric import Metric, reinit__is_reduced, sync_all_reduce
 
 from ignite_trainer.scoring.predictions import WindowPredictions
 from ignite_trainer.scoring.scores import stats_from_counts
-from ignite_trainer.core.vocabulary import LABELS, STATS
+from ignite_trainer.core.vocabulary import INDEX, LABELS, LOGITS, MACRO_F1, MASK, STATS, TARGETS, label_score
 
 __all__ = ["PerLabelMetrics", "MaskedLoss", "logits_y_mask", "STAT_NAMES"]
 
@@ -37,7 +37,7 @@ def logits_y_mask(output: Mapping[str, Any]) -> tuple[torch.Tensor, torch.Tensor
     A missing ``mask`` means every label is present. A module-level function (not a lambda) so the
     metric stays picklable for spawned processes.
     """
-    return output["logits"], output["y"], output.get("mask")
+    return output[LOGITS], output[TARGETS], output.get(MASK)
 
 
 def _unpack(output: Sequence[Any], n_labels: int | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -181,8 +181,8 @@ class PerLabelMetrics(Metric):
             stats = stats_from_counts(tp, fp, fn, tn)
             support = tp + fp + fn + tn
             for name, value in stats.items():
-                result[f"{label}.{name}"] = value
-            result[f"{label}.support"] = support
+                result[label_score(label, name)] = value
+            result[label_score(label, "support")] = support
             if support > 0 and tp + fn == 0 and label not in self._warned_no_positives:
                 # the split cannot measure recall here, whatever the model does. Said once.
                 self._warned_no_positives.add(label)
@@ -191,7 +191,7 @@ class PerLabelMetrics(Metric):
                     "the labels whose F1 is defined", label, support)
             if stats["f1"] is not None:
                 defined_f1.append(stats["f1"])
-        result["macro_f1"] = sum(defined_f1) / len(defined_f1) if defined_f1 else None
+        result[MACRO_F1] = sum(defined_f1) / len(defined_f1) if defined_f1 else None
         return result
 
 
@@ -286,7 +286,7 @@ class PredictionCollector(Metric):
         recordings = recording_predictions(windows, val_dataset.window_recording, val_dataset.recordings)
     """
 
-    required_output_keys = ("logits", "y", "mask", "index")
+    required_output_keys = (LOGITS, TARGETS, MASK, INDEX)
     _state_dict_all_req_keys = ("_rows",)
 
     def __init__(self, output_transform: Callable[[Any], Any] = _identity,

@@ -32,6 +32,7 @@ from ignite_trainer.data.loaders import ResidentEvalLoader, ResidentTrainLoader,
 from ignite_trainer.data.prepare import PreparedData, checked_data, prepare_data
 from ignite_trainer.training.engine import create_evaluator, create_trainer
 from ignite_trainer.core.errors import DistributedFailure
+from ignite_trainer.core.vocabulary import PER_LABEL, PREDICTIONS, VAL_LOSS
 from ignite_trainer.training.graceful import GracefulStop, TrainingStopped
 from ignite_trainer.training.launch import broadcast_from_rank0, run_joined, run_spawned
 from ignite_trainer.runs.logs import quiet_non_zero_rank, setup_logging
@@ -237,9 +238,9 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
                              amp=config.amp, accumulation_steps=config.accumulation_steps, scaler=scaler,
                              amp_dtype_name=config.amp_dtype, sync_every=config.sync_every,
                              augment=augment if augment.enabled else None)
-    evaluator = create_evaluator(step_model, {"val_loss": MaskedLoss(loss_fn, device=device),
-                                              "labels": PerLabelMetrics(device=device),
-                                              "predictions": PredictionCollector(device=device)},
+    evaluator = create_evaluator(step_model, {VAL_LOSS: MaskedLoss(loss_fn, device=device),
+                                              PER_LABEL: PerLabelMetrics(device=device),
+                                              PREDICTIONS: PredictionCollector(device=device)},
                                  device, amp=config.amp, amp_dtype_name=config.amp_dtype)
     handlers = attach_standard_handlers(
         trainer, evaluator, model=model, optimizer=optimizer, train_loader=train_loader, val_loader=val_loader,

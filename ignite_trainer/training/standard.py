@@ -36,6 +36,7 @@ from ignite.handlers import Checkpoint, EarlyStopping, LRScheduler, ProgressBar,
 
 from ignite_trainer.runs.checkpoint import RNGStates, Snapshot, clean_partial_files, restore
 from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.core.vocabulary import PREDICTIONS
 from ignite_trainer.training.console import EpochLines, attach_epoch_lines
 from ignite_trainer.training.events import TrainerEvents
 from ignite_trainer.training.handlers import (
@@ -105,7 +106,7 @@ def attach_standard_handlers(
 ) -> StandardHandlers:
     """Attach validation, thresholds, the decision layer, early stopping, checkpoints, LR schedule and loggers, in order.
 
-    ``evaluator`` must carry a `PredictionCollector` named ``"predictions"`` (threshold tuning and PR curves
+    ``evaluator`` must carry a `PredictionCollector` named ``PREDICTIONS`` (threshold tuning and PR curves
     read it). ``extra_to_save`` adds objects of a custom script to both checkpoints. With ``resume_from``
     every checkpointed object is restored before the loggers open. ``writes_logs`` (default: rank 0)
     attaches the metrics log, TensorBoard (per iteration in ``tb/``, per epoch with PR curves in
@@ -126,8 +127,8 @@ def attach_standard_handlers(
     sampler_epoch = attach_sampler_epoch(trainer, train_loader)
     nan_guard = attach_nan_guard(trainer, where=f"; resume from the last good checkpoint with --resume {run_dir}")
     validation = attach_validation(trainer, evaluator, val_loader)
-    tuning = attach_threshold_tuning(trainer, "predictions", config.threshold_objective, val_dataset)
-    decision_fitting = attach_decision_fitting(trainer, "predictions", val_dataset, config.aggregation)
+    tuning = attach_threshold_tuning(trainer, PREDICTIONS, config.threshold_objective, val_dataset)
+    decision_fitting = attach_decision_fitting(trainer, PREDICTIONS, val_dataset, config.aggregation)
     scheduler = attach_lr_scheduler(trainer, optimizer, config.epochs) if config.scheduler == "cosine_annealing" else None
 
     to_save: dict[str, Any] = {
@@ -164,7 +165,7 @@ def attach_standard_handlers(
         tb_epoch = handlers.epoch_tensorboard = attach_epoch_tensorboard(
             trainer, directory.tensorboard / "epoch", monitor=config.monitor, val_dataset=val_dataset,
             best_checkpoint=best)
-        handlers.pr_curves = attach_pr_curves(trainer, tb_epoch, "predictions", val_dataset)
+        handlers.pr_curves = attach_pr_curves(trainer, tb_epoch, PREDICTIONS, val_dataset)
         # tensorboardX buffers events; flush before the epoch's last checkpoint so a kill after it loses none
         trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED, lambda _: tb.writer.flush())
         handlers.epoch_lines = attach_epoch_lines(trainer, optimizer, config.monitor)

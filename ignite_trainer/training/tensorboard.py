@@ -24,7 +24,7 @@ import numpy as np
 from ignite.engine import Engine
 from ignite.handlers import Checkpoint, TensorboardLogger
 
-from ignite_trainer.core.vocabulary import LABELS
+from ignite_trainer.core.vocabulary import LABELS, PREDICTIONS, VAL_LOSS
 from ignite_trainer.scoring.predictions import LevelPredictions, WindowPredictions
 from ignite_trainer.training.decisions import validation_recordings
 from ignite_trainer.training.epoch_scalars import EpochScalars
@@ -33,8 +33,8 @@ from ignite_trainer.training.events import TrainerEvents
 __all__ = ["attach_epoch_tensorboard", "attach_pr_curves"]
 
 
-def attach_epoch_tensorboard(trainer: Engine, log_dir: str | Path, *, monitor: str = "val_loss",
-                             predictions_name: str = "predictions", val_dataset: Any = None,
+def attach_epoch_tensorboard(trainer: Engine, log_dir: str | Path, *, monitor: str = VAL_LOSS,
+                             predictions_name: str = PREDICTIONS, val_dataset: Any = None,
                              best_checkpoint: Checkpoint | None = None) -> TensorboardLogger:
     """Log the per-epoch scalars (module docstring) to an Ignite `TensorboardLogger` in ``log_dir``.
 
@@ -70,7 +70,7 @@ def attach_epoch_tensorboard(trainer: Engine, log_dir: str | Path, *, monitor: s
     return tb
 
 
-def attach_pr_curves(trainer: Engine, tb_logger: Any, evaluator_metric_name: str = "predictions",
+def attach_pr_curves(trainer: Engine, tb_logger: Any, evaluator_metric_name: str = PREDICTIONS,
                      val_dataset: Any = None) -> Callable[[Engine], None]:
     """Write a TensorBoard PR curve per label after each validation (tag ``val_pr/<label>``).
 
