@@ -108,28 +108,38 @@ class TrainConfig:
     eval_batch_size: int | None = _f(None, "evaluation batch size; default batch_size", min=1)
     demographics: bool = _f(False, "fuse age, sex, height, weight and pregnancy into the heart logit (CirCor only)")
     synthetic_difficulty: Literal["default", "hard"] = _f("default", "embedded synthetic set: default, or hard")
-    augment_gain_prob: float = _f(augment_default("gain_prob"), "chance per sample and epoch of a random gain", min=0.0, max=1.0)
+    augment_gain_prob: float = _f(augment_default("gain_prob"),
+                                  "chance per sample and epoch of a random gain", min=0.0, max=1.0)
     augment_gain_low_db: float = _f(augment_default("gain_low_db"), "lowest gain (dB)")
     augment_gain_high_db: float = _f(augment_default("gain_high_db"), "highest gain (dB)")
     augment_noise_prob: float = _f(augment_default("noise_prob"), "chance of added coloured noise", min=0.0, max=1.0)
     augment_noise_snr_low_db: float = _f(augment_default("noise_snr_low_db"), "lowest noise SNR (dB)")
     augment_noise_snr_high_db: float = _f(augment_default("noise_snr_high_db"), "highest noise SNR (dB)")
-    augment_noise_beta_low: float = _f(augment_default("noise_beta_low"), "lowest noise colour 1/f^beta (0 white, 1 pink, 2 brown)")
+    augment_noise_beta_low: float = _f(augment_default("noise_beta_low"),
+                                       "lowest noise colour 1/f^beta (0 white, 1 pink, 2 brown)")
     augment_noise_beta_high: float = _f(augment_default("noise_beta_high"), "highest noise colour beta")
     augment_shift_prob: float = _f(augment_default("shift_prob"), "chance of a time shift", min=0.0, max=1.0)
-    augment_shift_max_fraction: float = _f(augment_default("shift_max_fraction"), "largest shift, as a share of the window", min=0.0, max=1.0)
-    augment_shift_mode: Literal[SHIFT_MODES] = _f(augment_default("shift_mode"), "roll the window, or pad the gap with zeros")
+    augment_shift_max_fraction: float = _f(augment_default("shift_max_fraction"),
+                                           "largest shift, as a share of the window", min=0.0, max=1.0)
+    augment_shift_mode: Literal[SHIFT_MODES] = _f(augment_default("shift_mode"),
+                                                  "roll the window, or pad the gap with zeros")
     augment_stretch_prob: float = _f(augment_default("stretch_prob"), "chance of a time stretch", min=0.0, max=1.0)
-    augment_stretch_max: float = _f(augment_default("stretch_max"), "stretch rate drawn in [1 - max, 1 + max]", min=0.0, max=0.5)
-    augment_time_mask_prob: float = _f(augment_default("time_mask_prob"), "chance of SpecAugment time masks", min=0.0, max=1.0)
+    augment_stretch_max: float = _f(augment_default("stretch_max"),
+                                    "stretch rate drawn in [1 - max, 1 + max]", min=0.0, max=0.5)
+    augment_time_mask_prob: float = _f(augment_default("time_mask_prob"),
+                                       "chance of SpecAugment time masks", min=0.0, max=1.0)
     augment_time_masks: int = _f(augment_default("time_masks"), "time masks per sample", min=0)
     augment_time_mask_width: int = _f(augment_default("time_mask_width"), "widest time mask (frames)", min=0)
-    augment_freq_mask_prob: float = _f(augment_default("freq_mask_prob"), "chance of SpecAugment frequency masks", min=0.0, max=1.0)
+    augment_freq_mask_prob: float = _f(augment_default("freq_mask_prob"),
+                                       "chance of SpecAugment frequency masks", min=0.0, max=1.0)
     augment_freq_masks: int = _f(augment_default("freq_masks"), "frequency masks per sample", min=0)
     augment_freq_mask_width: int = _f(augment_default("freq_mask_width"), "widest frequency mask (mel bands)", min=0)
-    augment_mixup_prob: float = _f(augment_default("mixup_prob"), "chance of mixup with a partner of the same batch", min=0.0, max=1.0)
-    augment_mixup_alpha: float = _f(augment_default("mixup_alpha"), "mixup Beta(alpha, alpha)", min=0.0, exclusive_min=True)
-    augment_log_power_scale: float = _f(augment_default("log_power_scale"), "nepers of log power per z unit (see docs/augmentation.md)",
+    augment_mixup_prob: float = _f(augment_default("mixup_prob"),
+                                   "chance of mixup with a partner of the same batch", min=0.0, max=1.0)
+    augment_mixup_alpha: float = _f(augment_default("mixup_alpha"),
+                                    "mixup Beta(alpha, alpha)", min=0.0, exclusive_min=True)
+    augment_log_power_scale: float = _f(augment_default("log_power_scale"),
+                                        "nepers of log power per z unit (see docs/augmentation.md)",
                                         min=0.0, exclusive_min=True)
 
     # ------------------------------------------------------------------ construction and checks

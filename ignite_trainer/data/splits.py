@@ -27,7 +27,8 @@ from typing import Any, Sequence
 from ignite_trainer.data.records import Recording
 from ignite_trainer.core.errors import ConfigError, DataError
 
-__all__ = ["SPLIT_FORMAT", "patient_labels", "patient_stratum", "patient_strata", "split_patients", "assign_folds", "check_folds", "read_split_file", "write_split_file",
+__all__ = ["SPLIT_FORMAT", "patient_labels", "patient_stratum", "patient_strata", "split_patients",
+           "assign_folds", "check_folds", "read_split_file", "write_split_file",
            "fold_split"]
 
 SPLIT_FORMAT = "ignite_trainer/splits/1"

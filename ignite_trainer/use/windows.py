@@ -13,14 +13,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Sequence
 
+from ignite_trainer.core.config import cache_root
+from ignite_trainer.core.vocabulary import PREDICTIONS
 from ignite_trainer.data.datasets import EvalWindows
 from ignite_trainer.data.features import FeatureCache, feature_workers
 from ignite_trainer.data.loaders import make_eval_loader
 from ignite_trainer.data.records import Recording
-from ignite_trainer.scoring.predictions import (LevelPredictions, WindowPredictions, patient_predictions, recording_predictions, window_level)
-from ignite_trainer.training.metrics import PredictionCollector
+from ignite_trainer.scoring.predictions import (LevelPredictions, WindowPredictions, patient_predictions,
+                                                recording_predictions, window_level)
 from ignite_trainer.training.engine import create_evaluator
-from ignite_trainer.core.config import cache_root
+from ignite_trainer.training.metrics import PredictionCollector
 from ignite_trainer.training.runtime import resolve_device
 
 __all__ = ["WindowRun", "run_windows"]
@@ -73,6 +75,6 @@ def run_windows(trained, recordings: Sequence[Recording], device: str = "cpu",
     torch_device = resolve_device(device)
     model = trained.model.to(torch_device)
     loader = make_eval_loader(dataset, batch_size or config.eval_batch_size or config.batch_size, 0, torch_device)
-    evaluator = create_evaluator(model, {"predictions": PredictionCollector()}, torch_device)
-    windows = evaluator.run(loader).metrics["predictions"]
+    evaluator = create_evaluator(model, {PREDICTIONS: PredictionCollector()}, torch_device)
+    windows = evaluator.run(loader).metrics[PREDICTIONS]
     return WindowRun(windows, dataset, warnings)
