@@ -29,7 +29,6 @@ WINGS = figures.WINGS
 DEFERRED = {
     "mlflow": "optional extra (`pip install -e '.[mlflow]'`); only `--tracker mlflow` needs it",
     "optuna_integration": "its import pulls in every integration Optuna ships (seconds); only a pruned sweep needs it",
-    "matplotlib": "figures only; every other command starts without loading a plotting stack",
     "ninja": "only the opt-in CPU kernel build needs it on PATH",
     "torch.utils.cpp_extension": "only the opt-in CPU kernel build needs a compiler front-end",
 }

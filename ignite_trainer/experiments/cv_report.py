@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
+from matplotlib.ticker import MaxNLocator
 import yaml
 
 from ignite_trainer.scoring.challenge import MURMUR_CLASSES, OUTCOME_CLASSES, challenge_scores
@@ -493,8 +494,6 @@ def _markdown(report: Mapping[str, Any]) -> str:
 # ---------------------------------------------------------------------------------------------- figures
 def _figures(exp: Experiment, done: Sequence[Member], sets: Sequence[OOFSet], report: Mapping[str, Any],
              fig_dir: Path) -> list[Path]:
-    from matplotlib.ticker import MaxNLocator
-
     made = []
     # per-fold scores as points, one colour per seed, the mean over runs as a line
     fig = _figure(3.2 * len(FIGURE_METRICS), 3.4)
