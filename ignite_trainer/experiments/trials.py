@@ -203,6 +203,7 @@ class PruningHook:
         self.pruned: optuna.TrialPruned | None = None
 
     def __call__(self, trainer: Any, evaluator: Any) -> None:
+        # deferred: importing optuna_integration loads every integration it ships (seconds); only pruned trials
         from optuna_integration import PyTorchIgnitePruningHandler
 
         handler = PyTorchIgnitePruningHandler(self.trial, self.metric, trainer)

@@ -66,6 +66,7 @@ def load_kernel() -> Any:
             _status = f"off ({ENV_SWITCH}=0)"
             return None
         try:
+            # deferred: the compiler front-end is needed only when the kernel is built
             from torch.utils.cpp_extension import load as build_extension
 
             _put_ninja_on_path()

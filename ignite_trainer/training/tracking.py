@@ -49,7 +49,7 @@ def require_mlflow() -> Any:
         require_mlflow()   # before the run directory is created: a missing extra costs nothing
     """
     try:
-        import mlflow
+        import mlflow  # deferred: an optional extra, needed only with tracker=mlflow
     except ImportError:
         raise ConfigError("tracker=mlflow needs MLflow, which is not installed: "
                           "pip install 'ignite_trainer[mlflow]' (or mlflow-skinny)") from None
@@ -99,7 +99,7 @@ def attach_mlflow(trainer: Engine, optimizer: Any, config: TrainConfig, run_dir:
             close_mlflow(tracker, error)
     """
     mlflow = require_mlflow()
-    from mlflow.tracking import MlflowClient
+    from mlflow.tracking import MlflowClient  # deferred: the optional extra, checked by require_mlflow above
 
     run_dir = Path(run_dir).resolve()
     uri = tracking_uri or default_tracking_uri(config.output_dir)
@@ -163,7 +163,7 @@ def close_mlflow(logger: Any, error: BaseException | None = None) -> None:
         close_mlflow(tracker)                 # after trainer.run returned
         close_mlflow(tracker, KeyboardInterrupt())
     """
-    import mlflow
+    import mlflow  # deferred: the optional extra; only a run that tracks to MLflow gets here
 
     if error is None:
         logger.close()
