@@ -59,6 +59,10 @@ def score_mode(name: str) -> str:
     return "min" if name == VAL_LOSS else "max"
 
 
+#: ``score_mode`` -> the factor that makes a score larger-is-better.
+_MODE_SIGN = {"min": -1.0, "max": 1.0}
+
+
 def score_sign(name: str) -> float:
     """``-1.0`` for the loss, ``1.0`` otherwise: ``score_sign(name) * value`` is larger-is-better.
 
@@ -67,7 +71,7 @@ def score_sign(name: str) -> float:
         >>> score_sign("val_loss") * 0.4 > score_sign("val_loss") * 0.5
         True
     """
-    return -1.0 if score_mode(name) == "min" else 1.0
+    return _MODE_SIGN[score_mode(name)]
 
 
 def best_epoch(scores: Iterable[tuple[int, float | None]], mode: str = "max") -> int | None:
@@ -84,7 +88,7 @@ def best_epoch(scores: Iterable[tuple[int, float | None]], mode: str = "max") ->
         >>> best_epoch([(1, 0.7), (2, 0.6), (3, 0.6)], "min")
         2
     """
-    sign = -1.0 if mode == "min" else 1.0
+    sign = _MODE_SIGN[mode]
     scored = [(sign * float(s), int(e)) for e, s in scores if s is not None and math.isfinite(s)]
     if not scored:
         return None

@@ -84,12 +84,12 @@ def patient_strata(recordings: Sequence[Recording]) -> dict[tuple[str, str], lis
     return {s: strata[s] for s in sorted(strata)}
 
 
-def _shuffled_strata(recordings: Sequence[Recording], seed: int) -> list[list[str]]:
-    """Each stratum's patients (strata in sorted order) shuffled by one ``random.Random(seed)`` in turn: the
-    order both the folds and the ``val_fraction`` split deal patients from."""
+def _shuffled_strata(strata: dict[tuple[str, str], list[str]], seed: int) -> list[list[str]]:
+    """Each stratum's patients (`patient_strata`: strata in sorted order) shuffled by one ``random.Random(seed)``
+    in turn: the order both the folds and the ``val_fraction`` split deal patients from."""
     rng = random.Random(seed)
     ordered = []
-    for pids in patient_strata(recordings).values():
+    for pids in strata.values():
         pids = list(pids)
         rng.shuffle(pids)
         ordered.append(pids)
@@ -122,7 +122,7 @@ def assign_folds(recordings: Sequence[Recording], n_folds: int, split_seed: int)
         raise DataError(f"n_folds={n_folds} is more than the {len(strata[rarest])} patient(s) of the rarest stratum "
                         f"(heart={heart}, murmur={murmur}; '?' = label missing); use at most "
                         f"{len(strata[rarest])} folds")
-    ordered = [pid for pids in _shuffled_strata(recordings, split_seed) for pid in pids]
+    ordered = [pid for pids in _shuffled_strata(strata, split_seed) for pid in pids]
     folds: list[list[str]] = [[] for _ in range(n_folds)]
     for i, pid in enumerate(ordered):  # round-robin across strata: fold sizes differ by at most one
         folds[i % n_folds].append(pid)
@@ -155,7 +155,7 @@ def split_patients(
         if n_patients < 2:
             raise DataError(f"cannot split {n_patients} patient(s) into training and validation; need at least 2")
         n_val = min(n_patients - 1, max(1, round(n_patients * val_fraction)))
-        ordered = _shuffled_strata(recordings, seed)
+        ordered = _shuffled_strata(patient_strata(recordings), seed)
         counts = _largest_remainder([len(p) for p in ordered], n_val)
         val_patients = {pid for pids, k in zip(ordered, counts) for pid in pids[:k]}
 

@@ -244,22 +244,31 @@ def find_best_checkpoint(run_dir: str | Path) -> Path:
         path = find_best_checkpoint("runs/quick")   # runs/quick/checkpoints/best_checkpoint_9_...pt
     """
     ckpt_dir = Path(run_dir) / CHECKPOINTS_DIR
-    files = best_checkpoint_files(ckpt_dir)
-    epoch = best_epoch(((e, score) for e, (score, _) in files.items()), "max")
-    if epoch is None:
+    best = best_checkpoint_file(ckpt_dir)
+    if best is None:
         raise CheckpointError(f"{run_dir}: no best_checkpoint_*.pt in {ckpt_dir} (has the run validated an epoch?)")
-    return files[epoch][1]
+    return best[2]
 
 
-def best_checkpoint_files(ckpt_dir: str | Path) -> dict[int, tuple[float, Path]]:
-    """``{epoch: (larger-is-better score in the name, path)}`` of the ``best_checkpoint_*`` files in ``ckpt_dir``."""
+def best_checkpoint_file(ckpt_dir: str | Path) -> tuple[int, float, Path] | None:
+    """``(epoch, larger-is-better score in the name, path)`` of the best ``best_checkpoint_*`` file in
+    ``ckpt_dir`` by `vocabulary.best_epoch`; None when there is none. Reads names only."""
     ckpt_dir = Path(ckpt_dir)
     found = {}
     for p in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
         parsed = parse_checkpoint_name(p.name)
         if parsed is not None and parsed.kind == "best" and parsed.score is not None:
             found[parsed.epoch] = (parsed.score, p)
-    return found
+    epoch = best_epoch(((e, score) for e, (score, _) in found.items()), "max")
+    return None if epoch is None else (epoch, *found[epoch])
+
+
+def last_checkpoint_files(ckpt_dir: str | Path) -> list[Path]:
+    """The ``last_checkpoint_*`` files in ``ckpt_dir``, newest epoch first. Reads names only."""
+    ckpt_dir = Path(ckpt_dir)
+    found = [p for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
+             if getattr(parse_checkpoint_name(p.name), "kind", None) == "last"]
+    return sorted(found, key=checkpoint_epoch, reverse=True)
 
 
 def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
@@ -276,10 +285,8 @@ def find_resume_checkpoint(run_dir: str | Path) -> tuple[Path, dict[str, Any]]:
     if not ckpt_dir.is_dir():
         raise CheckpointError(f"{run_dir}: no checkpoints folder; nothing to resume")
     clean_partial_files(ckpt_dir)
-    candidates = sorted((p for p in ckpt_dir.iterdir() if getattr(parse_checkpoint_name(p.name), "kind", None) == "last"),
-                        key=checkpoint_epoch, reverse=True)
     problems = []
-    for path in candidates:
+    for path in last_checkpoint_files(ckpt_dir):
         try:
             ckpt = load_checkpoint(path)
         except CheckpointError as e:

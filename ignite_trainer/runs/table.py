@@ -33,8 +33,8 @@ from typing import Any, Mapping
 import yaml
 
 from ignite_trainer.core.errors import CheckpointError
-from ignite_trainer.core.vocabulary import best_epoch, score_sign
-from ignite_trainer.runs.checkpoint import best_checkpoint_files, load_checkpoint, parse_checkpoint_name
+from ignite_trainer.core.vocabulary import score_sign
+from ignite_trainer.runs.checkpoint import best_checkpoint_file, last_checkpoint_files, load_checkpoint
 from ignite_trainer.runs.lock import is_running
 from ignite_trainer.runs.logs import last_error
 from ignite_trainer.runs.rundir import RunDirectory, read_metrics_log
@@ -102,14 +102,14 @@ def _score(record: Mapping[str, Any], monitor: str) -> float | None:
 def _best(ckpt_dir: Path, monitor: str, records: list[dict[str, Any]]) -> tuple[int | None, float | None]:
     """Epoch of the best checkpoint (the file ``evaluate`` picks: `checkpoint.find_best_checkpoint`'s rule)
     and the monitored score of that epoch (exact from metrics.jsonl, else the name's rounded one)."""
-    files = best_checkpoint_files(ckpt_dir)
-    epoch = best_epoch(((e, score) for e, (score, _) in files.items()), "max")
-    if epoch is None:
+    best = best_checkpoint_file(ckpt_dir)
+    if best is None:
         return None, None
+    epoch, named_score, _ = best
     exact = next((_score(r, monitor) for r in records if r["epoch"] == epoch), None)
     if exact is not None:
         return epoch, exact
-    return epoch, score_sign(monitor) * files[epoch][0]
+    return epoch, score_sign(monitor) * named_score
 
 
 def _finished_flag(ckpt_dir: Path) -> bool | None:
@@ -117,12 +117,7 @@ def _finished_flag(ckpt_dir: Path) -> bool | None:
 
     Read without touching the folder (a running save's temporary file must stay where it is).
     """
-    candidates = []
-    for p in ckpt_dir.iterdir() if ckpt_dir.is_dir() else []:
-        parsed = parse_checkpoint_name(p.name)
-        if parsed is not None and parsed.kind == "last":
-            candidates.append((parsed.epoch, p))
-    for _, path in sorted(candidates, reverse=True):
+    for path in last_checkpoint_files(ckpt_dir):
         try:
             return bool(load_checkpoint(path).get("finished"))
         except CheckpointError:
