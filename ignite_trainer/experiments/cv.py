@@ -58,8 +58,8 @@ from ignite_trainer.data.splits import assign_folds, check_folds, patient_strata
 from ignite_trainer.training.run import train
 from ignite_trainer.use.evaluation import evaluate
 from ignite_trainer.experiments.cv_report import build_report
-from ignite_trainer.experiments.layout import (Experiment, Member, member_status, parse_member, speaks_for_run,
-                                               write_state)
+from ignite_trainer.experiments.layout import (Experiment, Member, experiment_file, member_status, oof_dir,
+                                               parse_member, speaks_for_run, write_state)
 
 __all__ = ["cross_validate", "resume_cross_validation", "collect_experiment", "run_member", "dataset_recordings"]
 
@@ -97,7 +97,7 @@ def run_member(exp: Experiment, member: Member, threads: int | None = None, prog
             return action
         if member_status(run_dir) == "trained":
             config = TrainConfig.from_yaml(RunDirectory(run_dir).config_file)
-            result = evaluate(run_dir, out_dir=run_dir / "oof", figures=False, device=config.device)
+            result = evaluate(run_dir, out_dir=oof_dir(run_dir), figures=False, device=config.device)
             _check_oof_patients(exp, member, result["files"]["patients"])
         return action
     finally:
@@ -342,9 +342,10 @@ def _create(exp: Experiment, fold_ids: list[list[str]], recordings: Sequence[Rec
     try:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
-        (tmp / "runs").mkdir()
-        (tmp / "experiment.yaml").write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
-        write_split_file(fold_ids, tmp / "splits.json", split_seed=exp.split_seed, strata=strata,
+        staged = dataclasses.replace(exp, exp_dir=tmp)
+        staged.runs_dir.mkdir()
+        staged.experiment_file.write_text(yaml.safe_dump(exp.to_dict(), sort_keys=False))
+        write_split_file(fold_ids, staged.splits_path, split_seed=exp.split_seed, strata=strata,
                          given=exp.splits_given)
         if overwrite and exp_dir.exists():
             shutil.rmtree(exp_dir)
@@ -353,7 +354,7 @@ def _create(exp: Experiment, fold_ids: list[list[str]], recordings: Sequence[Rec
         os.rename(tmp, exp_dir)
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        if exp_dir.is_dir() and (exp_dir / "experiment.yaml").is_file():  # another machine created it first
+        if exp_dir.is_dir() and experiment_file(exp_dir).is_file():  # another machine created it first
             _join_existing(exp, fold_ids)
             return
         raise CheckpointError(f"{exp_dir}: cannot create the experiment directory ({e.strerror or e})") from None

@@ -50,7 +50,7 @@ from ignite_trainer.scoring.scores import auprc, auroc
 from ignite_trainer.runs.checkpoint import find_best_checkpoint
 from ignite_trainer.runs.rundir import RunDirectory, read_metrics_log
 from ignite_trainer.use.report import _figure, _save, plot_roc_pr
-from ignite_trainer.experiments.layout import Experiment, Member
+from ignite_trainer.experiments.layout import Experiment, Member, oof_dir
 
 __all__ = ["OOF_COLUMNS", "METRICS", "OOFSet", "OOFDecision", "tune_decision", "score_patients", "bootstrap_interval",
            "build_report", "read_oof_predictions"]
@@ -247,7 +247,7 @@ def _member_probs(run_dir: Path) -> dict[str, tuple[tuple[float, float], dict[st
     """Per patient of a member's out-of-fold predictions: ``(heart, murmur)`` and its recordings' murmur
     probabilities (``oof/recordings.csv``; a member evaluated before that file existed gives the patient's
     own probability as its only recording, i.e. `PatientFeatures.single`)."""
-    path = run_dir / "oof" / "patients.csv"
+    path = oof_dir(run_dir) / "patients.csv"
     try:
         with open(path, newline="") as f:
             patients = {row["patient_id"]: (float(row["heart_prob"]), float(row["murmur_prob"]))

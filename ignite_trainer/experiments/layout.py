@@ -87,8 +87,21 @@ class Experiment:
         """Every member, seed by seed, fold by fold."""
         return [Member(seed=s, fold=k) for s in self.seeds for k in range(self.n_folds)]
 
+    @property
+    def runs_dir(self) -> Path:
+        """The members' run directories, one per member."""
+        return self.exp_dir / "runs"
+
     def run_dir(self, member: Member) -> Path:
-        return self.exp_dir / "runs" / member.name
+        return self.runs_dir / member.name
+
+    @property
+    def experiment_file(self) -> Path:
+        return experiment_file(self.exp_dir)
+
+    def state_file(self, member: Member) -> Path:
+        """The member's ``state/<member>.json`` (status, seconds, error), written by `write_state`."""
+        return self.exp_dir / "state" / f"{member.name}.json"
 
     @property
     def report_dir(self) -> Path:
@@ -115,7 +128,7 @@ class Experiment:
         """
         values: dict[str, Any] = {
             "seed": member.seed, "n_folds": self.n_folds, "fold": member.fold, "name": member.name,
-            "output_dir": str((self.exp_dir / "runs").resolve()),
+            "output_dir": str(self.runs_dir.resolve()),
             "split_seed": self.split_seed, "split_file": None,
         }
         if self.split_seed is None:
@@ -129,7 +142,7 @@ class Experiment:
     @classmethod
     def load(cls, exp_dir: str | Path) -> "Experiment":
         exp_dir = Path(exp_dir)
-        path = exp_dir / "experiment.yaml"
+        path = experiment_file(exp_dir)
         if not path.is_file():
             raise CheckpointError(f"{exp_dir}: not a cross-validation experiment (no experiment.yaml)")
         try:
@@ -141,6 +154,16 @@ class Experiment:
         config = TrainConfig.from_mapping(values.get("config") or {}, source=str(path))
         return cls(exp_dir, config, int(values["folds"]), [int(s) for s in values["seeds"]], values.get("split_seed"),
                    values.get("splits_given"))
+
+
+def experiment_file(exp_dir: str | Path) -> Path:
+    """``EXP_DIR/experiment.yaml``: what makes a folder an experiment (`Experiment.load` reads it)."""
+    return Path(exp_dir) / "experiment.yaml"
+
+
+def oof_dir(run_dir: str | Path) -> Path:
+    """A member run's out-of-fold evaluation (``patients.csv``, ``recordings.csv``, ``metrics.json``)."""
+    return Path(run_dir) / "oof"
 
 
 # ---------------------------------------------------------------------------------------------- member status
@@ -159,7 +182,7 @@ def member_status(run_dir: str | Path) -> str:
         return "new"
     if not ckpt.get("finished"):
         return "partial"
-    return "done" if (run_dir / "oof" / "metrics.json").is_file() else "trained"
+    return "done" if (oof_dir(run_dir) / "metrics.json").is_file() else "trained"
 
 
 def speaks_for_run() -> bool:
@@ -171,7 +194,7 @@ def write_state(exp: Experiment, member: Member, **values: Any) -> None:
     """Write the member's ``state/<member>.json`` (status, seconds, error) in one rename; rank 0 only."""
     if not speaks_for_run():
         return
-    path = exp.exp_dir / "state" / f"{member.name}.json"
+    path = exp.state_file(member)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps({"member": member.name, "fold": member.fold, "seed": member.seed, **values}) + "\n")
@@ -182,7 +205,7 @@ def read_states(exp: Experiment) -> dict[str, dict[str, Any]]:
     """The state file of every member that has one (members run elsewhere write their own)."""
     states = {}
     for m in exp.members():
-        path = exp.exp_dir / "state" / f"{m.name}.json"
+        path = exp.state_file(m)
         try:
             states[m.name] = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError):

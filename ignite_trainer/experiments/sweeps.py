@@ -51,6 +51,7 @@ from ignite_trainer.core.errors import CheckpointError, ConfigError, UserError
 from ignite_trainer.data.splits import assign_folds
 from ignite_trainer.runs.checkpoint import find_resume_checkpoint
 from ignite_trainer.experiments.cv import dataset_recordings
+from ignite_trainer.experiments.layout import experiment_file
 from ignite_trainer.experiments.sampler import suggest
 from ignite_trainer.experiments.space import SweepSpace, load_space
 from ignite_trainer.experiments.storage import open_storage, open_study, storage_url
@@ -92,7 +93,7 @@ def make_objective(space: SweepSpace, sweep_dir: Path, n_trials: int) -> Callabl
             config = base.updated(params, source=f"trial {trial.number}").updated(
                 {"name": run_dir.name, "output_dir": str(run_dir.parent), "monitor": monitor, "progress": False},
                 source=f"trial {trial.number}")
-            resumable = (run_dir / "experiment.yaml").is_file() if cv else _has_checkpoint(run_dir)
+            resumable = experiment_file(run_dir).is_file() if cv else _has_checkpoint(run_dir)
             resume = run_dir if retry_of is not None and resumable else None
             if resume is not None:
                 trial.set_user_attr("resumed", True)

@@ -30,7 +30,7 @@ from ignite_trainer.core.errors import UserError
 from ignite_trainer.runs.rundir import RunDirectory, read_metrics_log
 from ignite_trainer.training.run import train
 from ignite_trainer.experiments.cv import collect_experiment, cross_validate, resume_cross_validation
-from ignite_trainer.experiments.layout import Experiment
+from ignite_trainer.experiments.layout import Experiment, experiment_file, oof_dir
 
 __all__ = ["TrialResult", "run_trial", "run_cv_trial", "member_score", "experiment_score", "trial_score", "best_score",
            "metric_value", "TRIAL_RUNNERS", "PruningHook", "FoldPruning"]
@@ -121,7 +121,7 @@ def member_score(exp_dir: Path, member: Any, metric: str, direction: str) -> flo
     if not metric.startswith("oof."):
         return best_score(run_dir, metric, direction)[0]
     try:
-        result = json.loads((run_dir / "oof" / "metrics.json").read_text())
+        result = json.loads((oof_dir(run_dir) / "metrics.json").read_text())
     except (OSError, ValueError):
         return None
     name = metric[len("oof."):]
@@ -159,7 +159,7 @@ def experiment_score(exp_dir: Path, metric: str, direction: str) -> tuple[float 
 
 def trial_score(run_dir: Path, metric: str, direction: str) -> tuple[float | None, int]:
     """A trial's score so far: `experiment_score` for a cross-validation experiment, else `best_score`."""
-    if (Path(run_dir) / "experiment.yaml").is_file():
+    if experiment_file(run_dir).is_file():
         try:
             return experiment_score(Path(run_dir), metric, direction)
         except UserError:
