@@ -49,6 +49,7 @@ from ignite_trainer.scoring.predictions import LevelPredictions, tune_thresholds
 from ignite_trainer.scoring.scores import auprc, auroc
 from ignite_trainer.runs.checkpoint import find_best_checkpoint
 from ignite_trainer.runs.rundir import RunDirectory, read_metrics_log
+from ignite_trainer.use.ensemble import ENSEMBLE_FORMAT, ENSEMBLE_MANIFEST
 from ignite_trainer.use.report import _figure, _save, plot_roc_pr
 from ignite_trainer.experiments.layout import Experiment, Member, oof_dir
 
@@ -403,8 +404,8 @@ def build_report(exp: Experiment, done: Sequence[Member], recordings: Sequence[R
     tmp = exp_dir / ".decision.json.tmp"
     tmp.write_text(final.layer.to_json() + "\n")
     os.replace(tmp, exp_dir / "decision.json")
-    _write_json(exp_dir / "ensemble.json", {
-        "format": "ignite_trainer/ensemble/1", "members": [f"runs/{m.name}" for m in done],
+    _write_json(exp_dir / ENSEMBLE_MANIFEST, {
+        "format": ENSEMBLE_FORMAT, "members": [exp.run_dir(m).relative_to(exp_dir).as_posix() for m in done],
         "thresholds": report["thresholds"],
         "thresholds_source": f"tuned on the out-of-fold predictions ({report['thresholds_tuned_on']})",
         "decision": "decision.json",

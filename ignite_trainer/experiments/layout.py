@@ -27,6 +27,7 @@ from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.data.splits import read_split_file
 from ignite_trainer.runs.checkpoint import find_resume_checkpoint
+from ignite_trainer.use.ensemble import EXPERIMENT_FILE
 
 __all__ = ["Member", "Experiment", "parse_member", "member_status", "speaks_for_run", "write_state", "read_states",
            "EXPERIMENT_FORMAT"]
@@ -158,7 +159,7 @@ class Experiment:
 
 def experiment_file(exp_dir: str | Path) -> Path:
     """``EXP_DIR/experiment.yaml``: what makes a folder an experiment (`Experiment.load` reads it)."""
-    return Path(exp_dir) / "experiment.yaml"
+    return Path(exp_dir) / EXPERIMENT_FILE
 
 
 def oof_dir(run_dir: str | Path) -> Path:

@@ -44,10 +44,15 @@ from ignite_trainer.use.model_files import (TrainedModel, checked_thresholds, lo
                                             rebuild_model)
 from ignite_trainer.use.windows import run_windows
 
-__all__ = ["Ensemble", "load_ensemble", "load_model", "is_ensemble", "mean_probabilities", "ENSEMBLE_FORMAT"]
+__all__ = ["Ensemble", "load_ensemble", "load_model", "is_ensemble", "mean_probabilities", "ENSEMBLE_FORMAT",
+           "EXPERIMENT_FILE", "ENSEMBLE_MANIFEST"]
 
-#: The ``format`` metadata of an `export.export_ensemble` file.
+#: The ``format`` metadata of an `export.export_ensemble` file and of an experiment's ensemble manifest.
 ENSEMBLE_FORMAT = "ignite_trainer/ensemble/1"
+#: In an experiment folder: what makes it an experiment, and the manifest its collect step writes (members,
+#: out-of-fold thresholds, decision layer), which makes it an ensemble.
+EXPERIMENT_FILE = "experiment.yaml"
+ENSEMBLE_MANIFEST = "ensemble.json"
 
 
 def mean_probabilities(member_probs: Sequence[np.ndarray]) -> np.ndarray:
@@ -134,7 +139,7 @@ def is_ensemble(path: str | Path) -> bool:
     """
     path = Path(path)
     if path.is_dir():
-        return (path / "ensemble.json").is_file() or (path / "experiment.yaml").is_file()
+        return (path / ENSEMBLE_MANIFEST).is_file() or (path / EXPERIMENT_FILE).is_file()
     return _is_export(path)
 
 
@@ -209,11 +214,11 @@ def _with(ensemble: Ensemble, thresholds: dict[str, float] | None, decision: Dec
 
 
 def _from_experiment(exp_dir: Path) -> Ensemble:
-    manifest_path = exp_dir / "ensemble.json"
+    manifest_path = exp_dir / ENSEMBLE_MANIFEST
     if not manifest_path.is_file():
-        what = "a cross-validation experiment that was never collected" if (exp_dir / "experiment.yaml").is_file() \
+        what = "a cross-validation experiment that was never collected" if (exp_dir / EXPERIMENT_FILE).is_file() \
             else "not a cross-validation experiment"
-        raise CheckpointError(f"{exp_dir}: {what} (no ensemble.json); run cli.py cv --collect {exp_dir}")
+        raise CheckpointError(f"{exp_dir}: {what} (no {ENSEMBLE_MANIFEST}); run cli.py cv --collect {exp_dir}")
     try:
         manifest = json.loads(manifest_path.read_text())
         member_dirs = [exp_dir / p for p in manifest["members"]]
