@@ -10,6 +10,21 @@ from ignite_trainer.model import cpu_kernels
 from ignite_trainer.model.fused_block import bn_gelu_pool, fusable
 
 
+def use_cpu_kernel(model: nn.Module, on: bool) -> int:
+    """Switch every `ConvTrunk` of ``model`` to the fused CPU kernel (``on``) or to the ordinary modules; returns
+    how many trunks it switched. The blocks use the kernel only while it is loaded in the process.
+
+    Example::
+
+        model = build_model("attention_cnn", n_mels=64)
+        use_cpu_kernel(model, cpu_kernels.prepare())   # 1 trunk, fused if the kernel could be had
+    """
+    trunks = [m for m in model.modules() if isinstance(m, ConvTrunk)]
+    for trunk in trunks:
+        trunk.fused = on
+    return len(trunks)
+
+
 def conv_bn(x: torch.Tensor, conv: nn.Conv2d, bn: nn.BatchNorm2d, fold: bool = True) -> torch.Tensor:
     """``bn(conv(x))``; in evaluation with ``fold`` the BatchNorm is folded into the convolution's weights.
 
@@ -51,14 +66,15 @@ class ConvTrunk(nn.Module):
     sums, not the function. ``fold_bn`` folds BatchNorm into the convolution in evaluation (`conv_bn`).
 
     ``fused`` computes each block's BatchNorm -> GELU -> max-pool as one kernel (`ignite_trainer.model.fused_block`)
-    wherever it applies (float32 channels-last CPU maps), forward and backward: the same function up to float
-    rounding, with three passes over the full-resolution map instead of about ten. Elsewhere, or where the
-    kernel cannot be built, the blocks run on the ordinary modules.
+    wherever it applies (float32 channels-last CPU maps) and the kernel is loaded in this process
+    (`ignite_trainer.model.cpu_kernels`), forward and backward: the same function up to float rounding, with three
+    passes over the full-resolution map instead of about ten. It is off by default (`use_cpu_kernel` switches a
+    built model); elsewhere the blocks run on the ordinary modules. A forward pass never builds or loads it.
     """
 
     def __init__(self, n_mels: int, channels: tuple[int, ...] = (8, 16, 32, 64), time_pools: int = 2,
                  dropout: float = 0.1, downsample: str = "maxpool", channels_last: bool = True,
-                 fold_bn: bool = True, fused: bool = True) -> None:
+                 fold_bn: bool = True, fused: bool = False) -> None:
         super().__init__()
         if downsample not in DOWNSAMPLING:
             raise ConfigError(f"downsample={downsample!r}: choose one of {', '.join(DOWNSAMPLING)}")

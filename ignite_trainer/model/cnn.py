@@ -24,7 +24,7 @@ class AttentionCNN(nn.Module):
 
     def __init__(self, n_mels: int, n_labels: int = 2, channels: tuple[int, ...] = (8, 16, 32, 64),
                  hidden: int = 128, dropout: float = 0.1, downsample: str = "maxpool", channels_last: bool = True,
-                 fold_bn: bool = True, fused: bool = True) -> None:
+                 fold_bn: bool = True, fused: bool = False) -> None:
         super().__init__()
         self.trunk = ConvTrunk(n_mels, tuple(channels), dropout=dropout, downsample=downsample,
                                channels_last=channels_last, fold_bn=fold_bn, fused=fused)
@@ -50,7 +50,7 @@ class MeanPoolCNN(nn.Module):
 
     def __init__(self, n_mels: int, n_labels: int = 2, channels: tuple[int, ...] = (8, 16, 32, 64),
                  hidden: int = 128, dropout: float = 0.1, downsample: str = "maxpool", channels_last: bool = True,
-                 fold_bn: bool = True, fused: bool = True) -> None:
+                 fold_bn: bool = True, fused: bool = False) -> None:
         super().__init__()
         self.trunk = ConvTrunk(n_mels, tuple(channels), dropout=dropout, downsample=downsample,
                                channels_last=channels_last, fold_bn=fold_bn, fused=fused)

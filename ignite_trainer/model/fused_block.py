@@ -71,7 +71,7 @@ class _BnGeluPool(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
                 running_mean: torch.Tensor | None, running_var: torch.Tensor | None, use_batch: bool,
                 factor: float, eps: float, ph: int, pw: int, with_index: bool) -> torch.Tensor:
-        k = cpu_kernels.load_kernel()
+        k = cpu_kernels.kernel()
         if use_batch:
             mean, var = k.batch_stats(x).unbind(0)
             if running_mean is not None and running_var is not None:
@@ -97,7 +97,7 @@ class _BnGeluPool(torch.autograd.Function):
         x, index, weight = ctx.saved_tensors
         mean, invstd, scale, shift = ctx.stats
         ph, pw = ctx.window
-        k = cpu_kernels.load_kernel()
+        k = cpu_kernels.kernel()
         grad_out = grad_out.contiguous(memory_format=torch.channels_last)
         dz, sums = k.backward_pooled(grad_out, x, index, scale, shift, ph, pw)
         sum_dz, sum_dz_x = sums.unbind(0)

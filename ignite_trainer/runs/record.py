@@ -26,13 +26,13 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from ignite_trainer.core.atomic import atomic_write
-from ignite_trainer.core.config import RESUMABLE_CHANGES, TrainConfig
+from ignite_trainer.core.config import ADDED_LATER, RESUMABLE_CHANGES, TrainConfig
 from ignite_trainer.data.prepare import PreparedData
-from ignite_trainer.model.cpu_kernels import kernel_status
+from ignite_trainer.model.cpu_kernels import KERNEL_IN_USE
 from ignite_trainer.core.errors import CheckpointError
 
 __all__ = ["run_identity", "identity_differences", "write_split", "read_split", "record_environment",
-           "end_environment", "SPLIT_FILE", "ENVIRONMENT_FILE"]
+           "end_environment", "recorded_kernel_use", "SPLIT_FILE", "ENVIRONMENT_FILE"]
 
 SPLIT_FILE = "split.json"
 ENVIRONMENT_FILE = "environment.json"
@@ -51,7 +51,8 @@ def run_identity(config: TrainConfig, data: PreparedData) -> dict[str, Any]:
 
         identity = run_identity(config, data)   # {"config": "3f..", "data": "9a..", "recordings": 42, ...}
     """
-    result_fields = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    result_fields = {k: v for k, v in config.to_dict().items()
+                     if k not in RESUMABLE_CHANGES and not (k in ADDED_LATER and v == ADDED_LATER[k])}
     cache = data.feature_cache()
 
     def side(recordings: list) -> list[list[str]]:
@@ -136,26 +137,40 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
-def record_environment(run_dir: Path, device: str) -> None:
+def record_environment(run_dir: Path, device: str, cpu_kernel: str) -> None:
     """Add this session (start or resume) to ``environment.json``: versions, command line, device, git
-    commit, host and start time; `end_environment` adds the end time."""
+    commit, host, start time and whether the fused CPU kernel computes the conv blocks (``cpu_kernel``, a
+    `cpu_kernels.kernel_status` line, decided before training; see `recorded_kernel_use`);
+    `end_environment` adds the end time."""
     path = Path(run_dir) / ENVIRONMENT_FILE
     sessions = _sessions(path)
     sessions.append({"started": _now(), "ended": None, "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
                      "device": device, "host": socket.gethostname(), "git_commit": _git_commit(),
-                     "packages": _versions()})
+                     "packages": _versions(), "cpu_kernel": cpu_kernel})
     _write_sessions(path, sessions)
 
 
 def end_environment(run_dir: Path, outcome: str) -> None:
-    """Close this session in ``environment.json`` with the end time, how it ended (finished, stopped, failed)
-    and whether the fused CPU kernel computed the conv blocks (equal to the unfused modules up to rounding, so
-    a resume that switches between the two is not bit-identical)."""
+    """Close this session in ``environment.json`` with the end time and how it ended (finished, stopped, failed)."""
     path = Path(run_dir) / ENVIRONMENT_FILE
     sessions = _sessions(path)
     if sessions and sessions[-1].get("ended") is None:
-        sessions[-1].update(ended=_now(), outcome=outcome, fused_kernel=kernel_status())
+        sessions[-1].update(ended=_now(), outcome=outcome)
         _write_sessions(path, sessions)
+
+
+def recorded_kernel_use(run_dir: Path) -> bool | None:
+    """Whether the run's latest session that says so computed its conv blocks with the fused CPU kernel (the
+    kernel and the ordinary modules round differently, so a resume must take the same path); None when no
+    session says (a new run)."""
+    for session in reversed(_sessions(Path(run_dir) / ENVIRONMENT_FILE)):
+        if not isinstance(session, dict):
+            continue
+        line = session.get("cpu_kernel", session.get("fused_kernel"))
+        if isinstance(line, str):
+            # older versions wrote it at the session's end, under "fused_kernel", in the plural
+            return line.startswith(KERNEL_IN_USE) or line.startswith("fused kernels in use")
+    return None
 
 
 def _sessions(path: Path) -> list[dict[str, Any]]:

@@ -31,15 +31,18 @@ from ignite_trainer.data.features import FeatureSettings
 from ignite_trainer.data.loaders import ResidentEvalLoader, ResidentTrainLoader, make_eval_loader, make_train_loader
 from ignite_trainer.data.prepare import PreparedData, checked_data, prepare_data
 from ignite_trainer.training.engine import create_evaluator, create_trainer
-from ignite_trainer.core.errors import DistributedFailure
+from ignite_trainer.core.errors import ConfigError, DistributedFailure
 from ignite_trainer.core.vocabulary import PER_LABEL, PREDICTIONS, VAL_LOSS
 from ignite_trainer.training.graceful import GracefulStop, TrainingStopped
 from ignite_trainer.training.launch import broadcast_from_rank0, run_joined, run_spawned
 from ignite_trainer.runs.logs import quiet_non_zero_rank, setup_logging
 from ignite_trainer.training.losses import WeightedBCELoss
 from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
+from ignite_trainer.model import cpu_kernels
+from ignite_trainer.model.blocks import use_cpu_kernel
 from ignite_trainer.model.registry import build_model
 from ignite_trainer.training.metrics import PredictionCollector
+from ignite_trainer.training.kernel import kernel_for_run, kernel_line
 from ignite_trainer.training.preflight import check_settings, check_training_set
 from ignite_trainer.runs.lock import hold_run_lock
 from ignite_trainer.runs.record import end_environment, record_environment, run_identity, write_split
@@ -85,12 +88,16 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
         run_joined(_torchrun_rank, (config, resume, overwrite, overrides, setup, result), backend)
         return result
 
+    fused = False
+
     def validate(checked_config: TrainConfig) -> PreparedData:
+        nonlocal fused
         check_settings(checked_config)
         if checked_config.tracker == "mlflow":
             require_mlflow()  # a missing extra costs nothing: no run directory yet
         data = checked_data(checked_config)
         check_training_set(checked_config, len(data.train))
+        fused = kernel_for_run(checked_config, None if resume is None else Path(resume))  # built here, if at all
         return data
 
     run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate,
@@ -99,7 +106,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
         return _finished_summary(run)
     data = run.checked
     assert data is not None
-    _record_start(run, data)
+    _record_start(run, data, fused)
     setup_logging(run.directory.train_log)
     log.info("data %s: %d train / %d validation recordings", data.source, len(data.train), len(data.val))
     log.info(split_line(data.train, data.val))
@@ -107,7 +114,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
     _write_resolved(run.directory, config, data)
     with hold_run_lock(run.directory.path), _session(run.directory.path):
         try:
-            run_spawned(training_process, (config, run.directory.path, data, run.resume_from, setup),
+            run_spawned(training_process, (config, run.directory.path, data, run.resume_from, setup, fused),
                         config.nproc_per_node, distributed_backend(config.backend, config.device), run.directory.path)
         except DistributedFailure as e:
             log.error("%s", e)  # train.log's last record: the runs table reads the run as failed
@@ -135,11 +142,11 @@ def _summary(directory: RunDirectory, config: TrainConfig, skipped: list[str]) -
             "best": best, "skipped": skipped}
 
 
-def _record_start(run: OpenedRun, data: PreparedData) -> None:
+def _record_start(run: OpenedRun, data: PreparedData, fused: bool) -> None:
     """``split.json`` (a new run) and this session in ``environment.json``."""
     if run.resume_from is None:
         write_split(run.directory.path, run.config, data)
-    record_environment(run.directory.path, str(resolve_device(run.config.device)))
+    record_environment(run.directory.path, str(resolve_device(run.config.device)), kernel_line(run.config, fused))
 
 
 @contextlib.contextmanager
@@ -170,11 +177,15 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
     each node's local rank 0 fills the feature cache before the node's other ranks read it."""
     world = idist.get_world_size()
 
-    def open_on_rank0() -> OpenedRun:
+    fused = False
+
+    def open_on_rank0() -> tuple[OpenedRun, bool]:
         def validate(checked_config: TrainConfig) -> PreparedData:
+            nonlocal fused
             check_settings(checked_config, world)
             data = checked_data(checked_config)  # fills the cache too
             check_training_set(checked_config, len(data.train), world)
+            fused = kernel_for_run(checked_config, None if resume is None else Path(resume))
             return data
 
         if config.tracker == "mlflow":
@@ -182,11 +193,13 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
         run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate,
                        identify=run_identity)
         if not run.finished:
-            _record_start(run, run.checked)
+            _record_start(run, run.checked, fused)
         setup_logging(run.directory.train_log)
-        return dataclasses.replace(run, checked=None)  # every rank prepares its own; no need to broadcast it
+        return dataclasses.replace(run, checked=None), fused  # every rank prepares its own data
 
-    run = broadcast_from_rank0(open_on_rank0)
+    if config.cpu_kernel:
+        cpu_kernels.prepare()  # a build takes longer than a collective may wait: never inside the broadcast
+    run, fused = broadcast_from_rank0(open_on_rank0)
     if run.finished:
         result.update(_finished_summary(run))
         return
@@ -199,18 +212,19 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
         log.info(split_line(data.train, data.val))
         _write_resolved(run.directory, run.config, data)
         with hold_run_lock(run.directory.path), _session(run.directory.path):
-            training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup)
+            training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup, fused)
         result.update(_summary(run.directory, run.config, skipped=data.skipped))
     else:
-        training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup)
+        training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup, fused)
         result.update(run_dir=run.directory.path, finished=True, already_finished=False,
                       metrics=run.directory.metrics_log.last(), skipped=data.skipped)
 
 
 def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: PreparedData,
-                     resume_path: Path | None, setup: SetupHook | None = None) -> None:
+                     resume_path: Path | None, setup: SetupHook | None = None, fused: bool = False) -> None:
     """Everything one rank does: build the model, loaders and engines, attach the standard handlers
-    (restoring them on resume), run the setup hook, train."""
+    (restoring them on resume), run the setup hook, train. ``fused``: the conv blocks use the fused CPU
+    kernel, which the starting process has built (`kernel_for_run`)."""
     rank = idist.get_rank()
     device = idist.device() if idist.get_world_size() > 1 else resolve_device(config.device)
     seed_everything(config.seed)
@@ -219,7 +233,12 @@ def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: 
     else:
         quiet_non_zero_rank()
 
-    model = idist.auto_model(build_model(config.model, n_mels=config.n_mels, demographics=config.demographics))
+    if fused and not cpu_kernels.prepare():  # a spawned rank loads the parent's build; another node builds its own
+        raise ConfigError(f"rank {rank}: the fused CPU kernel the run uses cannot be had here "
+                          f"({cpu_kernels.kernel_status()})")
+    plain = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
+    use_cpu_kernel(plain, fused)
+    model = idist.auto_model(plain)
     # the fused kernel skips a non-finite step on the device (found_inf), so the step never waits for the host
     optimizer = idist.auto_optim(torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
                                                    weight_decay=config.weight_decay, fused=device.type == "cuda"))

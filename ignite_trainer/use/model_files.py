@@ -22,6 +22,8 @@ import yaml
 from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.runs.checkpoint import find_best_checkpoint, load_checkpoint, load_model_weights
 from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.model import cpu_kernels
+from ignite_trainer.model.blocks import use_cpu_kernel
 from ignite_trainer.data.features import FeatureSettings
 from ignite_trainer.scoring.decision import DecisionLayer
 from ignite_trainer.core.errors import CheckpointError, ConfigError
@@ -133,6 +135,8 @@ def rebuild_model(config: TrainConfig, state: Mapping[str, torch.Tensor], source
     """
     model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
     load_model_weights(model, state, source)
+    # a model trained with the fused CPU kernel uses it where it is already built; nothing is built for a prediction
+    use_cpu_kernel(model, config.cpu_kernel and cpu_kernels.load_built())
     return model.eval()
 
 
