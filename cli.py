@@ -37,7 +37,8 @@ CONFIG_FLAGS = frozenset({
     "data", "format", "skip_bad", "cache_dir", "window_seconds", "n_folds", "fold", "batch_size", "learning_rate",
     "weight_decay", "epochs", "early_stopping_patience", "gradient_clip", "amp", "model", "monitor", "seed", "device",
     "num_workers", "output_dir", "name", "progress", "tracker", "tracking_uri", "nproc_per_node", "backend",
-    "feature_dtype", "amp_dtype", "sync_every", "resident_features", "compile", "eval_batch_size", "demographics",
+    "feature_dtype", "amp_dtype", "sync_every", "resident_features", "compile", "cpu_kernel", "eval_batch_size",
+    "demographics",
 })
 #: Flags not spelled --<field-name-with-dashes>.
 FLAG_SPELLINGS = {"learning_rate": "--lr", "early_stopping_patience": "--patience", "gradient_clip": "--grad-clip"}
