@@ -7,6 +7,14 @@ which the CLI turns into one line with the ``--resume`` command and exit code 12
 (130 for SIGINT, 143 for SIGTERM). A second signal aborts at once (the last complete checkpoint
 stays, a partial one is cleaned up on resume).
 
+An iteration that cannot end (waiting on a lock, a peer in a collective, a dead disk or data worker) would
+keep the first signal waiting for ever, and a scheduler's warning signal is often the only one before its
+kill. So while a stop is pending, an iteration (fetching its batch, the step, the per-iteration handlers)
+that has lasted longer than `stop_wait` (`MIN_STOP_WAIT_S`, or `SLOWEST_ITERATIONS` times the slowest
+iteration so far where that is longer) aborts the process as a second signal would: one ``error:`` line,
+the same exit code, no new checkpoint, the last complete one as it was. Validation and checkpoint writes
+happen between iterations and are never cut short.
+
 Resuming from the mid-epoch checkpoint gives the weights of the run never stopped: the trainer's
 iteration is in the checkpoint and `data.loaders.set_sampler_position` starts the epoch's sampler at
 the next batch.
@@ -20,6 +28,7 @@ import os
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -28,11 +37,16 @@ from ignite.handlers import Checkpoint
 
 from ignite_trainer.training.engine import closes_window
 
-__all__ = ["GracefulStop", "TrainingStopped", "STOP_SIGNALS"]
+__all__ = ["GracefulStop", "TrainingStopped", "STOP_SIGNALS", "MIN_STOP_WAIT_S", "SLOWEST_ITERATIONS"]
 
 log = logging.getLogger("ignite_trainer")
 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+#: With a stop pending, an iteration older than this (or `SLOWEST_ITERATIONS` times the slowest one so far,
+#: where that is longer) is taken to be stuck, and the process ends.
+MIN_STOP_WAIT_S = 10.0
+SLOWEST_ITERATIONS = 4
+_WATCH_EVERY_S = 0.2
 
 
 class TrainingStopped(Exception):
@@ -82,12 +96,31 @@ class GracefulStop:
         self.checkpoint: str | None = None
         self.stopped = False
         self._pid = os.getpid()
+        self._busy_since: float | None = None  # when the current iteration began; None between iterations
+        self._slowest = 0.0
+        self._over = threading.Event()
 
     def attach(self, trainer: Engine) -> None:
+        trainer.add_event_handler(Events.EPOCH_STARTED, self._on_iteration_started)
         trainer.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
         trainer.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch_completed)
 
+    @property
+    def stop_wait(self) -> float:
+        """How long an iteration may last, with a stop pending, before it is taken to be stuck."""
+        return max(MIN_STOP_WAIT_S, SLOWEST_ITERATIONS * self._slowest)
+
+    def _on_iteration_started(self, _engine: Engine) -> None:
+        self._busy_since = time.monotonic()
+
     def _on_iteration(self, engine: Engine) -> None:
+        # An iteration is timed from the end of the one before (or the epoch's start) to here, so a wait in
+        # any handler, the batch fetch or the step counts, whichever order they were attached in.
+        now = time.monotonic()
+        if self._busy_since is not None:
+            self._slowest = max(self._slowest, now - self._busy_since)
+        # the epoch's last iteration: validation and its checkpoint come next, never cut short
+        self._busy_since = None if engine.state.iteration % engine.state.epoch_length == 0 else now
         if self.requested is None or self.stopped or not closes_window(engine, self.accumulation_steps):
             return
         if engine.state.iteration % engine.state.epoch_length == 0:
@@ -120,6 +153,21 @@ class GracefulStop:
         self.requested = signum
         log.warning("%s received: stopping after the current iteration (send it again to abort at once)",
                     signal.Signals(signum).name)
+        threading.Thread(target=self._watch, args=(signum,), name="graceful-stop-watch", daemon=True).start()
+
+    def _watch(self, signum: int) -> None:
+        """With a stop pending: end the process if the current iteration outlives `stop_wait`."""
+        while not self.stopped and not self._over.wait(_WATCH_EVERY_S):
+            since = self._busy_since
+            if since is None or self.stopped:
+                continue
+            age = time.monotonic() - since
+            if age > self.stop_wait:
+                sys.stderr.write(f"\nerror: {signal.Signals(signum).name}: the current iteration has not ended in "
+                                 f"{age:.0f} s (it is waiting on something that does not come); stopped without a "
+                                 f"new checkpoint; the last complete checkpoint resumes with --resume {self.run_dir}\n")
+                sys.stderr.flush()
+                os._exit(128 + signum)
 
     @contextlib.contextmanager
     def installed(self) -> Iterator[None]:
@@ -128,10 +176,12 @@ class GracefulStop:
             yield
             return
         self._pid = os.getpid()
+        self._over.clear()
         previous = {s: signal.signal(s, self._handle) for s in STOP_SIGNALS}
         try:
             yield
         finally:
+            self._over.set()  # the watch ends with the run
             for s, handler in previous.items():
                 signal.signal(s, handler)
 
