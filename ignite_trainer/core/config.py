@@ -18,7 +18,7 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from ignite_trainer.core.augmentation import SHIFT_MODES, AugmentSettings, augment_default
-from ignite_trainer.core.errors import ConfigError
+from ignite_trainer.core.errors import ConfigError, UserError
 from ignite_trainer.core.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS, OBJECTIVES, STATS, is_score
 
 
@@ -155,15 +155,7 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                              "save the config file as UTF-8") from None
+        text = read_text_file(path, "the config file")
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -259,6 +251,28 @@ class TrainConfig:
     @property
     def pos_weight(self) -> tuple[float, float]:
         return (self.pos_weight_heart, self.pos_weight_murmur)
+
+
+def read_text_file(path: str | Path, what: str, error: type[UserError] = ConfigError) -> str:
+    """The text of a file the user gave (a config, a split file, a sweep space), read as UTF-8 (a byte-order
+    mark is dropped). A file that cannot be read, or whose bytes are not UTF-8 (saved as UTF-16 or Latin-1),
+    is one ``error`` naming the file and ``what`` it is, instead of a `UnicodeDecodeError` traceback.
+
+    Example::
+
+        text = read_text_file("folds.csv", "the split file", DataError)
+        # folds.csv: not UTF-8 text (byte 0xff at offset 0); save the split file as UTF-8
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                    f"save {what} as UTF-8") from None
 
 
 def cache_root(config: "TrainConfig") -> Path:
