@@ -24,6 +24,12 @@ from ignite_trainer.core.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABEL
 
 #: The longest file name most file systems accept (NAME_MAX), in bytes.
 MAX_NAME_BYTES = 255
+#: The largest seed: numpy's legacy global generator (seeded from every seed a run uses) takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+#: The most patients a synthetic set may have (`synth --patients`, ``synthetic_patients``). A CirCor-format
+#: patient is about 0.5 MB of WAV files, so this bound is some 50 GB already; a count with a few digits too
+#: many is refused at once instead of filling memory and disk for hours.
+MAX_SYNTHETIC_PATIENTS = 100_000
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -47,8 +53,9 @@ class TrainConfig:
     format: Literal[FORMATS] = _f("circor2022", "on-disk layout of --data")
     unknown_murmur: Literal["mask", "positive"] = _f("mask", "CirCor 'Unknown' murmur: leave out or count as present")
     skip_bad: bool = _f(False, "warn about and skip unreadable recordings instead of stopping")
-    synthetic_patients: int = _f(300, "patients in the embedded synthetic set", min=4)
-    synthetic_seed: int = _f(2022, "seed of the embedded synthetic set", min=0, max=2**32 - 1)
+    synthetic_patients: int = _f(300, "patients in the embedded synthetic set", min=4,
+                                 max=MAX_SYNTHETIC_PATIENTS)
+    synthetic_seed: int = _f(2022, "seed of the embedded synthetic set", min=0, max=MAX_SEED)
     cache_dir: str | None = _f(None, "feature and synthetic-data cache; default $IGNITE_TRAINER_CACHE or "
                                      "~/.cache/ignite_trainer")
     # features
@@ -65,7 +72,7 @@ class TrainConfig:
     n_folds: int = _f(0, "k for k-fold splitting; 0 uses val_fraction", min=0, max=20)
     fold: int = _f(0, "which fold is validation when n_folds > 0", min=0)
     # None keeps the behaviour of configs written before these fields existed: the split follows `seed`.
-    split_seed: int | None = _f(None, "seed of the patient split (folds or val_fraction); empty uses seed", min=0, max=2**32 - 1)
+    split_seed: int | None = _f(None, "seed of the patient split (folds or val_fraction); empty uses seed", min=0, max=MAX_SEED)
     split_file: str | None = _f(None, "JSON/CSV file of patient ids per fold (cli.py cv writes one); fold picks validation")
     # optimisation (the reference recipe's defaults)
     batch_size: int = _f(32, "global batch size (split across processes)", min=1)
@@ -82,7 +89,7 @@ class TrainConfig:
     model: str = _f("attention_cnn", "model name from the registry")
     monitor: str = _f("val_loss", "score for early stopping and the best checkpoint: val_loss, macro_f1, heart.f1, ...")
     # run
-    seed: int = _f(0, "seed of model init and crops (and of the split when split_seed is empty)", min=0, max=2**32 - 1)
+    seed: int = _f(0, "seed of model init and crops (and of the split when split_seed is empty)", min=0, max=MAX_SEED)
     device: Literal[DEVICES] = _f("auto", "where to train")
     num_workers: int = _f(0, "DataLoader worker processes", min=0)
     output_dir: str = _f("runs", "parent folder of run directories")
