@@ -48,7 +48,7 @@ from ignite_trainer.training.runtime import (
     distributed_backend, resolve_device, resolved_settings, seed_everything, torchrun_world_size,
 )
 from ignite_trainer.training.standard import attach_standard_handlers
-from ignite_trainer.training.tracking import attach_mlflow, close_mlflow, require_mlflow
+from ignite_trainer.training.tracking import attach_mlflow, close_mlflow
 
 __all__ = ["train", "training_process", "SetupHook"]
 
@@ -86,9 +86,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
         return result
 
     def validate(checked_config: TrainConfig) -> PreparedData:
-        check_settings(checked_config)
-        if checked_config.tracker == "mlflow":
-            require_mlflow()  # a missing extra costs nothing: no run directory yet
+        check_settings(checked_config)  # a missing MLflow or unreachable tracking server too: no run directory yet
         data = checked_data(checked_config)
         check_training_set(checked_config, len(data.train))
         return data
@@ -177,8 +175,6 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
             check_training_set(checked_config, len(data.train), world)
             return data
 
-        if config.tracker == "mlflow":
-            require_mlflow()
         run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate,
                        identify=run_identity)
         if not run.finished:
