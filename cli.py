@@ -17,7 +17,7 @@ from typing import Any, Callable, Literal
 import click
 
 from ignite_trainer import __version__
-from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.core.config import MAX_SEED, MAX_SYNTHETIC_PATIENTS, TrainConfig
 from ignite_trainer.core.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS
 from ignite_trainer.core.errors import TrainingAborted, UserError
 from ignite_trainer.training.graceful import TrainingStopped
@@ -152,8 +152,9 @@ def print_summary(summary: dict[str, Any]) -> None:
 
 @cli.command()
 @click.argument("out_dir", type=click.Path(file_okay=False))
-@click.option("--patients", type=int, default=300, show_default=True, help="Number of patients.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Same seed, same bytes.")
+@click.option("--patients", type=int, default=300, show_default=True,
+              help=f"Number of patients, 1 to {MAX_SYNTHETIC_PATIENTS} (about 0.5 MB each in CirCor format).")
+@click.option("--seed", type=int, default=0, show_default=True, help=f"Same seed, same bytes; 0 to {MAX_SEED}.")
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default="circor2022", show_default=True)
 @click.option("--difficulty", type=click.Choice(["default", "hard"]), default="default", show_default=True,
               help="hard: noisier recordings, subtler murmurs and an age-linked outcome.")
@@ -163,8 +164,6 @@ def synth(out_dir: str, patients: int, seed: int, fmt: str, difficulty: str, ove
     """Write a synthetic PCG dataset in CirCor 2022 (or PhysioNet 2016) on-disk layout."""
     from ignite_trainer.data.synthetic import write_synthetic
 
-    if patients < 1:
-        raise click.BadParameter(f"--patients={patients} must be >= 1")
     path = write_synthetic(Path(out_dir), patients, seed, fmt=fmt, difficulty=difficulty, overwrite=overwrite,
                            progress=progress)
     click.echo(f"wrote {patients} synthetic patients ({fmt}, {difficulty}) to {path}")

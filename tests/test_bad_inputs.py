@@ -5,6 +5,7 @@ Each row is a mistake a user makes with real files; a row that crashed with a tr
 array, or silently replaced a run would be a bug the table promises is not there.
 """
 
+import errno
 import hashlib
 import logging
 import shutil
@@ -196,6 +197,51 @@ def test_disk_full_while_a_checkpoint_is_written_keeps_the_previous_one(tmp_path
     assert "last_checkpoint" in line or "best_checkpoint" in line
 
 
+class _FullDisk:
+    """A file whose disk fills during the first large write; the small writes after it land in the file's
+    buffer (as they do on a real full disk, until the buffer is flushed)."""
+
+    def __init__(self, f):
+        self.f, self.failed = f, False
+
+    def write(self, data):
+        data = bytes(data)
+        if not self.failed and len(data) > 100:
+            self.failed = True
+            self.f.write(data[:100])
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+@pytest.mark.parametrize("failure", ["zip-writer", "bare-enforce-fail"])
+def test_disk_full_while_the_last_checkpoint_is_written_keeps_the_previous_one(tmp_path, pristine, capsys,
+                                                                                monkeypatch, failure):
+    # torch.save does not raise OSError on a full disk: its zip writer raises RuntimeError ("[enforce fail at
+    # inline_container.cc:672] ..."), with the OSError of the failed write as its context, or none at all
+    real_save = torch.save
+
+    def save(obj, f, *args, **kwargs):
+        if "last_checkpoint_2" not in getattr(f, "name", ""):
+            return real_save(obj, f, *args, **kwargs)
+        if failure == "zip-writer":
+            return real_save(obj, _FullDisk(f), *args, **kwargs)  # the real RuntimeError, from the real writer
+        f.write(b"\0" * 1000)
+        raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 43904 vs 43800")
+
+    monkeypatch.setattr(torch, "save", save)
+    line = expect_error(capsys, train_args(tmp_path, pristine), "last_checkpoint_2.pt", "cannot write checkpoint",
+                        "previous checkpoint is intact")
+    assert ("No space left on device" if failure == "zip-writer" else "is the disk full?") in line
+    ckpt_dir = tmp_path / "runs" / "r" / "checkpoints"
+    names = sorted(p.name for p in ckpt_dir.iterdir())
+    assert "last_checkpoint_1.pt" in names and "last_checkpoint_2.pt" not in names, names
+    assert not [n for n in names if n.endswith(".partial")], names
+    assert load_checkpoint(ckpt_dir / "last_checkpoint_1.pt")["epoch"] == 1
+
+
 def test_resume_on_a_folder_with_no_checkpoint(tmp_path, capsys):
     (tmp_path / "notarun").mkdir()
     (tmp_path / "notarun" / "notes.txt").write_text("keep me")
@@ -351,6 +397,45 @@ def test_a_config_file_that_is_not_utf8(tmp_path, pristine, capsys, encoding):
     config.write_bytes("name: café\n".encode(encoding))
     expect_error(capsys, train_args(tmp_path, pristine, "--config", str(config)), "c.yaml", "not UTF-8",
                  root=tmp_path)
+
+
+@pytest.mark.parametrize("command", ["cv-splits", "sweep-space", "runs-config"])
+def test_a_split_space_or_run_config_file_that_is_not_utf8(tmp_path, pristine, capsys, command):
+    if command == "cv-splits":
+        bad = tmp_path / "folds.csv"
+        bad.write_bytes("patient_id,fold\n1065,0\n# café\n".encode("latin-1"))
+        args = ["cv", "--data", str(pristine), "--splits", str(bad), "--output-dir", str(tmp_path / "exps"),
+                "--name", "e", "--no-progress"]
+    elif command == "sweep-space":
+        bad = tmp_path / "space.yaml"
+        bad.write_bytes("params: {}  # café\n".encode("utf-16"))
+        args = ["sweep", str(bad), "--trials", "1", "--dir", str(tmp_path / "sweep")]
+    else:
+        bad = tmp_path / "runs" / "r" / "config.yaml"
+        bad.parent.mkdir(parents=True)
+        bad.write_bytes("name: café\n".encode("latin-1"))
+        args = ["runs", str(tmp_path / "runs"), "--json"]
+    before = sorted(tmp_path.rglob("*"))
+    expect_error(capsys, args, str(bad), "not UTF-8", "as UTF-8")
+    assert sorted(tmp_path.rglob("*")) == before, "something was created"
+
+
+@pytest.mark.parametrize("flag, value", [("--seed", "-1"), ("--seed", str(2**32)), ("--patients", "0"),
+                                         ("--patients", "100000000000000000000")])
+def test_synth_refuses_a_count_or_seed_out_of_range_before_creating_anything(tmp_path, capsys, flag, value):
+    name = flag[2:]
+    expect_error(capsys, ["synth", str(tmp_path / "d"), flag, value, "--no-progress"], f"{name}={value}",
+                 "out of range")
+    assert not list(tmp_path.iterdir()), "a folder was created"
+
+
+@pytest.mark.parametrize("uri", ["http://localhost:1", "http://bob:s3cret@localhost:1/"])
+def test_an_unreachable_tracking_server_is_refused_before_the_run_directory(tmp_path, pristine, capsys, uri):
+    pytest.importorskip("mlflow", reason="mlflow is an optional extra (ignite_trainer[mlflow]); not installed here")
+    line = expect_error(capsys, train_args(tmp_path, pristine, "--tracker", "mlflow", "--tracking-uri", uri),
+                        "localhost:1", "cannot reach the MLflow tracking server", root=tmp_path)
+    assert "s3cret" not in line
+    assert not (tmp_path / "runs").exists()
 
 
 def test_an_fft_size_that_would_allocate_gigabytes(tmp_path, pristine, capsys):

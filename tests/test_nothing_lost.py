@@ -102,3 +102,26 @@ def test_export_refuses_an_existing_file_and_honours_the_umask(trained_run, tmp_
         assert out.read_bytes() != b"an earlier export"
     finally:
         os.umask(old)
+
+
+@pytest.mark.parametrize("where", ["new-folder", "overwrite"])
+def test_export_on_a_full_disk_leaves_no_partial_file_or_folder(trained_run, tmp_path, capsys, monkeypatch, where):
+    # safetensors does not raise OSError on a full disk but its own SafetensorError, the OS error in its text
+    import safetensors
+    import safetensors.torch
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"\0" * 100)
+        raise safetensors.SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+
+    out = tmp_path / "new" / "sub" / "m.safetensors" if where == "new-folder" else tmp_path / "m.safetensors"
+    if where == "overwrite":
+        out.write_bytes(b"an earlier export")
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    expect_error(capsys, ["export", str(trained_run.run_dir), str(out), "--overwrite"], str(out),
+                 "cannot write the export", "No space left on device")
+    if where == "new-folder":
+        assert not (tmp_path / "new").exists(), "the folders made for the export were left behind"
+    else:
+        assert out.read_bytes() == b"an earlier export"
+        assert sorted(p.name for p in tmp_path.iterdir()) == ["m.safetensors"], "a partial file was left behind"

@@ -6,18 +6,25 @@ unique name, so that two processes writing the same target never share one), the
 in. A generated folder goes through `atomic_directory` the same way. With ``durable=True`` the file and its folder are also fsynced, so that the
 swap survives a power cut, not just a killed process: use it where losing the file loses training work;
 a report that can be regenerated does not need it.
+
+`write_failure` tells a write the file system refused (disk full, quota, read-only) from a bug, also when a
+library wrapped the OS error in its own type; `created_parents` removes the folders made for a write that
+failed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 import uuid
 from pathlib import Path
 from typing import IO, Iterator
 
 PARTIAL_SUFFIX = ".partial"
+#: How a library written in Rust (safetensors) words the OS error under its own exception type.
+_RUST_OS_ERROR = re.compile(r"\(os error (\d+)\)")
 
 
 def partial_path(path: str | Path, tag: str = "") -> Path:
@@ -98,6 +105,61 @@ def atomic_write(path: str | Path, mode: str = "w", durable: bool = True, tag: s
                 os.fsync(f.fileno())
     if durable:
         fsync_dir(Path(path).parent)
+
+
+def write_failure(error: BaseException) -> str | None:
+    """Why a write failed, in words (``"No space left on device"``), when the file system refused it; None
+    for anything else (a bug, which keeps its traceback).
+
+    Libraries do not always raise `OSError`: ``torch.save`` raises a ``RuntimeError`` from its zip writer
+    while the `OSError` of the failed write is its context, and safetensors raises its own
+    ``SafetensorError`` with the OS error only in its text (``... (os error 28)``). Both count.
+
+    Example::
+
+        try:
+            safetensors.torch.save_file(tensors, str(tmp))
+        except Exception as e:
+            if (reason := write_failure(e)) is None:
+                raise
+            raise CheckpointError(f"{out_path}: cannot write the export ({reason})") from None
+    """
+    seen: set[int] = set()
+    cause: BaseException | None = error
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError):
+            return cause.strerror or str(cause)
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    found = _RUST_OS_ERROR.search(str(error))
+    return os.strerror(int(found.group(1))) if found else None
+
+
+@contextlib.contextmanager
+def created_parents(path: str | Path) -> Iterator[None]:
+    """Create the missing folders above ``path``; when the block raises, remove the ones it created (while
+    they are empty), so that a write that failed leaves no new empty folders behind.
+
+    Example::
+
+        with created_parents("exports/v2/m.safetensors"), atomic_path("exports/v2/m.safetensors") as tmp:
+            safetensors.torch.save_file(tensors, str(tmp))
+    """
+    missing = []
+    folder = Path(path).absolute().parent
+    while not folder.exists() and folder.parent != folder:
+        missing.append(folder)
+        folder = folder.parent
+    try:
+        Path(path).absolute().parent.mkdir(parents=True, exist_ok=True)
+        yield
+    except BaseException:
+        for folder in missing:  # the deepest first
+            try:
+                folder.rmdir()
+            except OSError:
+                break
+        raise
 
 
 @contextlib.contextmanager

@@ -18,12 +18,18 @@ from typing import Any, Literal, Mapping
 import yaml
 
 from ignite_trainer.core.augmentation import SHIFT_MODES, AugmentSettings, augment_default
-from ignite_trainer.core.errors import ConfigError
+from ignite_trainer.core.errors import ConfigError, UserError
 from ignite_trainer.core.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS, OBJECTIVES, STATS, is_score
 
 
 #: The longest file name most file systems accept (NAME_MAX), in bytes.
 MAX_NAME_BYTES = 255
+#: The largest seed: numpy's legacy global generator (seeded from every seed a run uses) takes 0 .. 2**32 - 1.
+MAX_SEED = 2**32 - 1
+#: The most patients a synthetic set may have (`synth --patients`, ``synthetic_patients``). A CirCor-format
+#: patient is about 0.5 MB of WAV files, so this bound is some 50 GB already; a count with a few digits too
+#: many is refused at once instead of filling memory and disk for hours.
+MAX_SYNTHETIC_PATIENTS = 100_000
 
 
 def _f(default: Any, help: str, **kw: Any) -> Any:
@@ -47,8 +53,9 @@ class TrainConfig:
     format: Literal[FORMATS] = _f("circor2022", "on-disk layout of --data")
     unknown_murmur: Literal["mask", "positive"] = _f("mask", "CirCor 'Unknown' murmur: leave out or count as present")
     skip_bad: bool = _f(False, "warn about and skip unreadable recordings instead of stopping")
-    synthetic_patients: int = _f(300, "patients in the embedded synthetic set", min=4)
-    synthetic_seed: int = _f(2022, "seed of the embedded synthetic set", min=0, max=2**32 - 1)
+    synthetic_patients: int = _f(300, "patients in the embedded synthetic set", min=4,
+                                 max=MAX_SYNTHETIC_PATIENTS)
+    synthetic_seed: int = _f(2022, "seed of the embedded synthetic set", min=0, max=MAX_SEED)
     cache_dir: str | None = _f(None, "feature and synthetic-data cache; default $IGNITE_TRAINER_CACHE or "
                                      "~/.cache/ignite_trainer")
     # features
@@ -65,7 +72,7 @@ class TrainConfig:
     n_folds: int = _f(0, "k for k-fold splitting; 0 uses val_fraction", min=0, max=20)
     fold: int = _f(0, "which fold is validation when n_folds > 0", min=0)
     # None keeps the behaviour of configs written before these fields existed: the split follows `seed`.
-    split_seed: int | None = _f(None, "seed of the patient split (folds or val_fraction); empty uses seed", min=0, max=2**32 - 1)
+    split_seed: int | None = _f(None, "seed of the patient split (folds or val_fraction); empty uses seed", min=0, max=MAX_SEED)
     split_file: str | None = _f(None, "JSON/CSV file of patient ids per fold (cli.py cv writes one); fold picks validation")
     # optimisation (the reference recipe's defaults)
     batch_size: int = _f(32, "global batch size (split across processes)", min=1)
@@ -82,7 +89,7 @@ class TrainConfig:
     model: str = _f("attention_cnn", "model name from the registry")
     monitor: str = _f("val_loss", "score for early stopping and the best checkpoint: val_loss, macro_f1, heart.f1, ...")
     # run
-    seed: int = _f(0, "seed of model init and crops (and of the split when split_seed is empty)", min=0, max=2**32 - 1)
+    seed: int = _f(0, "seed of model init and crops (and of the split when split_seed is empty)", min=0, max=MAX_SEED)
     device: Literal[DEVICES] = _f("auto", "where to train")
     num_workers: int = _f(0, "DataLoader worker processes", min=0)
     output_dir: str = _f("runs", "parent folder of run directories")
@@ -157,15 +164,7 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                              "save the config file as UTF-8") from None
+        text = read_text_file(path, "the config file")
         try:
             values = yaml.safe_load(text)
         except yaml.YAMLError as e:
@@ -261,6 +260,28 @@ class TrainConfig:
     @property
     def pos_weight(self) -> tuple[float, float]:
         return (self.pos_weight_heart, self.pos_weight_murmur)
+
+
+def read_text_file(path: str | Path, what: str, error: type[UserError] = ConfigError) -> str:
+    """The text of a file the user gave (a config, a split file, a sweep space), read as UTF-8 (a byte-order
+    mark is dropped). A file that cannot be read, or whose bytes are not UTF-8 (saved as UTF-16 or Latin-1),
+    is one ``error`` naming the file and ``what`` it is, instead of a `UnicodeDecodeError` traceback.
+
+    Example::
+
+        text = read_text_file("folds.csv", "the split file", DataError)
+        # folds.csv: not UTF-8 text (byte 0xff at offset 0); save the split file as UTF-8
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                    f"save {what} as UTF-8") from None
 
 
 def cache_root(config: "TrainConfig") -> Path:

@@ -24,6 +24,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Sequence
 
+from ignite_trainer.core.config import read_text_file
 from ignite_trainer.data.records import Recording
 from ignite_trainer.core.errors import ConfigError, DataError
 
@@ -218,10 +219,7 @@ def read_split_file(path: str | Path) -> list[list[str]]:
         folds = read_split_file("published_5fold.csv")
     """
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise DataError(f"{path}: cannot read the split file ({e.strerror or e})") from None
+    text = read_text_file(path, "the split file", DataError)
     if path.suffix.lower() == ".csv":
         return _folds_from_csv(text, path)
     try:

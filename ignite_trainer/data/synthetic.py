@@ -36,6 +36,7 @@ from scipy import fft as sfft
 from tqdm import tqdm
 
 from ignite_trainer.core.atomic import atomic_directory, swap_directory
+from ignite_trainer.core.config import MAX_SEED, MAX_SYNTHETIC_PATIENTS
 from ignite_trainer.data.wav import write_wav
 from ignite_trainer.core.errors import ConfigError, DataError
 from ignite_trainer.core.vocabulary import FORMATS
@@ -619,6 +620,8 @@ def write_synthetic(out_dir: str | Path, n_patients: int, seed: int, fmt: str = 
     helping (see `Difficulty`). A folder that already holds files is refused unless ``overwrite``; the new set
     is always generated beside it first and swapped in only once complete, so a failure (or Ctrl-C) leaves
     whatever was there untouched. ``progress`` shows a bar with counts on a terminal (never in a log file).
+    ``n_patients`` goes from 1 to `MAX_SYNTHETIC_PATIENTS` and ``seed`` from 0 to `MAX_SEED`; any other
+    value is refused before anything is created.
 
     Example::
 
@@ -628,8 +631,8 @@ def write_synthetic(out_dir: str | Path, n_patients: int, seed: int, fmt: str = 
     """
     if fmt not in FORMATS:
         raise ConfigError(f"format={fmt!r} is not one of: {', '.join(FORMATS)}")
-    if isinstance(n_patients, bool) or not isinstance(n_patients, (int, np.integer)) or n_patients < 1:
-        raise ConfigError(f"patients={n_patients!r} is out of range (must be an integer >= 1)")
+    _check_count("patients", n_patients, 1, MAX_SYNTHETIC_PATIENTS)
+    _check_count("seed", seed, 0, MAX_SEED)
     _difficulty(difficulty)
     out_dir = Path(out_dir)
     _check_target(out_dir, overwrite)
@@ -650,6 +653,12 @@ def write_synthetic(out_dir: str | Path, n_patients: int, seed: int, fmt: str = 
         if staging.exists():
             shutil.rmtree(staging, ignore_errors=True)
     return out_dir
+
+
+def _check_count(name: str, value: object, low: int, high: int) -> None:
+    """Refuse a ``value`` that is not an integer from ``low`` to ``high``, naming it."""
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or not low <= value <= high:
+        raise ConfigError(f"{name}={value!r} is out of range (must be an integer from {low} to {high})")
 
 
 def _check_target(out_dir: Path, overwrite: bool) -> None:

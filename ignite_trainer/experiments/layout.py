@@ -23,7 +23,7 @@ from typing import Any
 
 import yaml
 
-from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.core.config import TrainConfig, read_text_file
 from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.data.splits import read_split_file
 from ignite_trainer.runs.checkpoint import find_resume_checkpoint
@@ -146,9 +146,10 @@ class Experiment:
         path = experiment_file(exp_dir)
         if not path.is_file():
             raise CheckpointError(f"{exp_dir}: not a cross-validation experiment (no experiment.yaml)")
+        text = read_text_file(path, "the experiment file", CheckpointError)
         try:
-            values = yaml.safe_load(path.read_text())
-        except (OSError, yaml.YAMLError) as e:
+            values = yaml.safe_load(text)
+        except yaml.YAMLError as e:
             raise CheckpointError(f"{path}: cannot read the experiment ({e})") from None
         if not isinstance(values, dict) or values.get("format") != EXPERIMENT_FORMAT:
             raise CheckpointError(f"{path}: not an experiment file of this version ({EXPERIMENT_FORMAT})")

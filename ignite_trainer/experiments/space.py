@@ -36,7 +36,7 @@ from typing import Any, Mapping
 import optuna
 import yaml
 
-from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.core.config import TrainConfig, read_text_file
 from ignite_trainer.experiments.cv_report import CHALLENGE_METRICS as CV_CHALLENGE_METRICS, METRICS as CV_METRICS
 from ignite_trainer.core.vocabulary import LABELS as LABEL_NAMES, STATS as METRIC_NAMES, score_mode
 from ignite_trainer.core.errors import ConfigError
@@ -132,10 +132,9 @@ def load_space(path: str | Path) -> SweepSpace:
         # space.yaml: params.learning_rate: learning_rate=0.0 is out of range (must be > 0.0)
     """
     path = Path(path)
+    text = read_text_file(path, "the space file")
     try:
-        values = yaml.safe_load(path.read_text())
-    except OSError as e:
-        raise ConfigError(f"{path}: cannot read the space file ({e.strerror or e})") from None
+        values = yaml.safe_load(text)
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not valid YAML ({getattr(e, 'problem', e)})") from None
     if not isinstance(values, dict):

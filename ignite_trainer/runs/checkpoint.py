@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from ignite.handlers import Checkpoint, DiskSaver
 
-from ignite_trainer.core.atomic import PARTIAL_SUFFIX, atomic_write
+from ignite_trainer.core.atomic import PARTIAL_SUFFIX, atomic_write, write_failure
 from ignite_trainer.core.vocabulary import best_epoch
 from ignite_trainer.core.errors import CheckpointError
 
@@ -44,6 +44,9 @@ _NAME = re.compile(r"^(?P<kind>best|last)_checkpoint_(?P<epoch>\d+)"
 #: What a file `torch.save` wrote starts with: a zip archive, or (the legacy format) a pickle protocol byte.
 _ZIP_MAGIC, _PICKLE_PROTOCOL = b"PK\x03\x04", b"\x80"
 _IGNITE_TEMP = re.compile(r"^tmp[a-z0-9_]{6,}$")
+#: Where ``torch.save``'s zip writer raises from (``[enforce fail at inline_container.cc:672] ...``) when a
+#: write under it failed.
+_ZIP_WRITER_FAILURE = "inline_container.cc"
 
 
 @dataclass(frozen=True)
@@ -95,9 +98,12 @@ class SafeDiskSaver(DiskSaver):
         try:
             with atomic_write(path, "wb", durable=True) as f:
                 func(checkpoint, f, **self.kwargs)
-        except OSError as e:  # disk full, quota, read-only: a user's problem, one line; the old file is kept
+        except Exception as e:  # disk full, quota, read-only: a user's problem, one line; the old file is kept
+            reason = _checkpoint_write_failure(e)
+            if reason is None:
+                raise  # not the disk: a bug, keep the traceback
             raise CheckpointError(
-                f"{path}: cannot write checkpoint ({e.strerror or e}); nothing was removed, the previous checkpoint is intact"
+                f"{path}: cannot write checkpoint ({reason}); nothing was removed, the previous checkpoint is intact"
             ) from None
         pending, self._pending_removals = self._pending_removals, []
         for name in pending:
@@ -106,6 +112,15 @@ class SafeDiskSaver(DiskSaver):
 
     def remove(self, filename: str) -> None:
         self._pending_removals.append(filename)
+
+
+def _checkpoint_write_failure(error: BaseException) -> str | None:
+    """Why writing a checkpoint failed, when the disk explains it. On a full disk ``torch.save`` raises a
+    ``RuntimeError`` from its zip writer, not the `OSError` (that is only its context, when there is one)."""
+    reason = write_failure(error)
+    if reason is None and isinstance(error, RuntimeError) and _ZIP_WRITER_FAILURE in str(error):
+        reason = f"the zip writer of torch.save failed: {_first_line(error)[:160]}; is the disk full?"
+    return reason
 
 
 def clean_partial_files(dirname: str | Path) -> list[Path]:

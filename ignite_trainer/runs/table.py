@@ -32,6 +32,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from ignite_trainer.core.config import read_text_file
 from ignite_trainer.core.errors import CheckpointError
 from ignite_trainer.core.vocabulary import score_sign
 from ignite_trainer.runs.checkpoint import best_checkpoint_file, last_checkpoint_files, load_checkpoint
@@ -75,9 +76,10 @@ class RunRow:
 # ---------------------------------------------------------------------------------------------- reading
 def _read_config(run_dir: Path) -> dict[str, Any]:
     path = RunDirectory(run_dir).config_file
+    text = read_text_file(path, "the run's config", CheckpointError)
     try:
-        values = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as e:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
         raise CheckpointError(f"{path}: cannot read the run's config ({e})") from None
     if not isinstance(values, dict):
         raise CheckpointError(f"{path}: expected a mapping of config fields")

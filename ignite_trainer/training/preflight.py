@@ -8,7 +8,8 @@ itself (`run.training_process`) then meets no input it could still refuse.
 - `check_settings`: what the config alone decides: the model is registered, the device exists, the
   backend fits the devices (and the collective timeout is a number of seconds), the cache root is a
   folder, the global batch divides over the processes, the feature settings give
-  every mel band some FFT bin and every window enough frames for the models.
+  every mel band some FFT bin and every window enough frames for the models, and a ``tracker=mlflow``
+  run has MLflow and a tracking server that answers (`tracking.check_tracking`).
 - `check_training_set`: what needs the data too: at least one full batch per process and an
   accumulation window that closes inside an epoch.
 """
@@ -28,6 +29,7 @@ from ignite_trainer.model.registry import available_models
 from ignite_trainer.training.launch import dist_timeout
 from ignite_trainer.core.config import cache_root
 from ignite_trainer.training.runtime import distributed_backend, resolve_device, torchrun_world_size
+from ignite_trainer.training.tracking import check_tracking
 
 __all__ = ["check_settings", "check_training_set", "MIN_WINDOW_FRAMES"]
 
@@ -60,6 +62,7 @@ def check_settings(config: TrainConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"batch_size={config.batch_size} is the global batch and must divide evenly over {world} "
                           f"processes; use a multiple of {world}")
     check_feature_settings(config)
+    check_tracking(config)  # last: the only check that may wait on the network
 
 
 def check_cache_root(root: Path) -> None:

@@ -51,7 +51,7 @@ from ignite_trainer.training.runtime import (
     distributed_backend, resolve_device, resolved_settings, seed_everything, torchrun_world_size,
 )
 from ignite_trainer.training.standard import attach_standard_handlers
-from ignite_trainer.training.tracking import attach_mlflow, close_mlflow, require_mlflow
+from ignite_trainer.training.tracking import attach_mlflow, close_mlflow
 
 __all__ = ["train", "training_process", "SetupHook"]
 
@@ -92,9 +92,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
 
     def validate(checked_config: TrainConfig) -> PreparedData:
         nonlocal fused
-        check_settings(checked_config)
-        if checked_config.tracker == "mlflow":
-            require_mlflow()  # a missing extra costs nothing: no run directory yet
+        check_settings(checked_config)  # a missing MLflow or unreachable tracking server too: no run directory yet
         data = checked_data(checked_config)
         check_training_set(checked_config, len(data.train))
         fused = kernel_for_run(checked_config, None if resume is None else Path(resume))  # built here, if at all
@@ -188,8 +186,6 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
             fused = kernel_for_run(checked_config, None if resume is None else Path(resume))
             return data
 
-        if config.tracker == "mlflow":
-            require_mlflow()
         run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate,
                        identify=run_identity)
         if not run.finished:

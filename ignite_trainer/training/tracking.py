@@ -3,7 +3,8 @@
 A run directory already holds everything about one run; a tracker is for comparing many runs in a UI and
 keeping them beside other projects' runs. MLflow is an optional extra (``pip install 'ignite_trainer[mlflow]'``,
 the light ``mlflow-skinny`` client): it is imported only when tracking is asked for, and its absence is one
-`ConfigError`, raised by `require_mlflow` before anything is written.
+`ConfigError`, raised by `require_mlflow` before anything is written; so is a tracking server that cannot be
+reached (`check_tracking`: one quick request, before the run directory exists).
 
 What one training run logs (to MLflow run named after the run directory, in experiment ``ignite_trainer``):
 
@@ -22,9 +23,12 @@ The default store is a local folder, ``<output_dir>/mlruns`` (MLflow's file stor
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
+from urllib.parse import urlsplit, urlunsplit
 
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint, MLflowLogger
@@ -36,9 +40,15 @@ from ignite_trainer.training.epoch_scalars import EpochScalars
 from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.training.events import TrainerEvents
 
-__all__ = ["require_mlflow", "default_tracking_uri", "attach_mlflow", "close_mlflow", "EXPERIMENT"]
+__all__ = ["require_mlflow", "check_tracking", "shown_uri", "default_tracking_uri", "attach_mlflow", "close_mlflow",
+           "EXPERIMENT"]
 
 EXPERIMENT = "ignite_trainer"
+#: Tracking URIs of a server, reached over the network (a local folder or database needs no check).
+_SERVER_SCHEMES = ("http", "https")
+#: The one request that checks a server: no retries (MLflow's default backs off for minutes), a short timeout.
+_CHECK_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+_OS_REASON = re.compile(r"\[Errno -?\d+\] ([^\"')]+)")
 
 
 def require_mlflow() -> Any:
@@ -54,6 +64,75 @@ def require_mlflow() -> Any:
         raise ConfigError("tracker=mlflow needs MLflow, which is not installed: "
                           "pip install 'ignite_trainer[mlflow]' (or mlflow-skinny)") from None
     return mlflow
+
+
+def check_tracking(config: TrainConfig) -> None:
+    """Refuse, before the run directory exists, a ``tracker=mlflow`` run that could not log: MLflow is not
+    installed (`require_mlflow`), or the tracking server of ``tracking_uri`` does not answer MLflow's API.
+    The message names the URI without its password. A local store (the default) is not checked.
+
+    Example::
+
+        check_tracking(TrainConfig(tracker="mlflow", tracking_uri="http://localhost:1"))
+        # ConfigError: tracking_uri=http://localhost:1: cannot reach the MLflow tracking server (Connection refused); ...
+    """
+    if config.tracker != "mlflow":
+        return
+    require_mlflow()
+    uri = config.tracking_uri
+    if not uri or urlsplit(uri).scheme not in _SERVER_SCHEMES:
+        return
+    from mlflow.tracking import MlflowClient  # deferred: the optional extra, checked by require_mlflow above
+
+    try:
+        with _environment(_CHECK_ENV):
+            MlflowClient(uri).search_experiments(max_results=1)
+    except Exception as e:  # noqa: BLE001 - MLflow's and requests' errors alike: the server did not answer
+        raise ConfigError(f"tracking_uri={shown_uri(uri)}: cannot reach the MLflow tracking server "
+                          f"({_reason(e, uri)}); start it, fix --tracking-uri, or drop --tracker mlflow") from None
+
+
+def shown_uri(uri: str) -> str:
+    """``uri`` as it may be printed or logged: a password in it becomes ``***``.
+
+    Example:
+
+        >>> shown_uri("https://me:s3cret@mlflow.example.org")
+        'https://me:***@mlflow.example.org'
+    """
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def _reason(error: BaseException, uri: str) -> str:
+    """What went wrong, short and without the password: the OS error (``Connection refused``) when there is
+    one, else the first line of the message."""
+    text = str(error)
+    found = _OS_REASON.findall(text)
+    if found:
+        return found[-1].strip()
+    line = text.strip().splitlines()[0] if text.strip() else type(error).__name__
+    password = urlsplit(uri).password
+    line = line.replace(uri, shown_uri(uri))
+    return (line.replace(password, "***") if password else line)[:200]
+
+
+@contextlib.contextmanager
+def _environment(values: dict[str, str]) -> Iterator[None]:
+    """Set environment variables for the block, then put back what was there."""
+    before = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in before.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def default_tracking_uri(output_dir: str | Path) -> str:

@@ -34,7 +34,7 @@ import numpy as np
 import yaml
 
 from ignite_trainer.runs.rundir import RunDirectory
-from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.core.config import TrainConfig, read_text_file
 from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError
 from ignite_trainer.data.features import FeatureSettings
 from ignite_trainer.data.records import LABELS, Recording
@@ -219,8 +219,9 @@ def _from_experiment(exp_dir: Path) -> Ensemble:
         what = "a cross-validation experiment that was never collected" if (exp_dir / EXPERIMENT_FILE).is_file() \
             else "not a cross-validation experiment"
         raise CheckpointError(f"{exp_dir}: {what} (no {ENSEMBLE_MANIFEST}); run cli.py cv --collect {exp_dir}")
+    text = read_text_file(manifest_path, "the ensemble manifest", CheckpointError)
     try:
-        manifest = json.loads(manifest_path.read_text())
+        manifest = json.loads(text)
         member_dirs = [exp_dir / p for p in manifest["members"]]
         stored = checked_thresholds(manifest["thresholds"], f"{manifest_path}: thresholds", ConfigError)
         decision_file = manifest.get("decision")
@@ -232,8 +233,8 @@ def _from_experiment(exp_dir: Path) -> Ensemble:
     if decision_file:
         layer_path = exp_dir / str(decision_file)
         try:
-            layer = DecisionLayer.from_json(layer_path.read_text())
-        except (OSError, CheckpointError) as e:
+            layer = DecisionLayer.from_json(read_text_file(layer_path, "the decision layer", CheckpointError))
+        except CheckpointError as e:
             raise CheckpointError(f"{layer_path}: unreadable decision layer ({e})") from None
         layer_source = str(manifest.get("decision_source", "out-of-fold"))
     members = [load_trained_model(p) for p in member_dirs]

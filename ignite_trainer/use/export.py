@@ -16,7 +16,7 @@ from typing import Sequence
 import safetensors.torch
 import torch
 
-from ignite_trainer.core.atomic import atomic_path
+from ignite_trainer.core.atomic import atomic_path, created_parents, write_failure
 from ignite_trainer.core.errors import CheckpointError
 from ignite_trainer.use.ensemble import ENSEMBLE_FORMAT, Ensemble, is_ensemble, load_ensemble
 from ignite_trainer.use.model_files import SAFETENSORS_FORMAT, load_trained_model
@@ -98,11 +98,15 @@ def _weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _write(tensors: dict[str, torch.Tensor], metadata: dict[str, str], out_path: Path) -> Path:
-    """One atomic, durable safetensors write; a failure is a one-line `CheckpointError`."""
+    """One atomic, durable safetensors write; a failure the file system explains (a full disk: safetensors
+    raises its own ``SafetensorError`` then) is a one-line `CheckpointError`, and leaves neither a partial
+    file nor a folder made for the export."""
     try:
-        out_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(out_path, durable=True) as tmp:
+        with created_parents(out_path), atomic_path(out_path, durable=True) as tmp:
             safetensors.torch.save_file(tensors, str(tmp), metadata=metadata)
-    except OSError as e:
-        raise CheckpointError(f"{out_path}: cannot write the export ({e.strerror or e})") from None
+    except Exception as e:
+        reason = write_failure(e)
+        if reason is None:
+            raise  # not the disk or the path: a bug, keep the traceback
+        raise CheckpointError(f"{out_path}: cannot write the export ({reason})") from None
     return out_path
