@@ -26,6 +26,49 @@ from ignite_trainer.core.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABEL
 MAX_NAME_BYTES = 255
 
 
+def decode_utf8(raw: bytes, path: str | Path, hint: str = "", error: type[Exception] = ConfigError) -> str:
+    """``raw`` as UTF-8 text (a byte-order mark dropped), or ``error`` naming ``path``, the first bad byte and
+    its offset, then ``hint`` (e.g. "; save the config file as UTF-8"): the one decoding of a project file.
+
+    Example::
+
+        decode_utf8(b"\\xff", "c.yaml")  # ConfigError: c.yaml: not UTF-8 text (byte 0xff at offset 0)
+    """
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}){hint}") from None
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (empty for an empty file): the one reader of a config file's text.
+
+    An unreadable file, text that is not UTF-8, malformed YAML or a document that is not a mapping is a
+    one-line `ConfigError` naming the file (and the line, for YAML).
+
+    Example::
+
+        values = read_yaml_mapping("runs/quick/config.yaml")   # {"model": "attention_cnn", ...}
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
+    text = decode_utf8(raw, path, "; save the config file as UTF-8")
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
+    return values
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -155,26 +198,7 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
-        try:
-            raw = path.read_bytes()
-        except OSError as e:
-            raise ConfigError(f"{path}: cannot read config file ({e.strerror or e})") from None
-        try:
-            text = raw.decode("utf-8-sig")
-        except UnicodeDecodeError as e:
-            raise ConfigError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                              "save the config file as UTF-8") from None
-        try:
-            values = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
-        return cls.from_mapping(values, source=str(path))
+        return cls.from_mapping(read_yaml_mapping(path), source=str(path))
 
     def updated(self, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
         """A copy with ``values`` applied and validated; ``source`` names where they came from in errors."""
