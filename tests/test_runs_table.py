@@ -143,7 +143,8 @@ def test_a_damaged_run_is_one_unreadable_row_and_the_others_are_listed(runs, tmp
     assert rows["finished"].state == "finished" and rows["finished"].note is None
     assert {name: r.state for name, r in rows.items() if name != "finished"} == dict.fromkeys(
         ("utf16_config", "broken_yaml", "latin1_log"), "unreadable")
-    assert rows["utf16_config"].note == "config.yaml: not UTF-8 text (byte 0xff at offset 0); save the config file as UTF-8"
+    assert rows["utf16_config"].note == ("config.yaml: not UTF-8 text (byte 0xff at offset 0); "
+                                         "save the config file as UTF-8")
     assert rows["broken_yaml"].note.startswith("config.yaml: line 2 not valid YAML")
     assert rows["latin1_log"].note.startswith("metrics.jsonl: not UTF-8 text (byte 0xe9 at offset 25)")
     assert rows["latin1_log"].model == "attention_cnn" and rows["latin1_log"].epochs_run is None  # config still read

@@ -40,7 +40,8 @@ from typing import Any, Mapping
 from ignite_trainer.core.config import read_yaml_mapping
 from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.core.vocabulary import score_sign
-from ignite_trainer.runs.checkpoint import best_checkpoint_file, checkpoint_epoch, last_checkpoint_files, load_checkpoint
+from ignite_trainer.runs.checkpoint import (best_checkpoint_file, checkpoint_epoch, last_checkpoint_files,
+                                            load_checkpoint)
 from ignite_trainer.runs.lock import is_running
 from ignite_trainer.runs.logs import last_error
 from ignite_trainer.runs.rundir import RunDirectory
