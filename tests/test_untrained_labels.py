@@ -15,7 +15,6 @@ import cli
 from ignite_trainer.core.errors import CheckpointError
 from ignite_trainer.core.vocabulary import FORMAT_LABELS, LABELS
 from ignite_trainer.data.readers import read_recordings
-from ignite_trainer.scoring.decision import DecisionLayer
 from ignite_trainer.use.ensemble import load_ensemble
 from ignite_trainer.use.inference import predict
 from ignite_trainer.use.model_files import load_trained_model
