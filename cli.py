@@ -255,7 +255,7 @@ def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challe
     from ignite_trainer.use.writers import write_challenge_outputs, write_predictions_csv
 
     result = run_prediction(_model_source(model_path), list(inputs), fmt=fmt, aggregation=aggregation,
-                            unknown_margin=unknown_margin, device=device)
+                            unknown_margin=unknown_margin, device=device, challenge=challenge_dir is not None)
     write_predictions_csv(result, output)
     if challenge_dir is not None:
         written = write_challenge_outputs(result, challenge_dir)

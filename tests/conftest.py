@@ -118,6 +118,19 @@ def trained_run(tmp_path_factory) -> TrainedRun:
     return _RUNS["run"]
 
 
+@pytest.fixture(scope="session")
+def trained_2016_run(tmp_path_factory) -> TrainedRun:
+    """A tiny run on PhysioNet 2016 data (heart labels only): its murmur output was never trained."""
+    if "2016" not in _RUNS:
+        base = tmp_path_factory.mktemp("trained2016")
+        data = write_synthetic(base / "data", 12, 4, fmt="physionet2016", progress=False)
+        config = tiny_config(data, base, format="physionet2016", name="p2016")
+        run_dir = Path(train(config)["run_dir"])
+        path = find_best_checkpoint(run_dir)
+        _RUNS["2016"] = TrainedRun(data, run_dir, path, config, dict(load_checkpoint(path)["thresholds"]), base)
+    return _RUNS["2016"]
+
+
 def circor_subset(src: Path, dst: Path, n_patients: int, strip_labels: bool = False) -> Path:
     """Copy the first ``n_patients`` of a CirCor folder; ``strip_labels`` removes every label (a hidden test set)."""
     out = dst / "training_data"

@@ -15,8 +15,11 @@ import pytest
 import torch
 
 import cli
+from conftest import tiny_config
 from ignite_trainer.runs.checkpoint import load_checkpoint
 from ignite_trainer.data.synthetic import write_synthetic
+from ignite_trainer.training.events import TrainerEvents
+from ignite_trainer.training.run import train
 
 ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["n_mels=8", "sample_rate=1000", "hop_ms=20.0", "n_fft=64", "window_seconds=4.0", "val_fraction=0.34"]
@@ -482,3 +485,55 @@ def test_a_cache_root_that_is_a_file(tmp_path, pristine, capsys, monkeypatch):
 def test_evaluate_with_the_wrong_format_flag_names_the_format(trained_run, capsys):
     expect_error(capsys, ["evaluate", str(trained_run.run_dir), "--data", str(trained_run.data), "--format",
                           "physionet2016"], "circor2022", "format=physionet2016")
+
+
+# ------------------------------------------------------------------------------------------------- run files
+def _stop_after_first_epoch(trainer, evaluator):
+    trainer.add_event_handler(TrainerEvents.VALIDATION_COMPLETED(once=1), lambda e: e.terminate())
+
+
+def _unfinished_run(trained_run, tmp_path) -> Path:
+    """A run stopped after epoch 1 of 2 (resumable), on the shared run's data and feature cache."""
+    config = tiny_config(trained_run.data, tmp_path, cache_dir=str(trained_run.base / "cache"))
+    return Path(train(config, setup=_stop_after_first_epoch)["run_dir"])
+
+
+def test_resume_with_an_epoch_log_that_is_not_utf8(trained_run, tmp_path, capsys):
+    run = _unfinished_run(trained_run, tmp_path)
+    (run / "metrics.jsonl").write_bytes((run / "metrics.jsonl").read_bytes() + b'{"epoch": 2, "note": "\xe9"}\n')
+    expect_error(capsys, ["train", "--resume", str(run)], "metrics.jsonl", "not UTF-8 text (byte 0xe9 at offset",
+                 root=tmp_path)
+
+
+def test_evaluate_a_run_whose_epoch_log_is_not_utf8(trained_run, tmp_path, capsys):
+    run = tmp_path / "run"
+    shutil.copytree(trained_run.run_dir, run, ignore=shutil.ignore_patterns("report"))
+    (run / "metrics.jsonl").write_bytes(b"\xff\xfe" + (run / "metrics.jsonl").read_text().encode("utf-16-le"))
+    expect_error(capsys, ["evaluate", str(run)], "metrics.jsonl", "not UTF-8 text (byte 0xff at offset 0)",
+                 root=tmp_path)
+    assert not (run / "report").exists()
+
+
+@pytest.mark.parametrize("damage", ["config not UTF-8", "config not YAML", "log not UTF-8", "log cut short"])
+def test_the_runs_table_lists_a_damaged_run_as_one_row(trained_run, tmp_path, capsys, damage):
+    for name in ("good", "damaged"):
+        shutil.copytree(trained_run.run_dir, tmp_path / name, ignore=shutil.ignore_patterns("report"))
+    config, log = tmp_path / "damaged" / "config.yaml", tmp_path / "damaged" / "metrics.jsonl"
+    if damage == "config not UTF-8":
+        config.write_text(config.read_text(), encoding="utf-16")
+    elif damage == "config not YAML":
+        config.write_text("model: [attention_cnn\n")
+    elif damage == "log not UTF-8":
+        log.write_bytes(log.read_text().replace("}", ', "note": "\xe9"}').encode("latin-1"))
+    else:
+        log.write_text(log.read_text()[:-20])
+    assert cli.main(["runs", str(tmp_path)]) == 0
+    out, err = capsys.readouterr()
+    assert err == "" and "Traceback" not in out
+    rows = {line.split()[0]: line for line in out.splitlines()[1:3]}
+    assert " finished " in rows["good"]
+    expected = {"config not UTF-8": ("unreadable", "config.yaml: not UTF-8 text"),
+                "config not YAML": ("unreadable", "config.yaml: line 2 not valid YAML"),
+                "log not UTF-8": ("unreadable", "metrics.jsonl: not UTF-8 text"),
+                "log cut short": ("finished", "metrics.jsonl: line 2 (the last) is cut short")}[damage]
+    assert f" {expected[0]} " in rows["damaged"] and expected[1] in rows["damaged"]

@@ -215,6 +215,9 @@ def good_dict():
     (lambda d: d.update({"format": "v0"}), "format"),
     (lambda d: d.pop("outcome.kind"), "outcome.kind"),
     (lambda d: d.update({"murmur.patients": -1.0}), "murmur.patients"),
+    (lambda d: d.update({"fitted_patients.murmur": 3.0}), "fitted_patients.outcome"),
+    (lambda d: d.update({"fitted_patients.murmur": 1.5, "fitted_patients.outcome": 2.0}), "fitted_patients.murmur"),
+    (lambda d: d.update({"fitted_patients.heart": 2.0}), "fitted_patients.heart"),
 ])
 def test_malformed_dicts_are_refused_naming_the_key(change, key):
     d = good_dict()
@@ -273,3 +276,20 @@ def test_calibrated_outcome_threshold_minimises_expected_cost_of_a_planted_calib
     assert 0.0 <= two.threshold <= 1.0
     with pytest.raises(ValueError, match="method"):
         OutcomeThreshold.fit(feats, ["Normal"] * len(feats), method="guess")
+
+
+def test_a_layer_records_how_many_patients_held_each_label_and_names_a_task_fitted_on_none():
+    feats, truth, _ = planted_patients(30, seed=8)
+    outcome = ["Abnormal" if f.heart_prob > 0.5 else "Normal" for f in feats]
+    truth[:4] = [None] * 4  # patients without a murmur class (a format that has none) are not counted
+    layer = DecisionLayer.fit(feats, truth, outcome)
+    assert layer.fitted_patients == (26, 30) and layer.unfitted_tasks() == []
+    assert DecisionLayer.from_dict(layer.to_dict()) == layer
+    # PhysioNet 2016 patients: outcomes only. The murmur calls are the prior calibration, fitted to nothing.
+    heart_only = DecisionLayer.fit(feats, [None] * 30, outcome)
+    assert heart_only.fitted_patients == (0, 30) and heart_only.unfitted_tasks() == ["murmur"]
+    assert DecisionLayer.fit([], [], []).unfitted_tasks() == ["murmur", "outcome"]
+    # a layer written before the counts were kept still loads, and names no task
+    old = layer.to_dict()
+    del old["fitted_patients.murmur"], old["fitted_patients.outcome"]
+    assert DecisionLayer.from_dict(old).fitted_patients is None and DecisionLayer.from_dict(old).unfitted_tasks() == []

@@ -32,6 +32,63 @@ MAX_SEED = 2**32 - 1
 MAX_SYNTHETIC_PATIENTS = 100_000
 
 
+def decode_utf8(raw: bytes, path: str | Path, hint: str = "", error: type[Exception] = ConfigError) -> str:
+    """``raw`` as UTF-8 text (a byte-order mark dropped), or ``error`` naming ``path``, the first bad byte and
+    its offset, then ``hint`` (e.g. "; save the config file as UTF-8"): the one decoding of a project file.
+
+    Example::
+
+        decode_utf8(b"\\xff", "c.yaml")  # ConfigError: c.yaml: not UTF-8 text (byte 0xff at offset 0)
+    """
+    try:
+        return raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}){hint}") from None
+
+
+def read_text_file(path: str | Path, what: str, error: type[UserError] = ConfigError) -> str:
+    """The text of a file the user gave (a config, a split file, a sweep space), read as UTF-8 (a byte-order
+    mark is dropped). A file that cannot be read, or whose bytes are not UTF-8 (saved as UTF-16 or Latin-1),
+    is one ``error`` naming the file and ``what`` it is, instead of a `UnicodeDecodeError` traceback.
+
+    Example::
+
+        text = read_text_file("folds.csv", "the split file", DataError)
+        # folds.csv: not UTF-8 text (byte 0xff at offset 0); save the split file as UTF-8
+    """
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
+    return decode_utf8(raw, path, f"; save {what} as UTF-8", error)
+
+
+def read_yaml_mapping(path: str | Path) -> dict[str, Any]:
+    """The mapping a YAML config file holds (empty for an empty file): the one reader of a config file's text.
+
+    An unreadable file, text that is not UTF-8, malformed YAML or a document that is not a mapping is a
+    one-line `ConfigError` naming the file (and the line, for YAML).
+
+    Example::
+
+        values = read_yaml_mapping("runs/quick/config.yaml")   # {"model": "attention_cnn", ...}
+    """
+    path = Path(path)
+    text = read_text_file(path, "the config file")
+    try:
+        values = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
+    return values
+
+
 def _f(default: Any, help: str, **kw: Any) -> Any:
     return field(default=default, metadata={"help": help, **kw})
 
@@ -164,18 +221,7 @@ class TrainConfig:
     @classmethod
     def from_yaml(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
-        text = read_text_file(path, "the config file")
-        try:
-            values = yaml.safe_load(text)
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            where = f" line {mark.line + 1}" if mark is not None else ""
-            raise ConfigError(f"{path}:{where} not valid YAML ({getattr(e, 'problem', e)})") from None
-        if values is None:
-            values = {}
-        if not isinstance(values, dict):
-            raise ConfigError(f"{path}: expected a mapping of config fields, got {type(values).__name__}")
-        return cls.from_mapping(values, source=str(path))
+        return cls.from_mapping(read_yaml_mapping(path), source=str(path))
 
     def updated(self, values: Mapping[str, Any], source: str = "config") -> "TrainConfig":
         """A copy with ``values`` applied and validated; ``source`` names where they came from in errors."""
@@ -260,28 +306,6 @@ class TrainConfig:
     @property
     def pos_weight(self) -> tuple[float, float]:
         return (self.pos_weight_heart, self.pos_weight_murmur)
-
-
-def read_text_file(path: str | Path, what: str, error: type[UserError] = ConfigError) -> str:
-    """The text of a file the user gave (a config, a split file, a sweep space), read as UTF-8 (a byte-order
-    mark is dropped). A file that cannot be read, or whose bytes are not UTF-8 (saved as UTF-16 or Latin-1),
-    is one ``error`` naming the file and ``what`` it is, instead of a `UnicodeDecodeError` traceback.
-
-    Example::
-
-        text = read_text_file("folds.csv", "the split file", DataError)
-        # folds.csv: not UTF-8 text (byte 0xff at offset 0); save the split file as UTF-8
-    """
-    path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise error(f"{path}: cannot read {what} ({e.strerror or e})") from None
-    try:
-        return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                    f"save {what} as UTF-8") from None
 
 
 def cache_root(config: "TrainConfig") -> Path:

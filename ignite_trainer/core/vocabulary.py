@@ -21,6 +21,9 @@ RUN_SCORES: tuple[str, ...] = ("val_loss", "macro_f1")
 
 #: On-disk dataset layouts a folder can be read in.
 FORMATS: tuple[str, ...] = ("circor2022", "physionet2016")
+#: The labels each format's readers fill (the others are masked on every recording): what a model trained on
+#: that format learned. PhysioNet 2016 labels the heart (outcome) only, so its models' murmur output is untrained.
+FORMAT_LABELS: dict[str, tuple[str, ...]] = {"circor2022": LABELS, "physionet2016": ("heart",)}
 
 #: Recordings -> patients: mean probability, or the maximum ("any recording positive").
 AGGREGATIONS: tuple[str, ...] = ("mean", "any")

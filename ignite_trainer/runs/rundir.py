@@ -8,7 +8,8 @@ config; on resume, cut the metrics log back to the checkpoint). Nothing on disk 
 second phase.
 
 ``metrics.jsonl`` (one JSON object per validated epoch, appended and fsynced) is read and written only
-through `MetricsLog`, so that a line cut short by a kill is skipped the same way everywhere.
+through `MetricsLog`, so that a line cut short by a kill is skipped the same way everywhere, and a file
+that is not UTF-8 text (damaged, or re-saved by an editor) is one `CheckpointError` naming it everywhere.
 """
 
 from __future__ import annotations
@@ -24,11 +25,12 @@ from typing import Any, Callable, Generic, Mapping, TypeVar
 
 from ignite_trainer.core.atomic import atomic_write
 from ignite_trainer.runs.checkpoint import CHECKPOINTS_DIR, find_resume_checkpoint, parse_checkpoint_name
-from ignite_trainer.core.config import TrainConfig, config_conflicts
+from ignite_trainer.core.config import TrainConfig, config_conflicts, decode_utf8
 from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.runs.record import ENVIRONMENT_FILE, SPLIT_FILE, identity_differences
 
-__all__ = ["RunDirectory", "OpenedRun", "open_run", "MetricsLog", "read_metrics_log", "run_dir_path"]
+__all__ = ["RunDirectory", "OpenedRun", "open_run", "MetricsLog", "MetricsRead", "read_metrics_log",
+           "run_dir_path"]
 
 T = TypeVar("T")
 
@@ -231,11 +233,43 @@ def _has_resume_files(directory: RunDirectory) -> bool:
 
 
 # ---------------------------------------------------------------------------------------------- metrics.jsonl
+@dataclass(frozen=True)
+class MetricsRead:
+    """One read of ``metrics.jsonl``: its whole epoch records, and the lines that were not whole ones.
+
+    ``bad_lines`` are 1-based line numbers; ``cut_last`` says the only bad line is the last one and it has
+    no line end, which is what a kill during the append leaves (the epoch was being written when the
+    process died: every epoch before it is whole).
+
+    Example::
+
+        read = MetricsLog(run_dir / "metrics.jsonl").read()
+        print(len(read.records), read.damage)   # 3 None, or 1 'line 2 (the last) is cut short; ...'
+    """
+
+    records: list[dict[str, Any]]
+    bad_lines: tuple[int, ...] = ()
+    lines: int = 0
+    cut_last: bool = False
+
+    @property
+    def damage(self) -> str | None:
+        """What is not whole, in words (None: every line is an epoch record)."""
+        if not self.bad_lines:
+            return None
+        whole = f"{len(self.records)} whole epoch record(s) read"
+        if self.cut_last:
+            return f"line {self.bad_lines[0]} (the last) is cut short, as a kill during a write leaves it; {whole}"
+        numbers = ", ".join(str(n) for n in self.bad_lines[:5]) + (", ..." if len(self.bad_lines) > 5 else "")
+        return f"{len(self.bad_lines)} of {self.lines} line(s) are not epoch records (line {numbers}); {whole}"
+
+
 class MetricsLog:
     """``metrics.jsonl``: one JSON object per validated epoch, appended and fsynced line by line.
 
     A plain file that survives a kill line by line, for scripts and reports that should not need
-    TensorBoard to read a run. A line cut short by a kill is skipped by every reader.
+    TensorBoard to read a run. A line cut short by a kill is skipped by every reader; a file that is not
+    UTF-8 text is a `CheckpointError` naming it.
 
     Example::
 
@@ -253,13 +287,28 @@ class MetricsLog:
             f.flush()
             os.fsync(f.fileno())
 
+    def read(self) -> MetricsRead:
+        """The whole epoch records and which lines were not whole (nothing when the file does not exist)."""
+        try:
+            raw = self.path.read_bytes()
+        except OSError:
+            return MetricsRead([])
+        lines = decode_utf8(raw, self.path, "; the run's epoch log is damaged", CheckpointError).splitlines()
+        records, bad = [], []
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            record = _parse(line)
+            if record is None:
+                bad.append(number)
+            else:
+                records.append(record)
+        cut_last = bad == [len(lines)] and not raw.endswith(b"\n")
+        return MetricsRead(records, tuple(bad), len(lines), cut_last)
+
     def records(self) -> list[dict[str, Any]]:
         """Every complete epoch record, in file order (none when the file does not exist)."""
-        try:
-            lines = self.path.read_text().splitlines()
-        except OSError:
-            return []
-        return [r for r in (_parse(line) for line in lines) if r is not None]
+        return self.read().records
 
     def last(self) -> dict[str, Any] | None:
         """The last complete record, or None before the first epoch."""
@@ -267,7 +316,8 @@ class MetricsLog:
         return records[-1] if records else None
 
     def truncate(self, last_epoch: int) -> None:
-        """Keep only complete records of epochs ``<= last_epoch`` (a resumed run rewrites what came after)."""
+        """Keep only complete records of epochs ``<= last_epoch`` (a resumed run rewrites what came after,
+        and drops a line a kill cut short)."""
         if not self.path.exists():
             return
         kept = [r for r in self.records() if r.get("epoch", math.inf) <= last_epoch]
@@ -284,5 +334,6 @@ def _parse(line: str) -> dict[str, Any] | None:
 
 
 def read_metrics_log(path: str | Path) -> list[dict[str, Any]]:
-    """The epochs of a run's ``metrics.jsonl`` (lines cut short by a kill are skipped)."""
+    """The epochs of a run's ``metrics.jsonl`` (lines cut short by a kill are skipped; a file that is not
+    UTF-8 text is a `CheckpointError` naming it)."""
     return MetricsLog(path).records()

@@ -17,7 +17,14 @@ A run's state, decided in this order:
 - **failed**: otherwise, when the last record of ``train.log`` is an ERROR or CRITICAL one (training logs the
   error that stopped it as its last word; a resume logs on, so an old error no longer counts);
 - **interrupted**: anything else: killed, stopped by Ctrl-C or by a hook, or ended before its first
-  checkpoint. It resumes with ``train --resume`` from its last checkpoint, if it has one.
+  checkpoint. It resumes with ``train --resume`` from its last checkpoint, if it has one;
+- **unreadable**: its ``config.yaml`` is not a readable YAML mapping in UTF-8, or its ``metrics.jsonl``
+  is not UTF-8 text: the row's ``note`` names the file and why, and the other runs are listed as usual.
+
+A ``metrics.jsonl`` whose last line is cut short (a kill during the write), or with other lines that are
+not epoch records, is read from its whole lines and the row's ``note`` says what is damaged. The epochs a
+run trained are the most of its whole log lines and its newest readable last checkpoint, so a cut log line
+never turns a finished run into one that stopped early.
 
 Directories without ``config.yaml`` (``mlruns``, ``tb``, stray folders) are not runs and are left out.
 """
@@ -30,20 +37,19 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
 
-import yaml
-
-from ignite_trainer.core.config import read_text_file
-from ignite_trainer.core.errors import CheckpointError
+from ignite_trainer.core.config import read_yaml_mapping
+from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.core.vocabulary import score_sign
-from ignite_trainer.runs.checkpoint import best_checkpoint_file, last_checkpoint_files, load_checkpoint
+from ignite_trainer.runs.checkpoint import (best_checkpoint_file, checkpoint_epoch, last_checkpoint_files,
+                                            load_checkpoint)
 from ignite_trainer.runs.lock import is_running
 from ignite_trainer.runs.logs import last_error
-from ignite_trainer.runs.rundir import RunDirectory, read_metrics_log
+from ignite_trainer.runs.rundir import RunDirectory
 
 __all__ = ["RunRow", "STATES", "is_run_dir", "read_run", "read_runs", "format_table", "rows_as_json", "config_diff",
            "format_diff"]
 
-STATES = ("running", "finished", "stopped early", "failed", "interrupted")
+STATES = ("running", "finished", "stopped early", "failed", "interrupted", "unreadable")
 CHALLENGE_KEYS = ("murmur_weighted_accuracy", "outcome_cost", "heart_macc")
 
 
@@ -62,7 +68,7 @@ class RunRow:
     state: str
     model: str | None = None
     data: str | None = None
-    epochs_run: int = 0
+    epochs_run: int | None = None
     max_epochs: int | None = None
     best_epoch: int | None = None
     monitor: str | None = None
@@ -70,25 +76,22 @@ class RunRow:
     seconds: float | None = None
     challenge: dict[str, Any] | None = None
     error: str | None = None
+    #: What could not be read: the reason of an ``unreadable`` row, or the damaged part of a listed run's files.
+    note: str | None = None
     config: dict[str, Any] = field(default_factory=dict, repr=False)
 
 
 # ---------------------------------------------------------------------------------------------- reading
 def _read_config(run_dir: Path) -> dict[str, Any]:
-    path = RunDirectory(run_dir).config_file
-    text = read_text_file(path, "the run's config", CheckpointError)
     try:
-        values = yaml.safe_load(text)
-    except yaml.YAMLError as e:
-        raise CheckpointError(f"{path}: cannot read the run's config ({e})") from None
-    if not isinstance(values, dict):
-        raise CheckpointError(f"{path}: expected a mapping of config fields")
-    return values
+        return read_yaml_mapping(RunDirectory(run_dir).config_file)
+    except ConfigError as e:
+        raise CheckpointError(f"cannot read the run's config ({e})") from None
 
 
-def _read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    """The epochs of ``metrics.jsonl`` that carry an epoch number; a line cut short by a kill is skipped."""
-    return [r for r in read_metrics_log(RunDirectory(run_dir).metrics_file) if isinstance(r.get("epoch"), int)]
+def _note(error: Exception, path: Path) -> str:
+    """An error about ``path`` as a short note: the file's name instead of its whole path."""
+    return str(error).replace(str(path), path.name, 1)
 
 
 def _score(record: Mapping[str, Any], monitor: str) -> float | None:
@@ -114,14 +117,14 @@ def _best(ckpt_dir: Path, monitor: str, records: list[dict[str, Any]]) -> tuple[
     return epoch, score_sign(monitor) * named_score
 
 
-def _finished_flag(ckpt_dir: Path) -> bool | None:
-    """The ``finished`` flag of the newest readable last checkpoint; None when there is none.
+def _newest_last(ckpt_dir: Path) -> tuple[bool, int] | None:
+    """The ``finished`` flag and epoch of the newest readable last checkpoint; None when there is none.
 
     Read without touching the folder (a running save's temporary file must stay where it is).
     """
     for path in last_checkpoint_files(ckpt_dir):
         try:
-            return bool(load_checkpoint(path).get("finished"))
+            return bool(load_checkpoint(path).get("finished")), checkpoint_epoch(path)
         except CheckpointError:
             continue  # cut short by a kill: the older one tells
     return None
@@ -130,7 +133,7 @@ def _finished_flag(ckpt_dir: Path) -> bool | None:
 def _challenge(run_dir: Path) -> dict[str, Any] | None:
     try:
         report = json.loads((RunDirectory(run_dir).report / "metrics.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, ValueError):  # missing, not UTF-8 or not JSON: the run shows as never evaluated
         return None
     scores = report.get("challenge") if isinstance(report, dict) else None
     if not isinstance(scores, dict):
@@ -162,30 +165,40 @@ def read_run(run_dir: str | Path) -> RunRow:
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise CheckpointError(f"{run_dir}: not a run directory (no config.yaml)")
-    config = _read_config(run_dir)
+    directory = RunDirectory(run_dir)
+    try:
+        config = read_yaml_mapping(directory.config_file)
+    except ConfigError as e:
+        return RunRow(name=run_dir.name, path=str(run_dir), state="unreadable", note=_note(e, directory.config_file))
     monitor = str(config.get("monitor") or "val_loss")
-    records = _read_metrics(run_dir)
-    ckpt_dir = RunDirectory(run_dir).checkpoints
+    max_epochs = config.get("epochs") if isinstance(config.get("epochs"), int) else None
+    try:
+        log = directory.metrics_log.read()
+    except CheckpointError as e:
+        return RunRow(name=run_dir.name, path=str(run_dir), state="unreadable", model=config.get("model"),
+                      data=_data_name(config), max_epochs=max_epochs, monitor=monitor,
+                      note=_note(e, directory.metrics_file), config=config)
+    records = [r for r in log.records if isinstance(r.get("epoch"), int)]
+    ckpt_dir = directory.checkpoints
     best_epoch, best_score = _best(ckpt_dir, monitor, records)
     seconds = [float(r.get("seconds") or 0.0) + float(r.get("val_seconds") or 0.0) for r in records]
-    max_epochs = config.get("epochs") if isinstance(config.get("epochs"), int) else None
+    newest = _newest_last(ckpt_dir)
+    epochs_run = max([r["epoch"] for r in records] + ([newest[1]] if newest else []), default=0)
 
     error = None
     if is_running(run_dir):
         state = "running"
+    elif newest is not None and newest[0]:
+        state = "finished" if max_epochs is None or epochs_run >= max_epochs else "stopped early"
     else:
-        finished = _finished_flag(ckpt_dir)
-        last_epoch = max((r["epoch"] for r in records), default=0)
-        if finished:
-            state = "finished" if max_epochs is None or last_epoch >= max_epochs else "stopped early"
-        else:
-            error = last_error(RunDirectory(run_dir).train_log)
-            state = "failed" if error is not None else "interrupted"
+        error = last_error(directory.train_log)
+        state = "failed" if error is not None else "interrupted"
+    note = f"{directory.metrics_file.name}: {log.damage}" if log.damage else None
     return RunRow(
         name=run_dir.name, path=str(run_dir), state=state, model=config.get("model"), data=_data_name(config),
-        epochs_run=max((r["epoch"] for r in records), default=0), max_epochs=max_epochs, best_epoch=best_epoch,
+        epochs_run=epochs_run, max_epochs=max_epochs, best_epoch=best_epoch,
         monitor=monitor, best_score=best_score, seconds=round(sum(seconds), 3) if records else None,
-        challenge=_challenge(run_dir), error=error, config=config,
+        challenge=_challenge(run_dir), error=error, note=note, config=config,
     )
 
 
@@ -219,24 +232,25 @@ def _duration(seconds: float | None) -> str:
 
 
 def format_table(rows: list[RunRow]) -> str:
-    """The runs as an aligned text table; Challenge columns are n/a for runs never evaluated.
+    """The runs as an aligned text table; Challenge columns are n/a for runs never evaluated, and the last
+    column is the row's ``note`` (why a run is unreadable, or which part of its files is damaged).
 
     Example::
 
         print(format_table(read_runs("runs")))
     """
     header = ["run", "state", "model", "data", "epochs", "best", "monitored score", "murmur WA", "outcome cost",
-              "heart MAcc", "time"]
+              "heart MAcc", "time", "note"]
     lines = [header]
     for r in rows:
         ch = r.challenge or {}
         lines.append([
             r.name, r.state, r.model or "?", r.data or "?",
-            f"{r.epochs_run}/{r.max_epochs if r.max_epochs is not None else '?'}",
+            "?" if r.epochs_run is None else f"{r.epochs_run}/{r.max_epochs if r.max_epochs is not None else '?'}",
             "n/a" if r.best_epoch is None else str(r.best_epoch),
             "n/a" if r.best_score is None else f"{r.monitor} {r.best_score:.4f}",
             _num(ch.get("murmur_weighted_accuracy")), _num(ch.get("outcome_cost"), 1), _num(ch.get("heart_macc")),
-            _duration(r.seconds),
+            _duration(r.seconds), r.note or "",
         ])
     widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
     text = ["  ".join(cell.ljust(w) for cell, w in zip(line, widths)).rstrip() for line in lines]

@@ -23,9 +23,10 @@ minimise the official cost on the validation patients (ties: the cut nearest 0.5
 counting either their observed outcomes or, for a steadier cut, their calibrated P(Abnormal).
 
 `DecisionLayer` holds both, plus the validation patients' class frequencies (``prior``: the answer for a
-patient with no usable recording), and serialises to a flat dict of strings and floats: it fits in a checkpoint
-loaded with ``weights_only=True`` and, as JSON, in safetensors metadata; a malformed dict is refused with
-a `CheckpointError` naming the key.
+patient with no usable recording) and how many of them had a murmur class and an outcome
+(``fitted_patients``: a task fitted on none is refused for Challenge output), and serialises to a flat
+dict of strings and floats: it fits in a checkpoint loaded with ``weights_only=True`` and, as JSON, in
+safetensors metadata; a malformed dict is refused with a `CheckpointError` naming the key.
 """
 
 from __future__ import annotations
@@ -423,6 +424,8 @@ def _calibrated(q: np.ndarray, y: np.ndarray, strength: float = 1.0) -> np.ndarr
 # ---------------------------------------------------------------------------------------------- layer
 MurmurDecision = Union[MurmurLogistic, MurmurBand]
 _MURMUR_KINDS: dict[str, type] = {"logistic": MurmurLogistic, "band": MurmurBand}
+#: The layer's two tasks, in the order of ``fitted_patients``.
+TASKS: tuple[str, str] = ("murmur", "outcome")
 _FORMAT = "ignite_trainer.decision/1"
 
 
@@ -441,10 +444,30 @@ class DecisionLayer:
     outcome: OutcomeThreshold
     #: Validation class frequencies in `CHALLENGE_OUTPUT_CLASSES` order (None: `FALLBACK_PRIOR` is used).
     prior: tuple[float, ...] | None = None
+    #: ``(murmur, outcome)``: how many patients the layer was fitted on had a true murmur class and a true
+    #: outcome (None: not recorded, a layer built by hand or written before the count was kept).
+    fitted_patients: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.prior is not None:
             _check_prior(self.prior, ValueError)
+        if self.fitted_patients is not None and (
+                len(self.fitted_patients) != len(TASKS) or not all(
+                    isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in self.fitted_patients)):
+            raise ValueError(f"fitted_patients {self.fitted_patients!r}: need two counts >= 0 (murmur, outcome)")
+
+    def unfitted_tasks(self) -> list[str]:
+        """The tasks (``"murmur"``, ``"outcome"``) fitted on no patient with that label: their calls are the
+        layer's starting point, not fitted to anything. Empty when the counts were not recorded.
+
+        Example:
+
+            >>> DecisionLayer(MurmurLogistic.prior(), OutcomeThreshold(0.4), fitted_patients=(0, 25)).unfitted_tasks()
+            ['murmur']
+        """
+        if self.fitted_patients is None:
+            return []
+        return [task for task, n in zip(TASKS, self.fitted_patients) if n == 0]
 
     @classmethod
     def fit(cls, features: Sequence[PatientFeatures], murmur_truth: Sequence[str | None],
@@ -459,7 +482,8 @@ class DecisionLayer:
             raise ValueError(f"murmur must be one of {', '.join(_MURMUR_KINDS)}, got {murmur!r}")
         return cls(_MURMUR_KINDS[murmur].fit(features, murmur_truth),
                    OutcomeThreshold.fit(features, outcome_truth, method=outcome),
-                   class_frequencies(murmur_truth, outcome_truth))
+                   class_frequencies(murmur_truth, outcome_truth),
+                   (sum(t is not None for t in murmur_truth), sum(t is not None for t in outcome_truth)))
 
     def prior_outputs(self) -> tuple[np.ndarray, np.ndarray]:
         """The answer for a patient the model cannot hear: binary calls [5] and probabilities [5].
@@ -502,6 +526,8 @@ class DecisionLayer:
         d.update({f"outcome.{k}": v for k, v in self.outcome.to_dict().items()})
         if self.prior is not None:
             d.update({f"prior.{c}": float(p) for c, p in zip(CHALLENGE_OUTPUT_CLASSES, self.prior)})
+        if self.fitted_patients is not None:
+            d.update({f"fitted_patients.{t}": float(n) for t, n in zip(TASKS, self.fitted_patients)})
         return d
 
     @classmethod
@@ -511,8 +537,8 @@ class DecisionLayer:
             raise CheckpointError(f"decision layer must be a dict, got {type(d).__name__}")
         if _string(d, "", "format") != _FORMAT:
             raise CheckpointError(f"decision key 'format' is {d['format']!r}; expected {_FORMAT!r}")
-        unknown = sorted(str(k) for k in d
-                         if k != "format" and not str(k).startswith(("murmur.", "outcome.", "prior.")))
+        unknown = sorted(str(k) for k in d if k != "format"
+                         and not str(k).startswith(("murmur.", "outcome.", "prior.", "fitted_patients.")))
         if unknown:
             raise CheckpointError(f"decision key '{unknown[0]}' is not part of a decision layer")
         kind = _string(d, "murmur.", "kind")
@@ -522,7 +548,7 @@ class DecisionLayer:
             raise CheckpointError(f"decision key 'outcome.kind' is {d['outcome.kind']!r}; expected 'threshold'")
         murmur = _MURMUR_KINDS[kind].from_dict({k: v for k, v in d.items() if str(k).startswith("murmur.")}, "murmur.")
         outcome = OutcomeThreshold.from_dict({k: v for k, v in d.items() if str(k).startswith("outcome.")}, "outcome.")
-        return cls(murmur, outcome, _prior_from(d))
+        return cls(murmur, outcome, _prior_from(d), _fitted_from(d))
 
     def to_json(self) -> str:
         """`to_dict` as JSON, for safetensors metadata (whose values are strings)."""
@@ -552,6 +578,24 @@ def _prior_from(d: Mapping[str, Any]) -> tuple[float, ...] | None:
     prior = tuple(_number(d, "", k) for k in keys)
     _check_prior(prior, CheckpointError)
     return prior
+
+
+def _fitted_from(d: Mapping[str, Any]) -> tuple[int, int] | None:
+    """The ``fitted_patients.*`` keys (both or none: a layer written before the counts were kept has none)."""
+    keys = [f"fitted_patients.{t}" for t in TASKS]
+    extra = sorted(str(k) for k in d if str(k).startswith("fitted_patients.") and k not in keys)
+    if extra:
+        raise CheckpointError(f"decision key '{extra[0]}' is not part of a decision layer")
+    if not any(k in d for k in keys):
+        return None
+    missing = [k for k in keys if k not in d]
+    if missing:
+        raise CheckpointError(f"decision key '{missing[0]}' is missing")
+    counts = [_number(d, "", k) for k in keys]
+    for k, n in zip(keys, counts):
+        if n < 0 or n != int(n):
+            raise CheckpointError(f"decision key '{k}' is {n!r}; expected a count")
+    return int(counts[0]), int(counts[1])
 
 
 def _check_prior(prior: Sequence[float], error: type[Exception]) -> None:

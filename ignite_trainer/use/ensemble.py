@@ -6,6 +6,14 @@ are then averaged over members); recordings become patients as for a single mode
 with ``mean`` aggregation a patient's probability is also the mean of the members' patient probabilities.
 Probability averaging, not a vote: it keeps a ranking (AUROC, AUPRC) and lets one threshold decide.
 
+Every member must have learned the same labels (`check_same_labels`, from each member's data format,
+`vocabulary.FORMAT_LABELS`): a PhysioNet 2016 model's murmur output was never trained, and averaging it
+with CirCor models' murmur outputs would pull every murmur probability towards noise without a word. Such an
+ensemble is refused when it is built (so by ``export``, ``evaluate``, ``predict`` and `Predictor` alike),
+with one line naming the members and their labels. A per-label mean over only the members that learned
+each label was not chosen: the thresholds and decision layer would then be fitted to one mix of members
+and applied to another.
+
 Decisions use thresholds and a Challenge decision layer that were tuned where the members never trained:
 a cross-validation experiment's out-of-fold ones (``EXP_DIR/ensemble.json``, ``thresholds`` in it and
 ``EXP_DIR/decision.json``, written by `cv.collect_experiment`). For a plain list of models they can be
@@ -44,8 +52,8 @@ from ignite_trainer.use.model_files import (TrainedModel, checked_thresholds, lo
                                             rebuild_model)
 from ignite_trainer.use.windows import run_windows
 
-__all__ = ["Ensemble", "load_ensemble", "load_model", "is_ensemble", "mean_probabilities", "ENSEMBLE_FORMAT",
-           "EXPERIMENT_FILE", "ENSEMBLE_MANIFEST"]
+__all__ = ["Ensemble", "load_ensemble", "load_model", "is_ensemble", "mean_probabilities", "check_same_labels",
+           "ENSEMBLE_FORMAT", "EXPERIMENT_FILE", "ENSEMBLE_MANIFEST"]
 
 #: The ``format`` metadata of an `export.export_ensemble` file and of an experiment's ensemble manifest.
 ENSEMBLE_FORMAT = "ignite_trainer/ensemble/1"
@@ -69,6 +77,33 @@ def mean_probabilities(member_probs: Sequence[np.ndarray]) -> np.ndarray:
     return stacked.mean(axis=0)
 
 
+def check_same_labels(members: Sequence[TrainedModel]) -> None:
+    """Refuse members that learned different labels (`TrainedModel.learned_labels`), with one
+    `CheckpointError` naming each group of members, its labels and the data format it trained on.
+
+    Example::
+
+        check_same_labels([load_trained_model("runs/circor"), load_trained_model("runs/p2016")])
+        # CheckpointError: the ensemble's members learned different labels: heart and murmur (runs/circor) ...
+    """
+    names = [str(m.run_dir or m.source) for m in members]
+    if len(set(names)) < len(names):  # members of one export file: tell them apart by position
+        names = [f"{name} member {i}" for i, name in enumerate(names)]
+    groups: dict[tuple[str, ...], list[str]] = {}
+    formats: dict[tuple[str, ...], set[str]] = {}
+    for member, name in zip(members, names):
+        groups.setdefault(member.learned_labels, []).append(name)
+        formats.setdefault(member.learned_labels, set()).add(member.config.format)
+    if len(groups) < 2:
+        return
+    parts = [f"{' and '.join(labels)} ({', '.join(group)}; format={', '.join(sorted(formats[labels]))})"
+             for labels, group in groups.items()]
+    untrained = sorted({label for labels in groups for label in LABELS if label not in labels})
+    raise CheckpointError(f"the ensemble's members learned different labels: {' vs '.join(parts)}; the mean of "
+                          f"the members would average untrained {' and '.join(untrained)} outputs into trained "
+                          "ones: ensemble models trained on the same labels")
+
+
 @dataclass
 class Ensemble:
     """Trained members (`model_files.TrainedModel`), the thresholds and the decision layer that decide their
@@ -89,6 +124,14 @@ class Ensemble:
     #: The Challenge decision layer (None: the legacy rule from ``thresholds``, see `decision_layer`).
     decision: DecisionLayer | None = None
     decision_source: str = ""
+
+    def __post_init__(self) -> None:
+        check_same_labels(self.members)
+
+    @property
+    def learned_labels(self) -> tuple[str, ...]:
+        """The labels every member learned (`check_same_labels` holds them equal)."""
+        return self.members[0].learned_labels
 
     @property
     def config(self):

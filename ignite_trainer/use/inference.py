@@ -2,8 +2,10 @@
 
 `predict` finds the inputs (`data.discovery`), runs the model over every window (`windows.run_windows`;
 an ensemble through `ensemble.Ensemble.levels`) and returns a `PredictionResult`: probabilities, the
-thresholds and the decision layer stored with the model, and the Challenge calls they make. Loading
-models lives in `model_files` and `ensemble`, writing files in `writers`.
+thresholds and the decision layer stored with the model, and the Challenge calls they make. A model that
+never learned both labels, or whose decision layer was fitted on no patient with one of them
+(`model_files.challenge_refusal`), still predicts probabilities, but its Challenge calls are refused.
+Loading models lives in `model_files` and `ensemble`, writing files in `writers`.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from typing import Literal, Sequence
 
 import numpy as np
 
+from ignite_trainer.core.errors import CheckpointError
 from ignite_trainer.data.discovery import discover_recordings
 from ignite_trainer.scoring.decision import DecisionLayer, PatientFeatures, patient_features
 from ignite_trainer.scoring.predictions import LevelPredictions, unknown_band
 from ignite_trainer.use.ensemble import Ensemble, load_model
+from ignite_trainer.use.model_files import challenge_refusal
 from ignite_trainer.use.windows import run_windows
 
 __all__ = ["PredictionResult", "predict"]
@@ -35,6 +39,8 @@ class PredictionResult:
     source: Path
     warnings: list[str]
     decision: DecisionLayer | None = None  # None: the legacy rule from the thresholds and unknown_margin
+    #: Why this model may not make the Challenge's calls (`model_files.challenge_refusal`); None: it may.
+    challenge_refusal: str | None = None
 
     @property
     def layer(self) -> DecisionLayer:
@@ -57,13 +63,16 @@ class PredictionResult:
         return self.layer.outcome.decide(self._features(level))
 
     def challenge_outputs(self) -> tuple[np.ndarray, np.ndarray]:
-        """Per patient, the Challenge's binary calls [N, 5] and probabilities [N, 5] (`CHALLENGE_OUTPUT_CLASSES`)."""
+        """Per patient, the Challenge's binary calls [N, 5] and probabilities [N, 5] (`CHALLENGE_OUTPUT_CLASSES`);
+        a `CheckpointError` when the model may not make them (``challenge_refusal``)."""
+        if self.challenge_refusal is not None:
+            raise CheckpointError(f"{self.source}: {self.challenge_refusal}")
         return self.layer.outputs(self._features(self.patients))
 
 
 def predict(model, inputs: Sequence[str | Path], fmt: str | None = None,
             aggregation: Literal["mean", "any"] | None = None, unknown_margin: float = 0.1,
-            device: str = "cpu") -> PredictionResult:
+            device: str = "cpu", challenge: bool = False) -> PredictionResult:
     """Run a trained model or an ensemble on WAV files or dataset folders (labels, if any, are ignored).
 
     ``model`` is a run directory, checkpoint, safetensors export or `TrainedModel`, or an ensemble
@@ -75,6 +84,9 @@ def predict(model, inputs: Sequence[str | Path], fmt: str | None = None,
     tuned ones stored with the model (0.5 where it holds none); the Challenge calls come from the decision
     layer stored with the model or, for a model without one, from the legacy rule: murmur probabilities
     within ``unknown_margin`` of the murmur threshold are called "Unknown" (see `predictions.unknown_band`).
+    With ``challenge`` (Challenge files will be written), a model that may not make the Challenge's calls
+    (`model_files.challenge_refusal`) is refused before anything runs; without it, the result carries the
+    reason and `PredictionResult.challenge_outputs` refuses.
 
     Example::
 
@@ -83,12 +95,16 @@ def predict(model, inputs: Sequence[str | Path], fmt: str | None = None,
     """
     trained = load_model(model)
     unknown_band(trained.thresholds["murmur"], unknown_margin)  # rejects a negative margin before the model runs
+    refusal = challenge_refusal(trained.learned_labels, trained.config.format, trained.decision)
+    name = getattr(trained, "run_dir", None) or trained.source
+    if challenge and refusal is not None:
+        raise CheckpointError(f"{name}: {refusal}")
     recordings = discover_recordings(inputs, fmt)
     if isinstance(trained, Ensemble):
         recs, patients, warnings = trained.levels(recordings, aggregation, device=device)
         return PredictionResult(recs, patients, dict(trained.thresholds), unknown_margin, trained.source, warnings,
-                                trained.decision)
+                                trained.decision, refusal)
     run = run_windows(trained, recordings, device=device)
     _, recs, patients = run.levels(aggregation or trained.config.aggregation)
     return PredictionResult(recs, patients, dict(trained.thresholds), unknown_margin, trained.source, run.warnings,
-                            trained.decision)
+                            trained.decision, refusal)

@@ -4,8 +4,12 @@ A trained model is only useful away from its training run, so `load_trained_mode
 model and feature settings from what the file itself stores (never from the current defaults).
 `rebuild_model` is the one place a model is rebuilt from a stored config and its weights (a single
 model's file here, every member of an ensemble export in `ensemble`), `checked_thresholds` the one check
-of stored or given per-label thresholds, and `read_safetensors` the one reader of a safetensors file.
-Writing files is `export`'s.
+of stored or given per-label thresholds, `read_safetensors` the one reader of a safetensors file, and
+`challenge_refusal` the one rule of which models may answer the 2022 Challenge. Writing files is `export`'s.
+
+Which labels a model learned follows from the data format it trained on (`vocabulary.FORMAT_LABELS`,
+recorded in the config every checkpoint and export stores): a PhysioNet 2016 model never trained its
+murmur output.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Sequence
 
 import safetensors
 import torch
@@ -29,10 +33,10 @@ from ignite_trainer.scoring.decision import DecisionLayer
 from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.model.registry import build_model
 from ignite_trainer.scoring.predictions import DEFAULT_THRESHOLDS
-from ignite_trainer.core.vocabulary import LABELS
+from ignite_trainer.core.vocabulary import FORMAT_LABELS, LABELS
 
 __all__ = ["TrainedModel", "load_trained_model", "rebuild_model", "checked_thresholds", "read_safetensors",
-           "SAFETENSORS_FORMAT"]
+           "challenge_refusal", "SAFETENSORS_FORMAT"]
 
 #: The ``format`` metadata of our safetensors exports; a file without it was not written by us.
 SAFETENSORS_FORMAT = "ignite_trainer/1"
@@ -59,6 +63,11 @@ class TrainedModel:
     epoch: int | None
     #: The Challenge decision layer fitted on validation when the model was trained (None: an older file).
     decision: DecisionLayer | None = None
+
+    @property
+    def learned_labels(self) -> tuple[str, ...]:
+        """The labels the model had targets for: those its data format carries (`vocabulary.FORMAT_LABELS`)."""
+        return FORMAT_LABELS[self.config.format]
 
     def decision_layer(self, unknown_margin: float = 0.1) -> DecisionLayer:
         """The stored decision layer, or for a file without one the legacy rule: Unknown within
@@ -156,6 +165,36 @@ def checked_thresholds(value: Any, what: str, error: type[Exception]) -> dict[st
             for v in value.values()):
         raise error(f"{what} {value!r} are not one number in [0, 1] per label {LABELS}")
     return {label: float(value[label]) for label in LABELS}
+
+
+def challenge_refusal(learned_labels: Sequence[str], trained_format: str, decision: DecisionLayer | None
+                      ) -> str | None:
+    """Why a model may not make the 2022 Challenge's calls (murmur Present/Unknown/Absent, outcome
+    Abnormal/Normal), or None when it may.
+
+    Both outputs must have been trained (``learned_labels``; ``trained_format`` names the data it learned
+    from), and the decision layer that turns them into calls must have been fitted on at least one
+    validation patient with a murmur class and one with an outcome (`DecisionLayer.unfitted_tasks`; a layer
+    that does not record its patients, e.g. from an older file, is taken as fitted). A layer fitted on no
+    patient is its starting point, not a decision: with an untrained murmur output it calls every patient
+    Present. `predict` (Challenge files) and `Predictor` refuse such a model with this reason.
+
+    Example:
+
+        >>> challenge_refusal(("heart",), "physionet2016", None)[:47]
+        'it never learned the murmur label: it trained o'
+    """
+    missing = [label for label in LABELS if label not in learned_labels]
+    if missing:
+        return (f"it never learned the {' and '.join(missing)} label: it trained on format={trained_format}, which "
+                f"has {', '.join(learned_labels) or 'no label'} only, so its {' and '.join(missing)} output is "
+                "untrained; the Challenge's murmur and outcome calls need a model trained on circor2022 data")
+    unfitted = decision.unfitted_tasks() if decision is not None else []
+    if unfitted:
+        return (f"its Challenge decision layer was fitted on 0 validation patients with a {' or '.join(unfitted)} "
+                f"label, so its {' and '.join(unfitted)} calls were never fitted to anything; retrain with a "
+                "validation split that holds both labels")
+    return None
 
 
 def _decision_from(value: Any, path: Path) -> DecisionLayer | None:

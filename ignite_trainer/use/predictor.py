@@ -8,6 +8,11 @@ the same pipeline the cache stores, with no cache read or written), runs the mod
 `DecisionLayer`, so a patient gets the same calls here as from ``predict`` on a folder, and the same
 probabilities up to float32 rounding (the model sees its windows in other batches: about 1e-8).
 
+A `Predictor` exists to give the Challenge's answer, so a model that may not make the Challenge's calls
+(`model_files.challenge_refusal`: it never learned both labels, or its decision layer was fitted on no
+patient with one of them) is refused when the `Predictor` is made, with one `CheckpointError` line, never
+answered with calls nothing was fitted to; so are members that learned different labels.
+
 Robustness: a recording that cannot be used (empty, shorter than the band-pass filter needs, non-finite
 samples, a bad sample rate, not mono) is skipped with a warning naming the patient and the recording; a
 patient with no usable recording gets the decision layer's prior answer (the validation class frequencies,
@@ -36,9 +41,9 @@ from ignite_trainer.scoring.challenge import CHALLENGE_OUTPUT_CLASSES
 from ignite_trainer.data.datasets import frames_per_window
 from ignite_trainer.data.features import FeatureSettings, compute_features
 from ignite_trainer.scoring.decision import DecisionLayer, PatientFeatures
-from ignite_trainer.use.ensemble import Ensemble, load_model, mean_probabilities
-from ignite_trainer.core.errors import ConfigError, DataError
-from ignite_trainer.use.model_files import TrainedModel
+from ignite_trainer.use.ensemble import Ensemble, check_same_labels, load_model, mean_probabilities
+from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError
+from ignite_trainer.use.model_files import TrainedModel, challenge_refusal
 from ignite_trainer.scoring.predictions import aggregate
 from ignite_trainer.training.runtime import resolve_device
 from ignite_trainer.core.vocabulary import AGGREGATIONS, LABELS
@@ -157,7 +162,11 @@ class Predictor:
         if not self.members:
             raise ConfigError("a Predictor needs at least one model")
         first = self.members[0]
+        check_same_labels(self.members)
         self.decision = decision if decision is not None else first.decision_layer(unknown_margin)
+        refusal = challenge_refusal(first.learned_labels, first.config.format, self.decision)
+        if refusal is not None:
+            raise CheckpointError(f"{first.run_dir or first.source}: {refusal}")
         self.aggregation = aggregation or first.config.aggregation
         if self.aggregation not in AGGREGATIONS:
             raise ConfigError(f"aggregation={self.aggregation!r} is not one of: {', '.join(AGGREGATIONS)}")
@@ -185,6 +194,9 @@ class Predictor:
         model = load_model(source)
         members = model.members if isinstance(model, Ensemble) else [model]
         layer = decision if decision is not None else model.decision_layer(unknown_margin)
+        refusal = challenge_refusal(model.learned_labels, model.config.format, layer)
+        if refusal is not None:  # named by what was loaded (an experiment, an export), not its first member
+            raise CheckpointError(f"{getattr(model, 'run_dir', None) or model.source}: {refusal}")
         return cls(members, decision=layer, aggregation=aggregation, device=device, unknown_margin=unknown_margin)
 
     # ------------------------------------------------------------------ inference

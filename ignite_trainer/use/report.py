@@ -13,12 +13,13 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 import numpy as np
-import yaml
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 from sklearn.metrics import precision_recall_curve, roc_curve
 
+from ignite_trainer.core.config import read_yaml_mapping
+from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.runs.rundir import RunDirectory, read_metrics_log
 from ignite_trainer.scoring.predictions import LevelPredictions
 from ignite_trainer.core.vocabulary import LABELS
@@ -155,10 +156,10 @@ def best_epoch(records: Sequence[Mapping[str, Any]], monitor: str) -> int | None
 def _run_monitor(metrics_log: Path) -> str:
     """The monitored score from the run's ``config.yaml`` beside its metrics log (``val_loss`` if unknown)."""
     try:
-        config = yaml.safe_load(RunDirectory(metrics_log.parent).config_file.read_text())
-    except (OSError, yaml.YAMLError):
+        config = read_yaml_mapping(RunDirectory(metrics_log.parent).config_file)
+    except ConfigError:  # missing, not UTF-8 or not YAML: the curves mark the loss's best epoch
         return "val_loss"
-    monitor = config.get("monitor") if isinstance(config, dict) else None
+    monitor = config.get("monitor")
     return monitor if isinstance(monitor, str) else "val_loss"
 
 
