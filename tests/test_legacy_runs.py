@@ -150,7 +150,7 @@ class Replay:
 def cli(cwd: Path, cache: Path, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, **SPEC["environment"], "PYTHONPATH": str(ROOT), "IGNITE_TRAINER_CACHE": str(cache)}
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True)
 
 
 def assert_ran(proc: subprocess.CompletedProcess) -> None:
