@@ -2,8 +2,9 @@
 
 On the CPU the intra-op thread count changes the order of float sums (convolutions, reductions): on this
 tiny set a run trained with 2 threads ends with 27 of the model's 32 tensors different from the same run
-trained with 1 thread (measured; `test_the_thread_count_changes_the_result_here` keeps that premise
-checked, so the resume tests below cannot pass by accident). So each checkpoint records the count
+trained with 1 thread (measured with the plain modules; the fused CPU kernel's own sums do not depend on
+the count, the convolutions around it still do). `test_the_thread_count_changes_the_result_here` keeps that
+premise checked, so the resume tests below cannot pass by accident. So each checkpoint records the count
 (``torch_threads``) and a resume trains with it, then hands the caller its own count back.
 """
 
