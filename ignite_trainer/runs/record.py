@@ -35,8 +35,8 @@ from ignite_trainer.data.prepare import PreparedData
 from ignite_trainer.model.cpu_kernels import kernel_status
 from ignite_trainer.core.errors import CheckpointError
 
-__all__ = ["run_identity", "identity_differences", "recorded_threads", "write_split", "read_split", "record_environment",
-           "end_environment", "SPLIT_FILE", "ENVIRONMENT_FILE"]
+__all__ = ["run_identity", "identity_differences", "recorded_threads", "write_split", "read_split",
+           "record_environment", "end_environment", "SPLIT_FILE", "ENVIRONMENT_FILE"]
 
 SPLIT_FILE = "split.json"
 ENVIRONMENT_FILE = "environment.json"

@@ -124,8 +124,9 @@ def open_run(config: TrainConfig, *, resume: str | Path | None = None, overwrite
     it runs, not its result) and then calls ``validate(config)``, the place for every input check
     (reading the data, batch arithmetic, ...). On resume, ``identify(config, checked)`` gives the run's
     identity as it is now; a checkpoint whose stored ``run_identity`` differs (another run's file, or
-    other data) is refused, and the thread count it recorded is returned (``threads``). Phase 2 creates or replaces the directory and writes ``config.yaml``, or on
-    resume cuts ``metrics.jsonl`` back to the checkpoint's epoch and records the resumed config.
+    other data) is refused, and the thread count it recorded is returned (``threads``). Phase 2 creates or
+    replaces the directory and writes ``config.yaml``, or on resume cuts ``metrics.jsonl`` back to the
+    checkpoint's epoch and records the resumed config.
 
     Example::
 
