@@ -3,6 +3,9 @@ tiny trained run (`trained_run`) that evaluation, prediction, export and CLI tes
 
 The suite runs torch on one thread: these models are tiny, and two OpenMP threads on a 2-core machine busy
 with anything else spin against each other (measured: one evaluation 0.4 s with one thread, 18 s with two).
+
+No test bounds its work by the clock: a hang fails by the suite's per-test limit (``timeout`` in setup.cfg),
+which also ends the child of a `subprocess.run` it interrupts.
 """
 
 import csv

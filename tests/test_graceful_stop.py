@@ -82,11 +82,17 @@ def test_ctrl_c_from_the_command_line_exits_130_with_the_resume_command(pristine
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "cli.py"), *args, "--name", "stopped", "--num-workers", "1"],
                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, start_new_session=True)
-    deadline = time.monotonic() + 120
-    while not (run_dir / "checkpoints" / "last_checkpoint_1.pt").exists() and time.monotonic() < deadline:
-        time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole group, DataLoader workers too
-    _, err = proc.communicate(timeout=120)
+    try:  # no clock: a run that hangs fails by the suite's per-test limit, and its processes die here
+        # A run that ends before its first checkpoint fails here at once, with its stderr.
+        while not (run_dir / "checkpoints" / "last_checkpoint_1.pt").exists():
+            assert proc.poll() is None, f"the run ended before its first checkpoint:\n{proc.stderr.read()}"
+            time.sleep(0.02)
+        os.killpg(proc.pid, signal.SIGINT)  # as Ctrl-C in a terminal: the whole group, DataLoader workers too
+        _, err = proc.communicate()
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
     assert proc.returncode == 130, err
     assert "Traceback" not in err
     assert err.strip().splitlines()[-1].startswith("stopped by SIGINT; checkpoint last_checkpoint_")

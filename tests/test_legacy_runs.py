@@ -48,6 +48,9 @@ EXACT = os.environ.get("IGNITE_TRAINER_LEGACY_EXACT") == "1"
 TOLERANCE = 0.0 if EXACT else 1e-6
 #: Wall-clock times in ``metrics.jsonl``: the only fields a resumed run may not share with the one never stopped.
 TIMES = ("seconds", "val_seconds")
+#: Checkpoint keys newer than the fixture: the torch thread count training ran with. A run resumed from the
+#: fixture's checkpoints (which hold none) trains with the resuming process's count, as the old code did.
+NEW_CHECKPOINT_KEYS = {"torch_threads": int(SPEC["environment"]["OMP_NUM_THREADS"])}
 OUTPUT_FLAGS = ("--output-dir", "--output", "--challenge-dir")
 #: attention_cnn's last attention bias adds the same to every frame's score, which the softmax over time ignores:
 #: its gradient is zero up to rounding, and Adam scales that rounding noise into steps of the learning rate. Its
@@ -156,7 +159,7 @@ class Replay:
 def cli(cwd: Path, cache: Path, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, **SPEC["environment"], "PYTHONPATH": str(ROOT), "IGNITE_TRAINER_CACHE": str(cache)}
     return subprocess.run([sys.executable, str(ROOT / "cli.py"), *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=300)
+                          text=True)
 
 
 def assert_ran(proc: subprocess.CompletedProcess) -> None:
@@ -225,6 +228,8 @@ def test_the_stopped_run_resumes_to_the_run_never_stopped(replay):
     resumed, reference = load(run / "checkpoints" / reference_path.name), load(reference_path)
     last = load(run / "checkpoints" / "last_checkpoint_2.pt")
     assert last["epoch"] == 2 and last["finished"] is True
+    for ckpt in (resumed, last):
+        assert {k: ckpt.pop(k, None) for k in NEW_CHECKPOINT_KEYS} == NEW_CHECKPOINT_KEYS
 
     steps = 0.0 if EXACT else 2 * reference["config"]["learning_rate"] * reference["epoch"]  # Adam: ~lr a step
     shift = reference["model_state_dict"].pop(SOFTMAX_SHIFT)

@@ -61,6 +61,11 @@ def test_resume_with_other_data_is_refused(run_copy, trained_run, tmp_path, caps
                  root=tmp_path)
 
 
+def test_a_checkpoint_with_a_damaged_thread_count_is_refused_naming_the_file(run_copy, tmp_path, capsys):
+    foreign = _plant(run_copy, {"torch_threads": "many"})
+    expect_error(capsys, ["train", "--resume", str(run_copy)], str(foreign), "torch_threads", root=tmp_path)
+
+
 def test_a_hand_edited_config_yaml_is_refused_on_resume(run_copy, tmp_path, capsys):
     config = run_copy / "config.yaml"
     config.write_text(config.read_text().replace("learning_rate: 0.001", "learning_rate: 0.01"))
@@ -74,6 +79,7 @@ def test_the_split_and_environment_are_recorded(trained_run):
     assert len(sessions) == 1 and sessions[0]["outcome"] == "finished"
     assert sessions[0]["ended"] >= sessions[0]["started"]
     assert sessions[0]["device"] == "cpu"
+    assert sessions[0]["torch_threads"] == torch.get_num_threads()  # the suite's one thread (conftest)
     assert torch.__version__.startswith(sessions[0]["packages"]["torch"].split("+")[0])
     assert {"command", "host", "git_commit"} <= set(sessions[0])
 

@@ -51,7 +51,7 @@ def torchrun(tmp_path: Path, *args: str, fail: bool = False) -> subprocess.Compl
            "OMP_NUM_THREADS": "1", "IGNITE_TRAINER_DIST_TIMEOUT": "30"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                "--monitor-interval", "0.5", str(script), "--fail-rank-1" if fail else "--plain", *args]
-    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True)
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
-import torch
 import yaml
 
 from ignite_trainer.runs.rundir import RunDirectory
@@ -56,6 +55,7 @@ from ignite_trainer.data.prepare import prepare_data
 from ignite_trainer.data.records import Recording
 from ignite_trainer.data.splits import assign_folds, check_folds, patient_strata, read_split_file, write_split_file
 from ignite_trainer.training.run import train
+from ignite_trainer.training.runtime import intra_op_threads
 from ignite_trainer.use.evaluation import evaluate
 from ignite_trainer.experiments.cv_report import build_report
 from ignite_trainer.experiments.layout import (Experiment, Member, experiment_file, member_status, oof_dir,
@@ -69,39 +69,39 @@ def run_member(exp: Experiment, member: Member, threads: int | None = None, prog
                setup: Callable | None = None) -> str:
     """Train one member (fresh, resumed or not at all when finished), then write its out-of-fold predictions.
 
-    ``threads`` sets torch's intra-op threads for the member (restored afterwards); ``progress`` overrides
-    the progress bar. Returns what was done: ``"trained"``, ``"resumed"`` or ``"skipped"``.
+    ``threads`` sets torch's intra-op threads for the member (restored afterwards; a resumed member trains
+    with the count its checkpoint recorded, see `train`); ``progress`` overrides the progress bar. Returns
+    what was done: ``"trained"``, ``"resumed"`` or ``"skipped"``.
 
     Example::
 
         run_member(Experiment.load("runs/cv-a"), Member(seed=0, fold=2), threads=1)
     """
     run_dir = exp.run_dir(member)
-    previous = torch.get_num_threads()
-    if threads:
-        torch.set_num_threads(threads)
-    try:
-        status = member_status(run_dir)
-        overrides = {} if progress is None else {"progress": progress}
-        if status == "partial":
-            train(TrainConfig(), resume=run_dir, overrides=overrides, setup=setup)
-            action = "resumed"
-        elif status == "new":
-            config = exp.member_config(member).updated(overrides, source="cv")
-            # A directory without a complete checkpoint (killed during its first epoch) holds nothing to keep.
-            train(config, overwrite=True, setup=setup)
-            action = "trained"
-        else:
-            action = "skipped"
-        if not speaks_for_run():
-            return action
-        if member_status(run_dir) == "trained":
-            config = TrainConfig.from_yaml(RunDirectory(run_dir).config_file)
-            result = evaluate(run_dir, out_dir=oof_dir(run_dir), figures=False, device=config.device)
-            _check_oof_patients(exp, member, result["files"]["patients"])
+    with intra_op_threads(threads or None):
+        return _run_member(exp, member, run_dir, progress, setup)
+
+
+def _run_member(exp: Experiment, member: Member, run_dir: Path, progress: bool | None, setup: Callable | None) -> str:
+    status = member_status(run_dir)
+    overrides = {} if progress is None else {"progress": progress}
+    if status == "partial":
+        train(TrainConfig(), resume=run_dir, overrides=overrides, setup=setup)
+        action = "resumed"
+    elif status == "new":
+        config = exp.member_config(member).updated(overrides, source="cv")
+        # A directory without a complete checkpoint (killed during its first epoch) holds nothing to keep.
+        train(config, overwrite=True, setup=setup)
+        action = "trained"
+    else:
+        action = "skipped"
+    if not speaks_for_run():
         return action
-    finally:
-        torch.set_num_threads(previous)
+    if member_status(run_dir) == "trained":
+        config = TrainConfig.from_yaml(RunDirectory(run_dir).config_file)
+        result = evaluate(run_dir, out_dir=oof_dir(run_dir), figures=False, device=config.device)
+        _check_oof_patients(exp, member, result["files"]["patients"])
+    return action
 
 
 def _check_oof_patients(exp: Experiment, member: Member, patients_csv: str | Path) -> None:
@@ -128,7 +128,8 @@ def _run_members(exp: Experiment, members: Sequence[Member], jobs: int, setup: C
 
     With ``jobs == 1`` they run here, one after another, with this process's torch thread setting; with
     more, each runs as its own process (``python -m ignite_trainer.experiments.cv member ...``) with
-    ``threads`` (default ``max(1, cores // jobs)``) threads, at most ``jobs`` at a time.
+    ``threads`` (default ``max(1, cores // jobs)``) threads, at most ``jobs`` at a time. A resumed member
+    trains with the thread count its checkpoint recorded either way.
     """
     threads = threads or max(1, _cores() // jobs)
     failures: dict[str, str] = {}

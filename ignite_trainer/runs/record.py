@@ -8,8 +8,12 @@ run held out, not whatever a later split of a grown data folder would hold out. 
   another run, or the same run pointed at other data, is refused by `identity_differences`;
 - ``split.json`` (`write_split`, `read_split`): the patient ids on each side (and the fold), what
   ``evaluate`` scores as validation;
-- ``environment.json`` (`record_environment`): package versions, command line, resolved device, git
-  commit, host, and the start and end of every session (a resume adds one).
+- ``environment.json`` (`record_environment`): package versions, command line, resolved device, torch
+  thread count, git commit, host, and the start and end of every session (a resume adds one).
+
+Every checkpoint also holds the torch intra-op thread count it was trained with (``torch_threads``, read
+back by `recorded_threads`): on the CPU the order of float sums depends on it, so a resume trains with the
+recorded count to continue the run bit for bit.
 """
 
 from __future__ import annotations
@@ -31,8 +35,8 @@ from ignite_trainer.data.prepare import PreparedData
 from ignite_trainer.model.cpu_kernels import KERNEL_IN_USE
 from ignite_trainer.core.errors import CheckpointError
 
-__all__ = ["run_identity", "identity_differences", "write_split", "read_split", "record_environment",
-           "end_environment", "recorded_kernel_use", "SPLIT_FILE", "ENVIRONMENT_FILE"]
+__all__ = ["run_identity", "identity_differences", "recorded_threads", "write_split", "read_split",
+           "record_environment", "end_environment", "recorded_kernel_use", "SPLIT_FILE", "ENVIRONMENT_FILE"]
 
 SPLIT_FILE = "split.json"
 ENVIRONMENT_FILE = "environment.json"
@@ -80,6 +84,17 @@ def identity_differences(saved: Any, now: Mapping[str, Any]) -> list[str]:
                            f"{now['recordings']} recordings of {now['patients']} patients, or the same counts with "
                            "other content)")
     return differences
+
+
+def recorded_threads(checkpoint: Mapping[str, Any], path: Path) -> int | None:
+    """The torch intra-op thread count a checkpoint was trained with (its ``torch_threads``), or None for a
+    checkpoint written before the count was recorded; a value that is not a count is a `CheckpointError`."""
+    threads = checkpoint.get("torch_threads")
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise CheckpointError(f"{path}: torch_threads={threads!r} is not a thread count; the checkpoint is damaged")
+    return threads
 
 
 # ---------------------------------------------------------------------------------------------- split
@@ -137,16 +152,16 @@ def _versions() -> dict[str, str | None]:
     return versions
 
 
-def record_environment(run_dir: Path, device: str, cpu_kernel: str) -> None:
-    """Add this session (start or resume) to ``environment.json``: versions, command line, device, git
-    commit, host, start time and whether the fused CPU kernel computes the conv blocks (``cpu_kernel``, a
-    `cpu_kernels.kernel_status` line, decided before training; see `recorded_kernel_use`);
-    `end_environment` adds the end time."""
+def record_environment(run_dir: Path, device: str, cpu_kernel: str, threads: int | None = None) -> None:
+    """Add this session (start or resume) to ``environment.json``: versions, command line, device, torch
+    intra-op ``threads``, git commit, host, start time and whether the fused CPU kernel computes the conv
+    blocks (``cpu_kernel``, a `cpu_kernels.kernel_status` line, decided before training; see
+    `recorded_kernel_use`); `end_environment` adds the end time."""
     path = Path(run_dir) / ENVIRONMENT_FILE
     sessions = _sessions(path)
     sessions.append({"started": _now(), "ended": None, "command": [Path(sys.argv[0]).name, *sys.argv[1:]],
-                     "device": device, "host": socket.gethostname(), "git_commit": _git_commit(),
-                     "packages": _versions(), "cpu_kernel": cpu_kernel})
+                     "device": device, "torch_threads": threads, "host": socket.gethostname(),
+                     "git_commit": _git_commit(), "packages": _versions(), "cpu_kernel": cpu_kernel})
     _write_sessions(path, sessions)
 
 

@@ -27,7 +27,7 @@ from ignite_trainer.core.atomic import atomic_write
 from ignite_trainer.runs.checkpoint import CHECKPOINTS_DIR, find_resume_checkpoint, parse_checkpoint_name
 from ignite_trainer.core.config import TrainConfig, config_conflicts, decode_utf8
 from ignite_trainer.core.errors import CheckpointError, ConfigError
-from ignite_trainer.runs.record import ENVIRONMENT_FILE, SPLIT_FILE, identity_differences
+from ignite_trainer.runs.record import ENVIRONMENT_FILE, SPLIT_FILE, identity_differences, recorded_threads
 
 __all__ = ["RunDirectory", "OpenedRun", "open_run", "MetricsLog", "MetricsRead", "read_metrics_log",
            "run_dir_path"]
@@ -103,7 +103,8 @@ def run_dir_path(config: TrainConfig) -> Path:
 class OpenedRun(Generic[T]):
     """A run ready to train: its directory, the config to train with, where to resume from and what the
     validation step returned (e.g. the prepared data). ``finished`` is a resume of a run that had already
-    ended: nothing was changed and there is nothing to do."""
+    ended: nothing was changed and there is nothing to do. ``threads`` is the torch intra-op thread count the
+    checkpoint resumed from was trained with (None: a new run, or a checkpoint from before it was recorded)."""
 
     directory: RunDirectory
     config: TrainConfig
@@ -111,6 +112,7 @@ class OpenedRun(Generic[T]):
     finished: bool
     epoch: int | None
     checked: T | None
+    threads: int | None = None
 
 
 def open_run(config: TrainConfig, *, resume: str | Path | None = None, overwrite: bool = False,
@@ -124,8 +126,9 @@ def open_run(config: TrainConfig, *, resume: str | Path | None = None, overwrite
     it runs, not its result) and then calls ``validate(config)``, the place for every input check
     (reading the data, batch arithmetic, ...). On resume, ``identify(config, checked)`` gives the run's
     identity as it is now; a checkpoint whose stored ``run_identity`` differs (another run's file, or
-    other data) is refused. Phase 2 creates or replaces the directory and writes ``config.yaml``, or on
-    resume cuts ``metrics.jsonl`` back to the checkpoint's epoch and records the resumed config.
+    other data) is refused, and the thread count it recorded is returned (``threads``). Phase 2 creates or
+    replaces the directory and writes ``config.yaml``, or on resume cuts ``metrics.jsonl`` back to the
+    checkpoint's epoch and records the resumed config.
 
     Example::
 
@@ -136,6 +139,7 @@ def open_run(config: TrainConfig, *, resume: str | Path | None = None, overwrite
         directory = RunDirectory(Path(resume))
         config, path, ckpt = _resume_config(directory, overrides or {})
         epoch, finished, saved_identity = int(ckpt["epoch"]), bool(ckpt.get("finished")), ckpt.get("run_identity")
+        threads = recorded_threads(ckpt, path) if path is not None else None
         del ckpt
         if finished:
             return OpenedRun(directory, config, path, True, epoch, None)
@@ -153,7 +157,7 @@ def open_run(config: TrainConfig, *, resume: str | Path | None = None, overwrite
         if directory.config_file.read_text() != config.to_yaml():
             with atomic_write(directory.config_file, durable=True) as f:
                 f.write(config.to_yaml())  # the resumable fields (device, workers, ...) as this session runs
-        return OpenedRun(directory, config, path, False, epoch, checked)
+        return OpenedRun(directory, config, path, False, epoch, checked, threads)
 
     directory = RunDirectory(run_dir_path(config))
     _refuse_existing(directory, overwrite)

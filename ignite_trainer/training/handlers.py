@@ -387,10 +387,13 @@ def _all_iterations_done(trainer: Engine) -> bool:
 
 
 def training_state(trainer: Engine, config: Mapping[str, Any]) -> dict[str, Snapshot]:
-    """The plain values every checkpoint carries at its top level (``epoch``, ``val_loss``, ``finished``, ``config``).
+    """The plain values every checkpoint carries at its top level (``epoch``, ``val_loss``, ``finished``, ``config``,
+    ``torch_threads``).
 
     ``finished`` is true once the run reached its last epoch or stopped early: resuming it has nothing to
     do. A run stopped any other way (a kill, a time limit, a hook calling ``terminate()``) resumes.
+    ``torch_threads`` is the torch intra-op thread count training runs with: CPU float sums depend on it, and
+    a resume trains with it again (`runtime.training_threads`).
 
     Example::
 
@@ -404,4 +407,5 @@ def training_state(trainer: Engine, config: Mapping[str, Any]) -> dict[str, Snap
         "finished": Snapshot(lambda: _all_iterations_done(trainer)
                              or getattr(trainer.state, "early_stopped_epoch", None) is not None),
         "config": Snapshot(lambda: dict(config)),
+        "torch_threads": Snapshot(torch.get_num_threads),
     }

@@ -48,7 +48,8 @@ from ignite_trainer.runs.lock import hold_run_lock
 from ignite_trainer.runs.record import end_environment, record_environment, run_identity, write_split
 from ignite_trainer.runs.rundir import OpenedRun, RunDirectory, open_run
 from ignite_trainer.training.runtime import (
-    distributed_backend, resolve_device, resolved_settings, seed_everything, torchrun_world_size,
+    distributed_backend, intra_op_threads, resolve_device, resolved_settings, seed_everything, torchrun_world_size,
+    training_threads,
 )
 from ignite_trainer.training.standard import attach_standard_handlers
 from ignite_trainer.training.tracking import attach_mlflow, close_mlflow
@@ -69,7 +70,8 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
     (``metrics``) and the best checkpoint's description (``best``, `console.best_summary`), which it also logs.
 
     With ``resume``, the run's saved config is used and ``overrides`` (explicit command-line values) may
-    only change fields that do not affect the result (device, workers, progress bar, ...).
+    only change fields that do not affect the result (device, workers, progress bar, ...), and training runs
+    with the torch thread count the run recorded (the caller's count is restored afterwards).
     ``setup(trainer, evaluator)`` runs in every process after the standard handlers are attached and
     before training starts: the place to hook research code onto `TrainerEvents` (with more than one
     process it must be a module-level function, so that it can be sent to the workers).
@@ -104,7 +106,8 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
         return _finished_summary(run)
     data = run.checked
     assert data is not None
-    _record_start(run, data, fused)
+    threads = training_threads(run.threads)
+    _record_start(run, data, fused, threads)
     setup_logging(run.directory.train_log)
     log.info("data %s: %d train / %d validation recordings", data.source, len(data.train), len(data.val))
     log.info(split_line(data.train, data.val))
@@ -112,7 +115,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
     _write_resolved(run.directory, config, data)
     with hold_run_lock(run.directory.path), _session(run.directory.path):
         try:
-            run_spawned(training_process, (config, run.directory.path, data, run.resume_from, setup, fused),
+            run_spawned(training_process, (config, run.directory.path, data, run.resume_from, setup, fused, threads),
                         config.nproc_per_node, distributed_backend(config.backend, config.device), run.directory.path)
         except DistributedFailure as e:
             log.error("%s", e)  # train.log's last record: the runs table reads the run as failed
@@ -140,11 +143,15 @@ def _summary(directory: RunDirectory, config: TrainConfig, skipped: list[str]) -
             "best": best, "skipped": skipped}
 
 
-def _record_start(run: OpenedRun, data: PreparedData, fused: bool) -> None:
+def _record_start(run: OpenedRun, data: PreparedData, fused: bool, threads: int) -> None:
     """``split.json`` (a new run) and this session in ``environment.json``."""
     if run.resume_from is None:
         write_split(run.directory.path, run.config, data)
-    record_environment(run.directory.path, str(resolve_device(run.config.device)), kernel_line(run.config, fused))
+    if run.threads is not None and run.threads != torch.get_num_threads():
+        log.info("resuming with %d torch threads, the count the run trained with (this process had %d)",
+                 run.threads, torch.get_num_threads())
+    record_environment(run.directory.path, str(resolve_device(run.config.device)), kernel_line(run.config, fused),
+                       threads)
 
 
 @contextlib.contextmanager
@@ -189,7 +196,7 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
         run = open_run(config, resume=resume, overwrite=overwrite, overrides=overrides, validate=validate,
                        identify=run_identity)
         if not run.finished:
-            _record_start(run, run.checked, fused)
+            _record_start(run, run.checked, fused, training_threads(run.threads))
         setup_logging(run.directory.train_log)
         return dataclasses.replace(run, checked=None), fused  # every rank prepares its own data
 
@@ -208,19 +215,29 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
         log.info(split_line(data.train, data.val))
         _write_resolved(run.directory, run.config, data)
         with hold_run_lock(run.directory.path), _session(run.directory.path):
-            training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup, fused)
+            training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup, fused,
+                             run.threads)
         result.update(_summary(run.directory, run.config, skipped=data.skipped))
     else:
-        training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup, fused)
+        training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup, fused,
+                         run.threads)
         result.update(run_dir=run.directory.path, finished=True, already_finished=False,
                       metrics=run.directory.metrics_log.last(), skipped=data.skipped)
 
 
 def training_process(local_rank: int, config: TrainConfig, run_dir: Path, data: PreparedData,
-                     resume_path: Path | None, setup: SetupHook | None = None, fused: bool = False) -> None:
+                     resume_path: Path | None, setup: SetupHook | None = None, fused: bool = False,
+                     threads: int | None = None) -> None:
     """Everything one rank does: build the model, loaders and engines, attach the standard handlers
-    (restoring them on resume), run the setup hook, train. ``fused``: the conv blocks use the fused CPU
-    kernel, which the starting process has built (`kernel_for_run`)."""
+    (restoring them on resume), run the setup hook, train, with ``threads`` torch intra-op threads (None:
+    this process's count; the caller's count is restored afterwards). ``fused``: the conv blocks use the
+    fused CPU kernel, which the starting process has built (`kernel_for_run`)."""
+    with intra_op_threads(threads):
+        _train_rank(config, run_dir, data, resume_path, setup, fused)
+
+
+def _train_rank(config: TrainConfig, run_dir: Path, data: PreparedData, resume_path: Path | None,
+                setup: SetupHook | None, fused: bool) -> None:
     rank = idist.get_rank()
     device = idist.device() if idist.get_world_size() > 1 else resolve_device(config.device)
     seed_everything(config.seed)

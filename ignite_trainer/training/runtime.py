@@ -1,4 +1,5 @@
-"""Where a process runs: its device, its distributed backend and its seeds (the cache folder is `core.config.cache_root`).
+"""Where a process runs: its device, its distributed backend, its torch thread count and its seeds (the cache
+folder is `core.config.cache_root`).
 
 Training, evaluation and prediction all need these answers and must give the same ones, so they live
 here rather than in any one of them.
@@ -6,10 +7,11 @@ here rather than in any one of them.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
@@ -57,6 +59,39 @@ def resolved_settings(config: "TrainConfig", data_source: str | Path) -> dict[st
     if config.nproc_per_node > 1 or torchrun_world_size() > 1:
         values["backend"] = distributed_backend(config.backend, config.device)
     return values
+
+
+def training_threads(recorded: int | None) -> int:
+    """The torch intra-op thread count a run trains with: on resume, the count its checkpoint recorded
+    (`record.recorded_threads`), because the order of CPU float sums depends on it and a resume on another
+    count would not repeat the run bit for bit; else this process's count (a new run, or a checkpoint written
+    before the count was recorded, resumed as before).
+
+    Example::
+
+        with intra_op_threads(training_threads(opened.threads)):
+            ...  # train
+    """
+    return recorded if recorded is not None else torch.get_num_threads()
+
+
+@contextlib.contextmanager
+def intra_op_threads(threads: int | None) -> Iterator[None]:
+    """Run the block with ``threads`` torch intra-op threads (None: as they are), then restore the caller's count.
+
+    Example::
+
+        with intra_op_threads(1):
+            train(config)
+    """
+    previous = torch.get_num_threads()
+    if threads is not None and threads != previous:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != previous:
+            torch.set_num_threads(previous)
 
 
 def seed_everything(seed: int) -> None:
