@@ -251,7 +251,7 @@ def test_bad_inputs_are_one_line_and_lose_nothing(experiment, config_file, capsy
     common = ("--config", config_file, "--output-dir", out, "--name", name, "--no-figures", "--bootstrap", "0")
 
     code, errors = run_cli(capsys, *common, "--folds", 4, "--overwrite")
-    assert code == 2 and len(errors) == 1 and "n_folds=4 is more than the 3 patient(s) of the rarest stratum" in errors[0]
+    assert code == 2 and len(errors) == 1 and "would hold no patient with murmur=1 (the data has 3)" in errors[0]
 
     code, errors = run_cli(capsys, *common, "--folds", 3)
     assert code == 2 and len(errors) == 1 and "experiment directory already exists" in errors[0]

@@ -61,12 +61,41 @@ def test_old_configs_without_split_seed_keep_their_folds():
     assert TrainConfig(seed=5, split_seed=2).effective_split_seed == 2
 
 
-def test_more_folds_than_the_rarest_stratum_is_refused():
-    recs = make_patients(24)  # each of the 6 strata has 4 patients
-    assert min(len(p) for p in patient_strata(recs).values()) == 4
-    assign_folds(recs, 4, 0)
-    with pytest.raises(DataError, match=r"n_folds=5 is more than the 4 patient\(s\) of the rarest stratum"):
-        assign_folds(recs, 5, 0)
+def test_a_stratum_smaller_than_the_fold_count_is_dealt_over_the_folds_it_fills_with_one_warning(caplog):
+    """60 patients of whom one is normal with a murmur: 3 folds still work (the stratum lands in one fold)."""
+    import logging
+    import ignite_trainer.data.splits as splits
+
+    recs = [r for r in make_patients(61) if not (r.labels == (0.0, 1.0) and r.mask == (True, True))]
+    recs.append(Recording(recording_id="rare_0", patient_id="9999", wav_path=Path("/nowhere/rare.wav"),
+                          labels=(0.0, 1.0), mask=(True, True)))
+    assert len(patient_strata(recs)[("0", "1")]) == 1
+    splits._warned.clear()
+    with caplog.at_level(logging.WARNING):
+        folds = assign_folds(recs, 3, 0)
+        assert assign_folds(recs, 3, 0) == folds  # and the same folds again, without a second warning
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "1 stratum holds fewer patients than folds" in warnings[0]
+    assert "heart=0, murmur=1 (1)" in warnings[0]
+    assert sorted(p for f in folds for p in f) == sorted({r.patient_id for r in recs})
+    assert sum("9999" in f for f in folds) == 1
+
+
+def test_a_fold_that_would_lack_a_class_of_a_label_is_refused():
+    recs = [r for r in make_patients(24) if not r.labels[1] or not r.mask[1]]
+    recs += [Recording(recording_id=f"m{k}_0", patient_id=f"m{k}", wav_path=Path(f"/nowhere/m{k}.wav"),
+                       labels=(float(k % 2), 1.0), mask=(True, True)) for k in range(2)]  # 2 murmur-present patients
+    assign_folds(recs, 2, 0)
+    with pytest.raises(DataError, match=r"n_folds=3: fold \d would hold no patient with murmur=1 \(the data has 2\).*"
+                                        r"use at most 2 folds"):
+        assign_folds(recs, 3, 0)
+
+
+def test_a_label_no_patient_has_is_not_a_class_any_fold_must_hold():
+    """PhysioNet 2016 has no murmur labels: every patient's murmur is missing, and folds are dealt as usual."""
+    recs = [Recording(recording_id=f"{p}_0", patient_id=f"{p:04d}", wav_path=Path(f"/nowhere/{p}.wav"),
+                      labels=(float(p % 2), 0.0), mask=(True, False)) for p in range(10)]
+    assert len(assign_folds(recs, 5, 0)) == 5
 
 
 def test_split_file_round_trip_json_and_csv(tmp_path):

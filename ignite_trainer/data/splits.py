@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import random
@@ -27,12 +28,15 @@ from typing import Any, Sequence
 from ignite_trainer.core.config import read_text_file
 from ignite_trainer.data.records import Recording
 from ignite_trainer.core.errors import ConfigError, DataError
+from ignite_trainer.core.vocabulary import LABELS
 
 __all__ = ["SPLIT_FORMAT", "patient_labels", "patient_stratum", "patient_strata", "split_patients",
            "assign_folds", "check_folds", "read_split_file", "write_split_file",
            "fold_split"]
 
 SPLIT_FORMAT = "ignite_trainer/splits/1"
+
+log = logging.getLogger(__name__)
 
 
 def patient_labels(recordings: Sequence[Recording]) -> tuple[tuple[float, float], tuple[bool, bool], str | None]:
@@ -101,8 +105,10 @@ def assign_folds(recordings: Sequence[Recording], n_folds: int, split_seed: int)
     """Patient ids per fold (k lists, each sorted), stratified by both labels; a function of the patients
     and ``split_seed`` only (not of the recordings' order).
 
-    Every stratum must hold at least ``n_folds`` patients, or some fold would never see it in validation
-    (and its scores for that stratum would be undefined): a `DataError` names the rarest stratum.
+    A stratum with fewer patients than folds is dealt over as many folds as it fills, with one warning naming
+    it (as scikit-learn's ``StratifiedKFold`` does): small data sets have such strata, and its folds are still
+    usable. Refused, with a `DataError`, only where a fold would hold no patient at all of a class the data
+    has for a label (heart or murmur 0 or 1): that fold's scores for the label would be undefined.
 
     Example::
 
@@ -117,17 +123,41 @@ def assign_folds(recordings: Sequence[Recording], n_folds: int, split_seed: int)
     n_patients = sum(len(pids) for pids in strata.values())
     if n_patients < n_folds:
         raise DataError(f"n_folds={n_folds} needs at least {n_folds} patients, the data has {n_patients}")
-    rarest = min(strata, key=lambda s: (len(strata[s]), s))
-    if len(strata[rarest]) < n_folds:
-        heart, murmur = rarest
-        raise DataError(f"n_folds={n_folds} is more than the {len(strata[rarest])} patient(s) of the rarest stratum "
-                        f"(heart={heart}, murmur={murmur}; '?' = label missing); use at most "
-                        f"{len(strata[rarest])} folds")
     ordered = [pid for pids in _shuffled_strata(strata, split_seed) for pid in pids]
     folds: list[list[str]] = [[] for _ in range(n_folds)]
     for i, pid in enumerate(ordered):  # round-robin across strata: fold sizes differ by at most one
         folds[i % n_folds].append(pid)
+    _check_classes_in_every_fold(strata, folds)
+    small = [f"heart={h}, murmur={m} ({len(pids)})" for (h, m), pids in strata.items() if len(pids) < n_folds]
+    if small:
+        _warn_once(f"n_folds={n_folds}: " + ("1 stratum holds" if len(small) == 1 else f"{len(small)} strata hold")
+                   + f" fewer patients than folds, dealt over the folds they fill: {'; '.join(small)} "
+                   "('?' = label missing)")
     return [sorted(f) for f in folds]
+
+
+def _check_classes_in_every_fold(strata: dict[tuple[str, str], list[str]], folds: list[list[str]]) -> None:
+    """Refuse folds where a label's class that the data has is missing from a fold's validation patients."""
+    for i, label in enumerate(LABELS):
+        for value in ("0", "1"):
+            members = {pid for stratum, pids in strata.items() if stratum[i] == value for pid in pids}
+            if not members:
+                continue  # the data has no such class: nothing any fold could hold
+            empty = [k for k, fold in enumerate(folds) if not members.intersection(fold)]
+            if empty:
+                raise DataError(f"n_folds={len(folds)}: fold {empty[0]} would hold no patient with {label}={value} "
+                                f"(the data has {len(members)}), so its {label} scores would be undefined; "
+                                f"use at most {len(members)} folds")
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """One warning per process for the same data and fold count (every cv member deals the same folds)."""
+    if message not in _warned:
+        _warned.add(message)
+        log.warning("%s", message)
 
 
 def split_patients(

@@ -163,8 +163,8 @@ def run_worker(space: SweepSpace, sweep_dir: str | Path, n_trials: int, url: str
 
 # ---------------------------------------------------------------------------------------------- entry
 def check_cv_experiment(space: SweepSpace) -> None:
-    """Before any trial: the base config's dataset can be dealt into the space's folds (e.g. not more folds
-    than the patients of the rarest stratum); a `ConfigError` otherwise."""
+    """Before any trial: the base config's dataset can be dealt into the space's folds (e.g. every fold holds
+    a patient of each class of each label); a `ConfigError` otherwise."""
     base = space.base_config()
     split_seed = space.experiment_args.get("split_seed")
     if base.split_file:  # the folds come from the file; cross_validate checks it against the data
