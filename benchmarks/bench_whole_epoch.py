@@ -1,7 +1,14 @@
 """Whole `cli.py train` epochs of two or more checkouts (or settings) interleaved, with their validation scores.
 
-Each variant is ``LABEL=PATH`` (a checkout of this project: the current one, or ``git worktree add /tmp/old
-<commit>``), optionally with environment settings after a colon: ``unfused=.:IGNITE_TRAINER_FUSED_KERNELS=0``.
+Each variant is ``LABEL=PATH[:SETTING...]``: ``PATH`` is a checkout of this project (the current one, or
+``git worktree add /tmp/old <commit>``), and each colon-separated ``SETTING`` after it is either
+
+- an extra ``cli.py train`` flag, if it starts with ``--``: ``on=.:--cpu-kernel``; a flag with a value is one
+  setting written with ``=``, as click accepts it: ``attn=.:--model=resnet_attention``; or
+- an environment setting ``NAME=VALUE`` for that variant's process: ``few=.:OMP_NUM_THREADS=1``.
+
+Both kinds mix: ``x=/tmp/old:--cpu-kernel:MY_ENV=1``. (No setting may contain a colon.) Flags go after the
+benchmark's own, so a flag repeated here wins where click takes the last value.
 For every seed, each variant trains the default run (``--epochs`` epochs, no early stopping) in its own
 process, in turn, so load from other jobs hits all of them; all share one warm feature cache. The table gives
 each variant's median training and validation seconds per epoch (from the run's own ``metrics.jsonl``, first
@@ -10,6 +17,7 @@ epoch left out as warm-up), the ratio to the first variant, and the last epoch's
 the seed-to-seed spread.
 
     nice python benchmarks/bench_whole_epoch.py before=/tmp/old after=. --seeds 0 1 2 --epochs 6
+    nice python benchmarks/bench_whole_epoch.py off=. on=.:--cpu-kernel --seeds 0 1 2 --epochs 6
 """
 
 from __future__ import annotations
@@ -26,16 +34,25 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parents[1]
 
 
-def parse_variant(text: str) -> tuple[str, Path, dict[str, str]]:
+def parse_variant(text: str) -> tuple[str, Path, dict[str, str], list[str]]:
+    """``LABEL=PATH[:--flag...][:ENV=VALUE...]`` -> label, checkout, environment settings, extra CLI flags."""
     label, _, rest = text.partition("=")
+    if not label or not rest:
+        raise SystemExit(f"variant {text!r}: expected LABEL=PATH[:--flag...][:ENV=VALUE...]")
     path, *settings = rest.split(":")
-    env = dict(s.split("=", 1) for s in settings)
-    return label, Path(path).resolve(), env
+    flags = [s for s in settings if s.startswith("--")]
+    env_items = [s for s in settings if not s.startswith("--")]
+    bad = [s for s in env_items if "=" not in s]
+    if bad:
+        raise SystemExit(f"variant {label!r}: {bad[0]!r} is neither a --flag nor ENV=VALUE")
+    env = dict(s.split("=", 1) for s in env_items)
+    return label, Path(path).resolve(), env, flags
 
 
-def run(path: Path, env: dict[str, str], seed: int, epochs: int, threads: int, out: Path, cache: Path) -> list[dict]:
+def run(path: Path, env: dict[str, str], flags: list[str], seed: int, epochs: int, threads: int, out: Path,
+        cache: Path) -> list[dict]:
     cmd = [sys.executable, "cli.py", "train", "--epochs", str(epochs), "--patience", "0", "--no-progress",
-           "--seed", str(seed), "--output-dir", str(out), "--name", "run", "--set", f"cache_dir={cache}"]
+           "--seed", str(seed), "--output-dir", str(out), "--name", "run", "--set", f"cache_dir={cache}", *flags]
     full_env = dict(os.environ, OMP_NUM_THREADS=str(threads), **env)
     full_env.pop("PYTHONPATH", None)  # each checkout imports its own package (cli.py's folder comes first)
     subprocess.run(cmd, cwd=path, env=full_env, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -51,7 +68,7 @@ def mean_sd(values: list[float | None]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("variants", nargs="+", help="LABEL=PATH[:ENV=VALUE...]; the first is the baseline")
+    parser.add_argument("variants", nargs="+", help="LABEL=PATH[:--flag...][:ENV=VALUE...]; the first is the baseline")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--threads", type=int, default=2)
@@ -60,10 +77,10 @@ def main() -> None:
     variants = [parse_variant(v) for v in args.variants]
     work = args.work or Path(tempfile.mkdtemp(prefix="whole_epoch_"))
     cache = work / "cache"
-    results: dict[str, list[list[dict]]] = {label: [] for label, _, _ in variants}
+    results: dict[str, list[list[dict]]] = {label: [] for label, _, _, _ in variants}
     for seed in args.seeds:
-        for label, path, env in variants:
-            rows = run(path, env, seed, args.epochs, args.threads, work / f"{label}_seed{seed}", cache)
+        for label, path, env, flags in variants:
+            rows = run(path, env, flags, seed, args.epochs, args.threads, work / f"{label}_seed{seed}", cache)
             results[label].append(rows)
             print(f"# seed {seed} {label}: train s {[r['seconds'] for r in rows]} val s "
                   f"{[r['val_seconds'] for r in rows]}", file=sys.stderr, flush=True)
@@ -78,10 +95,11 @@ def main() -> None:
             "heart tuned F1", "murmur tuned F1"]
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head))
     base_epoch = per_epoch(base, "seconds") + per_epoch(base, "val_seconds")
-    for label, _, env in variants:
+    for label, _, env, flags in variants:
         train, val = per_epoch(label, "seconds"), per_epoch(label, "val_seconds")
         last = [rows[-1] for rows in results[label]]
-        cells = [label + (f" ({', '.join(f'{k}={v}' for k, v in env.items())})" if env else ""),
+        settings = [*flags, *(f"{k}={v}" for k, v in env.items())]
+        cells = [label + (f" ({', '.join(f'`{s}`' for s in settings)})" if settings else ""),
                  f"{train:.2f}", f"{val:.2f}", f"{train + val:.2f}", f"{base_epoch / (train + val):.2f}",
                  mean_sd([r["val_loss"] for r in last]), mean_sd([r["macro_f1"] for r in last]),
                  mean_sd([r[k].get("at_threshold", {}).get("f1") for r in last for k in ("heart",)]),

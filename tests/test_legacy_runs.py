@@ -51,6 +51,9 @@ TIMES = ("seconds", "val_seconds")
 #: Checkpoint keys newer than the fixture: the torch thread count training ran with. A run resumed from the
 #: fixture's checkpoints (which hold none) trains with the resuming process's count, as the old code did.
 NEW_CHECKPOINT_KEYS = {"torch_threads": int(SPEC["environment"]["OMP_NUM_THREADS"])}
+#: Decision-layer keys newer than the fixture: how many patients each label's layer was fitted on. Counts the old
+#: layers did not write; everything they did write must be equal.
+NEW_DECISION_KEYS = ("fitted_patients.murmur", "fitted_patients.outcome")
 OUTPUT_FLAGS = ("--output-dir", "--output", "--challenge-dir")
 #: attention_cnn's last attention bias adds the same to every frame's score, which the softmax over time ignores:
 #: its gradient is zero up to rounding, and Adam scales that rounding noise into steps of the learning rate. Its
@@ -80,6 +83,8 @@ def differences(new, old, where: str = "") -> list[str]:
     if isinstance(old, dict):
         if isinstance(new, dict):  # a config field added later, at the value every older run had, is no change
             new = {k: v for k, v in new.items() if k in old or k not in ADDED_LATER or v != ADDED_LATER[k]}
+            if "murmur.kind" in old:  # a decision layer: the fitted-patient counts are new
+                new = {k: v for k, v in new.items() if k in old or k not in NEW_DECISION_KEYS}
         if not isinstance(new, dict) or set(new) != set(old):
             return [f"{where}: keys {sorted(new) if isinstance(new, dict) else type(new).__name__} != {sorted(old)}"]
         return [d for k in old for d in differences(new[k], old[k], f"{where}/{k}")]

@@ -4,7 +4,6 @@ in), and may not make the 2022 Challenge's murmur calls; nor may a decision laye
 murmur class or an outcome. Each refusal is one ``error:`` line, exit code 2, and nothing written."""
 
 import dataclasses
-import logging
 import shutil
 
 import numpy as np
@@ -19,16 +18,8 @@ from ignite_trainer.use.ensemble import load_ensemble
 from ignite_trainer.use.inference import predict
 from ignite_trainer.use.model_files import load_trained_model
 from ignite_trainer.use.predictor import Predictor
+from test_bad_inputs import fresh_log_stream  # noqa: F401  (autouse: stderr handlers per test)
 from test_challenge_team_code import _team_code
-
-
-@pytest.fixture(autouse=True)
-def fresh_log_stream():
-    """`setup_logging` keeps its stderr handler across runs in one process; pytest swaps stderr per test."""
-    logger = logging.getLogger("ignite_trainer")
-    for h in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
-        logger.removeHandler(h)
-    yield
 
 
 def one_error(capsys, args) -> str:
