@@ -110,7 +110,7 @@ def test_a_build_killed_by_sigkill_does_not_block_the_next_process(tmp_path) -> 
     # Where this machine has no build yet (a fresh CI machine), the test builds into the ordinary folder, so that
     # the suite's other kernel tests load this build instead of compiling a second time.
     default = cpu_kernels.kernel_dir()
-    kernels = default.parent if not (default / "built.json").exists() else tmp_path / "kernels"
+    kernels = default.parent if not default.exists() else tmp_path / "kernels"
     env = _env(kernels)
     folder = kernels / cpu_kernels.kernel_key()
     first = subprocess.Popen([sys.executable, "-c", PREPARE], env=env, cwd=ROOT,
