@@ -58,13 +58,15 @@ def shown_default(value: Any, flag: str) -> str | None:
     return str(value)
 
 
-def config_options(helps: dict[str, str] | None = None) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    """--config, one option per field of `CONFIG_FLAGS` (in the dataclass's order; the parameter is named as
-    the field), and --set. ``helps`` replaces a field's help where the command gives it another meaning."""
+def config_options(helps: dict[str, str] | None = None,
+                   names: frozenset[str] = CONFIG_FLAGS) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """--config, one option per field of ``names`` (default `CONFIG_FLAGS`; in the dataclass's order; the
+    parameter is named as the field), and --set. ``helps`` replaces a field's help where the command gives it
+    another meaning."""
     hints = typing.get_type_hints(TrainConfig)
     options = [click.option("--config", "config_file", type=click.Path(dir_okay=False), help="YAML file of config fields.")]
     for f in dataclasses.fields(TrainConfig):
-        if f.name not in CONFIG_FLAGS:
+        if f.name not in names:
             continue
         flag = config_flag(f.name)
         kind, args = hints[f.name], typing.get_args(hints[f.name])
@@ -126,6 +128,54 @@ def train(config_file: str | None, resume: str | None, overwrite: bool, assignme
         click.echo(f"{summary['run_dir']}: run already finished at epoch {summary['epoch']}; nothing to do")
         return
     print_summary(summary)
+
+
+#: The config flags of `pretrain`: the settings it shares with training (every field via --config or --set).
+PRETRAIN_FLAGS = frozenset({
+    "format", "skip_bad", "cache_dir", "window_seconds", "batch_size", "learning_rate", "weight_decay", "epochs",
+    "gradient_clip", "amp", "model", "seed", "device", "num_workers", "output_dir", "name", "progress", "sync_every",
+})
+
+
+@cli.command()
+@click.argument("data", metavar="DATA...", nargs=-1, type=click.Path())
+@config_options(names=PRETRAIN_FLAGS)
+@click.option("--resume", type=click.Path(file_okay=False), default=None,
+              help="Continue the pretraining run in RUN_DIR from its last checkpoint.")
+@click.option("--overwrite", is_flag=True, help="Replace an existing run directory of the same name.")
+def pretrain(data: tuple[str, ...], config_file: str | None, resume: str | None, overwrite: bool,
+             assignments: tuple[str, ...], **flags: Any) -> None:
+    """Learn a model's trunk without labels (BYOL-A) from DATA: dataset folders (labels ignored), WAV folders or
+    WAV files; writes runs/<name>/ with checkpoints and trunk.safetensors for train to start from."""
+    overrides = {k: v for k, v in flags.items() if v is not None}
+    if resume is not None:
+        if config_file or data:
+            raise click.UsageError("--resume takes neither DATA nor --config (the run's own are used)")
+        if overwrite:
+            raise click.UsageError("--overwrite cannot be combined with --resume")
+        overrides.update(_parse_sets(assignments))
+        config = None
+    else:
+        config = TrainConfig.from_yaml(config_file) if config_file else TrainConfig()
+        if data:
+            overrides["pretrain_data"] = list(data)
+        config = config.updated(overrides, source="command line").with_overrides(list(assignments))
+        if not config.pretrain_data:
+            raise click.UsageError("give DATA: one or more dataset folders, WAV folders or WAV files")
+
+    from ignite_trainer.training.pretrain import pretrain as run_pretraining
+
+    if config is None:
+        summary = run_pretraining(TrainConfig(), resume=resume, overrides=overrides)
+    else:
+        summary = run_pretraining(config, overwrite=overwrite)
+    if summary.get("already_finished"):
+        click.echo(f"{summary['run_dir']}: run already finished at epoch {summary['epoch']}; nothing to do")
+        return
+    click.echo(f"run directory: {summary['run_dir']}")
+    click.echo(f"pretrained model: {summary['trunk']}")
+    for line in summary.get("skipped") or []:
+        click.echo(f"skipped: {line}")
 
 
 def _is_run_config(path: Path) -> bool:

@@ -268,8 +268,8 @@ def test_the_command_check_catches_what_is_wrong():
             "`cli.py cv [--resume\\|--collectt EXP_DIR]`; fine: `python cli.py train --lr 0.01 --no-amp --set a=1`.\n")
     problems = [p for command in shown_commands(page) for p in command_problems(command)]
     assert [p.split(": ", 1)[1] for p in problems] == [
-        "train has no option --no-such-flag", "no command 'trian' (commands: cv, evaluate, export, predict, runs, "
-        "sweep, synth, train)", "train has no option --jobs", "no make target 'deploy' in the Makefile",
+        "train has no option --no-such-flag", "no command 'trian' (commands: cv, evaluate, export, predict, "
+        "pretrain, runs, sweep, synth, train)", "train has no option --jobs", "no make target 'deploy' in the Makefile",
         "cv has no option --collectt"]
 
 

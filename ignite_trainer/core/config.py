@@ -207,6 +207,16 @@ class TrainConfig:
     augment_log_power_scale: float = _f(augment_default("log_power_scale"),
                                         "nepers of log power per z unit (see docs/augmentation.md)",
                                         min=0.0, exclusive_min=True)
+    # ---- self-supervised pretraining (`cli.py pretrain`, docs/pretraining.md); train ignores them
+    pretrain_data: list[str] | None = _f(None, "pretrain: recordings to learn from without labels (dataset folders, "
+                                               "WAV folders or WAV files)")
+    pretrain_ema: float = _f(0.99, "pretrain: decay of the target network's moving average of the online one",
+                             min=0.0, max=1.0)
+    pretrain_projector_dim: int = _f(128, "pretrain: output size of the projector and predictor MLPs", min=1)
+    pretrain_hidden_dim: int = _f(512, "pretrain: hidden size of the projector and predictor MLPs", min=1)
+    pretrain_mixup: float = _f(0.4, "pretrain: largest share of another window mixed into a view "
+                                    "(log-mixup-exp); 0 disables", min=0.0, max=1.0)
+    pretrain_crop: bool = _f(True, "pretrain: random resize crop of each view (frequency and time scaled 0.6-1.5)")
 
     # ------------------------------------------------------------------ construction and checks
     @classmethod
@@ -327,12 +337,13 @@ def cache_root(config: "TrainConfig") -> Path:
 #: Fields that may differ between a run and its resume: they change where or how fast it runs, not the math.
 RESUMABLE_CHANGES = frozenset({"device", "num_workers", "progress", "output_dir", "name", "cache_dir", "skip_bad",
                                 "nproc_per_node", "backend", "data", "tracker", "tracking_uri",
-                                "sync_every", "resident_features", "compile", "eval_batch_size"})
+                                "sync_every", "resident_features", "compile", "eval_batch_size", "pretrain_data"})
 
 
 #: Fields added after runs were first written, with the value every older run had: at that value a field is
 #: left out of the run's identity digest, so that older runs keep theirs and stay resumable.
-ADDED_LATER = {"cpu_kernel": False}
+ADDED_LATER = {"cpu_kernel": False, "pretrain_data": None, "pretrain_ema": 0.99, "pretrain_projector_dim": 128,
+               "pretrain_hidden_dim": 512, "pretrain_mixup": 0.4, "pretrain_crop": True}
 
 #: Why a field may not change on resume, where the general reason (another result) needs saying more exactly.
 WHY_FIXED = {"cpu_kernel": "the kernel and the ordinary modules round differently, so the results would differ "
@@ -367,6 +378,10 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
             choices = ", ".join(str(a) for a in args)
             raise ConfigError(f"{source}: {name}={value!r} is not one of: {choices}")
         return value
+    if origin is list:
+        if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(f"{source}: {name}={value!r} must be a list of paths")
+        return [str(v) for v in value]
     if hint is bool:
         if not isinstance(value, bool):
             raise ConfigError(f"{source}: {name}={value!r} must be true or false")

@@ -152,3 +152,7 @@ def label_score(label: str, stat: str) -> str:
     if stat not in (*STATS, "support"):
         raise ValueError(f"unknown statistic {stat!r}; one of {', '.join((*STATS, 'support'))}")
     return f"{label}.{stat}"
+
+
+#: The ``format`` metadata of a one-model safetensors file (`cli.py export`, a pretraining run's ``trunk.safetensors``).
+SAFETENSORS_FORMAT = "ignite_trainer/1"

@@ -15,6 +15,7 @@ from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.splits import split_patients
 from ignite_trainer.data.records import require_demographics
 from ignite_trainer.data.features import FeatureCache, FeatureSettings, feature_workers
+from ignite_trainer.data.discovery import discover_recordings
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.data.records import Recording
 from ignite_trainer.data.splits import fold_split
@@ -22,7 +23,7 @@ from ignite_trainer.data.synthetic import ensure_embedded_dataset
 from ignite_trainer.core.errors import DataError
 from ignite_trainer.core.config import cache_root
 
-__all__ = ["PreparedData", "prepare_data", "checked_data"]
+__all__ = ["PreparedData", "prepare_data", "checked_data", "prepare_unlabelled"]
 
 
 @dataclass
@@ -87,3 +88,30 @@ def checked_data(config: TrainConfig) -> PreparedData:
     if not data.val:
         raise DataError(f"{data.source}: the validation split is empty; raise val_fraction or add patients")
     return data
+
+
+def prepare_unlabelled(config: TrainConfig) -> PreparedData:
+    """Recordings to learn from without labels (``config.pretrain_data``: dataset folders of any format, their
+    labels ignored, WAV folders, WAV files), features cached; all of them in ``train``, ``val`` empty.
+
+    A path that does not exist, a folder without recordings, or (with ``skip_bad``) nothing readable left is
+    one `DataError`; without ``skip_bad`` the first unreadable recording is.
+
+    Example::
+
+        data = prepare_unlabelled(TrainConfig(pretrain_data=["wavs/", "circor/"]))
+        print(len(data.train), data.source)
+    """
+    paths = [Path(p).expanduser() for p in config.pretrain_data or []]
+    if not paths:
+        raise DataError("pretrain: no DATA given (pretrain_data is empty)")
+    recordings = discover_recordings(paths)
+    policy = BadInputPolicy(skip=config.skip_bad)
+    settings = FeatureSettings.from_config(config)
+    features_dir = cache_root(config) / "features"
+    recordings = FeatureCache(features_dir, settings).prepare(recordings, policy=policy, workers=feature_workers(),
+                                                              progress=config.progress)
+    where = ", ".join(str(p) for p in paths)
+    if not recordings:
+        raise DataError(f"{where}: no usable recordings to pretrain on")
+    return PreparedData(recordings, [], features_dir, settings, paths[0], policy.skipped)

@@ -85,6 +85,11 @@ class RunDirectory:
         return self.path / ENVIRONMENT_FILE
 
     @property
+    def trunk_file(self) -> Path:
+        """A pretraining run's model as safetensors (the model whose trunk pretraining learned)."""
+        return self.path / "trunk.safetensors"
+
+    @property
     def report(self) -> Path:
         """``evaluate``'s report folder (``report.md``, ``metrics.json``, figures)."""
         return self.path / "report"

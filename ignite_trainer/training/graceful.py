@@ -55,8 +55,8 @@ class TrainingStopped(Exception):
     Not an error: the CLI prints `message` (the ``--resume`` command) and exits with `exit_code`.
     """
 
-    def __init__(self, signum: int, run_dir: Path, checkpoint: str | None) -> None:
-        self.signum, self.run_dir, self.checkpoint = signum, Path(run_dir), checkpoint
+    def __init__(self, signum: int, run_dir: Path, checkpoint: str | None, command: str = "train") -> None:
+        self.signum, self.run_dir, self.checkpoint, self.command = signum, Path(run_dir), checkpoint, command
         super().__init__(self.message)
 
     @property
@@ -70,7 +70,7 @@ class TrainingStopped(Exception):
     @property
     def message(self) -> str:
         return (f"stopped by {self.signal_name}; checkpoint {self.checkpoint} written; continue with: "
-                f"python cli.py train --resume {self.run_dir}")
+                f"python cli.py {self.command} --resume {self.run_dir}")
 
 
 class GracefulStop:
@@ -90,8 +90,10 @@ class GracefulStop:
         stop.raise_if_stopped()
     """
 
-    def __init__(self, checkpoint: Checkpoint, run_dir: str | Path, accumulation_steps: int = 1) -> None:
+    def __init__(self, checkpoint: Checkpoint, run_dir: str | Path, accumulation_steps: int = 1,
+                 command: str = "train") -> None:
         self.checkpoint_handler, self.run_dir, self.accumulation_steps = checkpoint, Path(run_dir), accumulation_steps
+        self.command = command  # the CLI command whose --resume continues the run
         self.requested: int | None = None
         self.checkpoint: str | None = None
         self.stopped = False
@@ -188,4 +190,4 @@ class GracefulStop:
     def raise_if_stopped(self) -> None:
         """After the run: `TrainingStopped` if a signal stopped it."""
         if self.stopped and self.requested is not None:
-            raise TrainingStopped(self.requested, self.run_dir, self.checkpoint)
+            raise TrainingStopped(self.requested, self.run_dir, self.checkpoint, self.command)

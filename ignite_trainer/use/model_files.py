@@ -23,6 +23,7 @@ import safetensors
 import torch
 import yaml
 
+from ignite_trainer.core.vocabulary import SAFETENSORS_FORMAT
 from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.runs.checkpoint import find_best_checkpoint, load_checkpoint, load_model_weights
 from ignite_trainer.core.config import TrainConfig
@@ -38,8 +39,7 @@ from ignite_trainer.core.vocabulary import FORMAT_LABELS, LABELS
 __all__ = ["TrainedModel", "load_trained_model", "rebuild_model", "checked_thresholds", "read_safetensors",
            "challenge_refusal", "SAFETENSORS_FORMAT"]
 
-#: The ``format`` metadata of our safetensors exports; a file without it was not written by us.
-SAFETENSORS_FORMAT = "ignite_trainer/1"
+# ``SAFETENSORS_FORMAT`` (core.vocabulary): the ``format`` metadata of our safetensors files; a file without it was not written by us.
 
 
 @dataclass
