@@ -16,7 +16,7 @@ from ignite.engine import Events
 
 import cli
 import ignite_trainer.training.run as run_module
-from conftest import tiny_config
+from conftest import CONSTANT_MODEL, tiny_config
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.data.features import FeatureSettings
@@ -209,7 +209,8 @@ def test_init_of_another_architecture_is_refused(trained_run, tmp_path, capsys):
     other = tmp_path / "resnet.pt"
     torch.save({"model_state_dict": build_model("resnet_attention", n_mels=8).state_dict(),
                 "config": trained_run.config.to_dict() | {"model": "resnet_attention"}}, other)
-    expect_refusal(capsys, trained_run, tmp_path, other, str(other), "trunk key(s) missing")
+    expect_refusal(capsys, trained_run, tmp_path, other, str(other), "trunk key(s) missing",
+                   "the file's model is 'resnet_attention'")
 
 
 def test_init_of_another_front_end_is_refused(trained_run, tmp_path, capsys):
@@ -242,6 +243,7 @@ def test_cnn14_init_of_another_width_is_refused(trained_run, tmp_path, capsys):
     pth = tmp_path / "cnn14.pth"
     torch.save({"model": published_cnn14(n_mels=32, width=2)}, pth)
     expect_refusal(capsys, trained_run, tmp_path, pth, str(pth), "shape mismatch",
+                   "conv_block1.conv1.weight (2, 1, 3, 3) in the file, (4, 1, 3, 3) in model Cnn14",
                    extra=["--model", SMALL_CNN14, "--set", "n_mels=32", "--set", "n_fft=256"])
 
 
@@ -249,3 +251,16 @@ def test_init_keys_of_the_trunk_are_its_parameters_and_buffers():
     model = build_model("attention_cnn", n_mels=8)
     state = trunk_state(model)
     assert set(state) == {k for k in model.state_dict() if k.startswith("trunk.")}
+
+
+def test_fine_tuning_options_need_a_model_with_a_trunk(trained_run, tmp_path, capsys):
+    expect_refusal(capsys, trained_run, tmp_path, trained_run.checkpoint, "init_from, freeze_trunk",
+                   "neither a 'trunk' nor a 'head'", extra=["--model", CONSTANT_MODEL, "--freeze-trunk"])
+
+
+@pytest.mark.parametrize("values, needle", [({"warmup_epochs": 3, "epochs": 3}, "warmup_epochs=3 must be below"),
+                                            ({"trunk_lr_scale": 0.0}, "trunk_lr_scale=0.0 is out of range"),
+                                            ({"init_from": " "}, "init_from is empty")])
+def test_fine_tuning_values_out_of_range_are_refused(values, needle):
+    with pytest.raises(ConfigError, match=needle):
+        TrainConfig.from_mapping(values)

@@ -107,7 +107,13 @@ def check_init(config: TrainConfig) -> InitWeights | None:
         return None
     weights = read_weights(config.init_from)
     _check_stored_front_end(config, weights)
-    load_trunk(model, weights.state, str(weights.path), drop=foreign_keys(config.model), check_only=True)
+    try:
+        load_trunk(model, weights.state, str(weights.path), drop=foreign_keys(config.model), check_only=True)
+    except CheckpointError as e:
+        theirs = weights.config.get("model") if weights.config is not None else None
+        if theirs is None or theirs == config.model:
+            raise
+        raise CheckpointError(f"{e} (the file's model is {theirs!r}, the run's {config.model!r})") from None
     return weights
 
 
