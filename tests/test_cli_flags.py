@@ -33,7 +33,8 @@ OLD_SPELLINGS = {
     "--compile": "compile", "--eval-batch-size": "eval_batch_size", "--demographics": "demographics",
 }
 #: Flags added since.
-NEW_SPELLINGS = {"--cpu-kernel": "cpu_kernel"}
+NEW_SPELLINGS = {"--cpu-kernel": "cpu_kernel", "--init-from": "init_from", "--freeze-trunk": "freeze_trunk",
+                 "--trunk-lr-scale": "trunk_lr_scale", "--warmup-epochs": "warmup_epochs"}
 
 
 def config_params(command: str) -> dict[str, click.Option]:

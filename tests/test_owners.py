@@ -47,6 +47,8 @@ FUNCTIONS = {
     "score_mode": "core/vocabulary.py",
     "best_epoch": {"core/vocabulary.py", "use/report.py"},  # the report's reads its log, then calls the owner
     "parse_checkpoint_name": "runs/checkpoint.py",
+    "read_safetensors": "runs/weights.py",
+    "load_trunk": "model/trunk.py",
     "patient_labels": "data/splits.py",
     "patient_stratum": "data/splits.py",
     "assign_folds": "data/splits.py",

@@ -144,6 +144,12 @@ class TrainConfig:
     accumulation_steps: int = _f(1, "micro-batches per optimizer step", min=1)
     amp: bool = _f(False, "mixed precision autocast (amp_dtype; bf16 by default)")
     model: str = _f("attention_cnn", "model name from the registry")
+    init_from: str | None = _f(None, "initialise the model's trunk from pretrained weights: a run directory (its best "
+                                     "checkpoint, else its last), a .pt checkpoint or a .safetensors export")
+    freeze_trunk: bool = _f(False, "train only what is not the trunk (trunk BatchNorm kept in eval mode)")
+    trunk_lr_scale: float = _f(1.0, "the trunk's learning rate is learning_rate times this", min=0.0,
+                               exclusive_min=True)
+    warmup_epochs: int = _f(0, "linear learning-rate warm-up over the first N epochs, then the schedule", min=0)
     monitor: str = _f("val_loss", "score for early stopping and the best checkpoint: val_loss, macro_f1, heart.f1, ...")
     # run
     seed: int = _f(0, "seed of model init and crops (and of the split when split_seed is empty)", min=0, max=MAX_SEED)
@@ -279,6 +285,10 @@ class TrainConfig:
                 f"{source}: band_high_hz={self.band_high_hz} must be below the Nyquist frequency "
                 f"{self.sample_rate / 2:g} Hz of sample_rate={self.sample_rate}"
             )
+        if self.warmup_epochs and self.warmup_epochs >= self.epochs:
+            raise ConfigError(f"{source}: warmup_epochs={self.warmup_epochs} must be below epochs={self.epochs}")
+        if self.init_from is not None and not self.init_from.strip():
+            raise ConfigError(f"{source}: init_from is empty (leave it out, or name a run directory or weights file)")
         if self.n_folds == 1:
             raise ConfigError(f"{source}: n_folds=1 is not a split (use 0 for a val_fraction split, or >= 2)")
         if self.split_file is not None and not self.split_file.strip():
@@ -343,7 +353,8 @@ RESUMABLE_CHANGES = frozenset({"device", "num_workers", "progress", "output_dir"
 #: Fields added after runs were first written, with the value every older run had: at that value a field is
 #: left out of the run's identity digest, so that older runs keep theirs and stay resumable.
 ADDED_LATER = {"cpu_kernel": False, "pretrain_data": None, "pretrain_ema": 0.99, "pretrain_projector_dim": 128,
-               "pretrain_hidden_dim": 512, "pretrain_mixup": 0.4, "pretrain_crop": True}
+               "pretrain_hidden_dim": 512, "pretrain_mixup": 0.4, "pretrain_crop": True, "init_from": None,
+               "freeze_trunk": False, "trunk_lr_scale": 1.0, "warmup_epochs": 0}
 
 #: Why a field may not change on resume, where the general reason (another result) needs saying more exactly.
 WHY_FIXED = {"cpu_kernel": "the kernel and the ordinary modules round differently, so the results would differ "

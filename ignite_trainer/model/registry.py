@@ -10,7 +10,7 @@ show which part of a window drove a prediction. The built-in models register the
 from __future__ import annotations
 
 import inspect
-from typing import Callable, TypeVar
+from typing import Callable, Mapping, TypeVar
 
 from torch import nn
 
@@ -21,14 +21,28 @@ ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
 
 _REGISTRY: dict[str, ModelFactory] = {}
+#: name -> the feature settings (`TrainConfig` field -> value) the model was published with, when it declares one.
+_FRONT_ENDS: dict[str, dict[str, object]] = {}
+#: name -> key prefixes of its published checkpoints that are not part of this model (a published head, a
+#: feature extractor this project computes in its feature cache): dropped when the file initialises the trunk.
+_FOREIGN_KEYS: dict[str, tuple[str, ...]] = {}
+#: The `TrainConfig` fields a model's declared front-end may fix: exactly the fields of the feature settings.
+FRONT_END_FIELDS = ("sample_rate", "band_low_hz", "band_high_hz", "n_mels", "n_fft", "win_ms", "hop_ms")
 
 
-def register_model(name: str) -> Callable[[F], F]:
+def register_model(name: str, *, front_end: Mapping[str, object] | None = None,
+                   foreign_keys: tuple[str, ...] = ()) -> Callable[[F], F]:
     """Decorator: make a model class or factory buildable by ``name``, so configs and ``--model`` can pick it.
 
     Names are unique (a second, different factory under a taken name is a `ValueError`). The factory takes
     ``n_mels`` plus keyword options and returns a module whose ``forward(x [B, n_mels, T])`` gives
     ``(logits [B, 2], attention [B, T'])``. The registry is per process: register before building.
+
+    A model published with its own feature front-end (a pretrained audio backbone) declares it with
+    ``front_end`` (`TrainConfig` feature fields, `FRONT_END_FIELDS`, to their values): a run of that model takes
+    those settings, and a config that contradicts them is refused (`model_front_end`). ``foreign_keys`` are
+    key prefixes of the published checkpoint that the model does not have (its published head, a feature
+    extractor the feature cache replaces); ``--init-from`` drops them.
 
     Example::
 
@@ -48,10 +62,33 @@ def register_model(name: str) -> Callable[[F], F]:
     def decorate(factory: F) -> F:
         if name in _REGISTRY and _REGISTRY[name] is not factory:
             raise ValueError(f"model name {name!r} is already registered to {_REGISTRY[name]!r}")
+        unknown = sorted(set(front_end or {}) - set(FRONT_END_FIELDS))
+        if unknown:
+            raise ValueError(f"model {name!r}: front_end fields {unknown} are not feature settings {FRONT_END_FIELDS}")
         _REGISTRY[name] = factory
+        if front_end:
+            _FRONT_ENDS[name] = dict(front_end)
+        if foreign_keys:
+            _FOREIGN_KEYS[name] = tuple(foreign_keys)
         return factory
 
     return decorate
+
+
+def model_front_end(name: str) -> dict[str, object] | None:
+    """The feature settings model ``name`` declared (`register_model`'s ``front_end``), or None.
+
+    Example::
+
+        model_front_end("cnn14")["sample_rate"]   # 32000
+    """
+    front_end = _FRONT_ENDS.get(name)
+    return None if front_end is None else dict(front_end)
+
+
+def foreign_keys(name: str) -> tuple[str, ...]:
+    """Key prefixes of model ``name``'s published checkpoints that are not its own (`register_model`)."""
+    return _FOREIGN_KEYS.get(name, ())
 
 
 def available_models() -> list[str]:

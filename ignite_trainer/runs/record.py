@@ -5,7 +5,9 @@ run held out, not whatever a later split of a grown data folder would hold out. 
 
 - its *identity* (`run_identity`): a fingerprint of the config fields that change the result and of the
   data (recording ids and the content keys of their files), stored in every checkpoint; a checkpoint of
-  another run, or the same run pointed at other data, is refused by `identity_differences`;
+  another run, or the same run pointed at other data, is refused by `identity_differences`; a run with
+  ``init_from`` adds the digest of the weights file it started from (`weights.weights_digest`), so a resume
+  whose init file changed is refused too;
 - ``split.json`` (`write_split`, `read_split`): the patient ids on each side (and the fold), what
   ``evaluate`` scores as validation;
 - ``environment.json`` (`record_environment`): package versions, command line, resolved device, torch
@@ -34,6 +36,7 @@ from ignite_trainer.core.config import ADDED_LATER, RESUMABLE_CHANGES, TrainConf
 from ignite_trainer.data.prepare import PreparedData
 from ignite_trainer.model.cpu_kernels import KERNEL_IN_USE
 from ignite_trainer.core.errors import CheckpointError
+from ignite_trainer.runs.weights import weights_digest
 
 __all__ = ["run_identity", "identity_differences", "recorded_threads", "write_split", "read_split",
            "record_environment", "end_environment", "recorded_kernel_use", "SPLIT_FILE", "ENVIRONMENT_FILE"]
@@ -62,13 +65,16 @@ def run_identity(config: TrainConfig, data: PreparedData) -> dict[str, Any]:
     def side(recordings: list) -> list[list[str]]:
         return sorted([r.recording_id, (cache.cached_path(r) or cache.feature_path(r)).stem] for r in recordings)
 
-    return {
+    identity = {
         "config": _digest(result_fields),
         "data": _digest({"train": side(data.train), "val": side(data.val)}),
         "recordings": len(data.train) + len(data.val),
         "patients": len({r.patient_id for r in data.train + data.val}),
         "source": str(data.source),
     }
+    if config.init_from is not None:  # the weights the run started from: their bytes, not their path
+        identity["init"] = weights_digest(config.init_from)
+    return identity
 
 
 def identity_differences(saved: Any, now: Mapping[str, Any]) -> list[str]:
@@ -83,6 +89,11 @@ def identity_differences(saved: Any, now: Mapping[str, Any]) -> list[str]:
                            f"{saved.get('patients')} patients in {saved.get('source')}; {now['source']} now holds "
                            f"{now['recordings']} recordings of {now['patients']} patients, or the same counts with "
                            "other content)")
+    if saved.get("init") != now.get("init"):
+        if now.get("init") is None:
+            differences.append("other init weights (the run started from an init_from file; the config now has none)")
+        else:
+            differences.append("other init weights (the init_from file's content is not the one the run started from)")
     return differences
 
 

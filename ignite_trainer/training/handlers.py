@@ -200,22 +200,58 @@ def attach_last_checkpoint(trainer: Engine, to_save: Mapping[str, Any], dirname:
     return last
 
 
-def attach_lr_scheduler(trainer: Engine, optimizer: torch.optim.Optimizer, epochs: int) -> LRScheduler:
-    """Cosine annealing over ``epochs``, stepped once per epoch, through Ignite's `LRScheduler`.
+def attach_lr_scheduler(trainer: Engine, optimizer: torch.optim.Optimizer, epochs: int, warmup_epochs: int = 0,
+                        cosine: bool = True) -> LRScheduler:
+    """Cosine annealing over ``epochs``, stepped once per epoch, through Ignite's `LRScheduler`; with
+    ``warmup_epochs`` a linear warm-up first (`WarmupSchedule`).
 
     ``use_legacy=True`` attached at ``EPOCH_COMPLETED`` reproduces
     ``torch.optim.lr_scheduler.CosineAnnealingLR`` stepped after each epoch exactly; the default mode
     (attached at ``EPOCH_STARTED``) calls the recursive ``get_lr`` out of step and gives a wrong second value.
+    Without warm-up the scheduler is that `CosineAnnealingLR`, as for every run before warm-up existed (its
+    resumes continue bit for bit). With warm-up it is a ``LambdaLR`` over a `WarmupSchedule`, whose factor is
+    a closed form of the epoch count, so the checkpointed ``last_epoch`` restores it exactly.
 
     Example::
 
-        to_save["lr_scheduler"] = attach_lr_scheduler(trainer, optimizer, epochs=100)
+        to_save["lr_scheduler"] = attach_lr_scheduler(trainer, optimizer, epochs=100, warmup_epochs=5)
     """
+    if warmup_epochs:
+        torch_scheduler: Any = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, WarmupSchedule(warmup_epochs, epochs, cosine))
+    elif cosine:
+        torch_scheduler = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs)
+    else:
+        raise ValueError("attach_lr_scheduler: neither warm-up nor cosine annealing: no schedule to attach")
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="Please make sure to attach scheduler")
-        scheduler = LRScheduler(torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=epochs), use_legacy=True)
+        scheduler = LRScheduler(torch_scheduler, use_legacy=True)
     trainer.add_event_handler(Events.EPOCH_COMPLETED, scheduler)
     return scheduler
+
+
+class WarmupSchedule:
+    """The learning-rate factor of the epoch after ``completed`` epochs: ``(completed + 1) / warmup`` during
+    the first ``warmup`` epochs (the first epoch trains at ``lr / warmup``, epoch ``warmup`` at ``lr``), then
+    cosine annealing from 1 towards 0 over the remaining ``epochs - warmup`` epochs (``cosine``), else 1.
+
+    A class, not a lambda, so that ``LambdaLR.state_dict`` keeps its settings in the checkpoint.
+
+    Example:
+
+        >>> [round(WarmupSchedule(2, 4)(e), 3) for e in range(4)]
+        [0.5, 1.0, 1.0, 0.5]
+    """
+
+    def __init__(self, warmup: int, epochs: int, cosine: bool = True) -> None:
+        self.warmup, self.epochs, self.cosine = int(warmup), int(epochs), bool(cosine)
+
+    def __call__(self, completed: int) -> float:
+        if completed < self.warmup:
+            return (completed + 1) / self.warmup
+        if not self.cosine:
+            return 1.0
+        return 0.5 * (1.0 + math.cos(math.pi * (completed - self.warmup) / max(1, self.epochs - self.warmup)))
 
 
 def attach_nan_guard(trainer: Engine, where: str = "") -> Callable[[Engine], None]:

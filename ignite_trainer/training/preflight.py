@@ -8,7 +8,9 @@ itself (`run.training_process`) then meets no input it could still refuse.
 - `check_settings`: what the config alone decides: the model is registered, the device exists, the
   backend fits the devices (and the collective timeout is a number of seconds), the cache root is a
   folder, the global batch divides over the processes, the feature settings give
-  every mel band some FFT bin and every window enough frames for the models, and a ``tracker=mlflow``
+  every mel band some FFT bin and every window enough frames for the models, a model that declares its
+  published front-end gets those feature settings, an ``init_from`` file is a model of the run's
+  front-end whose trunk fits the run's model (`finetune.check_init`), and a ``tracker=mlflow``
   run has MLflow and a tracking server that answers (`tracking.check_tracking`).
 - `check_training_set`: what needs the data too: at least one full batch per process and an
   accumulation window that closes inside an epoch.
@@ -24,6 +26,7 @@ import torch
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.data.features import FeatureSettings, mel_filterbank
 from ignite_trainer.training.engine import check_accumulation
+from ignite_trainer.training.finetune import check_init, check_model_front_end
 from ignite_trainer.core.errors import ConfigError, DataError
 from ignite_trainer.model.registry import available_models
 from ignite_trainer.training.launch import dist_timeout
@@ -61,7 +64,9 @@ def check_settings(config: TrainConfig, world_size: int | None = None) -> None:
     if config.batch_size % world:
         raise ConfigError(f"batch_size={config.batch_size} is the global batch and must divide evenly over {world} "
                           f"processes; use a multiple of {world}")
+    check_model_front_end(config)
     check_feature_settings(config)
+    check_init(config)  # init_from: a model file of this front-end whose trunk fits the model
     check_tracking(config)  # last: the only check that may wait on the network
 
 

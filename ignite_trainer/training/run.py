@@ -31,6 +31,7 @@ from ignite_trainer.data.features import FeatureSettings
 from ignite_trainer.data.loaders import ResidentEvalLoader, ResidentTrainLoader, make_eval_loader, make_train_loader
 from ignite_trainer.data.prepare import PreparedData, checked_data, prepare_data
 from ignite_trainer.training.engine import create_evaluator, create_trainer
+from ignite_trainer.training.finetune import apply_init, build_optimizer, with_model_front_end
 from ignite_trainer.core.errors import ConfigError, DistributedFailure
 from ignite_trainer.core.vocabulary import PER_LABEL, PREDICTIONS, VAL_LOSS
 from ignite_trainer.training.graceful import GracefulStop, TrainingStopped
@@ -82,6 +83,8 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
         summary = train(TrainConfig(epochs=5, name="quick"))
         print(summary["run_dir"], summary["metrics"]["murmur"]["f1"])
     """
+    if resume is None:
+        config = with_model_front_end(config)  # a published backbone's feature settings (cnn14: 32 kHz, ...)
     if torchrun_world_size() > 1 and config.nproc_per_node == 1:
         overrides = overrides or {}
         backend = distributed_backend(overrides.get("backend") or config.backend,
@@ -250,11 +253,11 @@ def _train_rank(config: TrainConfig, run_dir: Path, data: PreparedData, resume_p
         raise ConfigError(f"rank {rank}: the fused CPU kernel the run uses cannot be had here "
                           f"({cpu_kernels.kernel_status()})")
     plain = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
+    apply_init(plain, config, new_run=resume_path is None)  # init_from's trunk (a new run), freeze_trunk
     use_cpu_kernel(plain, fused)
     model = idist.auto_model(plain)
     # the fused kernel skips a non-finite step on the device (found_inf), so the step never waits for the host
-    optimizer = idist.auto_optim(torch.optim.AdamW(model.parameters(), lr=config.learning_rate,
-                                                   weight_decay=config.weight_decay, fused=device.type == "cuda"))
+    optimizer = idist.auto_optim(build_optimizer(model, config, fused=device.type == "cuda"))
     loss_fn = WeightedBCELoss(*config.pos_weight).to(device)
     train_loader, val_dataset, val_loader = _loaders(config, data, device)
     identity = run_identity(config, data)  # in every checkpoint: a resume checks it is this run's

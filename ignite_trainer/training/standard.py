@@ -129,7 +129,9 @@ def attach_standard_handlers(
     validation = attach_validation(trainer, evaluator, val_loader)
     tuning = attach_threshold_tuning(trainer, PREDICTIONS, config.threshold_objective, val_dataset)
     decision_fitting = attach_decision_fitting(trainer, PREDICTIONS, val_dataset, config.aggregation)
-    scheduler = attach_lr_scheduler(trainer, optimizer, config.epochs) if config.scheduler == "cosine_annealing" else None
+    cosine = config.scheduler == "cosine_annealing"
+    scheduler = (attach_lr_scheduler(trainer, optimizer, config.epochs, config.warmup_epochs, cosine)
+                 if cosine or config.warmup_epochs else None)
 
     to_save: dict[str, Any] = {
         "model_state_dict": model,

@@ -4,8 +4,8 @@ A trained model is only useful away from its training run, so `load_trained_mode
 model and feature settings from what the file itself stores (never from the current defaults).
 `rebuild_model` is the one place a model is rebuilt from a stored config and its weights (a single
 model's file here, every member of an ensemble export in `ensemble`), `checked_thresholds` the one check
-of stored or given per-label thresholds, `read_safetensors` the one reader of a safetensors file, and
-`challenge_refusal` the one rule of which models may answer the 2022 Challenge. Writing files is `export`'s.
+of stored or given per-label thresholds, and `challenge_refusal` the one rule of which models may answer the 2022 Challenge. Writing files is `export`'s;
+reading a safetensors file is `runs.weights.read_safetensors`'s (re-exported here).
 
 Which labels a model learned follows from the data format it trained on (`vocabulary.FORMAT_LABELS`,
 recorded in the config every checkpoint and export stores): a PhysioNet 2016 model never trained its
@@ -19,13 +19,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-import safetensors
 import torch
 import yaml
 
 from ignite_trainer.core.vocabulary import SAFETENSORS_FORMAT
 from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.runs.checkpoint import find_best_checkpoint, load_checkpoint, load_model_weights
+from ignite_trainer.runs.weights import read_safetensors
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.model import cpu_kernels
 from ignite_trainer.model.blocks import use_cpu_kernel
@@ -205,23 +205,6 @@ def _decision_from(value: Any, path: Path) -> DecisionLayer | None:
         return DecisionLayer.from_dict(value)
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-
-
-def read_safetensors(path: str | Path, tensors: bool = True) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """``(metadata, tensors)`` of a safetensors file (``tensors=False``: the metadata only, no tensor read);
-    an unreadable file is a one-line `CheckpointError`.
-
-    Example::
-
-        metadata, _ = read_safetensors("cv-a.safetensors", tensors=False)
-    """
-    try:
-        with safetensors.safe_open(str(path), framework="pt") as f:
-            metadata = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()} if tensors else {}
-    except (safetensors.SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path}: not a readable safetensors file ({e})") from None
-    return metadata, state
 
 
 def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, Any, DecisionLayer | None]:
