@@ -170,3 +170,18 @@ def test_no_data_and_a_bad_setting_are_one_line(tmp_path, capsys):
     code, lines = _cli([str(tmp_path), "--output-dir", str(tmp_path / "runs"), "--set", "pretrain_ema=2"], capsys)
     assert code == 2 and len(lines) == 1 and "pretrain_ema" in lines[0]
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("source", ["run", "trunk"])
+def test_a_training_run_starts_from_the_pretrained_trunk(run, dataset, tmp_path, source):
+    """The whole path a user takes: pretrain, then `train --init-from` the pretrain run or its trunk file."""
+    from ignite_trainer.training.run import train
+
+    config, run_dir, _ = run
+    init = run_dir if source == "run" else RunDirectory(run_dir).trunk_file
+    learned = {k: v for k, v in load_checkpoint(last_checkpoint_files(RunDirectory(run_dir).checkpoints)[0])["model_state_dict"].items()
+               if k.startswith("trunk.")}
+    fine = tiny_config(dataset[0], tmp_path, epochs=1, init_from=str(init), freeze_trunk=True)
+    summary = train(fine)
+    trained = load_checkpoint(last_checkpoint_files(RunDirectory(summary["run_dir"]).checkpoints)[0])["model_state_dict"]
+    assert learned and all(torch.equal(trained[k], v) for k, v in learned.items())  # frozen: still the pretrained trunk
