@@ -9,6 +9,7 @@ Each variant is ``LABEL=PATH[:SETTING...]``: ``PATH`` is a checkout of this proj
 
 Both kinds mix: ``x=/tmp/old:--cpu-kernel:MY_ENV=1``. (No setting may contain a colon.) Flags go after the
 benchmark's own, so a flag repeated here wins where click takes the last value.
+
 For every seed, each variant trains the default run (``--epochs`` epochs, no early stopping) in its own
 process, in turn, so load from other jobs hits all of them; all share one warm feature cache. The table gives
 each variant's median training and validation seconds per epoch (from the run's own ``metrics.jsonl``, first
