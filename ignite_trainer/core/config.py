@@ -131,6 +131,9 @@ class TrainConfig:
     # None keeps the behaviour of configs written before these fields existed: the split follows `seed`.
     split_seed: int | None = _f(None, "seed of the patient split (folds or val_fraction); empty uses seed", min=0, max=MAX_SEED)
     split_file: str | None = _f(None, "JSON/CSV file of patient ids per fold (cli.py cv writes one); fold picks validation")
+    label_fraction: float = _f(1.0, "share of the training patients (per label stratum, drawn with the split seed) that keep "
+                                    "their labels; the rest train with every label masked", min=0.0, max=1.0,
+                               exclusive_min=True)
     # optimisation (the reference recipe's defaults)
     batch_size: int = _f(32, "global batch size (split across processes)", min=1)
     learning_rate: float = _f(0.001, "AdamW learning rate", min=0.0, exclusive_min=True)
@@ -354,7 +357,8 @@ RESUMABLE_CHANGES = frozenset({"device", "num_workers", "progress", "output_dir"
 #: left out of the run's identity digest, so that older runs keep theirs and stay resumable.
 ADDED_LATER = {"cpu_kernel": False, "pretrain_data": None, "pretrain_ema": 0.99, "pretrain_projector_dim": 128,
                "pretrain_hidden_dim": 512, "pretrain_mixup": 0.4, "pretrain_crop": True, "init_from": None,
-               "freeze_trunk": False, "trunk_lr_scale": 1.0, "warmup_epochs": 0}
+               "freeze_trunk": False, "trunk_lr_scale": 1.0, "warmup_epochs": 0,
+               "label_fraction": 1.0}
 
 #: Why a field may not change on resume, where the general reason (another result) needs saying more exactly.
 WHY_FIXED = {"cpu_kernel": "the kernel and the ordinary modules round differently, so the results would differ "

@@ -18,7 +18,7 @@ from ignite_trainer.data.features import FeatureCache, FeatureSettings, feature_
 from ignite_trainer.data.discovery import discover_recordings
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.data.records import Recording
-from ignite_trainer.data.splits import fold_split
+from ignite_trainer.data.splits import fold_split, keep_label_fraction
 from ignite_trainer.data.synthetic import ensure_embedded_dataset
 from ignite_trainer.core.errors import DataError
 from ignite_trainer.core.config import cache_root
@@ -75,11 +75,14 @@ def split_recordings(recordings: list[Recording], config: TrainConfig) -> tuple[
     """``(train, validation)`` as the config defines them; training and evaluation both split through here.
 
     Folds (a split file, or ``n_folds >= 2``) come from `ignite_trainer.data.splits`; otherwise ``val_fraction`` of
-    the patients are held out. ``split_seed`` (empty: ``seed``) places the patients.
+    the patients are held out. ``split_seed`` (empty: ``seed``) places the patients. With ``label_fraction`` < 1
+    only that share of the training patients keeps its labels (`keep_label_fraction`); validation is untouched.
     """
     if config.split_file or config.n_folds >= 2:
-        return fold_split(recordings, config.n_folds, config.fold, config.effective_split_seed, config.split_file)
-    return split_patients(recordings, config.val_fraction, config.effective_split_seed)
+        train, val = fold_split(recordings, config.n_folds, config.fold, config.effective_split_seed, config.split_file)
+    else:
+        train, val = split_patients(recordings, config.val_fraction, config.effective_split_seed)
+    return keep_label_fraction(train, config.label_fraction, config.effective_split_seed), val
 
 
 def checked_data(config: TrainConfig) -> PreparedData:

@@ -22,6 +22,7 @@ import math
 import os
 import random
 from collections import defaultdict
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -32,7 +33,7 @@ from ignite_trainer.core.vocabulary import LABELS
 
 __all__ = ["SPLIT_FORMAT", "patient_labels", "patient_stratum", "patient_strata", "split_patients",
            "assign_folds", "check_folds", "read_split_file", "write_split_file",
-           "fold_split"]
+           "fold_split", "labelled_patients", "keep_label_fraction"]
 
 SPLIT_FORMAT = "ignite_trainer/splits/1"
 
@@ -196,6 +197,49 @@ def split_patients(
         side = "training" if not train else "validation"
         raise DataError(f"the patient split leaves the {side} set empty ({n_patients} patients)")
     return train, val
+
+
+def labelled_patients(recordings: Sequence[Recording], fraction: float, seed: int) -> set[str]:
+    """The patients of ``recordings`` that keep their labels under ``label_fraction`` = ``fraction``.
+
+    Per stratum (`patient_strata`: heart x murmur, masked a value of its own) ``max(1, floor(n * fraction + 0.5))``
+    of its ``n`` patients (never more than ``n``), drawn by shuffling each stratum's sorted ids with one
+    ``random.Random(f"label_fraction/{seed}")``, strata in sorted order: a function of the patients and
+    ``seed`` only, and never a stratum left without a labelled patient. ``fraction`` 1.0 keeps every patient.
+
+    Example::
+
+        keep = labelled_patients(train, fraction=0.25, seed=0)
+    """
+    if not 0 < fraction <= 1:
+        raise ConfigError(f"label_fraction={fraction} must be > 0 and <= 1")
+    strata = patient_strata(recordings)
+    if fraction == 1:
+        return {pid for pids in strata.values() for pid in pids}
+    rng = random.Random(f"label_fraction/{seed}")
+    keep: set[str] = set()
+    for pids in strata.values():
+        pids = list(pids)
+        rng.shuffle(pids)
+        keep.update(pids[:min(len(pids), max(1, math.floor(len(pids) * fraction + 0.5)))])
+    return keep
+
+
+def keep_label_fraction(train: Sequence[Recording], fraction: float, seed: int) -> list[Recording]:
+    """``train`` with every label of the patients outside `labelled_patients` masked (mask False, label 0.0,
+    ``murmur_class`` None), so they add nothing to the supervised loss; order and everything else kept.
+    ``fraction`` 1.0 returns the recordings unchanged. Validation recordings must never pass through here.
+
+    Example::
+
+        train, val = split_patients(recordings, 0.2, seed=0)
+        train = keep_label_fraction(train, 0.1, seed=0)   # 10 % of the training patients keep their labels
+    """
+    if fraction == 1:
+        return list(train)
+    keep = labelled_patients(train, fraction, seed)
+    return [r if r.patient_id in keep else replace(r, labels=(0.0, 0.0), mask=(False, False), murmur_class=None)
+            for r in train]
 
 
 def _largest_remainder(sizes: list[int], total: int) -> list[int]:
