@@ -1,10 +1,8 @@
 """The Challenge wiring: training stores a decision layer, evaluate scores exactly the files predict writes,
 and every probability written reads back as the same float64."""
 
-import csv
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 import cli

@@ -32,7 +32,6 @@ from ignite_trainer.runs.checkpoint import find_resume_checkpoint, load_checkpoi
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.data.datasets import EvalWindows
-from ignite_trainer.data.features import FeatureCache
 from ignite_trainer.data.loaders import ShardSampler, make_eval_loader
 from ignite_trainer.data.synthetic import write_synthetic
 from ignite_trainer.training.engine import create_evaluator

@@ -23,7 +23,6 @@ from ignite_trainer.scoring.decision import DecisionLayer
 from ignite_trainer.use.evaluation import challenge_section, evaluate, level_scores
 from ignite_trainer.use.model_files import load_trained_model
 from ignite_trainer.use.writers import PATIENT_COLUMNS
-from ignite_trainer.scoring.predictions import LevelPredictions
 from ignite_trainer.scoring.scores import auprc, auroc, binary_stats, macc
 
 

@@ -7,7 +7,6 @@ small front-end (the published width, about 80 M parameters, is only built on th
 """
 
 import functools
-import logging
 from pathlib import Path
 
 import pytest
@@ -17,6 +16,7 @@ from ignite.engine import Events
 import cli
 import ignite_trainer.training.run as run_module
 from conftest import CONSTANT_MODEL, tiny_config
+from test_bad_inputs import fresh_log_stream  # noqa: F401  (autouse: stderr handlers per test)
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.data.features import FeatureSettings
@@ -35,13 +35,6 @@ SMALL_FRONT_END = {"sample_rate": 1000, "n_mels": 32, "n_fft": 256, "hop_ms": 20
 register_model(SMALL_CNN14, front_end=SMALL_FRONT_END, foreign_keys=CNN14_FOREIGN_KEYS)(
     functools.partial(Cnn14, width=4))
 
-
-@pytest.fixture(autouse=True)
-def fresh_log_stream():
-    logger = logging.getLogger("ignite_trainer")
-    for h in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
-        logger.removeHandler(h)
-    yield
 
 
 def config_for(trained_run, out: Path, **changes) -> TrainConfig:

@@ -1,7 +1,6 @@
 """``label_fraction``: only a seeded, stratified share of the training patients keeps its labels."""
 
 import math
-from collections import Counter
 from pathlib import Path
 
 import pytest

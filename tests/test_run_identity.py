@@ -6,7 +6,6 @@ import shutil
 import pytest
 import torch
 
-import cli
 from ignite_trainer.runs.checkpoint import load_checkpoint
 from ignite_trainer.use.evaluation import evaluate
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from conftest import tiny_config
-from ignite_trainer.runs.checkpoint import find_resume_checkpoint, load_checkpoint
+from ignite_trainer.runs.checkpoint import find_resume_checkpoint
 from ignite_trainer.data.synthetic import write_synthetic
 from ignite_trainer.runs.rundir import MetricsLog
 

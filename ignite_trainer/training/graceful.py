@@ -35,9 +35,10 @@ from typing import Iterator
 from ignite.engine import Engine, Events
 from ignite.handlers import Checkpoint
 
+from ignite_trainer.runs.record import end_environment
 from ignite_trainer.training.engine import closes_window
 
-__all__ = ["GracefulStop", "TrainingStopped", "STOP_SIGNALS", "MIN_STOP_WAIT_S", "SLOWEST_ITERATIONS"]
+__all__ = ["GracefulStop", "TrainingStopped", "recorded_session", "STOP_SIGNALS", "MIN_STOP_WAIT_S", "SLOWEST_ITERATIONS"]
 
 log = logging.getLogger("ignite_trainer")
 
@@ -191,3 +192,21 @@ class GracefulStop:
         """After the run: `TrainingStopped` if a signal stopped it."""
         if self.stopped and self.requested is not None:
             raise TrainingStopped(self.requested, self.run_dir, self.checkpoint, self.command)
+
+
+@contextlib.contextmanager
+def recorded_session(run_dir: Path) -> Iterator[None]:
+    """Close this session in the run's ``environment.json`` with how it ended: finished, stopped by a signal
+    (`TrainingStopped`), interrupted, or failed."""
+    outcome = "failed"
+    try:
+        yield
+        outcome = "finished"
+    except TrainingStopped as e:
+        outcome = f"stopped by {e.signal_name}"
+        raise
+    except KeyboardInterrupt:
+        outcome = "interrupted"
+        raise
+    finally:
+        end_environment(run_dir, outcome)

@@ -22,12 +22,11 @@ the same weights with the config in its metadata, in the format of `cli.py expor
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Any, Iterator, Mapping
+from typing import Any, Mapping
 
 import safetensors.torch
 import torch
@@ -46,10 +45,10 @@ from ignite_trainer.model.registry import build_model
 from ignite_trainer.runs.checkpoint import RNGStates, Snapshot, clean_partial_files, restore
 from ignite_trainer.runs.lock import hold_run_lock
 from ignite_trainer.runs.logs import progress_bar_wanted, setup_logging
-from ignite_trainer.runs.record import end_environment, record_environment, run_identity
+from ignite_trainer.runs.record import record_environment, run_identity
 from ignite_trainer.runs.rundir import MetricsLog, OpenedRun, RunDirectory, open_run
 from ignite_trainer.training.engine import StepEvents, StepStats, prepare_batch, read_step_stats
-from ignite_trainer.training.graceful import GracefulStop, TrainingStopped
+from ignite_trainer.training.graceful import GracefulStop, TrainingStopped, recorded_session
 from ignite_trainer.training.handlers import (
     attach_last_checkpoint, attach_lr_scheduler, attach_nan_guard, attach_progress_bar, attach_sampler_epoch,
     attach_tensorboard, training_state,
@@ -108,26 +107,10 @@ def pretrain(config: TrainConfig, *, resume: str | Path | None = None, overwrite
     setup_logging(directory.train_log)
     log.info("pretrain data %s: %d recordings of %d patients", ", ".join(run.config.pretrain_data or []),
              len(data.train), len({r.patient_id for r in data.train}))
-    with hold_run_lock(directory.path), _session(directory.path):
+    with hold_run_lock(directory.path), recorded_session(directory.path):
         pretraining_process(run.config, directory.path, data, run.resume_from, threads)
     return {"run_dir": directory.path, "finished": True, "already_finished": False,
             "metrics": directory.metrics_log.last(), "trunk": directory.trunk_file, "skipped": data.skipped}
-
-
-@contextlib.contextmanager
-def _session(run_dir: Path) -> Iterator[None]:
-    outcome = "failed"
-    try:
-        yield
-        outcome = "finished"
-    except TrainingStopped as e:
-        outcome = f"stopped by {e.signal_name}"
-        raise
-    except KeyboardInterrupt:
-        outcome = "interrupted"
-        raise
-    finally:
-        end_environment(run_dir, outcome)
 
 
 def create_pretrainer(byol: BYOL, optimizer: torch.optim.Optimizer, views: ViewMaker, device: torch.device, *,

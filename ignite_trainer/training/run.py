@@ -13,7 +13,7 @@ import contextlib
 import dataclasses
 import logging
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 
 import ignite.distributed as idist
 import torch
@@ -34,7 +34,7 @@ from ignite_trainer.training.engine import create_evaluator, create_trainer
 from ignite_trainer.training.finetune import apply_init, build_optimizer, with_model_front_end
 from ignite_trainer.core.errors import ConfigError, DistributedFailure
 from ignite_trainer.core.vocabulary import PER_LABEL, PREDICTIONS, VAL_LOSS
-from ignite_trainer.training.graceful import GracefulStop, TrainingStopped
+from ignite_trainer.training.graceful import GracefulStop, TrainingStopped, recorded_session
 from ignite_trainer.training.launch import broadcast_from_rank0, run_joined, run_spawned
 from ignite_trainer.runs.logs import quiet_non_zero_rank, setup_logging
 from ignite_trainer.training.losses import WeightedBCELoss
@@ -46,7 +46,7 @@ from ignite_trainer.training.metrics import PredictionCollector
 from ignite_trainer.training.kernel import kernel_for_run, kernel_line
 from ignite_trainer.training.preflight import check_settings, check_training_set
 from ignite_trainer.runs.lock import hold_run_lock
-from ignite_trainer.runs.record import end_environment, record_environment, run_identity, write_split
+from ignite_trainer.runs.record import record_environment, run_identity, write_split
 from ignite_trainer.runs.rundir import OpenedRun, RunDirectory, open_run
 from ignite_trainer.training.runtime import (
     distributed_backend, intra_op_threads, resolve_device, resolved_settings, seed_everything, torchrun_world_size,
@@ -116,7 +116,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
     log.info(split_line(data.train, data.val))
     config = run.config
     _write_resolved(run.directory, config, data)
-    with hold_run_lock(run.directory.path), _session(run.directory.path):
+    with hold_run_lock(run.directory.path), recorded_session(run.directory.path):
         try:
             run_spawned(training_process, (config, run.directory.path, data, run.resume_from, setup, fused, threads),
                         config.nproc_per_node, distributed_backend(config.backend, config.device), run.directory.path)
@@ -155,23 +155,6 @@ def _record_start(run: OpenedRun, data: PreparedData, fused: bool, threads: int)
                  run.threads, torch.get_num_threads())
     record_environment(run.directory.path, str(resolve_device(run.config.device)), kernel_line(run.config, fused),
                        threads)
-
-
-@contextlib.contextmanager
-def _session(run_dir: Path) -> Iterator[None]:
-    """Close this session in ``environment.json`` with how it ended."""
-    outcome = "failed"
-    try:
-        yield
-        outcome = "finished"
-    except TrainingStopped as e:
-        outcome = f"stopped by {e.signal_name}"
-        raise
-    except KeyboardInterrupt:
-        outcome = "interrupted"
-        raise
-    finally:
-        end_environment(run_dir, outcome)
 
 
 def _finished_summary(run: OpenedRun) -> dict[str, Any]:
@@ -217,7 +200,7 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
     if idist.get_rank() == 0:
         log.info(split_line(data.train, data.val))
         _write_resolved(run.directory, run.config, data)
-        with hold_run_lock(run.directory.path), _session(run.directory.path):
+        with hold_run_lock(run.directory.path), recorded_session(run.directory.path):
             training_process(local_rank, run.config, run.directory.path, data, run.resume_from, setup, fused,
                              run.threads)
         result.update(_summary(run.directory, run.config, skipped=data.skipped))
