@@ -101,7 +101,8 @@ class GracefulStop:
         self._pid = os.getpid()
         self._busy_since: float | None = None  # when the current iteration began; None between iterations
         self._slowest = 0.0
-        self._over = threading.Event()
+        self._over = threading.Event()  # set outside `installed`: no run to watch, so a watch ends at once
+        self._over.set()
 
     def attach(self, trainer: Engine) -> None:
         trainer.add_event_handler(Events.EPOCH_STARTED, self._on_iteration_started)
