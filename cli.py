@@ -19,7 +19,7 @@ import click
 from ignite_trainer import __version__
 from ignite_trainer.core.config import MAX_SEED, MAX_SYNTHETIC_PATIENTS, TrainConfig
 from ignite_trainer.core.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS
-from ignite_trainer.core.errors import TrainingAborted, UserError
+from ignite_trainer.core.errors import ConfigError, TrainingAborted, UserError
 from ignite_trainer.training.graceful import TrainingStopped
 
 EXIT_BAD_INPUT = 2
@@ -38,7 +38,8 @@ CONFIG_FLAGS = frozenset({
     "weight_decay", "epochs", "early_stopping_patience", "gradient_clip", "amp", "model", "monitor", "seed", "device",
     "num_workers", "output_dir", "name", "progress", "tracker", "tracking_uri", "nproc_per_node", "backend",
     "feature_dtype", "amp_dtype", "sync_every", "resident_features", "compile", "cpu_kernel", "eval_batch_size",
-    "demographics", "init_from", "freeze_trunk", "trunk_lr_scale", "warmup_epochs",
+    "demographics", "init_from", "freeze_trunk", "trunk_lr_scale", "warmup_epochs", "heads",
+    "attribute_loss_weight", "segmentation_loss_weight",
 })
 #: Flags not spelled --<field-name-with-dashes>.
 FLAG_SPELLINGS = {"learning_rate": "--lr", "early_stopping_patience": "--patience", "gradient_clip": "--grad-clip"}
@@ -77,6 +78,9 @@ def config_options(helps: dict[str, str] | None = None,
         help_text = text + ("" if default is None else f" [default: {default}]")
         if kind is bool:
             options.append(click.option(f"{flag}/--no-{flag[2:]}", f.name, default=None, help=help_text))
+        elif typing.get_origin(kind) is list:  # NAME,NAME,...
+            options.append(click.option(flag, f.name, type=str, default=None, callback=_comma_list,
+                                        help=help_text + " (comma-separated)"))
         else:
             kind = click.Choice(typing.get_args(kind)) if typing.get_origin(kind) is Literal else kind
             options.append(click.option(flag, f.name, type=kind, default=None, help=help_text))
@@ -88,6 +92,11 @@ def config_options(helps: dict[str, str] | None = None,
             command = option(command)
         return command
     return decorate
+
+
+def _comma_list(ctx: click.Context, param: click.Parameter, value: str | None) -> list[str] | None:
+    """``a,b`` -> ``["a", "b"]``; an empty string is an empty list."""
+    return None if value is None else [v.strip() for v in value.split(",") if v.strip()]
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -293,20 +302,34 @@ def print_evaluation(result: dict[str, Any]) -> None:
 @click.option("--format", "fmt", type=click.Choice(FORMATS), default=None, help="Layout of dataset folders [detected].")
 @click.option("--aggregation", type=click.Choice(AGGREGATIONS), default=None,
               help="Recordings -> patients: mean probability or any recording positive [the run's].")
+@click.option("--attributes", "attributes_out", type=click.Path(dir_okay=False), default=None,
+              help="CSV of the murmur descriptors per patient, for a model trained with descriptor heads "
+                   "[<output>.attributes.csv beside --output].")
 @_UNKNOWN_MARGIN
 @_DEVICE
 def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challenge_dir: str | None, fmt: str | None,
-            aggregation: str | None, unknown_margin: float, device: str) -> None:
+            aggregation: str | None, attributes_out: str | None, unknown_margin: float, device: str) -> None:
     """Predict heart and murmur per recording and per patient for WAV files or dataset folders.
 
     The model is a run directory (its best checkpoint), a checkpoint file or a .safetensors export.
     """
+    from ignite_trainer.use.heads_output import write_attributes_csv
     from ignite_trainer.use.inference import predict as run_prediction
     from ignite_trainer.use.writers import write_challenge_outputs, write_predictions_csv
 
     result = run_prediction(_model_source(model_path), list(inputs), fmt=fmt, aggregation=aggregation,
                             unknown_margin=unknown_margin, device=device, challenge=challenge_dir is not None)
+    has_attributes = result.heads is not None and bool(result.heads[0].attributes)
+    if attributes_out is not None and not has_attributes:
+        raise ConfigError(f"--attributes: {model_path} was trained without murmur-descriptor heads (heads), so it "
+                          "predicts no descriptors")
     write_predictions_csv(result, output)
+    if has_attributes and (attributes_out is not None or output is not None):
+        path = attributes_out or str(Path(output).with_suffix("")) + ".attributes.csv"
+        write_attributes_csv(*result.heads, result.recordings, path)
+        click.echo(f"wrote the murmur descriptors of {len(result.patients)} patient(s) to {path}", err=True)
+    elif has_attributes:
+        click.echo("the model predicts murmur descriptors: --attributes FILE (or --output) writes them", err=True)
     if challenge_dir is not None:
         written = write_challenge_outputs(result, challenge_dir)
         click.echo(f"wrote {len(written)} challenge file(s) to {challenge_dir}", err=True)

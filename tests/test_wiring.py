@@ -144,7 +144,7 @@ def test_an_augmented_run_is_the_same_for_any_worker_count_and_after_a_resume(da
     # Validation saw the plain windows: a plain evaluator over the saved weights gives the logged loss.
     model = build_model(config.model, n_mels=config.n_mels)
     model.load_state_dict(last_0)
-    _, _, val_loader = run_module._loaders(config, prepare_data(config), torch.device("cpu"))
+    _, _, _, val_loader = run_module._loaders(config, prepare_data(config), torch.device("cpu"))
     loss_fn = WeightedBCELoss(*config.pos_weight)
     state = create_evaluator(model, {"val_loss": MaskedLoss(loss_fn)}, "cpu").run(val_loader)
     assert state.metrics["val_loss"] == pytest.approx(rows_0[-1]["val_loss"], rel=1e-6)

@@ -19,7 +19,8 @@ import yaml
 
 from ignite_trainer.core.augmentation import SHIFT_MODES, AugmentSettings, augment_default
 from ignite_trainer.core.errors import ConfigError, UserError
-from ignite_trainer.core.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS, OBJECTIVES, STATS, is_score
+from ignite_trainer.core.vocabulary import (AGGREGATIONS, ALL_ATTRIBUTES, DEVICES, FORMATS, HEAD_NAMES, LABELS,
+                                          MURMUR_ATTRIBUTES, OBJECTIVES, STATS, is_score)
 
 
 #: The longest file name most file systems accept (NAME_MAX), in bytes.
@@ -182,6 +183,13 @@ class TrainConfig:
                                  "compiler), about 1.3x faster on CPU, equal up to float rounding")
     eval_batch_size: int | None = _f(None, "evaluation batch size; default batch_size", min=1)
     demographics: bool = _f(False, "fuse age, sex, height, weight and pregnancy into the heart logit (CirCor only)")
+    heads: list[str] | None = _f(None, "auxiliary heads on the shared trunk: murmur descriptors (systolic_timing, "
+                                      "..., diastolic_quality; 'attributes' = all ten) and/or segmentation (heart-cycle "
+                                      "states from the .tsv files); CirCor only")
+    attribute_loss_weight: float = _f(0.5, "weight of each murmur-descriptor head's loss (cross-entropy over the "
+                                           "recordings it describes)", min=0.0)
+    segmentation_loss_weight: float = _f(0.5, "weight of the segmentation head's loss (cross-entropy over "
+                                              "annotated frames)", min=0.0)
     synthetic_difficulty: Literal["default", "hard"] = _f("default", "embedded synthetic set: default, or hard")
     augment_gain_prob: float = _f(augment_default("gain_prob"),
                                   "chance per sample and epoch of a random gain", min=0.0, max=1.0)
@@ -307,6 +315,10 @@ class TrainConfig:
                 f"{source}: monitor={self.monitor!r} is not a score (val_loss, macro_f1, or <label>.<metric> "
                 f"with label {'|'.join(LABELS)} and metric one of {', '.join(STATS)})"
             )
+        unknown_heads = [h for h in self.heads or [] if h not in (*HEAD_NAMES, ALL_ATTRIBUTES)]
+        if unknown_heads:
+            raise ConfigError(f"{source}: heads: {unknown_heads[0]!r} is not one of: "
+                              f"{', '.join((ALL_ATTRIBUTES, *HEAD_NAMES))}")
         AugmentSettings.from_config(self, source)  # the ranges between fields (low <= high)
         if self.name is not None and (not self.name.strip() or "/" in self.name or self.name in (".", "..")):
             raise ConfigError(f"{source}: name={self.name!r} is not a valid run directory name")
@@ -325,6 +337,14 @@ class TrainConfig:
     def effective_split_seed(self) -> int:
         """The seed that places patients in folds or sides: ``split_seed``, or ``seed`` where it is empty."""
         return self.seed if self.split_seed is None else self.split_seed
+
+    @property
+    def head_names(self) -> tuple[str, ...]:
+        """The auxiliary heads of ``heads``, ``attributes`` expanded, in `HEAD_NAMES`' order, each once."""
+        wanted = set(self.heads or ())
+        if ALL_ATTRIBUTES in wanted:
+            wanted |= set(MURMUR_ATTRIBUTES)
+        return tuple(h for h in HEAD_NAMES if h in wanted)
 
     @property
     def pos_weight(self) -> tuple[float, float]:
@@ -358,7 +378,8 @@ RESUMABLE_CHANGES = frozenset({"device", "num_workers", "progress", "output_dir"
 ADDED_LATER = {"cpu_kernel": False, "pretrain_data": None, "pretrain_ema": 0.99, "pretrain_projector_dim": 128,
                "pretrain_hidden_dim": 512, "pretrain_mixup": 0.4, "pretrain_crop": True, "init_from": None,
                "freeze_trunk": False, "trunk_lr_scale": 1.0, "warmup_epochs": 0,
-               "label_fraction": 1.0}
+               "label_fraction": 1.0, "heads": None, "attribute_loss_weight": 0.5,
+               "segmentation_loss_weight": 0.5}
 
 #: Why a field may not change on resume, where the general reason (another result) needs saying more exactly.
 WHY_FIXED = {"cpu_kernel": "the kernel and the ordinary modules round differently, so the results would differ "
@@ -395,7 +416,7 @@ def _coerce(name: str, value: Any, hint: Any, source: str) -> Any:
         return value
     if origin is list:
         if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(f"{source}: {name}={value!r} must be a list of paths")
+            raise ConfigError(f"{source}: {name}={value!r} must be a list of non-empty strings")
         return [str(v) for v in value]
     if hint is bool:
         if not isinstance(value, bool):

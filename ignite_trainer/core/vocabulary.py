@@ -132,6 +132,9 @@ LOGITS = "logits"
 TARGETS = "y"
 MASK = "mask"
 INDEX = "index"
+#: With auxiliary heads, the evaluator's output also holds their outputs and targets under these keys.
+HEADS = "heads"
+HEAD_TARGETS = "head_targets"
 
 
 def label_score(label: str, stat: str) -> str:
@@ -156,3 +159,26 @@ def label_score(label: str, stat: str) -> str:
 
 #: The ``format`` metadata of a one-model safetensors file (`cli.py export`, a pretraining run's ``trunk.safetensors``).
 SAFETENSORS_FORMAT = "ignite_trainer/1"
+
+# ---------------------------------------------------------------------------------------------- auxiliary heads
+#: CirCor's murmur descriptors, each an optional classification head (``heads``): head name -> (the field as the
+#: patient file writes it, its classes in order). A patient's value is compared case-insensitively.
+MURMUR_ATTRIBUTES: dict[str, tuple[str, tuple[str, ...]]] = {
+    "systolic_timing": ("Systolic murmur timing", ("Early-systolic", "Mid-systolic", "Late-systolic", "Holosystolic")),
+    "systolic_shape": ("Systolic murmur shape", ("Crescendo", "Decrescendo", "Diamond", "Plateau")),
+    "systolic_grading": ("Systolic murmur grading", ("I/VI", "II/VI", "III/VI")),
+    "systolic_pitch": ("Systolic murmur pitch", ("Low", "Medium", "High")),
+    "systolic_quality": ("Systolic murmur quality", ("Blowing", "Harsh", "Musical")),
+    "diastolic_timing": ("Diastolic murmur timing", ("Early-diastolic", "Mid-diastolic", "Holodiastolic")),
+    "diastolic_shape": ("Diastolic murmur shape", ("Crescendo", "Decrescendo", "Diamond", "Plateau")),
+    "diastolic_grading": ("Diastolic murmur grading", ("I/IV", "II/IV", "III/IV")),
+    "diastolic_pitch": ("Diastolic murmur pitch", ("Low", "Medium", "High")),
+    "diastolic_quality": ("Diastolic murmur quality", ("Blowing", "Harsh", "Musical")),
+}
+#: The frame-level heart-cycle head, trained from a recording's ``.tsv`` (state 1-4; 0, unannotated, is left out).
+SEGMENTATION = "segmentation"
+#: The heart-cycle states in the ``.tsv``'s numbering from 1.
+HEART_STATES = ("S1", "systole", "S2", "diastole")
+#: Every head ``heads`` may name; ``attributes`` stands for all of `MURMUR_ATTRIBUTES`.
+HEAD_NAMES = (*MURMUR_ATTRIBUTES, SEGMENTATION)
+ALL_ATTRIBUTES = "attributes"

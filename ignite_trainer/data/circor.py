@@ -21,6 +21,7 @@ from ignite_trainer.data.demographics import DEMOGRAPHIC_FIELDS, Demographics, d
 from ignite_trainer.data.records import Recording
 from ignite_trainer.data.wav import check_declared_rate
 from ignite_trainer.core.errors import DataError
+from ignite_trainer.core.vocabulary import MURMUR_ATTRIBUTES
 
 #: Auscultation locations, keyed by their lower-case spelling (the release writes both ``Phc`` and ``PhC``).
 LOCATIONS = {"av": "AV", "pv": "PV", "tv": "TV", "mv": "MV", "phc": "Phc"}
@@ -84,9 +85,10 @@ def read_circor(root: str | Path, unknown_murmur: str = "mask",
         if labels is None:
             continue
         demographics = _patient_demographics(patient, row)
+        attributes = _patient_attributes(patient, row)
         for location, names in patient.recordings:
             recording = _make_recording(data_dir, patient, location, names, labels, unknown_murmur, policy,
-                                        demographics)
+                                        demographics, attributes)
             if recording is None:
                 continue
             if recording.recording_id in seen_recordings:
@@ -217,10 +219,22 @@ def _patient_demographics(patient: PatientFile, row: dict[str, str] | None) -> D
     return demographics_from_fields(fields)
 
 
+def _patient_attributes(patient: PatientFile, row: dict[str, str] | None) -> tuple[tuple[str, str], ...]:
+    """The murmur descriptors the patient file (else the csv) gives, as written; missing ones left out."""
+    found = []
+    for head, (field_name, _classes) in MURMUR_ATTRIBUTES.items():
+        key = _normalise_key(field_name)
+        value = _value(patient.fields[key] if key in patient.fields else (row or {}).get(key))
+        if value is not None:
+            found.append((head, value))
+    return tuple(found)
+
+
 # ---------------------------------------------------------------------------------------------- recordings
 def _make_recording(data_dir: Path, patient: PatientFile, location: str, names: list[str],
                     labels: PatientLabels, unknown_murmur: str, policy: BadInputPolicy,
-                    demographics: Demographics | None = None) -> Recording | None:
+                    demographics: Demographics | None = None,
+                    attributes: tuple[tuple[str, str], ...] = ()) -> Recording | None:
     hea_name, wav_name = names[0], names[1]
     tsv_name = names[2] if len(names) > 2 else None
     wav_path = data_dir / wav_name
@@ -245,6 +259,8 @@ def _make_recording(data_dir: Path, patient: PatientFile, location: str, names: 
         declared_rate=int(patient.rate) if patient.rate == int(patient.rate) else None,
         murmur_class=labels.murmur_class,
         demographics=demographics,
+        murmur_attributes=attributes,
+        label_file=patient.path,
     )
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.data.bad_input import BadInputPolicy
 from ignite_trainer.data.splits import split_patients
+from ignite_trainer.data.annotations import check_head_labels
 from ignite_trainer.data.records import require_demographics
 from ignite_trainer.data.features import FeatureCache, FeatureSettings, feature_workers
 from ignite_trainer.data.discovery import discover_recordings
@@ -61,6 +62,8 @@ def prepare_data(config: TrainConfig) -> PreparedData:
     recordings = read_recordings(source, fmt, unknown_murmur=config.unknown_murmur, policy=policy)
     if config.demographics:  # before the (slow) feature cache is filled
         require_demographics(recordings, fmt, field="demographics")
+    if config.head_names:
+        check_head_labels(recordings, config.head_names, fmt)
     settings = FeatureSettings.from_config(config)
     features_dir = root_dir / "features"
     recordings = FeatureCache(features_dir, settings).prepare(recordings, policy=policy, workers=feature_workers(),

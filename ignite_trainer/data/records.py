@@ -42,6 +42,11 @@ class Recording:
     murmur_class: str | None = None
     #: The patient's age group, sex, height, weight and pregnancy status; None for formats without them.
     demographics: Demographics | None = None
+    #: The patient's murmur descriptors as written (`MURMUR_ATTRIBUTES` head name -> value), missing ones left
+    #: out; empty for formats without them. Which recordings a descriptor applies to is `data.annotations`' rule.
+    murmur_attributes: tuple[tuple[str, str], ...] = ()
+    #: The file the labels came from (CirCor's ``<patient>.txt``), for messages; None where there is none.
+    label_file: Path | None = None
 
 
 def require_demographics(recordings: Sequence[Recording], fmt: str, field: str = "demographics",

@@ -238,7 +238,8 @@ def keep_label_fraction(train: Sequence[Recording], fraction: float, seed: int) 
     if fraction == 1:
         return list(train)
     keep = labelled_patients(train, fraction, seed)
-    return [r if r.patient_id in keep else replace(r, labels=(0.0, 0.0), mask=(False, False), murmur_class=None)
+    return [r if r.patient_id in keep else replace(r, labels=(0.0, 0.0), mask=(False, False), murmur_class=None,
+                                                        murmur_attributes=(), segmentation_path=None)
             for r in train]
 
 

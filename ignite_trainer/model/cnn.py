@@ -34,7 +34,14 @@ class AttentionCNN(nn.Module):
         self.embedding_size = hidden
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.pool(self.project(self.trunk(x)))
+        pooled, attention, _ = self.embed_frames(x)
+        return pooled, attention
+
+    def embed_frames(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(pooled [B, hidden], attention [B, T'], per-step features [B, T', hidden])``, for frame-level heads."""
+        h = self.project(self.trunk(x))
+        pooled, attention = self.pool(h)
+        return pooled, attention, h
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, attention = self.embed(x)
@@ -59,9 +66,14 @@ class MeanPoolCNN(nn.Module):
         self.embedding_size = hidden
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, attention, _ = self.embed_frames(x)
+        return pooled, attention
+
+    def embed_frames(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(pooled [B, hidden], attention [B, T'], per-step features [B, T', hidden])``, for frame-level heads."""
         h = self.project(self.trunk(x))
         b, t, _ = h.shape
-        return h.mean(dim=1), torch.full((b, t), 1.0 / t, dtype=h.dtype, device=h.device)
+        return h.mean(dim=1), torch.full((b, t), 1.0 / t, dtype=h.dtype, device=h.device), h
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, attention = self.embed(x)

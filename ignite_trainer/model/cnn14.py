@@ -80,6 +80,11 @@ class Cnn14(nn.Module):
         self.embedding_size = c[5]
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, attention, _ = self.embed_frames(x)
+        return pooled, attention
+
+    def embed_frames(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(embedding [B, 2048], uniform attention [B, T'], per-step features [B, T', 2048])``."""
         x = x.transpose(1, 2).unsqueeze(1)  # [B, 1, T, mel], the published layout
         x = self.bn0(x.transpose(1, 3)).transpose(1, 3)  # normalise each mel band
         blocks = (self.conv_block1, self.conv_block2, self.conv_block3, self.conv_block4, self.conv_block5)
@@ -88,10 +93,11 @@ class Cnn14(nn.Module):
         x = F.dropout(self.conv_block6(x, pool_size=(1, 1)), p=self.dropout, training=self.training)
         x = x.mean(dim=3)  # [B, C, T']
         steps = x.shape[-1]
+        frames = x.transpose(1, 2)
         x = x.max(dim=2).values + x.mean(dim=2)
         x = F.dropout(x, p=0.5, training=self.training)
         x = F.dropout(F.relu(self.fc1(x)), p=0.5, training=self.training)
-        return x, x.new_full((x.shape[0], steps), 1.0 / steps)
+        return x, x.new_full((x.shape[0], steps), 1.0 / steps), frames
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         embedding, attention = self.embed(x)

@@ -63,9 +63,13 @@ class DemographicsFusion(nn.Module):
         values = torch.where(known, values, torch.zeros_like(values))
         return torch.cat([values, known.to(like.dtype)], dim=1)
 
+    def fuse(self, pooled: torch.Tensor, demographics: torch.Tensor | None, batch: int) -> torch.Tensor:
+        """The two logits from the audio embedding ``pooled`` and the batch's demographics."""
+        logits = self.base.head(pooled)
+        demo = self.encode(self.features(demographics, batch, pooled))
+        heart = logits[:, :1] + self.heart(torch.cat([pooled, demo], dim=1))
+        return torch.cat([heart, logits[:, 1:]], dim=1)
+
     def forward(self, x: torch.Tensor, demographics: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, attention = self.base.embed(x)
-        logits = self.base.head(pooled)
-        demo = self.encode(self.features(demographics, x.shape[0], pooled))
-        heart = logits[:, :1] + self.heart(torch.cat([pooled, demo], dim=1))
-        return torch.cat([heart, logits[:, 1:]], dim=1), attention
+        return self.fuse(pooled, demographics, x.shape[0]), attention

@@ -16,6 +16,7 @@ from torch import nn
 
 from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.model.fusion import DemographicsFusion
+from ignite_trainer.model.heads import AuxiliaryHeads
 
 ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
@@ -101,11 +102,14 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(name: str, n_mels: int, *, demographics: bool = False, **kwargs: object) -> nn.Module:
+def build_model(name: str, n_mels: int, *, demographics: bool = False, heads: tuple[str, ...] = (),
+                **kwargs: object) -> nn.Module:
     """Instantiate a registered model; an unknown name or option is a `ConfigError` that lists the choices.
 
     ``demographics=True`` wraps it in `ignite_trainer.model.fusion.DemographicsFusion` (its forward then also takes
     the batch's ``demographics`` tensor, fused into the heart logit); the model needs ``embed`` for that.
+    ``heads`` (murmur descriptors, ``segmentation``) wraps it in `ignite_trainer.model.heads.AuxiliaryHeads`,
+    which needs ``embed_frames``; without them the model and its state-dict keys are exactly the plain ones.
 
     Example::
 
@@ -122,4 +126,17 @@ def build_model(name: str, n_mels: int, *, demographics: bool = False, **kwargs:
     model = factory(n_mels=n_mels, **kwargs)
     if demographics:
         model = DemographicsFusion(model)
+    if heads:
+        model = AuxiliaryHeads(model, tuple(heads))
     return model
+
+
+def model_from_config(config) -> nn.Module:
+    """The model a run of ``config`` (a `TrainConfig`) trains: its model, mel bands, demographics and heads.
+
+    Example::
+
+        model = model_from_config(TrainConfig(model="attention_cnn", heads=("segmentation",)))
+    """
+    return build_model(config.model, n_mels=config.n_mels, demographics=config.demographics,
+                       heads=config.head_names)

@@ -105,11 +105,17 @@ class ResNetAttention(nn.Module):
             self.stages.to(memory_format=torch.channels_last)
 
     def embed(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pooled, attention, _ = self.embed_frames(x)
+        return pooled, attention
+
+    def embed_frames(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(pooled [B, hidden], attention [B, T'], per-step features [B, T', hidden])``, for frame-level heads."""
         h = self.act(conv_bn(x.unsqueeze(1), self.stem_conv, self.stem_bn, self.fold_bn))
         h = self.stages(h)  # [B, C, F', T']
         b, c, f, t = h.shape
         h = self.temporal(self.project(h.contiguous().reshape(b, c * f, t).transpose(1, 2)))  # [B, T', hidden]
-        return self.pool(h)
+        pooled, attention = self.pool(h)
+        return pooled, attention, h
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         pooled, attention = self.embed(x)

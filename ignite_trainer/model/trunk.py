@@ -7,8 +7,9 @@ The one definition, used by ``--init-from``, ``--freeze-trunk`` and ``--trunk-lr
 - any other model with a ``head`` submodule (e.g. ``cnn14``): every key except those under ``head.``;
 - a model with neither has no trunk: the options are refused for it.
 
-Keys are those of the plain model (`build_model` without demographics); a `DemographicsFusion` wrapper is
-looked through (its ``base.`` model has the trunk; the fusion layers are never part of it).
+Keys are those of the plain model (`build_model` without demographics or heads); a `DemographicsFusion` or
+`AuxiliaryHeads` wrapper is looked through (its ``base.`` model has the trunk; the wrappers' own layers are never
+part of it).
 """
 
 from __future__ import annotations
@@ -20,17 +21,22 @@ from torch import nn
 
 from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.model.fusion import DemographicsFusion
+from ignite_trainer.model.heads import AUX_PREFIX, AuxiliaryHeads
 
 __all__ = ["plain_model", "trunk_keys", "trunk_parameters", "has_trunk", "load_trunk", "freeze_trunk",
            "trunk_state"]
 
 _BASE = "base."
+#: Key prefixes of the wrappers' own layers: demographics fusion's, the auxiliary heads'.
+_WRAPPER_KEYS = ("encode.", "heart.", AUX_PREFIX)
 
 
 def plain_model(model: nn.Module) -> nn.Module:
-    """The model under a `DemographicsFusion` wrapper (or DDP), else ``model`` itself."""
+    """The model under `AuxiliaryHeads` and `DemographicsFusion` wrappers (or DDP), else ``model`` itself."""
     model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return model.base if isinstance(model, DemographicsFusion) else model
+    while isinstance(model, (AuxiliaryHeads, DemographicsFusion)):
+        model = model.base
+    return model
 
 
 def _is_trunk_key(model: nn.Module, key: str) -> bool:
@@ -75,9 +81,9 @@ def trunk_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 
 def _source_keys(state: Mapping[str, torch.Tensor], plain: nn.Module, drop: tuple[str, ...]) -> dict[str, torch.Tensor]:
-    """The trunk part of a file's state dict, in plain-model keys: a demographics run's ``base.`` prefix
-    removed (its fusion layers left out), the published model's ``drop`` prefixes left out."""
-    if state and all(k.startswith(_BASE) or k.startswith(("encode.", "heart.")) for k in state) \
+    """The trunk part of a file's state dict, in plain-model keys: a wrapped run's ``base.`` prefixes
+    removed (the wrappers' layers left out), the published model's ``drop`` prefixes left out."""
+    while state and all(k.startswith(_BASE) or k.startswith(_WRAPPER_KEYS) for k in state) \
             and any(k.startswith(_BASE) for k in state):
         state = {k[len(_BASE):]: v for k, v in state.items() if k.startswith(_BASE)}
     return {k: v for k, v in state.items() if not k.startswith(drop) and _is_trunk_key(plain, k)}

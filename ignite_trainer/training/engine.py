@@ -39,7 +39,9 @@ from ignite.engine import Engine, EventEnum, Events
 from ignite.metrics import Average, Metric
 
 from ignite_trainer.core.errors import ConfigError
-from ignite_trainer.core.vocabulary import FINITE, GRAD_NORM, INDEX, LOGITS, LOSS, MASK, TARGETS, TRAIN_LOSS
+from ignite_trainer.core.vocabulary import (FINITE, GRAD_NORM, HEAD_TARGETS, HEADS, INDEX, LOGITS, LOSS, MASK,
+                                            TARGETS, TRAIN_LOSS)
+from ignite_trainer.data.head_targets import HeadTargets
 from ignite_trainer.training.events import TrainerEvents
 
 #: Default number of iterations between two reads of the step statistics (one host sync each).
@@ -82,9 +84,15 @@ def prepare_batch(batch: Sequence[torch.Tensor], device: torch.device, non_block
             mask.to(device, non_blocking=non_blocking), index, demographics)
 
 
-def run_model(model: torch.nn.Module, x: torch.Tensor, demographics: torch.Tensor | None):
-    """``model(x)``, or ``model(x, demographics=...)`` when the batch carries demographics."""
-    return model(x) if demographics is None else model(x, demographics=demographics)
+def run_model(model: torch.nn.Module, x: torch.Tensor, demographics: torch.Tensor | None, auxiliary: bool = False):
+    """``model(x)``, with ``demographics=...`` when the batch carries demographics and ``auxiliary=True`` when
+    the auxiliary heads' outputs are wanted (`ignite_trainer.model.heads`: a third returned value)."""
+    kwargs: dict[str, Any] = {}
+    if demographics is not None:
+        kwargs["demographics"] = demographics
+    if auxiliary:
+        kwargs["auxiliary"] = True
+    return model(x, **kwargs)
 
 
 # ---------------------------------------------------------------------------------------------- accumulation
@@ -238,6 +246,8 @@ def create_trainer(
     sync_every: int = SYNC_EVERY,
     check_on_device: bool | None = None,
     augment: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None = None,
+    head_targets: HeadTargets | None = None,
+    head_loss: Callable[..., torch.Tensor] | None = None,
 ) -> Engine:
     """An Ignite `Engine` running one optimisation step per batch (or per accumulation window).
 
@@ -259,7 +269,10 @@ def create_trainer(
     `StepEvents` are registered on the returned engine. fp16 autocast on CUDA needs loss scaling: pass the
     ``scaler`` (it belongs in the checkpoint, so its owner creates it). ``augment(x, y, mask, index, epoch)``
     (an `ignite_trainer.training.augment.Augmenter`) transforms each training batch on the device before the
-    forward pass; ``index`` is the batch's sample index and ``epoch`` the trainer's (from 1).
+    forward pass; ``index`` is the batch's sample index and ``epoch`` the trainer's (from 1). A model with
+    auxiliary heads (`ignite_trainer.model.heads`) trains them with ``head_loss(outputs, targets)`` added to the
+    labels' loss, the targets looked up from the batch's ``index`` and the epoch in ``head_targets``
+    (`ignite_trainer.data.head_targets.HeadTargets`, on ``device``).
 
     Example::
 
@@ -269,6 +282,8 @@ def create_trainer(
         trainer.run(train_loader, max_epochs=2)
     """
     device = torch.device(device)
+    if (head_targets is None) != (head_loss is None):
+        raise ConfigError("head_targets and head_loss go together: pass both or neither")
     if accumulation_steps < 1:
         raise ConfigError(f"accumulation_steps={accumulation_steps} is out of range (must be >= 1)")
     if sync_every < 1:
@@ -291,9 +306,14 @@ def create_trainer(
         x, y, mask, index, demographics = prepare_batch(batch, device)
         if augment is not None:
             x, y, mask = augment(x, y, mask, index, engine.state.epoch)
+        if head_loss is None:
+            with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
+                logits, _ = run_model(model, x, demographics)
+            return loss_fn(logits.float(), y, mask)
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-            logits, _ = run_model(model, x, demographics)
-        return loss_fn(logits.float(), y, mask)
+            logits, _, outputs = run_model(model, x, demographics, auxiliary=True)
+        targets = head_targets.lookup(index, engine.state.epoch - 1)
+        return loss_fn(logits.float(), y, mask) + head_loss(outputs, targets)
 
     def backward(loss: torch.Tensor, window: int) -> None:
         scaled = loss / window
@@ -384,11 +404,14 @@ def create_evaluator(
     *,
     amp: bool = False,
     amp_dtype_name: str | None = None,
+    head_targets: HeadTargets | None = None,
 ) -> Engine:
     """An Ignite `Engine` that runs the model under `torch.inference_mode` and feeds the attached metrics.
 
     ``engine.state.output`` is ``{"logits", "y", "mask", "index"}`` (logits in float32, on the device),
-    the input of every metric in `ignite_trainer.training.metrics`.
+    the input of every metric in `ignite_trainer.training.metrics`. With ``head_targets`` (a model with
+    auxiliary heads) it also holds ``"heads"`` (the heads' outputs, float32) and ``"head_targets"`` (their
+    targets, `HeadTargets.lookup`), for `ignite_trainer.training.head_metrics.HeadCollector`.
 
     Example::
 
@@ -403,9 +426,14 @@ def create_evaluator(
     def step(engine: Engine, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         model.eval()
         x, y, mask, index, demographics = prepare_batch(batch, device)
+        if head_targets is None:
+            with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
+                logits, _ = run_model(model, x, demographics)
+            return {LOGITS: logits.float(), TARGETS: y, MASK: mask, INDEX: index}
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-            logits, _ = run_model(model, x, demographics)
-        return {LOGITS: logits.float(), TARGETS: y, MASK: mask, INDEX: index}
+            logits, _, outputs = run_model(model, x, demographics, auxiliary=True)
+        return {LOGITS: logits.float(), TARGETS: y, MASK: mask, INDEX: index,
+                HEADS: {k: v.float() for k, v in outputs.items()}, HEAD_TARGETS: head_targets.lookup(index)}
 
     evaluator = Engine(step)
     for name, metric in metrics.items():

@@ -23,7 +23,7 @@ import torch
 
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.core.errors import CheckpointError, ConfigError
-from ignite_trainer.model.registry import FRONT_END_FIELDS, build_model, foreign_keys, model_front_end
+from ignite_trainer.model.registry import FRONT_END_FIELDS, foreign_keys, model_from_config, model_front_end
 from ignite_trainer.model.trunk import freeze_trunk, has_trunk, load_trunk, trunk_parameters
 from ignite_trainer.runs.weights import InitWeights, read_weights
 
@@ -98,7 +98,7 @@ def check_init(config: TrainConfig) -> InitWeights | None:
     Returns what was read (None without ``init_from``)."""
     if not (config.init_from is not None or config.freeze_trunk or config.trunk_lr_scale != 1.0):
         return None
-    model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
+    model = model_from_config(config)
     if not has_trunk(model):
         used = [f for f in ("init_from", "freeze_trunk", "trunk_lr_scale") if getattr(config, f) != getattr(_DEFAULTS, f)]
         raise ConfigError(f"{', '.join(used)}: model {config.model!r} has neither a 'trunk' nor a 'head' module, "

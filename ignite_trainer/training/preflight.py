@@ -28,7 +28,8 @@ from ignite_trainer.data.features import FeatureSettings, mel_filterbank
 from ignite_trainer.training.engine import check_accumulation
 from ignite_trainer.training.finetune import check_init, check_model_front_end
 from ignite_trainer.core.errors import ConfigError, DataError
-from ignite_trainer.model.registry import available_models
+from ignite_trainer.model.registry import available_models, model_from_config
+from ignite_trainer.core.vocabulary import SEGMENTATION
 from ignite_trainer.training.launch import dist_timeout
 from ignite_trainer.core.config import cache_root
 from ignite_trainer.training.runtime import distributed_backend, resolve_device, torchrun_world_size
@@ -65,9 +66,30 @@ def check_settings(config: TrainConfig, world_size: int | None = None) -> None:
         raise ConfigError(f"batch_size={config.batch_size} is the global batch and must divide evenly over {world} "
                           f"processes; use a multiple of {world}")
     check_model_front_end(config)
+    check_heads(config)
     check_feature_settings(config)
     check_init(config)  # init_from: a model file of this front-end whose trunk fits the model
     check_tracking(config)  # last: the only check that may wait on the network
+
+
+def check_heads(config: TrainConfig) -> None:
+    """Refuse auxiliary heads the model cannot carry, or whose targets an augmentation would make wrong.
+
+    Time shift and stretch move a window's frames away from the heart-cycle states annotated for them, and mixup
+    blends two recordings whose descriptors and states cannot be blended, so those are refused with the heads.
+    """
+    heads = config.head_names
+    if not heads:
+        return
+    if SEGMENTATION in heads:
+        for name in ("augment_shift_prob", "augment_stretch_prob"):
+            if getattr(config, name) > 0:
+                raise ConfigError(f"heads: segmentation needs each frame where the .tsv puts it, and {name}="
+                                  f"{getattr(config, name)} moves frames; set {name}=0 or drop segmentation")
+    if config.augment_mixup_prob > 0:
+        raise ConfigError(f"heads: a mixed window has no single murmur descriptor or heart-cycle state, and "
+                          f"augment_mixup_prob={config.augment_mixup_prob}; set it to 0 or drop heads")
+    model_from_config(config)  # a model without per-step features (embed_frames) is refused here
 
 
 def check_cache_root(root: Path) -> None:

@@ -27,6 +27,7 @@ from ignite_trainer.training.augment import Augmenter
 from ignite_trainer.core.augmentation import AugmentSettings
 from ignite_trainer.training.console import best_summary, split_line, summary_lines
 from ignite_trainer.data.datasets import EvalWindows, ResidentFeatures, TrainWindows
+from ignite_trainer.data.head_targets import HeadTargets
 from ignite_trainer.data.features import FeatureSettings
 from ignite_trainer.data.loaders import ResidentEvalLoader, ResidentTrainLoader, make_eval_loader, make_train_loader
 from ignite_trainer.data.prepare import PreparedData, checked_data, prepare_data
@@ -38,10 +39,11 @@ from ignite_trainer.training.graceful import GracefulStop, TrainingStopped, reco
 from ignite_trainer.training.launch import broadcast_from_rank0, run_joined, run_spawned
 from ignite_trainer.runs.logs import quiet_non_zero_rank, setup_logging
 from ignite_trainer.training.losses import WeightedBCELoss
+from ignite_trainer.training.head_loss import HeadLoss
 from ignite_trainer.training.metrics import MaskedLoss, PerLabelMetrics
 from ignite_trainer.model import cpu_kernels
 from ignite_trainer.model.blocks import use_cpu_kernel
-from ignite_trainer.model.registry import build_model
+from ignite_trainer.model.registry import model_from_config
 from ignite_trainer.training.metrics import PredictionCollector
 from ignite_trainer.training.kernel import kernel_for_run, kernel_line
 from ignite_trainer.training.preflight import check_settings, check_training_set
@@ -235,14 +237,18 @@ def _train_rank(config: TrainConfig, run_dir: Path, data: PreparedData, resume_p
     if fused and not cpu_kernels.prepare():  # a spawned rank loads the parent's build; another node builds its own
         raise ConfigError(f"rank {rank}: the fused CPU kernel the run uses cannot be had here "
                           f"({cpu_kernels.kernel_status()})")
-    plain = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
+    plain = model_from_config(config)
     apply_init(plain, config, new_run=resume_path is None)  # init_from's trunk (a new run), freeze_trunk
     use_cpu_kernel(plain, fused)
     model = idist.auto_model(plain)
     # the fused kernel skips a non-finite step on the device (found_inf), so the step never waits for the host
     optimizer = idist.auto_optim(build_optimizer(model, config, fused=device.type == "cuda"))
     loss_fn = WeightedBCELoss(*config.pos_weight).to(device)
-    train_loader, val_dataset, val_loader = _loaders(config, data, device)
+    train_dataset, train_loader, val_dataset, val_loader = _loaders(config, data, device)
+    head_targets = head_loss = None
+    if config.head_names:  # trained by the step; scored by evaluate (`ignite_trainer.use.heads_output`)
+        head_targets = HeadTargets(train_dataset, config.head_names).to(device)
+        head_loss = HeadLoss(config.head_names, config.attribute_loss_weight, config.segmentation_loss_weight)
     identity = run_identity(config, data)  # in every checkpoint: a resume checks it is this run's
 
     # fp16 autocast on CUDA needs loss scaling; the one scaler is created here and checkpointed with the run
@@ -255,7 +261,8 @@ def _train_rank(config: TrainConfig, run_dir: Path, data: PreparedData, resume_p
     trainer = create_trainer(step_model, optimizer, loss_fn, device, gradient_clip=config.gradient_clip,
                              amp=config.amp, accumulation_steps=config.accumulation_steps, scaler=scaler,
                              amp_dtype_name=config.amp_dtype, sync_every=config.sync_every,
-                             augment=augment if augment.enabled else None)
+                             augment=augment if augment.enabled else None, head_targets=head_targets,
+                             head_loss=head_loss)
     evaluator = create_evaluator(step_model, {VAL_LOSS: MaskedLoss(loss_fn, device=device),
                                               PER_LABEL: PerLabelMetrics(device=device),
                                               PREDICTIONS: PredictionCollector(device=device)},
@@ -303,9 +310,11 @@ def _train_rank(config: TrainConfig, run_dir: Path, data: PreparedData, resume_p
         idist.barrier()
 
 
-def _loaders(config: TrainConfig, data: PreparedData, device: torch.device) -> tuple[Any, EvalWindows, Any]:
-    """``(train loader, validation dataset, validation loader)``: on the device when ``resident_features``
-    is set and the features fit there (the same batches, bit for bit), else DataLoaders over the cache."""
+def _loaders(config: TrainConfig, data: PreparedData, device: torch.device
+             ) -> tuple[TrainWindows, Any, EvalWindows, Any]:
+    """``(train dataset, train loader, validation dataset, validation loader)``: on the device when
+    ``resident_features`` is set and the features fit there (the same batches, bit for bit), else DataLoaders
+    over the cache."""
     cache = data.feature_cache()
     train_dataset = TrainWindows(data.train, cache, config.window_seconds, seed=config.seed,
                                  demographics=config.demographics)
@@ -313,9 +322,9 @@ def _loaders(config: TrainConfig, data: PreparedData, device: torch.device) -> t
     eval_batch_size = config.eval_batch_size or config.batch_size
     if config.resident_features and ResidentFeatures.fits(train_dataset, device) \
             and ResidentFeatures.fits(val_dataset, device):
-        return (ResidentTrainLoader(train_dataset, config.batch_size, device), val_dataset,
+        return (train_dataset, ResidentTrainLoader(train_dataset, config.batch_size, device), val_dataset,
                 ResidentEvalLoader(val_dataset, eval_batch_size, device))
     if config.resident_features:
         log.info("resident_features: the features do not fit on %s; reading them from the cache", device)
-    return (make_train_loader(train_dataset, config.batch_size, config.num_workers, device), val_dataset,
-            make_eval_loader(val_dataset, eval_batch_size, config.num_workers, device))
+    return (train_dataset, make_train_loader(train_dataset, config.batch_size, config.num_workers, device),
+            val_dataset, make_eval_loader(val_dataset, eval_batch_size, config.num_workers, device))

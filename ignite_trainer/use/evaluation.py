@@ -41,6 +41,7 @@ from ignite_trainer.data.records import Recording
 from ignite_trainer.scoring.decision import DecisionLayer, patient_features, patient_truth
 from ignite_trainer.core.errors import ConfigError, DataError
 from ignite_trainer.use.ensemble import Ensemble, is_ensemble, load_model
+from ignite_trainer.use.heads_output import heads_section, plot_heart_cycle
 from ignite_trainer.use.model_files import TrainedModel
 from ignite_trainer.scoring.predictions import LevelPredictions
 from ignite_trainer.use.report import write_report
@@ -197,6 +198,7 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
         run = run_windows(trained, recordings, device=device)
         levels = dict(zip(LEVELS, run.levels(how)))
         warnings = run.warnings
+    heads = None if ensemble or run.heads is None else heads_section(run.heads, run.dataset, levels["recording"])
     thresholds = trained.thresholds
     layer = trained.decision_layer(unknown_margin)
     challenge, scores = challenge_section(levels["patient"], levels["recording"], layer)
@@ -228,6 +230,8 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
     }
     if ensemble:  # windows were counted by the first member (members may cut windows differently)
         results["counts"]["window"] = int(np.sum(levels["recording"].n_windows))
+    if heads is not None:
+        results["heads"] = heads
     results["project"] = {"heart_macc": results["levels"]["recording"].get("heart", {}).get("macc"),
                           "note": "the project's own figures (levels, heart_macc = 2016 MAcc per recording), "
                                   "not the 2022 Challenge's; those are under 'challenge'"}
@@ -248,6 +252,8 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
             write_patients_csv(levels["patient"], thresholds, staging / names["patients"])
             write_recordings_csv(levels["recording"], thresholds, staging / names["recordings"])
             written = write_report(staging, results, levels, metrics_log, figures=figures)
+            if figures and heads is not None and "segmentation" in heads:
+                written.append(plot_heart_cycle(trained.model, run.dataset, staging / "figures" / "heart_cycle.png"))
             results["files"]["figures"] = [str(out / Path(p).relative_to(staging)) for p in written]
             write_json(staging / names["metrics"], results)
     except (OSError, DataError) as e:  # a writer names its file in the staging folder: name the real one

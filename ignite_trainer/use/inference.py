@@ -23,6 +23,8 @@ from ignite_trainer.scoring.predictions import LevelPredictions, unknown_band
 from ignite_trainer.use.ensemble import Ensemble, load_model
 from ignite_trainer.use.model_files import challenge_refusal
 from ignite_trainer.use.windows import run_windows
+from ignite_trainer.data.datasets import EvalWindows
+from ignite_trainer.training.head_metrics import WindowHeads
 
 __all__ = ["PredictionResult", "predict"]
 
@@ -41,6 +43,8 @@ class PredictionResult:
     decision: DecisionLayer | None = None  # None: the legacy rule from the thresholds and unknown_margin
     #: Why this model may not make the Challenge's calls (`model_files.challenge_refusal`); None: it may.
     challenge_refusal: str | None = None
+    #: A model with auxiliary heads: their outputs per window and the windows (`heads_output.write_attributes_csv`).
+    heads: tuple[WindowHeads, EvalWindows] | None = None
 
     @property
     def layer(self) -> DecisionLayer:
@@ -107,4 +111,4 @@ def predict(model, inputs: Sequence[str | Path], fmt: str | None = None,
     run = run_windows(trained, recordings, device=device)
     _, recs, patients = run.levels(aggregation or trained.config.aggregation)
     return PredictionResult(recs, patients, dict(trained.thresholds), unknown_margin, trained.source, run.warnings,
-                            trained.decision, refusal)
+                            trained.decision, refusal, None if run.heads is None else (run.heads, run.dataset))

@@ -32,7 +32,7 @@ from ignite_trainer.model.blocks import use_cpu_kernel
 from ignite_trainer.data.features import FeatureSettings
 from ignite_trainer.scoring.decision import DecisionLayer
 from ignite_trainer.core.errors import CheckpointError, ConfigError
-from ignite_trainer.model.registry import build_model
+from ignite_trainer.model.registry import model_from_config
 from ignite_trainer.scoring.predictions import DEFAULT_THRESHOLDS
 from ignite_trainer.core.vocabulary import FORMAT_LABELS, LABELS
 
@@ -142,7 +142,7 @@ def rebuild_model(config: TrainConfig, state: Mapping[str, torch.Tensor], source
 
         model = rebuild_model(TrainConfig.from_mapping(ckpt["config"]), ckpt["model_state_dict"], path)
     """
-    model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
+    model = model_from_config(config)
     load_model_weights(model, state, source)
     # a model trained with the fused CPU kernel uses it where it is already built; nothing is built for a prediction
     use_cpu_kernel(model, config.cpu_kernel and cpu_kernels.load_built())

@@ -22,6 +22,7 @@ from ignite_trainer.core.config import read_yaml_mapping
 from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.runs.rundir import RunDirectory, read_metrics_log
 from ignite_trainer.scoring.predictions import LevelPredictions
+from ignite_trainer.use.heads_output import heads_report_lines
 from ignite_trainer.core.vocabulary import LABELS
 from ignite_trainer.core import vocabulary
 from ignite_trainer.core.vocabulary import score_mode
@@ -322,6 +323,12 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mappin
     for level in ("patient", "recording", "window"):
         if level in results["levels"]:
             lines += [f"## {LEVEL_TITLES[level].capitalize()}", "", *_table(results["levels"][level]), ""]
+    if results.get("heads"):
+        lines += heads_report_lines(results["heads"])
+        if figures and "segmentation" in results["heads"]:
+            lines += ["![heart-cycle states](figures/heart_cycle.png)", "",
+                      "One window of one recording: its log-mel, the predicted heart-cycle states (and the annotated "
+                      "ones, where the recording has a .tsv), and the attention weights of the pooling.", ""]
     if made:
         lines += ["## Figures", ""]
         for label in LABELS:

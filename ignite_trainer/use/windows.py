@@ -14,14 +14,16 @@ from pathlib import Path
 from typing import Literal, Sequence
 
 from ignite_trainer.core.config import cache_root
-from ignite_trainer.core.vocabulary import PREDICTIONS
+from ignite_trainer.core.vocabulary import HEADS, PREDICTIONS
 from ignite_trainer.data.datasets import EvalWindows
+from ignite_trainer.data.head_targets import HeadTargets
 from ignite_trainer.data.features import FeatureCache, feature_workers
 from ignite_trainer.data.loaders import make_eval_loader
 from ignite_trainer.data.records import Recording
 from ignite_trainer.scoring.predictions import (LevelPredictions, WindowPredictions, patient_predictions,
                                                 recording_predictions, window_level)
 from ignite_trainer.training.engine import create_evaluator
+from ignite_trainer.training.head_metrics import HeadCollector, WindowHeads
 from ignite_trainer.training.metrics import PredictionCollector
 from ignite_trainer.training.runtime import resolve_device
 
@@ -37,6 +39,8 @@ class WindowRun:
     windows: WindowPredictions
     dataset: EvalWindows
     warnings: list[str]
+    #: The auxiliary heads' outputs per window (a model trained with ``heads``), else None.
+    heads: WindowHeads | None = None
 
     def levels(self, how: Literal["mean", "any"] = "mean"
                ) -> tuple[LevelPredictions, LevelPredictions, LevelPredictions]:
@@ -75,6 +79,12 @@ def run_windows(trained, recordings: Sequence[Recording], device: str = "cpu",
     torch_device = resolve_device(device)
     model = trained.model.to(torch_device)
     loader = make_eval_loader(dataset, batch_size or config.eval_batch_size or config.batch_size, 0, torch_device)
-    evaluator = create_evaluator(model, {PREDICTIONS: PredictionCollector()}, torch_device)
-    windows = evaluator.run(loader).metrics[PREDICTIONS]
-    return WindowRun(windows, dataset, warnings)
+    heads = config.head_names
+    if not heads:
+        evaluator = create_evaluator(model, {PREDICTIONS: PredictionCollector()}, torch_device)
+        return WindowRun(evaluator.run(loader).metrics[PREDICTIONS], dataset, warnings)
+    # unlabelled or unannotated recordings have every head target missing: the heads still predict
+    evaluator = create_evaluator(model, {PREDICTIONS: PredictionCollector(), HEADS: HeadCollector(heads)},
+                                 torch_device, head_targets=HeadTargets(dataset, heads).to(torch_device))
+    metrics = evaluator.run(loader).metrics
+    return WindowRun(metrics[PREDICTIONS], dataset, warnings, metrics[HEADS])
