@@ -313,7 +313,7 @@ def test_unknown_difficulty_is_refused(tmp_path: Path) -> None:
 
 def test_hard_embedded_set_has_a_folder_of_its_own(tmp_path: Path) -> None:
     hard = ensure_embedded_dataset(tmp_path, 2, 9, difficulty="hard", progress=False)
-    assert hard == tmp_path / "synthetic" / "circor2022-hard-p2-s9"
+    assert hard == tmp_path / "synthetic" / "circor2022-hard-r2-p2-s9"
     expected = [sample_patient(9, i, "hard") for i in range(2)]
     recordings = read_circor(hard)
     assert {r.patient_id for r in recordings} == {p.patient_id for p in expected}

@@ -92,6 +92,11 @@ class Difficulty:
     clean_snr_db: tuple[float, float]
     noisy_snr_db: tuple[float, float]
     age_linked_outcome: bool
+    #: A murmur's written pitch sets its frequency band (systolic murmurs, innocent ones included); without it
+    #: only the diastolic murmurs' pitch is heard and a systolic murmur's pitch is a label the signal lacks.
+    pitch_in_band: bool = False
+    #: Bumped whenever the set's bytes change, so a cached set of an older revision is never reused.
+    revision: int = 1
 
 
 DIFFICULTIES = {
@@ -99,8 +104,12 @@ DIFFICULTIES = {
                           (0.35, 0.45, 0.2), {"faint": 0.5, "noisy": 0.5}, 0.08, (20.0, 35.0), (0.0, 10.0), False),
     "hard": Difficulty("hard", {"Present": 0.19, "Unknown": 0.14, "Absent": 0.67}, 0.35, 0.1, (0.7, 0.3),
                        (0.4, 0.45, 0.15), (0.6, 0.35, 0.05), {"faint": 0.35, "noisy": 0.35, "partial": 0.3},
-                       0.15, (10.0, 28.0), (-2.0, 8.0), True),
+                       0.15, (10.0, 28.0), (-2.0, 8.0), True, pitch_in_band=True, revision=2),
 }
+#: With ``pitch_in_band``: a systolic murmur's band (Hz) by its pitch, and an innocent vibratory murmur's
+#: fundamental range (Hz) by its pitch.
+PITCH_BANDS = {"Low": (30.0, 120.0), "Medium": (55.0, 230.0), "High": (140.0, 420.0)}
+VIBRATORY_F0 = {"Low": (60.0, 85.0), "Medium": (100.0, 130.0)}
 
 SYSTOLIC_WINDOWS = {"Early-systolic": (0.0, 0.4), "Mid-systolic": (0.25, 0.75), "Late-systolic": (0.6, 1.0),
                     "Holosystolic": (0.0, 1.0)}
@@ -123,6 +132,7 @@ class Murmur:
     quality: str
     amplitude: float  # envelope peak relative to S1's peak
     band: tuple[float, float]  # Hz
+    f0_range: tuple[float, float] = (80.0, 115.0)  # Hz, the fundamental of a musical (vibratory) murmur
 
 
 @dataclass(frozen=True)
@@ -271,11 +281,15 @@ def _innocent_murmur(rng: np.random.Generator, profile: Difficulty = DIFFICULTIE
     if rng.random() < 0.6:  # Still's murmur: musical, vibratory
         timing = str(rng.choice(["Early-systolic", "Mid-systolic"], p=[0.55, 0.45]))
         shape = "Decrescendo" if timing == "Early-systolic" else "Diamond"
-        return Murmur("innocent_vibratory", "systole", timing, shape, grading, str(rng.choice(["Low", "Medium"])),
-                      "Musical", amp * GRADE_AMPLITUDE[grading], (72.0, 161.0))
+        pitch = str(rng.choice(["Low", "Medium"]))
+        f0 = VIBRATORY_F0[pitch] if profile.pitch_in_band else (80.0, 115.0)
+        return Murmur("innocent_vibratory", "systole", timing, shape, grading, pitch,
+                      "Musical", amp * GRADE_AMPLITUDE[grading], (72.0, 161.0), f0)
     timing = str(rng.choice(["Mid-systolic", "Early-systolic"], p=[0.75, 0.25]))
-    return Murmur("innocent_ejection", "systole", timing, "Diamond", grading, str(rng.choice(["Low", "Medium"])),
-                  "Blowing", amp * GRADE_AMPLITUDE[grading], (60.0, 142.0))
+    pitch = str(rng.choice(["Low", "Medium"]))
+    band = PITCH_BANDS[pitch] if profile.pitch_in_band else (60.0, 142.0)
+    return Murmur("innocent_ejection", "systole", timing, "Diamond", grading, pitch,
+                  "Blowing", amp * GRADE_AMPLITUDE[grading], band)
 
 
 def _pathological_murmurs(rng: np.random.Generator,
@@ -289,7 +303,10 @@ def _pathological_murmurs(rng: np.random.Generator,
                  "Holosystolic": str(rng.choice(["Plateau", "Diamond"], p=[0.7, 0.3]))}[timing]
         grading = str(rng.choice(["I/VI", "II/VI", "III/VI"], p=list(profile.systolic_grade_probs)))
         pitch = str(rng.choice(["Medium", "High"]))
-        band = (52.0, 300.0) if pitch == "Medium" else (70.0, 360.0)
+        if profile.pitch_in_band:
+            band = PITCH_BANDS[pitch]
+        else:
+            band = (52.0, 300.0) if pitch == "Medium" else (70.0, 360.0)
         murmurs.append(Murmur("pathological", "systole", timing, shape, grading, pitch,
                               str(rng.choice(["Harsh", "Blowing"], p=[0.7, 0.3])),
                               float(rng.uniform(0.95, 1.15)) * GRADE_AMPLITUDE[grading], band))
@@ -308,7 +325,7 @@ def _pathological_murmurs(rng: np.random.Generator,
 def _faint(murmur: Murmur, rng: np.random.Generator) -> Murmur:
     """Below grade I: the clinician could not decide whether it was there."""
     return Murmur(murmur.kind, murmur.phase, murmur.timing, murmur.shape, murmur.grading, murmur.pitch, murmur.quality,
-                  float(rng.uniform(0.03, 0.06)), murmur.band)
+                  float(rng.uniform(0.03, 0.06)), murmur.band, murmur.f0_range)
 
 
 # ---------------------------------------------------------------------------------------------- signal
@@ -508,7 +525,7 @@ def _murmur(rng: np.random.Generator, murmur: Murmur, beats: Beats, n: int, rate
     _place(envelope, starts, envelope_rows)
 
     if murmur.kind == "innocent_vibratory":
-        f0 = rng.uniform(80, 115)
+        f0 = rng.uniform(*murmur.f0_range)
         tt = np.arange(n) / rate
         phase = 2 * np.pi * f0 * (tt + 0.02 / (2 * np.pi * 3.0) * np.sin(2 * np.pi * 3.0 * tt))
         carrier = np.sin(phase) + 0.45 * np.sin(2 * phase) + 0.2 * np.sin(3 * phase)
@@ -821,8 +838,8 @@ def ensure_embedded_dataset(cache_root: Path, n_patients: int, seed: int, diffic
     dataset behind, and two processes racing to create it both end up with one complete copy. The first
     generation shows a progress bar on a terminal (``progress``). A ``hard`` set has a folder of its own.
     """
-    _difficulty(difficulty)
-    label = "" if difficulty == "default" else f"{difficulty}-"
+    profile = _difficulty(difficulty)
+    label = "" if difficulty == "default" else f"{difficulty}-" + (f"r{profile.revision}-" if profile.revision > 1 else "")
     target = Path(cache_root) / "synthetic" / f"circor2022-{label}p{n_patients}-s{seed}"
     if target.is_dir():
         return target
