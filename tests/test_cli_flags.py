@@ -34,7 +34,9 @@ OLD_SPELLINGS = {
 }
 #: Flags added since.
 NEW_SPELLINGS = {"--cpu-kernel": "cpu_kernel", "--init-from": "init_from", "--freeze-trunk": "freeze_trunk",
-                 "--trunk-lr-scale": "trunk_lr_scale", "--warmup-epochs": "warmup_epochs"}
+                 "--trunk-lr-scale": "trunk_lr_scale", "--warmup-epochs": "warmup_epochs", "--heads": "heads",
+                 "--attribute-loss-weight": "attribute_loss_weight",
+                 "--segmentation-loss-weight": "segmentation_loss_weight"}
 
 
 def config_params(command: str) -> dict[str, click.Option]:
@@ -92,6 +94,8 @@ def test_flag_types_and_choices_are_the_fields(command):
             assert param.is_flag and param.secondary_opts == ["--no-" + param.opts[0][2:]], name
         elif typing.get_origin(base) is typing.Literal:
             assert list(param.type.choices) == list(typing.get_args(base)), name
+        elif typing.get_origin(base) is list:  # a comma-separated list of names
+            assert param.type.name == "text" and param.callback is cli._comma_list, name
         else:
             assert param.type.name == {int: "integer", float: "float", str: "text"}[base], name
 
