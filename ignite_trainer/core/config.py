@@ -182,6 +182,9 @@ class TrainConfig:
                                  "compiler), about 1.3x faster on CPU, equal up to float rounding")
     eval_batch_size: int | None = _f(None, "evaluation batch size; default batch_size", min=1)
     demographics: bool = _f(False, "fuse age, sex, height, weight and pregnancy into the heart logit (CirCor only)")
+    patient_model: bool = _f(False, "learn each patient's murmur and outcome from all its recordings together: gated "
+                                    "attention (multiple-instance learning) over the model's window embeddings "
+                                    "(docs/patient-model.md)")
     synthetic_difficulty: Literal["default", "hard"] = _f("default", "embedded synthetic set: default, or hard")
     augment_gain_prob: float = _f(augment_default("gain_prob"),
                                   "chance per sample and epoch of a random gain", min=0.0, max=1.0)
@@ -307,7 +310,13 @@ class TrainConfig:
                 f"{source}: monitor={self.monitor!r} is not a score (val_loss, macro_f1, or <label>.<metric> "
                 f"with label {'|'.join(LABELS)} and metric one of {', '.join(STATS)})"
             )
-        AugmentSettings.from_config(self, source)  # the ranges between fields (low <= high)
+        augment = AugmentSettings.from_config(self, source)  # the ranges between fields (low <= high)
+        if self.patient_model and self.demographics:
+            raise ConfigError(f"{source}: patient_model cannot be combined with demographics (the fusion adds to "
+                              "each window's heart logit, a patient model has one per patient); turn one off")
+        if self.patient_model and augment.enabled:
+            raise ConfigError(f"{source}: patient_model cannot be combined with augmentation (mixup mixes labels "
+                              "across the items of a batch, which are patients here); set every augment_*_prob to 0")
         if self.name is not None and (not self.name.strip() or "/" in self.name or self.name in (".", "..")):
             raise ConfigError(f"{source}: name={self.name!r} is not a valid run directory name")
         if self.name is not None and len(self.name.encode()) > MAX_NAME_BYTES:
@@ -358,7 +367,7 @@ RESUMABLE_CHANGES = frozenset({"device", "num_workers", "progress", "output_dir"
 ADDED_LATER = {"cpu_kernel": False, "pretrain_data": None, "pretrain_ema": 0.99, "pretrain_projector_dim": 128,
                "pretrain_hidden_dim": 512, "pretrain_mixup": 0.4, "pretrain_crop": True, "init_from": None,
                "freeze_trunk": False, "trunk_lr_scale": 1.0, "warmup_epochs": 0,
-               "label_fraction": 1.0}
+               "label_fraction": 1.0, "patient_model": False}
 
 #: Why a field may not change on resume, where the general reason (another result) needs saying more exactly.
 WHY_FIXED = {"cpu_kernel": "the kernel and the ordinary modules round differently, so the results would differ "

@@ -16,6 +16,7 @@ from torch import nn
 
 from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.model.fusion import DemographicsFusion
+from ignite_trainer.model.mil import PatientMIL
 
 ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
@@ -101,11 +102,14 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(name: str, n_mels: int, *, demographics: bool = False, **kwargs: object) -> nn.Module:
+def build_model(name: str, n_mels: int, *, demographics: bool = False, patient: bool = False,
+                **kwargs: object) -> nn.Module:
     """Instantiate a registered model; an unknown name or option is a `ConfigError` that lists the choices.
 
     ``demographics=True`` wraps it in `ignite_trainer.model.fusion.DemographicsFusion` (its forward then also takes
     the batch's ``demographics`` tensor, fused into the heart logit); the model needs ``embed`` for that.
+    ``patient=True`` wraps it in `ignite_trainer.model.mil.PatientMIL` (a patient model: bags of windows in,
+    one patient's logits out); the model needs ``embed``, ``embedding_size`` and ``head`` for that.
 
     Example::
 
@@ -122,4 +126,6 @@ def build_model(name: str, n_mels: int, *, demographics: bool = False, **kwargs:
     model = factory(n_mels=n_mels, **kwargs)
     if demographics:
         model = DemographicsFusion(model)
+    if patient:
+        model = PatientMIL(model, name=name)
     return model

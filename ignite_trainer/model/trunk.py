@@ -8,7 +8,8 @@ The one definition, used by ``--init-from``, ``--freeze-trunk`` and ``--trunk-lr
 - a model with neither has no trunk: the options are refused for it.
 
 Keys are those of the plain model (`build_model` without demographics); a `DemographicsFusion` wrapper is
-looked through (its ``base.`` model has the trunk; the fusion layers are never part of it).
+looked through (its ``base.`` model has the trunk; the fusion layers are never part of it), and so is a
+`PatientMIL` wrapper (a patient model: its gated attention is never part of the trunk).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from torch import nn
 
 from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.model.fusion import DemographicsFusion
+from ignite_trainer.model.mil import OWN_PREFIXES as MIL_PREFIXES, PatientMIL
 
 __all__ = ["plain_model", "trunk_keys", "trunk_parameters", "has_trunk", "load_trunk", "freeze_trunk",
            "trunk_state"]
@@ -28,9 +30,9 @@ _BASE = "base."
 
 
 def plain_model(model: nn.Module) -> nn.Module:
-    """The model under a `DemographicsFusion` wrapper (or DDP), else ``model`` itself."""
+    """The model under a `DemographicsFusion` or `PatientMIL` wrapper (or DDP), else ``model`` itself."""
     model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    return model.base if isinstance(model, DemographicsFusion) else model
+    return model.base if isinstance(model, (DemographicsFusion, PatientMIL)) else model
 
 
 def _is_trunk_key(model: nn.Module, key: str) -> bool:
@@ -76,8 +78,8 @@ def trunk_parameters(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Para
 
 def _source_keys(state: Mapping[str, torch.Tensor], plain: nn.Module, drop: tuple[str, ...]) -> dict[str, torch.Tensor]:
     """The trunk part of a file's state dict, in plain-model keys: a demographics run's ``base.`` prefix
-    removed (its fusion layers left out), the published model's ``drop`` prefixes left out."""
-    if state and all(k.startswith(_BASE) or k.startswith(("encode.", "heart.")) for k in state) \
+    removed (its fusion layers or a patient model's attention left out), the published model's ``drop`` prefixes left out."""
+    if state and all(k.startswith(_BASE) or k.startswith(("encode.", "heart.", *MIL_PREFIXES)) for k in state) \
             and any(k.startswith(_BASE) for k in state):
         state = {k[len(_BASE):]: v for k, v in state.items() if k.startswith(_BASE)}
     return {k: v for k, v in state.items() if not k.startswith(drop) and _is_trunk_key(plain, k)}

@@ -98,7 +98,8 @@ def check_init(config: TrainConfig) -> InitWeights | None:
     Returns what was read (None without ``init_from``)."""
     if not (config.init_from is not None or config.freeze_trunk or config.trunk_lr_scale != 1.0):
         return None
-    model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
+    model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics,
+                        patient=config.patient_model)
     if not has_trunk(model):
         used = [f for f in ("init_from", "freeze_trunk", "trunk_lr_scale") if getattr(config, f) != getattr(_DEFAULTS, f)]
         raise ConfigError(f"{', '.join(used)}: model {config.model!r} has neither a 'trunk' nor a 'head' module, "

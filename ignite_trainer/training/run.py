@@ -26,6 +26,7 @@ from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.training.augment import Augmenter
 from ignite_trainer.core.augmentation import AugmentSettings
 from ignite_trainer.training.console import best_summary, split_line, summary_lines
+from ignite_trainer.data.bags import bag_loaders, training_items
 from ignite_trainer.data.datasets import EvalWindows, ResidentFeatures, TrainWindows
 from ignite_trainer.data.features import FeatureSettings
 from ignite_trainer.data.loaders import ResidentEvalLoader, ResidentTrainLoader, make_eval_loader, make_train_loader
@@ -99,7 +100,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
         nonlocal fused
         check_settings(checked_config)  # a missing MLflow or unreachable tracking server too: no run directory yet
         data = checked_data(checked_config)
-        check_training_set(checked_config, len(data.train))
+        check_training_set(checked_config, *training_items(checked_config, data.train))
         fused = kernel_for_run(checked_config, None if resume is None else Path(resume))  # built here, if at all
         return data
 
@@ -175,7 +176,7 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
             nonlocal fused
             check_settings(checked_config, world)
             data = checked_data(checked_config)  # fills the cache too
-            check_training_set(checked_config, len(data.train), world)
+            check_training_set(checked_config, *training_items(checked_config, data.train), world)
             fused = kernel_for_run(checked_config, None if resume is None else Path(resume))
             return data
 
@@ -235,7 +236,8 @@ def _train_rank(config: TrainConfig, run_dir: Path, data: PreparedData, resume_p
     if fused and not cpu_kernels.prepare():  # a spawned rank loads the parent's build; another node builds its own
         raise ConfigError(f"rank {rank}: the fused CPU kernel the run uses cannot be had here "
                           f"({cpu_kernels.kernel_status()})")
-    plain = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
+    plain = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics,
+                        patient=config.patient_model)
     apply_init(plain, config, new_run=resume_path is None)  # init_from's trunk (a new run), freeze_trunk
     use_cpu_kernel(plain, fused)
     model = idist.auto_model(plain)
@@ -305,7 +307,10 @@ def _train_rank(config: TrainConfig, run_dir: Path, data: PreparedData, resume_p
 
 def _loaders(config: TrainConfig, data: PreparedData, device: torch.device) -> tuple[Any, EvalWindows, Any]:
     """``(train loader, validation dataset, validation loader)``: on the device when ``resident_features``
-    is set and the features fit there (the same batches, bit for bit), else DataLoaders over the cache."""
+    is set and the features fit there (the same batches, bit for bit), else DataLoaders over the cache; a
+    patient model's are bags of patients (`bags.bag_loaders`)."""
+    if config.patient_model:
+        return bag_loaders(config, data, device)
     cache = data.feature_cache()
     train_dataset = TrainWindows(data.train, cache, config.window_seconds, seed=config.seed,
                                  demographics=config.demographics)

@@ -132,7 +132,7 @@ def _config_from(saved: Any, path: Path) -> TrainConfig:
 
 
 def rebuild_model(config: TrainConfig, state: Mapping[str, torch.Tensor], source: str | Path) -> torch.nn.Module:
-    """The model ``config`` describes (its name, ``n_mels`` and ``demographics``) with the weights ``state``,
+    """The model ``config`` describes (its name, ``n_mels``, ``demographics`` and ``patient_model``) with the weights ``state``,
     in eval mode on the CPU: every model read back from a file is rebuilt here.
 
     A model name that is not registered is the `ConfigError` of `build_model` (callers say which file it
@@ -142,7 +142,8 @@ def rebuild_model(config: TrainConfig, state: Mapping[str, torch.Tensor], source
 
         model = rebuild_model(TrainConfig.from_mapping(ckpt["config"]), ckpt["model_state_dict"], path)
     """
-    model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics)
+    model = build_model(config.model, n_mels=config.n_mels, demographics=config.demographics,
+                        patient=config.patient_model)
     load_model_weights(model, state, source)
     # a model trained with the fused CPU kernel uses it where it is already built; nothing is built for a prediction
     use_cpu_kernel(model, config.cpu_kernel and cpu_kernels.load_built())
