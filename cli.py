@@ -38,7 +38,7 @@ CONFIG_FLAGS = frozenset({
     "weight_decay", "epochs", "early_stopping_patience", "gradient_clip", "amp", "model", "monitor", "seed", "device",
     "num_workers", "output_dir", "name", "progress", "tracker", "tracking_uri", "nproc_per_node", "backend",
     "feature_dtype", "amp_dtype", "sync_every", "resident_features", "compile", "cpu_kernel", "eval_batch_size",
-    "demographics", "init_from", "freeze_trunk", "trunk_lr_scale", "warmup_epochs",
+    "demographics", "init_from", "freeze_trunk", "trunk_lr_scale", "warmup_epochs", "patient_model",
 })
 #: Flags not spelled --<field-name-with-dashes>.
 FLAG_SPELLINGS = {"learning_rate": "--lr", "early_stopping_patience": "--patience", "gradient_clip": "--grad-clip"}

@@ -195,7 +195,7 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
         levels = {"recording": recs, "patient": patients}
     else:
         run = run_windows(trained, recordings, device=device)
-        levels = dict(zip(LEVELS, run.levels(how)))
+        levels = {name: level for name, level in zip(LEVELS, run.levels(how)) if level is not None}
         warnings = run.warnings
     thresholds = trained.thresholds
     layer = trained.decision_layer(unknown_margin)
@@ -212,6 +212,7 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
         "format": data_format,
         "split": split,
         "aggregation": how,
+        "patient_model": bool(getattr(trained.config, "patient_model", False)),
         "thresholds": dict(thresholds),
         "thresholds_tuned": trained.thresholds_tuned,
         "threshold_objective": trained.config.threshold_objective if trained.thresholds_tuned else "fixed",
@@ -226,7 +227,7 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
                       f"the run's split and were not scored as validation: {', '.join(new_patients)}"]
                      if new_patients else []) + list(warnings),
     }
-    if ensemble:  # windows were counted by the first member (members may cut windows differently)
+    if "window" not in levels:  # an ensemble's windows were counted by its first member; a patient model has no window level
         results["counts"]["window"] = int(np.sum(levels["recording"].n_windows))
     results["project"] = {"heart_macc": results["levels"]["recording"].get("heart", {}).get("macc"),
                           "note": "the project's own figures (levels, heart_macc = 2016 MAcc per recording), "

@@ -41,6 +41,8 @@ class PredictionResult:
     decision: DecisionLayer | None = None  # None: the legacy rule from the thresholds and unknown_margin
     #: Why this model may not make the Challenge's calls (`model_files.challenge_refusal`); None: it may.
     challenge_refusal: str | None = None
+    #: A patient model's share of each patient's attention per recording id (`bags.BagRun`); None otherwise.
+    attention: dict[str, float] | None = None
 
     @property
     def layer(self) -> DecisionLayer:
@@ -107,4 +109,4 @@ def predict(model, inputs: Sequence[str | Path], fmt: str | None = None,
     run = run_windows(trained, recordings, device=device)
     _, recs, patients = run.levels(aggregation or trained.config.aggregation)
     return PredictionResult(recs, patients, dict(trained.thresholds), unknown_margin, trained.source, run.warnings,
-                            trained.decision, refusal)
+                            trained.decision, refusal, getattr(run, "attention", None))
