@@ -34,7 +34,8 @@ OLD_SPELLINGS = {
 }
 #: Flags added since.
 NEW_SPELLINGS = {"--cpu-kernel": "cpu_kernel", "--init-from": "init_from", "--freeze-trunk": "freeze_trunk",
-                 "--trunk-lr-scale": "trunk_lr_scale", "--warmup-epochs": "warmup_epochs"}
+                 "--trunk-lr-scale": "trunk_lr_scale", "--warmup-epochs": "warmup_epochs",
+                 "--patient-model": "patient_model"}
 
 
 def config_params(command: str) -> dict[str, click.Option]:
