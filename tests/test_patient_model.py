@@ -11,10 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import CONSTANT_MODEL, tiny_config
 from ignite.engine import Events
+from test_predictor import _patients as challenge_patients
 
 import cli
-from conftest import CONSTANT_MODEL, tiny_config
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.data.bags import EvalBags, TrainBags, collate_bags, patient_groups
@@ -22,7 +23,6 @@ from ignite_trainer.data.datasets import EvalWindows, TrainWindows
 from ignite_trainer.data.prepare import prepare_data
 from ignite_trainer.data.splits import patient_labels
 from ignite_trainer.data.synthetic import write_synthetic
-from ignite_trainer.model.mil import PatientMIL
 from ignite_trainer.model.registry import build_model
 from ignite_trainer.runs.checkpoint import find_best_checkpoint, load_checkpoint
 from ignite_trainer.scoring.predictions import tune_thresholds
@@ -30,7 +30,6 @@ from ignite_trainer.training.run import train
 from ignite_trainer.use.evaluation import evaluate
 from ignite_trainer.use.inference import predict
 from ignite_trainer.use.predictor import Predictor
-from test_predictor import _patients as challenge_patients
 from ignite_trainer.use.writers import write_predictions_csv
 
 TIMING = {"seconds", "val_seconds"}

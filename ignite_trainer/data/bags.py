@@ -26,7 +26,8 @@ The patients' real recordings are ``windows.recordings``.
 from __future__ import annotations
 
 import logging
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from torch.utils.data import Dataset
@@ -37,8 +38,16 @@ from ignite_trainer.data.loaders import make_eval_loader, make_train_loader
 from ignite_trainer.data.records import Recording
 from ignite_trainer.data.splits import patient_labels
 
-__all__ = ["TrainBags", "EvalBags", "collate_bags", "patient_groups", "patient_record", "bag_loaders",
-           "training_items", "INSTANCE_MASK"]
+__all__ = [
+    "INSTANCE_MASK",
+    "EvalBags",
+    "TrainBags",
+    "bag_loaders",
+    "collate_bags",
+    "patient_groups",
+    "patient_record",
+    "training_items",
+]
 
 log = logging.getLogger("ignite_trainer")
 

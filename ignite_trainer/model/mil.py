@@ -24,7 +24,7 @@ from torch import nn
 
 from ignite_trainer.core.errors import ConfigError
 
-__all__ = ["PatientMIL", "GatedAttention", "OWN_PREFIXES", "check_instance_model"]
+__all__ = ["OWN_PREFIXES", "GatedAttention", "PatientMIL", "check_instance_model"]
 
 #: Key prefixes of `PatientMIL`'s own layers (everything else is under ``base.``).
 OWN_PREFIXES = ("bag_attention.",)

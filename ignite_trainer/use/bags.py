@@ -19,8 +19,10 @@ cross-validation read them unchanged:
 from __future__ import annotations
 
 import dataclasses
+import itertools
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -28,10 +30,14 @@ import torch
 from ignite_trainer.data.bags import EvalBags
 from ignite_trainer.data.datasets import EvalWindows
 from ignite_trainer.data.loaders import make_eval_loader
-from ignite_trainer.scoring.predictions import (LevelPredictions, WindowPredictions, patient_predictions,
-                                                recording_predictions)
+from ignite_trainer.scoring.predictions import (
+    LevelPredictions,
+    WindowPredictions,
+    patient_predictions,
+    recording_predictions,
+)
 
-__all__ = ["BagRun", "run_bags", "patient_window_probabilities", "is_patient_model"]
+__all__ = ["BagRun", "is_patient_model", "patient_window_probabilities", "run_bags"]
 
 
 def is_patient_model(trained) -> bool:
@@ -113,4 +119,4 @@ def patient_window_probabilities(model: torch.nn.Module, windows: Sequence[torch
     h = torch.cat([model.instances(x[i:i + batch_size].to(device)).float() for i in range(0, len(x), batch_size)])
     probs, weights = _pool(model, h)
     edges = np.cumsum([0] + [len(w) for w in windows])
-    return probs, np.array([weights[a:b].sum() for a, b in zip(edges[:-1], edges[1:])])
+    return probs, np.array([weights[a:b].sum() for a, b in itertools.pairwise(edges)])
