@@ -39,7 +39,7 @@ CONFIG_FLAGS = frozenset({
     "num_workers", "output_dir", "name", "progress", "tracker", "tracking_uri", "nproc_per_node", "backend",
     "feature_dtype", "amp_dtype", "sync_every", "resident_features", "compile", "cpu_kernel", "eval_batch_size",
     "demographics", "init_from", "freeze_trunk", "trunk_lr_scale", "warmup_epochs", "heads",
-    "attribute_loss_weight", "segmentation_loss_weight",
+    "attribute_loss_weight", "segmentation_loss_weight", "patient_model",
 })
 #: Flags not spelled --<field-name-with-dashes>.
 FLAG_SPELLINGS = {"learning_rate": "--lr", "early_stopping_patience": "--patience", "gradient_clip": "--grad-clip"}

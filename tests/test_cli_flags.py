@@ -36,7 +36,7 @@ OLD_SPELLINGS = {
 NEW_SPELLINGS = {"--cpu-kernel": "cpu_kernel", "--init-from": "init_from", "--freeze-trunk": "freeze_trunk",
                  "--trunk-lr-scale": "trunk_lr_scale", "--warmup-epochs": "warmup_epochs", "--heads": "heads",
                  "--attribute-loss-weight": "attribute_loss_weight",
-                 "--segmentation-loss-weight": "segmentation_loss_weight"}
+                 "--segmentation-loss-weight": "segmentation_loss_weight", "--patient-model": "patient_model"}
 
 
 def config_params(command: str) -> dict[str, click.Option]:

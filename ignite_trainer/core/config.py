@@ -190,6 +190,9 @@ class TrainConfig:
                                            "recordings it describes)", min=0.0)
     segmentation_loss_weight: float = _f(0.5, "weight of the segmentation head's loss (cross-entropy over "
                                               "annotated frames)", min=0.0)
+    patient_model: bool = _f(False, "learn each patient's murmur and outcome from all its recordings together: gated "
+                                    "attention (multiple-instance learning) over the model's window embeddings "
+                                    "(docs/patient-model.md)")
     synthetic_difficulty: Literal["default", "hard"] = _f("default", "embedded synthetic set: default, or hard")
     augment_gain_prob: float = _f(augment_default("gain_prob"),
                                   "chance per sample and epoch of a random gain", min=0.0, max=1.0)
@@ -319,7 +322,16 @@ class TrainConfig:
         if unknown_heads:
             raise ConfigError(f"{source}: heads: {unknown_heads[0]!r} is not one of: "
                               f"{', '.join((ALL_ATTRIBUTES, *HEAD_NAMES))}")
-        AugmentSettings.from_config(self, source)  # the ranges between fields (low <= high)
+        if self.patient_model and self.heads:
+            raise ConfigError(f"{source}: patient_model cannot be combined with heads (the heads score windows and "
+                              "frames, a patient model's items are patients); turn one off")
+        augment = AugmentSettings.from_config(self, source)  # the ranges between fields (low <= high)
+        if self.patient_model and self.demographics:
+            raise ConfigError(f"{source}: patient_model cannot be combined with demographics (the fusion adds to "
+                              "each window's heart logit, a patient model has one per patient); turn one off")
+        if self.patient_model and augment.enabled:
+            raise ConfigError(f"{source}: patient_model cannot be combined with augmentation (mixup mixes labels "
+                              "across the items of a batch, which are patients here); set every augment_*_prob to 0")
         if self.name is not None and (not self.name.strip() or "/" in self.name or self.name in (".", "..")):
             raise ConfigError(f"{source}: name={self.name!r} is not a valid run directory name")
         if self.name is not None and len(self.name.encode()) > MAX_NAME_BYTES:
@@ -379,7 +391,7 @@ ADDED_LATER = {"cpu_kernel": False, "pretrain_data": None, "pretrain_ema": 0.99,
                "pretrain_hidden_dim": 512, "pretrain_mixup": 0.4, "pretrain_crop": True, "init_from": None,
                "freeze_trunk": False, "trunk_lr_scale": 1.0, "warmup_epochs": 0,
                "label_fraction": 1.0, "heads": None, "attribute_loss_weight": 0.5,
-               "segmentation_loss_weight": 0.5}
+               "segmentation_loss_weight": 0.5, "patient_model": False}
 
 #: Why a field may not change on resume, where the general reason (another result) needs saying more exactly.
 WHY_FIXED = {"cpu_kernel": "the kernel and the ordinary modules round differently, so the results would differ "

@@ -142,6 +142,7 @@ def make_train_loader(dataset: Dataset, batch_size: int, num_workers: int, devic
     training set must hold at least one full batch. The loader's ``sampler`` is an `EpochSampler`: call
     its ``set_epoch`` every epoch and ``set_start(k)`` (or pass ``start_batch=k`` for the first epoch) to
     resume after batch ``k``. On CUDA, batches come in pinned memory so the copy to the device can overlap.
+    A dataset with a ``collate_fn`` attribute (`bags.TrainBags`: padded bags) batches its items with it.
 
     Example::
 
@@ -153,7 +154,7 @@ def make_train_loader(dataset: Dataset, batch_size: int, num_workers: int, devic
     return DataLoader(
         dataset, batch_size=sampler.local_batch_size, sampler=sampler, drop_last=True, num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
-        generator=_own_generator(),
+        generator=_own_generator(), collate_fn=getattr(dataset, "collate_fn", None),
     )
 
 
@@ -180,7 +181,7 @@ def make_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, device
     return DataLoader(
         dataset, batch_size=max(1, batch_size // world), shuffle=False, sampler=sampler, num_workers=num_workers,
         pin_memory=torch.device(device).type == "cuda", persistent_workers=num_workers > 0,
-        generator=_own_generator(),
+        generator=_own_generator(), collate_fn=getattr(dataset, "collate_fn", None),
     )
 
 

@@ -17,6 +17,7 @@ from torch import nn
 from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.model.fusion import DemographicsFusion
 from ignite_trainer.model.heads import AuxiliaryHeads
+from ignite_trainer.model.mil import PatientMIL
 
 ModelFactory = Callable[..., nn.Module]
 F = TypeVar("F", bound=ModelFactory)
@@ -102,7 +103,8 @@ def available_models() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def build_model(name: str, n_mels: int, *, demographics: bool = False, heads: tuple[str, ...] = (),
+def build_model(name: str, n_mels: int, *, demographics: bool = False, patient: bool = False,
+                heads: tuple[str, ...] = (),
                 **kwargs: object) -> nn.Module:
     """Instantiate a registered model; an unknown name or option is a `ConfigError` that lists the choices.
 
@@ -110,6 +112,8 @@ def build_model(name: str, n_mels: int, *, demographics: bool = False, heads: tu
     the batch's ``demographics`` tensor, fused into the heart logit); the model needs ``embed`` for that.
     ``heads`` (murmur descriptors, ``segmentation``) wraps it in `ignite_trainer.model.heads.AuxiliaryHeads`,
     which needs ``embed_frames``; without them the model and its state-dict keys are exactly the plain ones.
+    ``patient=True`` wraps it in `ignite_trainer.model.mil.PatientMIL` (a patient model: bags of windows in,
+    one patient's logits out); the model needs ``embed``, ``embedding_size`` and ``head`` for that.
 
     Example::
 
@@ -126,6 +130,8 @@ def build_model(name: str, n_mels: int, *, demographics: bool = False, heads: tu
     model = factory(n_mels=n_mels, **kwargs)
     if demographics:
         model = DemographicsFusion(model)
+    if patient:
+        model = PatientMIL(model, name=name)
     if heads:
         model = AuxiliaryHeads(model, tuple(heads))
     return model
@@ -139,4 +145,4 @@ def model_from_config(config) -> nn.Module:
         model = model_from_config(TrainConfig(model="attention_cnn", heads=("segmentation",)))
     """
     return build_model(config.model, n_mels=config.n_mels, demographics=config.demographics,
-                       heads=config.head_names)
+                       patient=config.patient_model, heads=config.head_names)

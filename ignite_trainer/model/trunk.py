@@ -7,9 +7,9 @@ The one definition, used by ``--init-from``, ``--freeze-trunk`` and ``--trunk-lr
 - any other model with a ``head`` submodule (e.g. ``cnn14``): every key except those under ``head.``;
 - a model with neither has no trunk: the options are refused for it.
 
-Keys are those of the plain model (`build_model` without demographics or heads); a `DemographicsFusion` or
-`AuxiliaryHeads` wrapper is looked through (its ``base.`` model has the trunk; the wrappers' own layers are never
-part of it).
+Keys are those of the plain model (`build_model` without demographics, heads or a patient model); a
+`DemographicsFusion`, `AuxiliaryHeads` or `PatientMIL` wrapper is looked through (its ``base.`` model has the trunk;
+the wrappers' own layers, a patient model's attention included, are never part of it).
 """
 
 from __future__ import annotations
@@ -22,19 +22,20 @@ from torch import nn
 from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.model.fusion import DemographicsFusion
 from ignite_trainer.model.heads import AUX_PREFIX, AuxiliaryHeads
+from ignite_trainer.model.mil import OWN_PREFIXES as MIL_PREFIXES, PatientMIL
 
 __all__ = ["plain_model", "trunk_keys", "trunk_parameters", "has_trunk", "load_trunk", "freeze_trunk",
            "trunk_state"]
 
 _BASE = "base."
 #: Key prefixes of the wrappers' own layers: demographics fusion's, the auxiliary heads'.
-_WRAPPER_KEYS = ("encode.", "heart.", AUX_PREFIX)
+_WRAPPER_KEYS = ("encode.", "heart.", AUX_PREFIX, *MIL_PREFIXES)
 
 
 def plain_model(model: nn.Module) -> nn.Module:
-    """The model under `AuxiliaryHeads` and `DemographicsFusion` wrappers (or DDP), else ``model`` itself."""
+    """The model under `AuxiliaryHeads`, `DemographicsFusion` and `PatientMIL` wrappers (or DDP), else ``model``."""
     model = getattr(model, "module", model) if isinstance(model, nn.parallel.DistributedDataParallel) else model
-    while isinstance(model, (AuxiliaryHeads, DemographicsFusion)):
+    while isinstance(model, (AuxiliaryHeads, DemographicsFusion, PatientMIL)):
         model = model.base
     return model
 

@@ -25,7 +25,8 @@ iteration of the *first* non-finite step, so a guard reading them late still nam
 A batch is ``(x, y, mask, index)``: features ``[B, n_mels, T]``, targets and label mask ``[B, 2]``,
 and the window/recording index ``[B]`` (see `ignite_trainer.data.datasets`); datasets built with
 ``demographics=True`` add a fifth tensor ``[B, 2 * len(DEMOGRAPHIC_FEATURES)]`` (values, then known flags)
-that the model receives as ``model(x, demographics=...)``. Training batches may be augmented (``augment``)
+that the model receives as ``model(x, demographics=...)``; a patient model's bags (`ignite_trainer.data.bags`)
+have ``x [B, N, n_mels, T]`` and a dict ``{"instance_mask": [B, N]}`` fifth, received as keyword arguments. Training batches may be augmented (``augment``)
 between the move to the device and the forward pass; evaluation never is.
 """
 
@@ -75,21 +76,29 @@ def amp_dtype(device: torch.device, name: str | None = None) -> torch.dtype:
     raise ConfigError(f"amp_dtype={name!r} is not one of: bfloat16, float16")
 
 
-def prepare_batch(batch: Sequence[torch.Tensor], device: torch.device, non_blocking: bool = True):
-    """Move ``x, y, mask`` (and demographics, if the batch has them) to ``device`` (asynchronously from
-    pinned memory); ``index`` stays on the host. Returns ``(x, y, mask, index, demographics or None)``."""
+def prepare_batch(batch: Sequence[Any], device: torch.device, non_blocking: bool = True):
+    """Move ``x, y, mask`` (and the fifth element, if the batch has one) to ``device`` (asynchronously from
+    pinned memory); ``index`` stays on the host. Returns ``(x, y, mask, index, extra or None)``: ``extra``
+    is the demographics tensor, or a dict of the model's keyword inputs (a patient model's bags:
+    ``{"instance_mask": ...}``, `ignite_trainer.data.bags`)."""
     x, y, mask, index = batch[:4]
-    demographics = batch[4].to(device, non_blocking=non_blocking) if len(batch) > 4 else None
+    extra = batch[4] if len(batch) > 4 else None
+    if isinstance(extra, Mapping):
+        extra = {k: v.to(device, non_blocking=non_blocking) for k, v in extra.items()}
+    elif extra is not None:
+        extra = extra.to(device, non_blocking=non_blocking)
     return (x.to(device, non_blocking=non_blocking), y.to(device, non_blocking=non_blocking),
-            mask.to(device, non_blocking=non_blocking), index, demographics)
+            mask.to(device, non_blocking=non_blocking), index, extra)
 
 
-def run_model(model: torch.nn.Module, x: torch.Tensor, demographics: torch.Tensor | None, auxiliary: bool = False):
-    """``model(x)``, with ``demographics=...`` when the batch carries demographics and ``auxiliary=True`` when
-    the auxiliary heads' outputs are wanted (`ignite_trainer.model.heads`: a third returned value)."""
+def run_model(model: torch.nn.Module, x: torch.Tensor, extra: torch.Tensor | Mapping[str, torch.Tensor] | None,
+              auxiliary: bool = False):
+    """``model(x)``; ``model(x, demographics=...)`` when the batch carries demographics, ``model(x, **extra)``
+    when it carries keyword inputs, and ``auxiliary=True`` when the auxiliary heads' outputs are wanted
+    (`ignite_trainer.model.heads`: a third returned value)."""
     kwargs: dict[str, Any] = {}
-    if demographics is not None:
-        kwargs["demographics"] = demographics
+    if extra is not None:
+        kwargs.update(extra if isinstance(extra, Mapping) else {"demographics": extra})
     if auxiliary:
         kwargs["auxiliary"] = True
     return model(x, **kwargs)

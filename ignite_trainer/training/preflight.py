@@ -28,7 +28,7 @@ from ignite_trainer.data.features import FeatureSettings, mel_filterbank
 from ignite_trainer.training.engine import check_accumulation
 from ignite_trainer.training.finetune import check_init, check_model_front_end
 from ignite_trainer.core.errors import ConfigError, DataError
-from ignite_trainer.model.registry import available_models, model_from_config
+from ignite_trainer.model.registry import available_models, build_model, model_from_config
 from ignite_trainer.core.vocabulary import SEGMENTATION
 from ignite_trainer.training.launch import dist_timeout
 from ignite_trainer.core.config import cache_root
@@ -65,6 +65,8 @@ def check_settings(config: TrainConfig, world_size: int | None = None) -> None:
     if config.batch_size % world:
         raise ConfigError(f"batch_size={config.batch_size} is the global batch and must divide evenly over {world} "
                           f"processes; use a multiple of {world}")
+    if config.patient_model:  # the model must embed windows for the bag's attention (model.mil)
+        build_model(config.model, n_mels=config.n_mels, patient=True)
     check_model_front_end(config)
     check_heads(config)
     check_feature_settings(config)
@@ -122,17 +124,18 @@ def check_feature_settings(config: TrainConfig) -> None:
             f"window; the models need at least {MIN_WINDOW_FRAMES} (lower hop_ms or raise window_seconds)")
 
 
-def check_training_set(config: TrainConfig, n_train: int, world_size: int | None = None) -> int:
+def check_training_set(config: TrainConfig, n_train: int, unit: str = "recordings",
+                       world_size: int | None = None) -> int:
     """Refuse a training set without one full batch, or an accumulation window longer than an epoch;
     returns the iterations per epoch.
 
     Every process drops its uneven tail, so an epoch has ``n_train // batch_size`` steps whatever the
-    process count (`data.loaders.make_train_loader`).
+    process count (`data.loaders.make_train_loader`). ``unit`` names the items (a patient model's are patients).
     """
     del world_size  # the steps per epoch do not depend on it
     iterations = n_train // config.batch_size
     if iterations < 1:
-        raise DataError(f"batch_size={config.batch_size} is larger than the training set ({n_train} recordings); "
+        raise DataError(f"batch_size={config.batch_size} is larger than the training set ({n_train} {unit}); "
                         "lower --batch-size")
     check_accumulation(config.accumulation_steps, iterations)
     return iterations

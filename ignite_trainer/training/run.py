@@ -26,6 +26,7 @@ from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.training.augment import Augmenter
 from ignite_trainer.core.augmentation import AugmentSettings
 from ignite_trainer.training.console import best_summary, split_line, summary_lines
+from ignite_trainer.data.bags import bag_loaders, training_items
 from ignite_trainer.data.datasets import EvalWindows, ResidentFeatures, TrainWindows
 from ignite_trainer.data.head_targets import HeadTargets
 from ignite_trainer.data.features import FeatureSettings
@@ -101,7 +102,7 @@ def train(config: TrainConfig, *, resume: str | Path | None = None, overwrite: b
         nonlocal fused
         check_settings(checked_config)  # a missing MLflow or unreachable tracking server too: no run directory yet
         data = checked_data(checked_config)
-        check_training_set(checked_config, len(data.train))
+        check_training_set(checked_config, *training_items(checked_config, data.train))
         fused = kernel_for_run(checked_config, None if resume is None else Path(resume))  # built here, if at all
         return data
 
@@ -177,7 +178,7 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
             nonlocal fused
             check_settings(checked_config, world)
             data = checked_data(checked_config)  # fills the cache too
-            check_training_set(checked_config, len(data.train), world)
+            check_training_set(checked_config, *training_items(checked_config, data.train), world)
             fused = kernel_for_run(checked_config, None if resume is None else Path(resume))
             return data
 
@@ -314,7 +315,9 @@ def _loaders(config: TrainConfig, data: PreparedData, device: torch.device
              ) -> tuple[TrainWindows, Any, EvalWindows, Any]:
     """``(train dataset, train loader, validation dataset, validation loader)``: on the device when
     ``resident_features`` is set and the features fit there (the same batches, bit for bit), else DataLoaders
-    over the cache."""
+    over the cache; a patient model's are bags of patients (`bags.bag_loaders`), with no window dataset for the heads."""
+    if config.patient_model:
+        return (None, *bag_loaders(config, data, device))
     cache = data.feature_cache()
     train_dataset = TrainWindows(data.train, cache, config.window_seconds, seed=config.seed,
                                  demographics=config.demographics)

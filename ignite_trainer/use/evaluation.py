@@ -196,7 +196,7 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
         levels = {"recording": recs, "patient": patients}
     else:
         run = run_windows(trained, recordings, device=device)
-        levels = dict(zip(LEVELS, run.levels(how)))
+        levels = {name: level for name, level in zip(LEVELS, run.levels(how)) if level is not None}
         warnings = run.warnings
     heads = None if ensemble or run.heads is None else heads_section(run.heads, run.dataset, levels["recording"])
     thresholds = trained.thresholds
@@ -214,6 +214,7 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
         "format": data_format,
         "split": split,
         "aggregation": how,
+        "patient_model": bool(getattr(trained.config, "patient_model", False)),
         "thresholds": dict(thresholds),
         "thresholds_tuned": trained.thresholds_tuned,
         "threshold_objective": trained.config.threshold_objective if trained.thresholds_tuned else "fixed",
@@ -228,7 +229,7 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
                       f"the run's split and were not scored as validation: {', '.join(new_patients)}"]
                      if new_patients else []) + list(warnings),
     }
-    if ensemble:  # windows were counted by the first member (members may cut windows differently)
+    if "window" not in levels:  # an ensemble's windows were counted by its first member; a patient model has no window level
         results["counts"]["window"] = int(np.sum(levels["recording"].n_windows))
     if heads is not None:
         results["heads"] = heads

@@ -45,6 +45,8 @@ class PredictionResult:
     challenge_refusal: str | None = None
     #: A model with auxiliary heads: their outputs per window and the windows (`heads_output.write_attributes_csv`).
     heads: tuple[WindowHeads, EvalWindows] | None = None
+    #: A patient model's share of each patient's attention per recording id (`bags.BagRun`); None otherwise.
+    attention: dict[str, float] | None = None
 
     @property
     def layer(self) -> DecisionLayer:
@@ -111,4 +113,5 @@ def predict(model, inputs: Sequence[str | Path], fmt: str | None = None,
     run = run_windows(trained, recordings, device=device)
     _, recs, patients = run.levels(aggregation or trained.config.aggregation)
     return PredictionResult(recs, patients, dict(trained.thresholds), unknown_margin, trained.source, run.warnings,
-                            trained.decision, refusal, None if run.heads is None else (run.heads, run.dataset))
+                            trained.decision, refusal, None if getattr(run, "heads", None) is None else (run.heads, run.dataset),
+                            getattr(run, "attention", None))

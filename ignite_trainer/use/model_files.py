@@ -132,7 +132,7 @@ def _config_from(saved: Any, path: Path) -> TrainConfig:
 
 
 def rebuild_model(config: TrainConfig, state: Mapping[str, torch.Tensor], source: str | Path) -> torch.nn.Module:
-    """The model ``config`` describes (its name, ``n_mels`` and ``demographics``) with the weights ``state``,
+    """The model ``config`` describes (its name, ``n_mels``, ``demographics`` and ``patient_model``) with the weights ``state``,
     in eval mode on the CPU: every model read back from a file is rebuilt here.
 
     A model name that is not registered is the `ConfigError` of `build_model` (callers say which file it

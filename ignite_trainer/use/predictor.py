@@ -43,6 +43,7 @@ from ignite_trainer.data.features import FeatureSettings, compute_features
 from ignite_trainer.scoring.decision import DecisionLayer, PatientFeatures
 from ignite_trainer.use.ensemble import Ensemble, check_same_labels, load_model, mean_probabilities
 from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError
+from ignite_trainer.use.bags import is_patient_model, patient_window_probabilities
 from ignite_trainer.use.model_files import TrainedModel, challenge_refusal
 from ignite_trainer.scoring.predictions import aggregate
 from ignite_trainer.training.runtime import resolve_device
@@ -242,10 +243,16 @@ class Predictor:
 
     @torch.no_grad()
     def _recording_probabilities(self, features: list[dict[FeatureSettings, np.ndarray]]) -> np.ndarray:
-        """[R, 2]: each recording's mean window probability, averaged over the members."""
+        """[R, 2]: each recording's mean window probability, averaged over the members; a patient model
+        (`bags.patient_window_probabilities`) gives every recording its patient's probabilities."""
         per_member = []
         for member in self.members:
             window_frames = frames_per_window(member.settings, member.config.window_seconds)
+            if is_patient_model(member):  # one answer for the patient, carried by each of its recordings
+                windows = [_window_batch(rec[member.settings], window_frames) for rec in features]
+                patient, _ = patient_window_probabilities(member.model, windows, self.batch_size, self.device)
+                per_member.append(np.tile(patient, (len(features), 1)))
+                continue
             probs = []
             for rec in features:
                 x = _window_batch(rec[member.settings], window_frames)

@@ -300,14 +300,18 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mappin
             made["training"] = [curves]
 
     t, ch = results["thresholds"], results["challenge"]
-    how = (f"tuned on the validation recordings ({results['threshold_objective']})" if results["thresholds_tuned"]
+    patient_model = bool(results.get("patient_model"))
+    how = (f"tuned on the validation {'patients' if patient_model else 'recordings'} ({results['threshold_objective']})"
+           if results["thresholds_tuned"]
            else "default 0.5: the model file holds no tuned thresholds")
     counts = results["counts"]
     lines = [
         "# Evaluation report", "",
         f"- model: `{results['model']}`" + (f" (epoch {results['epoch']})" if results.get("epoch") is not None else ""),
         f"- data: `{results['data']}` ({results['format']}), split: {results['split']}",
-        f"- windows → recordings: mean probability; recordings → patients: {results['aggregation']}",
+        ("- a patient model: gated attention over every window of a patient's recordings gives the patient's "
+         "probabilities; each recording row carries its patient's" if patient_model else
+         f"- windows → recordings: mean probability; recordings → patients: {results['aggregation']}"),
         f"- thresholds: heart {t['heart']:.3f}, murmur {t['murmur']:.3f} ({how})",
         f"- evaluated: {counts['patient']} patients, {counts['recording']} recordings, {counts['window']} windows",
         "", "## 2022 Challenge scores (official definitions)", "",

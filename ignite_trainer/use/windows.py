@@ -26,6 +26,7 @@ from ignite_trainer.training.engine import create_evaluator
 from ignite_trainer.training.head_metrics import HeadCollector, WindowHeads
 from ignite_trainer.training.metrics import PredictionCollector
 from ignite_trainer.training.runtime import resolve_device
+from ignite_trainer.use.bags import BagRun, is_patient_model, run_bags
 
 __all__ = ["WindowRun", "run_windows"]
 
@@ -52,12 +53,13 @@ class WindowRun:
 
 
 def run_windows(trained, recordings: Sequence[Recording], device: str = "cpu",
-                batch_size: int | None = None, cache_dir: str | Path | None = None) -> WindowRun:
+                batch_size: int | None = None, cache_dir: str | Path | None = None) -> WindowRun | BagRun:
     """Features (through the run's feature cache) -> every window -> the model -> `WindowPredictions`.
 
     ``trained`` is a `model_files.TrainedModel` (its ``model``, ``config`` and ``settings`` are used). A
     recording shorter than one window is zero-padded to a full window (as training pads its crops), with a
-    warning naming it; one too short for the band-pass filter is a `DataError`.
+    warning naming it; one too short for the band-pass filter is a `DataError`. A patient model (its saved
+    config's ``patient_model``) gives a `bags.BagRun` instead, with the same ``levels`` (no window level).
 
     Example::
 
@@ -78,6 +80,9 @@ def run_windows(trained, recordings: Sequence[Recording], device: str = "cpu",
             warnings.append(message)
     torch_device = resolve_device(device)
     model = trained.model.to(torch_device)
+    if is_patient_model(trained):  # its output is per patient: pooled by its attention, not averaged here
+        return run_bags(model, dataset, batch_size or config.eval_batch_size or config.batch_size, torch_device,
+                        warnings)
     loader = make_eval_loader(dataset, batch_size or config.eval_batch_size or config.batch_size, 0, torch_device)
     heads = config.head_names
     if not heads:

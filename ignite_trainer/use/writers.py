@@ -102,15 +102,24 @@ def write_predictions_csv(result: "PredictionResult", out: str | Path | TextIO |
     Example::
 
         write_predictions_csv(predict("runs/quick", ["new/"]), "predictions.csv")
+
+    A patient model's file has one more column, ``attention``: each recording's share of its patient's
+    attention (the recording that drove the patient's call has the largest; a patient's shares sum to 1),
+    empty on patient rows.
     """
     rows = []
+    attention = getattr(result, "attention", None)
     for level in (result.recordings, result.patients):
         classes, outcomes = result.murmur_classes(level), result.outcome_classes(level)
         for i, item in enumerate(level.ids):
-            rows.append({"level": level.level, "id": item, "patient_id": level.patient_ids[i],
-                         "windows": int(level.n_windows[i]), **label_cells(level, i, result.thresholds, truth=False),
-                         "murmur_class": classes[i], "outcome_class": outcomes[i]})
-    write_csv(out, PREDICTION_COLUMNS, rows, what="predictions")
+            row = {"level": level.level, "id": item, "patient_id": level.patient_ids[i],
+                   "windows": int(level.n_windows[i]), **label_cells(level, i, result.thresholds, truth=False),
+                   "murmur_class": classes[i], "outcome_class": outcomes[i]}
+            if attention is not None:
+                row["attention"] = repr(float(attention[item])) if level.level == "recording" else ""
+            rows.append(row)
+    columns = PREDICTION_COLUMNS if attention is None else PREDICTION_COLUMNS + ("attention",)
+    write_csv(out, columns, rows, what="predictions")
 
 
 def write_challenge_outputs(result: "PredictionResult", out_dir: str | Path) -> list[Path]:
