@@ -198,7 +198,8 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
         run = run_windows(trained, recordings, device=device)
         levels = {name: level for name, level in zip(LEVELS, run.levels(how)) if level is not None}
         warnings = run.warnings
-    heads = None if ensemble or run.heads is None else heads_section(run.heads, run.dataset, levels["recording"])
+    heads = None if ensemble or getattr(run, "heads", None) is None else heads_section(run.heads, run.dataset,
+                                                                                        levels["recording"])
     thresholds = trained.thresholds
     layer = trained.decision_layer(unknown_margin)
     challenge, scores = challenge_section(levels["patient"], levels["recording"], layer)
