@@ -279,6 +279,13 @@ def print_evaluation(result: dict[str, Any]) -> None:
                         ("2022 Challenge murmur weighted accuracy", ch["murmur_weighted_accuracy"]),
                         ("2022 Challenge outcome cost", ch["outcome_cost"])):
         click.echo(f"{name}: {format_score(value)}")
+    cal = result.get("calibration")
+    if cal:
+        click.echo(f"calibration (ECE, {cal['bins']} bins, {cal['level']}s; {cal['source']}; "
+                   f"{'used' if cal['applied'] else 'not used'} for decisions):")
+        for label in LABELS:
+            click.echo(f"  {label:<8} T={cal['temperatures'][label]:.4g}  ECE before {format_score(cal['ece_before'][label])}"
+                       f"  after {format_score(cal['ece_after'][label])}")
     if "challenge_scores" in result["files"]:
         click.echo(f"official scores file: {result['files']['challenge_scores']}")
     click.echo(f"report: {result['files']['report']}")

@@ -38,11 +38,13 @@ from ignite_trainer.data.prepare import prepare_data, split_recordings
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.scoring.challenge import ChallengeScores, challenge_scores, write_scores_csv
 from ignite_trainer.data.records import Recording
+from ignite_trainer.scoring.calibration import (ECE_BINS, apply_temperatures, calibrated_windows, ece_per_label,
+                                                reliability_per_label)
 from ignite_trainer.scoring.decision import DecisionLayer, patient_features, patient_truth
 from ignite_trainer.core.errors import ConfigError, DataError
 from ignite_trainer.use.ensemble import Ensemble, is_ensemble, load_model
 from ignite_trainer.use.model_files import TrainedModel
-from ignite_trainer.scoring.predictions import LevelPredictions
+from ignite_trainer.scoring.predictions import LevelPredictions, patient_predictions
 from ignite_trainer.use.report import write_report
 from ignite_trainer.runs.record import read_split
 from ignite_trainer.runs.rundir import RunDirectory
@@ -51,7 +53,7 @@ from ignite_trainer.core.vocabulary import AGGREGATIONS, LABELS
 from ignite_trainer.use.windows import run_windows
 from ignite_trainer.use.writers import PATIENT_COLUMNS, write_json, write_patients_csv, write_recordings_csv
 
-__all__ = ["evaluate", "label_scores", "level_scores", "challenge_section", "PATIENT_COLUMNS", "LEVELS"]
+__all__ = ["evaluate", "label_scores", "level_scores", "challenge_section", "calibration_section", "PATIENT_COLUMNS", "LEVELS"]
 
 log = logging.getLogger("ignite_trainer")
 
@@ -117,6 +119,35 @@ def challenge_section(patients: LevelPredictions, recordings: LevelPredictions, 
     section["murmur_weighted_accuracy"] = scores.murmur.weighted_accuracy
     section["outcome_cost"] = scores.outcome.cost
     return section, scores
+
+
+def calibration_section(before: LevelPredictions, after: LevelPredictions, temperatures: dict[str, float],
+                        source: str, applied: bool) -> dict[str, Any]:
+    """``metrics.json``'s ``calibration``: per label the expected calibration error and reliability bins of
+    the patients' probabilities before and after the temperatures (`scoring.calibration`, `ECE_BINS` bins)."""
+    return {"level": "patient", "bins": ECE_BINS, "temperatures": dict(temperatures), "source": source,
+            "applied": applied, "ece_before": ece_per_label(before), "ece_after": ece_per_label(after),
+            "reliability_before": reliability_per_label(before), "reliability_after": reliability_per_label(after)}
+
+
+def _calibration(trained: Any, ensemble: bool, run: Any, levels: dict[str, LevelPredictions], how: str
+                 ) -> dict[str, Any]:
+    """Before: the model's own probabilities; after: with its temperatures (an ensemble's: on its recordings)."""
+    if ensemble:
+        recs, calibration = levels["recording"], trained.calibration
+        temperatures = calibration.temperatures if calibration is not None else {label: 1.0 for label in LABELS}
+        after_recs = LevelPredictions("recording", recs.ids, apply_temperatures(recs.probs, temperatures), recs.targets,
+                                      recs.mask, recs.patient_ids, recs.murmur_classes, recs.n_windows)
+        used = [r for r in run]  # the recordings behind recs, in its order
+        return calibration_section(levels["patient"], patient_predictions(after_recs, used, how), temperatures,
+                                   "fitted on the members' out-of-fold predictions" if calibration is not None
+                                   else "none: the experiment was collected before calibration (T = 1)", False)
+    temperatures = trained.temperatures
+    before = run.patients(run.raw_windows, how)
+    after = run.patients(calibrated_windows(run.raw_windows, temperatures), how)
+    source = ("fitted on the validation patients at training time" if trained.calibration is not None
+              else "none: the model file holds no calibration (T = 1)")
+    return calibration_section(before, after, temperatures, source, trained.applies_calibration)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -193,10 +224,14 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
     if ensemble:
         recs, patients, warnings = trained.levels(recordings, how, device=device)
         levels = {"recording": recs, "patient": patients}
+        used = [r for r in recordings if r.recording_id in set(recs.ids)]
+        by_id = {r.recording_id: r for r in used}
+        calibration = _calibration(trained, True, [by_id[i] for i in recs.ids], levels, how)
     else:
         run = run_windows(trained, recordings, device=device)
         levels = dict(zip(LEVELS, run.levels(how)))
         warnings = run.warnings
+        calibration = _calibration(trained, False, run, levels, how)
     thresholds = trained.thresholds
     layer = trained.decision_layer(unknown_margin)
     challenge, scores = challenge_section(levels["patient"], levels["recording"], layer)
@@ -221,6 +256,7 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
         "combine": "mean of the members' probabilities" if ensemble else None,
         "levels": {name: level_scores(level, thresholds) for name, level in levels.items()},
         "challenge": challenge,
+        "calibration": calibration,
         "new_patients": new_patients,
         "warnings": ([f"{len(new_patients)} patient(s) added to {source} after training are in neither side of "
                       f"the run's split and were not scored as validation: {', '.join(new_patients)}"]

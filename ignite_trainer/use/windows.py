@@ -19,6 +19,7 @@ from ignite_trainer.data.datasets import EvalWindows
 from ignite_trainer.data.features import FeatureCache, feature_workers
 from ignite_trainer.data.loaders import make_eval_loader
 from ignite_trainer.data.records import Recording
+from ignite_trainer.scoring.calibration import calibrated_windows
 from ignite_trainer.scoring.predictions import (LevelPredictions, WindowPredictions, patient_predictions,
                                                 recording_predictions, window_level)
 from ignite_trainer.training.engine import create_evaluator
@@ -37,6 +38,14 @@ class WindowRun:
     windows: WindowPredictions
     dataset: EvalWindows
     warnings: list[str]
+    #: The model's own probabilities, before its temperatures (the same object as ``windows`` unless the
+    #: model decides on calibrated probabilities, `TrainedModel.applies_calibration`).
+    raw_windows: WindowPredictions | None = None
+
+    def patients(self, windows: WindowPredictions, how: Literal["mean", "any"] = "mean") -> LevelPredictions:
+        """Patient predictions of some window probabilities of these windows (e.g. ``raw_windows``)."""
+        recs = recording_predictions(windows, self.dataset.window_recording, self.dataset.recordings)
+        return patient_predictions(recs, self.dataset.recordings, how)
 
     def levels(self, how: Literal["mean", "any"] = "mean"
                ) -> tuple[LevelPredictions, LevelPredictions, LevelPredictions]:
@@ -76,5 +85,7 @@ def run_windows(trained, recordings: Sequence[Recording], device: str = "cpu",
     model = trained.model.to(torch_device)
     loader = make_eval_loader(dataset, batch_size or config.eval_batch_size or config.batch_size, 0, torch_device)
     evaluator = create_evaluator(model, {PREDICTIONS: PredictionCollector()}, torch_device)
-    windows = evaluator.run(loader).metrics[PREDICTIONS]
-    return WindowRun(windows, dataset, warnings)
+    raw = evaluator.run(loader).metrics[PREDICTIONS]
+    # calibrate: true: every level is built from the temperature-scaled windows; otherwise untouched, bit for bit
+    windows = calibrated_windows(raw, trained.temperatures) if getattr(trained, "applies_calibration", False) else raw
+    return WindowRun(windows, dataset, warnings, raw)
