@@ -464,11 +464,14 @@ def build_report(exp: Experiment, done: Sequence[Member], recordings: Sequence[R
     report["thresholds_tuned_on"] = f"{final_set.name}: {len(final_set.ids)} out-of-fold patients ({objective})"
     report["pooled"] = report["sets"][final_set.name]["pooled"]
     report["pooled_challenge"] = report["sets"][final_set.name]["pooled_challenge"]
-    report["calibration"] = _calibration_report(exp, done)
-    ensemble_calibration = _ensemble_calibration(exp, done, _truth(recordings))
-    report["calibration"]["ensemble"] = {"temperatures": ensemble_calibration.temperatures,
-                                         "ece_before": ensemble_calibration.ece_before,
-                                         "ece_after": ensemble_calibration.ece_after}
+    calibration_summary = _calibration_report(exp, done)
+    ensemble_calibration = None
+    if calibration_summary["per_run"]:  # members evaluated before calibration existed: collected as before
+        report["calibration"] = calibration_summary
+        ensemble_calibration = _ensemble_calibration(exp, done, _truth(recordings))
+        report["calibration"]["ensemble"] = {"temperatures": ensemble_calibration.temperatures,
+                                             "ece_before": ensemble_calibration.ece_before,
+                                             "ece_after": ensemble_calibration.ece_after}
 
     exp_dir = exp.exp_dir
     out = exp.report_dir
@@ -479,15 +482,16 @@ def build_report(exp: Experiment, done: Sequence[Member], recordings: Sequence[R
     tmp = exp_dir / ".decision.json.tmp"
     tmp.write_text(final.layer.to_json() + "\n")
     os.replace(tmp, exp_dir / "decision.json")
-    with atomic_write(exp.calibration_file, durable=True) as f:
-        f.write(ensemble_calibration.to_json())
+    if ensemble_calibration is not None:
+        with atomic_write(exp.calibration_file, durable=True) as f:
+            f.write(ensemble_calibration.to_json())
     _write_json(exp_dir / ENSEMBLE_MANIFEST, {
         "format": ENSEMBLE_FORMAT, "members": [exp.run_dir(m).relative_to(exp_dir).as_posix() for m in done],
         "thresholds": report["thresholds"],
         "thresholds_source": f"tuned on the out-of-fold predictions ({report['thresholds_tuned_on']})",
         "decision": "decision.json",
         "decision_source": f"fitted on the out-of-fold predictions ({report['thresholds_tuned_on']})",
-        "calibration": exp.calibration_file.name,
+        **({"calibration": exp.calibration_file.name} if ensemble_calibration is not None else {}),
         "combine": "mean of the members' probabilities"})
     _write_scores_csv(report, out / "scores.csv")
     made = _figures(exp, done, sets, report, out / "figures") if figures else []

@@ -50,6 +50,8 @@ from ignite_trainer.runs.record import read_split
 from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.scoring.scores import auprc, auroc, binary_stats, macc
 from ignite_trainer.core.vocabulary import AGGREGATIONS, LABELS
+from ignite_trainer.use.mc_dropout import check_passes, write_mc_csv
+from ignite_trainer.use.mc_dropout import mc_dropout as run_mc_dropout
 from ignite_trainer.use.windows import run_windows
 from ignite_trainer.use.writers import PATIENT_COLUMNS, write_json, write_patients_csv, write_recordings_csv
 
@@ -131,23 +133,24 @@ def calibration_section(before: LevelPredictions, after: LevelPredictions, tempe
 
 
 def _calibration(trained: Any, ensemble: bool, run: Any, levels: dict[str, LevelPredictions], how: str
-                 ) -> dict[str, Any]:
-    """Before: the model's own probabilities; after: with its temperatures (an ensemble's: on its recordings)."""
+                 ) -> dict[str, Any] | None:
+    """Before: the model's own probabilities; after: with its temperatures (an ensemble's: on its recordings).
+    None for a model or experiment stored without a calibration."""
+    if trained.calibration is None:
+        return None
     if ensemble:
         recs, calibration = levels["recording"], trained.calibration
-        temperatures = calibration.temperatures if calibration is not None else {label: 1.0 for label in LABELS}
+        temperatures = calibration.temperatures
         after_recs = LevelPredictions("recording", recs.ids, apply_temperatures(recs.probs, temperatures), recs.targets,
                                       recs.mask, recs.patient_ids, recs.murmur_classes, recs.n_windows)
         used = [r for r in run]  # the recordings behind recs, in its order
         return calibration_section(levels["patient"], patient_predictions(after_recs, used, how), temperatures,
-                                   "fitted on the members' out-of-fold predictions" if calibration is not None
-                                   else "none: the experiment was collected before calibration (T = 1)", False)
+                                   "fitted on the members' out-of-fold predictions", False)
     temperatures = trained.temperatures
     before = run.patients(run.raw_windows, how)
     after = run.patients(calibrated_windows(run.raw_windows, temperatures), how)
-    source = ("fitted on the validation patients at training time" if trained.calibration is not None
-              else "none: the model file holds no calibration (T = 1)")
-    return calibration_section(before, after, temperatures, source, trained.applies_calibration)
+    return calibration_section(before, after, temperatures, "fitted on the validation patients at training time",
+                               trained.applies_calibration)
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -186,7 +189,7 @@ def _select_recordings(trained: TrainedModel, data: str | Path | None, fmt: str 
 def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
              split: Literal["val", "all"] | None = None, aggregation: Literal["mean", "any"] | None = None,
              unknown_margin: float = 0.1, out_dir: str | Path | None = None, device: str = "cpu",
-             figures: bool = True) -> dict[str, Any]:
+             figures: bool = True, mc_dropout: int | None = None, mc_seed: int = 0) -> dict[str, Any]:
     """Evaluate a run directory, checkpoint or safetensors export, or an ensemble (experiment directory,
     `export_ensemble` file, list of models); returns what ``metrics.json`` holds.
 
@@ -195,7 +198,8 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
     run's split settings). ``aggregation`` (recordings -> patients) defaults to the run's. ``unknown_margin``
     only applies to a model saved without a decision layer (the legacy Unknown band). Output goes to
     ``<run>/report/`` (or ``<checkpoint stem>_report/`` beside a file outside a run, ``EXP_DIR/evaluation/``
-    for an experiment, or ``out_dir``).
+    for an experiment, or ``out_dir``). ``mc_dropout`` (N passes, seeded by ``mc_seed``; one model only) adds
+    ``mc_dropout.csv``: each patient's mean probability and its sd over the passes (`mc_dropout`).
 
     Example::
 
@@ -209,8 +213,14 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
         raise ConfigError(f"aggregation={aggregation!r} is not one of: {', '.join(AGGREGATIONS)}")
     if not (isinstance(unknown_margin, (int, float)) and 0.0 <= unknown_margin <= 0.5):
         raise ConfigError(f"unknown_margin={unknown_margin!r} must be a number in [0, 0.5]")
+    if mc_dropout is not None:
+        check_passes(mc_dropout, "mc_dropout (--mc-dropout)")
+        if isinstance(mc_seed, bool) or not isinstance(mc_seed, int) or mc_seed < 0:
+            raise ConfigError(f"mc_seed={mc_seed!r} must be an integer >= 0")
     trained = load_model(path)
     ensemble = isinstance(trained, Ensemble)
+    if ensemble and mc_dropout is not None:
+        raise ConfigError(f"{trained.source}: --mc-dropout runs one model; evaluate a member's run directory instead")
     if ensemble and data is None:
         raise ConfigError(f"{trained.source}: an ensemble's members trained on every patient of their dataset "
                           "between them; evaluate it on held-out recordings (data=/--data)")
@@ -224,14 +234,14 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
     if ensemble:
         recs, patients, warnings = trained.levels(recordings, how, device=device)
         levels = {"recording": recs, "patient": patients}
-        used = [r for r in recordings if r.recording_id in set(recs.ids)]
-        by_id = {r.recording_id: r for r in used}
+        by_id = {r.recording_id: r for r in recordings}
         calibration = _calibration(trained, True, [by_id[i] for i in recs.ids], levels, how)
     else:
         run = run_windows(trained, recordings, device=device)
         levels = dict(zip(LEVELS, run.levels(how)))
         warnings = run.warnings
         calibration = _calibration(trained, False, run, levels, how)
+    mc = None if mc_dropout is None else run_mc_dropout(trained, recordings, mc_dropout, mc_seed, how, device)
     thresholds = trained.thresholds
     layer = trained.decision_layer(unknown_margin)
     challenge, scores = challenge_section(levels["patient"], levels["recording"], layer)
@@ -256,12 +266,17 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
         "combine": "mean of the members' probabilities" if ensemble else None,
         "levels": {name: level_scores(level, thresholds) for name, level in levels.items()},
         "challenge": challenge,
-        "calibration": calibration,
         "new_patients": new_patients,
         "warnings": ([f"{len(new_patients)} patient(s) added to {source} after training are in neither side of "
                       f"the run's split and were not scored as validation: {', '.join(new_patients)}"]
                      if new_patients else []) + list(warnings),
     }
+    # a model without a calibration (every file from before it existed) reports exactly what it did before
+    if calibration is not None:
+        results["calibration"] = calibration
+    if mc is not None:
+        results["mc_dropout"] = {"passes": mc.passes, "seed": mc.seed, "dropout_modules": mc.dropout_modules,
+                                 "mean_sd": {label: float(np.mean(mc.patient_sd[:, j])) for j, label in enumerate(LABELS)}}
     if ensemble:  # windows were counted by the first member (members may cut windows differently)
         results["counts"]["window"] = int(np.sum(levels["recording"].n_windows))
     results["project"] = {"heart_macc": results["levels"]["recording"].get("heart", {}).get("macc"),
@@ -273,6 +288,8 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
              "report": "report.md"}
     if scores is not None:
         names["challenge_scores"] = "challenge_scores.csv"
+    if mc is not None:
+        names["mc_dropout"] = "mc_dropout.csv"
     results["files"] = {k: str(out / name) for k, name in names.items()}
     run_dir = None if ensemble else trained.run_dir
     metrics_log = RunDirectory(run_dir).metrics_log.path if run_dir is not None else None
@@ -283,6 +300,8 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
                 write_scores_csv(scores, staging / names["challenge_scores"])
             write_patients_csv(levels["patient"], thresholds, staging / names["patients"])
             write_recordings_csv(levels["recording"], thresholds, staging / names["recordings"])
+            if mc is not None:
+                write_mc_csv(mc, staging / names["mc_dropout"])
             written = write_report(staging, results, levels, metrics_log, figures=figures)
             results["files"]["figures"] = [str(out / Path(p).relative_to(staging)) for p in written]
             write_json(staging / names["metrics"], results)
