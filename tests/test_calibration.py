@@ -281,3 +281,17 @@ def test_predict_mc_dropout_needs_its_output_file(runs, tmp_path, capsys):
     assert main(["predict", str(off), str(data), "--output", str(tmp_path / "p.csv"), "--mc-dropout", "2",
                  "--mc-output", str(tmp_path / "mc.csv")]) == 0
     assert len(_rows(tmp_path / "mc.csv")) == len({r["patient_id"] for r in _rows(tmp_path / "p.csv")})
+
+
+def test_the_predictor_answers_with_the_calibrated_probabilities_predict_gives(runs, trained_run):
+    from test_predictor import _patients
+    from ignite_trainer.use.inference import predict
+    from ignite_trainer.use.predictor import Predictor
+    _, on = runs
+    folder = predict(on, [trained_run.data])
+    by_id = {pid: i for i, pid in enumerate(folder.patients.ids)}
+    predictor = Predictor.load(on)
+    for pid, text, recordings in _patients(trained_run.data)[:4]:
+        result = predictor.predict_patient(recordings, text)
+        np.testing.assert_allclose([result.per_label_probs["heart"], result.per_label_probs["murmur"]],
+                                   folder.patients.probs[by_id[pid]], rtol=0, atol=1e-6)  # float32 batches differ
