@@ -242,6 +242,12 @@ _MODEL_HELP = ("MODEL is a run directory, checkpoint or export, or an ensemble: 
                "decision layer.")
 
 
+_MC_DROPOUT = click.option("--mc-dropout", type=click.IntRange(min=1), default=None, metavar="N",
+                           help="Also N Monte Carlo dropout passes: each patient's mean probability and its sd.")
+_MC_SEED = click.option("--mc-seed", type=click.IntRange(min=0), default=0, show_default=True,
+                        help="Seed of the Monte Carlo dropout masks (with the pass and window index).")
+
+
 def _model_source(text: str) -> str | list[str]:
     """MODEL as typed: one path, or a comma-separated list of models (an ensemble)."""
     parts = [p for p in text.split(",") if p]
@@ -260,13 +266,16 @@ def _model_source(text: str) -> str | list[str]:
 @_UNKNOWN_MARGIN
 @click.option("--output-dir", type=click.Path(file_okay=False), default=None, help="Report folder [RUN_DIR/report].")
 @_DEVICE
+@_MC_DROPOUT
+@_MC_SEED
 def evaluate(model_path: str, data: str | None, fmt: str | None, split: str | None, aggregation: str | None,
-             unknown_margin: float, output_dir: str | None, device: str) -> None:
+             unknown_margin: float, output_dir: str | None, device: str, mc_dropout: int | None, mc_seed: int) -> None:
     """Score a model per window, recording and patient; write report/metrics.json, patients.csv, report.md."""
     from ignite_trainer.use.evaluation import evaluate as run_evaluation
 
     result = run_evaluation(_model_source(model_path), data=data, fmt=fmt, split=split, aggregation=aggregation,
-                            unknown_margin=unknown_margin, out_dir=output_dir, device=device)
+                            unknown_margin=unknown_margin, out_dir=output_dir, device=device, mc_dropout=mc_dropout,
+                            mc_seed=mc_seed)
     print_evaluation(result)
 
 
@@ -288,6 +297,13 @@ def print_evaluation(result: dict[str, Any]) -> None:
                         ("2022 Challenge murmur weighted accuracy", ch["murmur_weighted_accuracy"]),
                         ("2022 Challenge outcome cost", ch["outcome_cost"])):
         click.echo(f"{name}: {format_score(value)}")
+    cal = result.get("calibration")
+    if cal:
+        click.echo(f"calibration (ECE, {cal['bins']} bins, {cal['level']}s; {cal['source']}; "
+                   f"{'used' if cal['applied'] else 'not used'} for decisions):")
+        for label in LABELS:
+            click.echo(f"  {label:<8} T={cal['temperatures'][label]:.4g}  ECE before {format_score(cal['ece_before'][label])}"
+                       f"  after {format_score(cal['ece_after'][label])}")
     if "challenge_scores" in result["files"]:
         click.echo(f"official scores file: {result['files']['challenge_scores']}")
     click.echo(f"report: {result['files']['report']}")
@@ -307,8 +323,13 @@ def print_evaluation(result: dict[str, Any]) -> None:
                    "[<output>.attributes.csv beside --output].")
 @_UNKNOWN_MARGIN
 @_DEVICE
+@_MC_DROPOUT
+@_MC_SEED
+@click.option("--mc-output", type=click.Path(dir_okay=False), default=None,
+              help="CSV of each patient's Monte Carlo dropout mean and sd (needed with --mc-dropout).")
 def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challenge_dir: str | None, fmt: str | None,
-            aggregation: str | None, attributes_out: str | None, unknown_margin: float, device: str) -> None:
+            aggregation: str | None, attributes_out: str | None, unknown_margin: float, device: str,
+            mc_dropout: int | None, mc_seed: int, mc_output: str | None) -> None:
     """Predict heart and murmur per recording and per patient for WAV files or dataset folders.
 
     The model is a run directory (its best checkpoint), a checkpoint file or a .safetensors export.
@@ -317,6 +338,8 @@ def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challe
     from ignite_trainer.use.inference import predict as run_prediction
     from ignite_trainer.use.writers import write_challenge_outputs, write_predictions_csv
 
+    if (mc_dropout is None) != (mc_output is None):
+        raise click.UsageError("--mc-dropout and --mc-output go together (N passes, and the CSV they are written to)")
     result = run_prediction(_model_source(model_path), list(inputs), fmt=fmt, aggregation=aggregation,
                             unknown_margin=unknown_margin, device=device, challenge=challenge_dir is not None)
     has_attributes = result.heads is not None and bool(result.heads[0].attributes)
@@ -336,6 +359,17 @@ def predict(model_path: str, inputs: tuple[str, ...], output: str | None, challe
     if output is not None:
         click.echo(f"wrote {len(result.recordings)} recording and {len(result.patients)} patient row(s) to {output}",
                    err=True)
+    if mc_dropout is not None:
+        from ignite_trainer.data.discovery import discover_recordings
+        from ignite_trainer.use.ensemble import Ensemble, load_model
+        from ignite_trainer.use.mc_dropout import mc_dropout as run_mc, write_mc_csv
+
+        trained = load_model(_model_source(model_path))
+        if isinstance(trained, Ensemble):
+            raise click.UsageError("--mc-dropout runs one model, not an ensemble")
+        mc = run_mc(trained, discover_recordings(list(inputs), fmt), mc_dropout, mc_seed, aggregation, device)
+        write_mc_csv(mc, mc_output)
+        click.echo(f"wrote {len(mc.patients)} patient row(s) of {mc_dropout} dropout passes to {mc_output}", err=True)
 
 
 @cli.command(epilog=_MODEL_HELP)

@@ -157,7 +157,8 @@ def test_evaluate_writes_report_with_figures(trained_run):
     result = evaluate(trained_run.run_dir)
     report = trained_run.run_dir / "report"
     text = (report / "report.md").read_text()
-    assert len(result["files"]["figures"]) == 5  # confusion and ROC/PR per label, training curves
+    # confusion and ROC/PR per label, training curves, and the reliability diagram of the run's calibration
+    assert len(result["files"]["figures"]) == 6
     for fig in result["files"]["figures"]:
         assert Path(fig).stat().st_size > 10_000 and f"figures/{Path(fig).name}" in text
 

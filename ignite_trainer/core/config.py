@@ -170,6 +170,8 @@ class TrainConfig:
     # evaluation
     aggregation: Literal[AGGREGATIONS] = _f("mean", "recording/patient prediction: mean probability or any positive")
     threshold_objective: Literal[OBJECTIVES] = _f("f1", "how per-label thresholds are tuned on validation")
+    calibrate: bool = _f(False, "decide on temperature-scaled probabilities (one T per label, fitted on validation "
+                                "patients); off: T is still fitted and reported, decisions are unchanged")
     # distributed
     nproc_per_node: int = _f(1, "processes on this node (idist.Parallel)", min=1)
     backend: Literal["gloo", "nccl"] | None = _f(None, "distributed backend; default gloo on CPU, nccl on CUDA")
@@ -391,7 +393,7 @@ ADDED_LATER = {"cpu_kernel": False, "pretrain_data": None, "pretrain_ema": 0.99,
                "pretrain_hidden_dim": 512, "pretrain_mixup": 0.4, "pretrain_crop": True, "init_from": None,
                "freeze_trunk": False, "trunk_lr_scale": 1.0, "warmup_epochs": 0,
                "label_fraction": 1.0, "heads": None, "attribute_loss_weight": 0.5,
-               "segmentation_loss_weight": 0.5, "patient_model": False}
+               "segmentation_loss_weight": 0.5, "patient_model": False, "calibrate": False}
 
 #: Why a field may not change on resume, where the general reason (another result) needs saying more exactly.
 WHY_FIXED = {"cpu_kernel": "the kernel and the ordinary modules round differently, so the results would differ "

@@ -45,7 +45,10 @@ from ignite_trainer.data.records import LABELS, Recording
 from ignite_trainer.scoring.decision import DecisionLayer, PatientFeatures, patient_truth
 from ignite_trainer.core.errors import CheckpointError, DataError
 from ignite_trainer.data.splits import patient_labels
-from ignite_trainer.scoring.predictions import LevelPredictions, tune_thresholds
+from ignite_trainer.core.atomic import atomic_write
+from ignite_trainer.scoring.calibration import (ECE_BINS, Calibration, apply_temperatures, ece_per_label,
+                                                fit_temperature, logits_of, reliability_per_label)
+from ignite_trainer.scoring.predictions import LevelPredictions, aggregate, tune_thresholds
 from ignite_trainer.scoring.scores import auprc, auroc
 from ignite_trainer.runs.checkpoint import find_best_checkpoint
 from ignite_trainer.runs.rundir import RunDirectory, read_metrics_log
@@ -341,6 +344,73 @@ def _write_json(path: Path, value: Any) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- the report
+def _member_calibration(run_dir: Path) -> dict[str, Any] | None:
+    """The ``calibration`` section of a member's out-of-fold ``metrics.json`` (ECE before and after its own
+    temperatures, on its own validation fold); None for a member evaluated before calibration existed."""
+    path = oof_dir(run_dir) / "metrics.json"
+    try:
+        section = json.loads(path.read_text()).get("calibration")
+    except (OSError, ValueError, AttributeError) as e:
+        raise DataError(f"{path}: cannot read the member's out-of-fold evaluation ({e})") from None
+    return section if isinstance(section, dict) else None
+
+
+def _calibration_report(exp: Experiment, done: Sequence[Member]) -> dict[str, Any]:
+    """Per label, ECE before and after temperature scaling on each member's out-of-fold patients (each
+    fold's temperature fitted on that fold's validation data), and mean ± sd over the fold × seed runs."""
+    per_run = {m.name: _member_calibration(exp.run_dir(m)) for m in done}
+    known = {name: c for name, c in per_run.items() if c is not None}
+    summary: dict[str, Any] = {"bins": ECE_BINS, "level": "patient", "per_run": {
+        name: {"temperatures": c["temperatures"], "ece_before": c["ece_before"], "ece_after": c["ece_after"]}
+        for name, c in known.items()}, "runs_without": sorted(set(per_run) - set(known))}
+    for when in ("before", "after"):
+        summary[f"ece_{when}"] = {label: _mean_sd([c[f"ece_{when}"].get(label) for c in known.values()])
+                                  for label in LABELS}
+    return summary
+
+
+def _ensemble_calibration(exp: Experiment, done: Sequence[Member], truth: Mapping[str, Any]) -> Calibration:
+    """The ensemble's temperatures, fitted on its members' out-of-fold recordings: each recording predicted by
+    the member that never trained on its patient (with several seeds, the mean over seeds), logits / T,
+    aggregated to patients by the experiment's rule; no member's own training data is used."""
+    per_recording: dict[str, list[tuple[float, float]]] = {}
+    patient_of: dict[str, str] = {}
+    for m in done:
+        path = oof_dir(exp.run_dir(m)) / "recordings.csv"
+        try:
+            with open(path, newline="") as f:
+                for row in csv.DictReader(f):
+                    per_recording.setdefault(row["recording_id"], []).append(
+                        (float(row["heart_prob"]), float(row["murmur_prob"])))
+                    patient_of[row["recording_id"]] = row["patient_id"]
+        except (OSError, KeyError, ValueError) as e:
+            raise DataError(f"{path}: cannot read the member's out-of-fold predictions ({e})") from None
+    how = exp.config.aggregation
+    ids = sorted(per_recording)
+    probs = np.array([np.mean(per_recording[r], axis=0) for r in ids], dtype=np.float64).reshape(-1, 2)
+    patients = list(dict.fromkeys(patient_of[r] for r in ids))
+    position = {p: i for i, p in enumerate(patients)}
+    patient_codes = np.array([position[patient_of[r]] for r in ids], dtype=np.int64)
+    targets = np.array([truth[p][0] for p in patients], dtype=np.float64).reshape(-1, 2)
+    mask = np.array([truth[p][1] for p in patients], dtype=bool).reshape(-1, 2)
+    logits = logits_of(probs)
+    temperatures, fitted = {}, {}
+    for j, label in enumerate(LABELS):
+        t = fit_temperature(logits[:, j], np.arange(len(ids)), patient_codes, targets[:, j], mask[:, j], how)
+        temperatures[label], fitted[label] = (1.0, False) if t is None else (t, True)
+
+    def level(p: np.ndarray) -> LevelPredictions:
+        keys, agg = aggregate(p, patient_codes.tolist(), how)
+        agg = agg[np.argsort(np.asarray(keys))]
+        return LevelPredictions("patient", patients, agg, targets, mask, patients, [truth[p][2] for p in patients],
+                                np.ones(len(patients), dtype=np.int64))
+
+    before, after = level(probs), level(apply_temperatures(probs, temperatures))
+    return Calibration(temperatures, fitted, how, None, False, {name: int(mask[:, j].sum()) for j, name in enumerate(LABELS)},
+                       ece_per_label(before), ece_per_label(after), reliability_per_label(before),
+                       reliability_per_label(after))
+
+
 def build_report(exp: Experiment, done: Sequence[Member], recordings: Sequence[Recording], bootstrap: int = 1000,
                  figures: bool = True) -> dict[str, Any]:
     """Everything `cv.collect_experiment` writes from the finished members ``done``; returns ``summary.json``'s content.
@@ -394,6 +464,14 @@ def build_report(exp: Experiment, done: Sequence[Member], recordings: Sequence[R
     report["thresholds_tuned_on"] = f"{final_set.name}: {len(final_set.ids)} out-of-fold patients ({objective})"
     report["pooled"] = report["sets"][final_set.name]["pooled"]
     report["pooled_challenge"] = report["sets"][final_set.name]["pooled_challenge"]
+    calibration_summary = _calibration_report(exp, done)
+    ensemble_calibration = None
+    if calibration_summary["per_run"]:  # members evaluated before calibration existed: collected as before
+        report["calibration"] = calibration_summary
+        ensemble_calibration = _ensemble_calibration(exp, done, _truth(recordings))
+        report["calibration"]["ensemble"] = {"temperatures": ensemble_calibration.temperatures,
+                                             "ece_before": ensemble_calibration.ece_before,
+                                             "ece_after": ensemble_calibration.ece_after}
 
     exp_dir = exp.exp_dir
     out = exp.report_dir
@@ -404,12 +482,16 @@ def build_report(exp: Experiment, done: Sequence[Member], recordings: Sequence[R
     tmp = exp_dir / ".decision.json.tmp"
     tmp.write_text(final.layer.to_json() + "\n")
     os.replace(tmp, exp_dir / "decision.json")
+    if ensemble_calibration is not None:
+        with atomic_write(exp.calibration_file, durable=True) as f:
+            f.write(ensemble_calibration.to_json())
     _write_json(exp_dir / ENSEMBLE_MANIFEST, {
         "format": ENSEMBLE_FORMAT, "members": [exp.run_dir(m).relative_to(exp_dir).as_posix() for m in done],
         "thresholds": report["thresholds"],
         "thresholds_source": f"tuned on the out-of-fold predictions ({report['thresholds_tuned_on']})",
         "decision": "decision.json",
         "decision_source": f"fitted on the out-of-fold predictions ({report['thresholds_tuned_on']})",
+        **({"calibration": exp.calibration_file.name} if ensemble_calibration is not None else {}),
         "combine": "mean of the members' probabilities"})
     _write_scores_csv(report, out / "scores.csv")
     made = _figures(exp, done, sets, report, out / "figures") if figures else []
@@ -485,6 +567,24 @@ def _markdown(report: Mapping[str, Any]) -> str:
         r = report["runs"][metric]
         spread = "–" if r["mean"] is None else f"{r['mean']:.3f}" + (f" ± {r['sd']:.3f}" if r["sd"] is not None else "")
         lines += ["", f"mean ± sd over runs: {spread} (n={r['n']} of {r['of']})", ""]
+    cal = report.get("calibration")
+    if cal:
+        lines += ["## Calibration (expected calibration error)", "",
+                  f"Per label on each run's out-of-fold patients ({cal['bins']} equal-width bins), before and after "
+                  "that run's temperature (fitted on its own validation fold); mean ± sd over the fold × seed runs. "
+                  "The ensemble's temperature is fitted on all out-of-fold recordings (`calibration.json`).", "",
+                  "| label | ECE before | ECE after | ensemble T | ensemble ECE before | ensemble ECE after |",
+                  "|---|---|---|---|---|---|"]
+        for label in LABELS:
+            cells = []
+            for when in ("before", "after"):
+                r = cal[f"ece_{when}"][label]
+                cells.append("–" if r["mean"] is None else f"{r['mean']:.3f}"
+                             + (f" ± {r['sd']:.3f}" if r["sd"] is not None else "") + f" (n={r['n']})")
+            ens = cal["ensemble"]
+            lines.append(f"| {label} | {cells[0]} | {cells[1]} | {ens['temperatures'][label]:.4g} | "
+                         f"{_num(ens['ece_before'][label])} | {_num(ens['ece_after'][label])} |")
+        lines.append("")
     if report.get("figures"):
         lines += ["## Figures", ""] + [f"![{Path(p).stem.replace('_', ' ')}]({p})" for p in report["figures"]] + [""]
     lines += ["Every number: [summary.json](summary.json), [scores.csv](scores.csv); predictions: "

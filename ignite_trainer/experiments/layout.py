@@ -114,6 +114,11 @@ class Experiment:
         return self.report_dir / "summary.json"
 
     @property
+    def calibration_file(self) -> Path:
+        """The ensemble's temperatures, fitted on the members' out-of-fold predictions (`cv_report`)."""
+        return self.exp_dir / "calibration.json"
+
+    @property
     def splits_path(self) -> Path:
         return self.exp_dir / "splits.json"
 

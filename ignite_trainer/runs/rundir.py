@@ -90,6 +90,11 @@ class RunDirectory:
         return self.path / "trunk.safetensors"
 
     @property
+    def calibration_file(self) -> Path:
+        """The per-label temperatures fitted on validation for the best checkpoint (`scoring.calibration`)."""
+        return self.path / "calibration.json"
+
+    @property
     def report(self) -> Path:
         """``evaluate``'s report folder (``report.md``, ``metrics.json``, figures)."""
         return self.path / "report"

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 from ignite.engine import Engine
 
+from ignite_trainer.scoring.calibration import calibrated_windows
 from ignite_trainer.scoring.decision import fit_decision
 from ignite_trainer.scoring.predictions import (Aggregation, LevelPredictions, Objective, patient_predictions,
                                                 recording_predictions, scores_at_thresholds, tune_thresholds)
@@ -23,7 +24,11 @@ def validation_recordings(trainer: Engine, metric_name: str, val_dataset: Any) -
     output = getattr(trainer.state, "validation_output", None)
     if output is None or metric_name not in output.metrics:
         raise KeyError(f"no '{metric_name}' in the evaluator's metrics; attach a PredictionCollector under that name")
-    return recording_predictions(output.metrics[metric_name], val_dataset.window_recording, val_dataset.recordings)
+    windows = output.metrics[metric_name]
+    calibration = getattr(trainer.state, "calibration", None)
+    if calibration is not None and calibration.applied:  # calibrate: true (`temperature`): decide on calibrated ones
+        windows = calibrated_windows(windows, calibration.temperatures)
+    return recording_predictions(windows, val_dataset.window_recording, val_dataset.recordings)
 
 
 def attach_threshold_tuning(trainer: Engine, evaluator_metric_name: str, objective: Objective,

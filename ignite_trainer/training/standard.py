@@ -8,7 +8,8 @@ left in ``trainer.state``, so the order is part of the contract:
 2. ``StepEvents.STATS_READ`` (fired from ``ITERATION_COMPLETED``, at the latest on an epoch's last
    iteration): the non-finite guard, before anything could save a broken step.
 3. ``EPOCH_COMPLETED``: validation, which fires ``VALIDATION_COMPLETED``, on which, in order:
-   threshold tuning (sets ``state.thresholds``), the Challenge decision layer (``state.decision``), early
+   the per-label temperatures (``state.calibration``, `temperature`), threshold tuning (sets
+   ``state.thresholds``; on calibrated probabilities with ``calibrate``), the Challenge decision layer (``state.decision``), early
    stopping, then the best checkpoint (whose ``thresholds`` and ``decision`` snapshots must see this
    epoch's values, and whose ``early_stopping`` state must already count this epoch), then, on rank 0, the
    metrics log, the per-epoch TensorBoard (with PR curves) and the console's epoch line (all after the best
@@ -47,6 +48,7 @@ from ignite_trainer.training.handlers import (
 from ignite_trainer.runs.logs import progress_bar_wanted
 from ignite_trainer.training.decisions import attach_decision_fitting, attach_threshold_tuning
 from ignite_trainer.training.tensorboard import attach_pr_curves
+from ignite_trainer.training.temperature import attach_temperature_fitting
 from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.training.tensorboard import attach_epoch_tensorboard
 
@@ -81,6 +83,7 @@ class StandardHandlers:
     progress_bar: ProgressBar | None = None
     checkpoint_dir: Path | None = field(default=None, repr=False)
     decision_fitting: Callable[[Engine], None] | None = None
+    temperature_fitting: Callable[[Engine], None] | None = None
 
     def close(self) -> None:
         """Flush and close TensorBoard; on the saving rank, remove temp files an interrupted save left behind."""
@@ -91,6 +94,11 @@ class StandardHandlers:
                 tb.close()
         if self.checkpoint_dir is not None:
             clean_partial_files(self.checkpoint_dir)
+
+
+def _calibration_dict(trainer: Engine) -> dict[str, Any] | None:
+    calibration = getattr(trainer.state, "calibration", None)
+    return None if calibration is None else calibration.to_dict()
 
 
 def _decision_dict(trainer: Engine) -> dict[str, Any] | None:
@@ -127,6 +135,10 @@ def attach_standard_handlers(
     sampler_epoch = attach_sampler_epoch(trainer, train_loader)
     nan_guard = attach_nan_guard(trainer, where=f"; resume from the last good checkpoint with --resume {run_dir}")
     validation = attach_validation(trainer, evaluator, val_loader)
+    # before thresholds and the decision layer: with config.calibrate they are tuned on calibrated probabilities
+    temperature_fitting = attach_temperature_fitting(trainer, PREDICTIONS, val_dataset, aggregation=config.aggregation,
+                                                     applied=config.calibrate,
+                                                     run_dir=directory.path if writes_logs else None)
     tuning = attach_threshold_tuning(trainer, PREDICTIONS, config.threshold_objective, val_dataset)
     decision_fitting = attach_decision_fitting(trainer, PREDICTIONS, val_dataset, config.aggregation)
     cosine = config.scheduler == "cosine_annealing"
@@ -143,6 +155,8 @@ def attach_standard_handlers(
         "decision": Snapshot(lambda: _decision_dict(trainer)),
         **(extra_to_save or {}),
     }
+    if config.calibrate:  # a checkpoint that decides on calibrated probabilities carries its own temperatures
+        to_save["calibration"] = Snapshot(lambda: _calibration_dict(trainer))
     if scaler is not None:
         to_save["scaler"] = scaler
     if scheduler is not None:
@@ -155,7 +169,7 @@ def attach_standard_handlers(
     # Only the saving rank may clean up temp files: another rank finishing first would delete a file being written.
     handlers = StandardHandlers(sampler_epoch, nan_guard, validation, tuning, scheduler, early, best, last, to_save,
                                 checkpoint_dir=directory.checkpoints if idist.get_rank() == 0 else None,
-                                decision_fitting=decision_fitting)
+                                decision_fitting=decision_fitting, temperature_fitting=temperature_fitting)
     if resume_from is not None:
         handlers.restored_iteration = restore(resume_from, {**to_save, "best_checkpointer": best, "checkpointer": last},
                                               map_location="cpu")

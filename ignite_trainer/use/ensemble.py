@@ -46,6 +46,7 @@ from ignite_trainer.core.config import TrainConfig, read_text_file
 from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError
 from ignite_trainer.data.features import FeatureSettings
 from ignite_trainer.data.records import LABELS, Recording
+from ignite_trainer.scoring.calibration import Calibration
 from ignite_trainer.scoring.decision import DecisionLayer
 from ignite_trainer.scoring.predictions import LevelPredictions, patient_predictions
 from ignite_trainer.use.model_files import (TrainedModel, checked_thresholds, load_trained_model, read_safetensors,
@@ -124,6 +125,10 @@ class Ensemble:
     #: The Challenge decision layer (None: the legacy rule from ``thresholds``, see `decision_layer`).
     decision: DecisionLayer | None = None
     decision_source: str = ""
+    #: The ensemble's own temperatures, fitted on its members' out-of-fold predictions (a collected
+    #: experiment's ``calibration.json``); reported by ``evaluate``, never applied to its decisions (its
+    #: thresholds and decision layer were tuned on the members' outputs as they are).
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         check_same_labels(self.members)
@@ -280,9 +285,16 @@ def _from_experiment(exp_dir: Path) -> Ensemble:
         except CheckpointError as e:
             raise CheckpointError(f"{layer_path}: unreadable decision layer ({e})") from None
         layer_source = str(manifest.get("decision_source", "out-of-fold"))
+    calibration = None
+    if manifest.get("calibration"):
+        calibration_path = exp_dir / str(manifest["calibration"])
+        try:
+            calibration = Calibration.from_json(read_text_file(calibration_path, "the calibration", CheckpointError))
+        except CheckpointError as e:
+            raise CheckpointError(f"{calibration_path}: {e}") from None
     members = [load_trained_model(p) for p in member_dirs]
     return Ensemble(members, stored, True, str(manifest.get("thresholds_source", "out-of-fold")), exp_dir,
-                    layer, layer_source)
+                    layer, layer_source, calibration)
 
 
 # ---------------------------------------------------------------------------------------------- one file
@@ -293,7 +305,10 @@ def _from_export(path: Path) -> Ensemble:
         thresholds = checked_thresholds(json.loads(metadata["thresholds"]), f"{path}: thresholds", ConfigError)
         tuned = bool(json.loads(metadata.get("thresholds_tuned", "true")))
         layer = DecisionLayer.from_json(metadata["decision"]) if metadata.get("decision") else None
-    except (KeyError, json.JSONDecodeError, TypeError, CheckpointError) as e:
+        calibration = Calibration.from_json(metadata["calibration"]) if metadata.get("calibration") else None
+        member_calibrations = [Calibration.from_dict(m["calibration"]) if m.get("calibration") else None
+                               for m in members_meta]
+    except (KeyError, json.JSONDecodeError, TypeError, AttributeError, CheckpointError) as e:
         raise CheckpointError(f"{path}: damaged ensemble metadata ({e})") from None
     members = []
     for i, meta in enumerate(members_meta):
@@ -307,8 +322,9 @@ def _from_export(path: Path) -> Ensemble:
             raise CheckpointError(f"{path}: member {i} cannot be rebuilt ({e})") from None
         members.append(TrainedModel(model=model, config=config, settings=FeatureSettings.from_config(config),
                                     thresholds=dict(thresholds), thresholds_tuned=tuned, source=path, run_dir=None,
-                                    epoch=meta.get("epoch")))
+                                    epoch=meta.get("epoch"), calibration=member_calibrations[i]))
     if not members:
         raise CheckpointError(f"{path}: holds no member")
     return Ensemble(members, thresholds, tuned, metadata.get("threshold_source", ""), path, layer,
-                    metadata.get("decision_source", "") if layer is not None else "legacy rule from the thresholds")
+                    metadata.get("decision_source", "") if layer is not None else "legacy rule from the thresholds",
+                    calibration)

@@ -38,21 +38,25 @@ from ignite_trainer.data.prepare import prepare_data, split_recordings
 from ignite_trainer.data.readers import read_recordings
 from ignite_trainer.scoring.challenge import ChallengeScores, challenge_scores, write_scores_csv
 from ignite_trainer.data.records import Recording
+from ignite_trainer.scoring.calibration import (ECE_BINS, apply_temperatures, calibrated_windows, ece_per_label,
+                                                reliability_per_label)
 from ignite_trainer.scoring.decision import DecisionLayer, patient_features, patient_truth
 from ignite_trainer.core.errors import ConfigError, DataError
 from ignite_trainer.use.ensemble import Ensemble, is_ensemble, load_model
 from ignite_trainer.use.heads_output import heads_section, plot_heart_cycle
 from ignite_trainer.use.model_files import TrainedModel
-from ignite_trainer.scoring.predictions import LevelPredictions
+from ignite_trainer.scoring.predictions import LevelPredictions, patient_predictions
 from ignite_trainer.use.report import write_report
 from ignite_trainer.runs.record import read_split
 from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.scoring.scores import auprc, auroc, binary_stats, macc
 from ignite_trainer.core.vocabulary import AGGREGATIONS, LABELS
+from ignite_trainer.use.mc_dropout import check_passes, write_mc_csv
+from ignite_trainer.use.mc_dropout import mc_dropout as run_mc_dropout
 from ignite_trainer.use.windows import run_windows
 from ignite_trainer.use.writers import PATIENT_COLUMNS, write_json, write_patients_csv, write_recordings_csv
 
-__all__ = ["evaluate", "label_scores", "level_scores", "challenge_section", "PATIENT_COLUMNS", "LEVELS"]
+__all__ = ["evaluate", "label_scores", "level_scores", "challenge_section", "calibration_section", "PATIENT_COLUMNS", "LEVELS"]
 
 log = logging.getLogger("ignite_trainer")
 
@@ -120,6 +124,36 @@ def challenge_section(patients: LevelPredictions, recordings: LevelPredictions, 
     return section, scores
 
 
+def calibration_section(before: LevelPredictions, after: LevelPredictions, temperatures: dict[str, float],
+                        source: str, applied: bool) -> dict[str, Any]:
+    """``metrics.json``'s ``calibration``: per label the expected calibration error and reliability bins of
+    the patients' probabilities before and after the temperatures (`scoring.calibration`, `ECE_BINS` bins)."""
+    return {"level": "patient", "bins": ECE_BINS, "temperatures": dict(temperatures), "source": source,
+            "applied": applied, "ece_before": ece_per_label(before), "ece_after": ece_per_label(after),
+            "reliability_before": reliability_per_label(before), "reliability_after": reliability_per_label(after)}
+
+
+def _calibration(trained: Any, ensemble: bool, run: Any, levels: dict[str, LevelPredictions], how: str
+                 ) -> dict[str, Any] | None:
+    """Before: the model's own probabilities; after: with its temperatures (an ensemble's: on its recordings).
+    None for a model or experiment stored without a calibration, and for a patient model (its run has no windows)."""
+    if trained.calibration is None or (not ensemble and getattr(run, "raw_windows", None) is None):
+        return None
+    if ensemble:
+        recs, calibration = levels["recording"], trained.calibration
+        temperatures = calibration.temperatures
+        after_recs = LevelPredictions("recording", recs.ids, apply_temperatures(recs.probs, temperatures), recs.targets,
+                                      recs.mask, recs.patient_ids, recs.murmur_classes, recs.n_windows)
+        used = [r for r in run]  # the recordings behind recs, in its order
+        return calibration_section(levels["patient"], patient_predictions(after_recs, used, how), temperatures,
+                                   "fitted on the members' out-of-fold predictions", False)
+    temperatures = trained.temperatures
+    before = run.patients(run.raw_windows, how)
+    after = run.patients(calibrated_windows(run.raw_windows, temperatures), how)
+    return calibration_section(before, after, temperatures, "fitted on the validation patients at training time",
+                               trained.applies_calibration)
+
+
 # ---------------------------------------------------------------------------------------------- data
 def _select_recordings(trained: TrainedModel, data: str | Path | None, fmt: str | None,
                        split: Literal["val", "all"]) -> tuple[list[Recording], str, str, list[str]]:
@@ -156,7 +190,7 @@ def _select_recordings(trained: TrainedModel, data: str | Path | None, fmt: str 
 def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
              split: Literal["val", "all"] | None = None, aggregation: Literal["mean", "any"] | None = None,
              unknown_margin: float = 0.1, out_dir: str | Path | None = None, device: str = "cpu",
-             figures: bool = True) -> dict[str, Any]:
+             figures: bool = True, mc_dropout: int | None = None, mc_seed: int = 0) -> dict[str, Any]:
     """Evaluate a run directory, checkpoint or safetensors export, or an ensemble (experiment directory,
     `export_ensemble` file, list of models); returns what ``metrics.json`` holds.
 
@@ -165,7 +199,8 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
     run's split settings). ``aggregation`` (recordings -> patients) defaults to the run's. ``unknown_margin``
     only applies to a model saved without a decision layer (the legacy Unknown band). Output goes to
     ``<run>/report/`` (or ``<checkpoint stem>_report/`` beside a file outside a run, ``EXP_DIR/evaluation/``
-    for an experiment, or ``out_dir``).
+    for an experiment, or ``out_dir``). ``mc_dropout`` (N passes, seeded by ``mc_seed``; one model only) adds
+    ``mc_dropout.csv``: each patient's mean probability and its sd over the passes (`mc_dropout`).
 
     Example::
 
@@ -179,8 +214,14 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
         raise ConfigError(f"aggregation={aggregation!r} is not one of: {', '.join(AGGREGATIONS)}")
     if not (isinstance(unknown_margin, (int, float)) and 0.0 <= unknown_margin <= 0.5):
         raise ConfigError(f"unknown_margin={unknown_margin!r} must be a number in [0, 0.5]")
+    if mc_dropout is not None:
+        check_passes(mc_dropout, "mc_dropout (--mc-dropout)")
+        if isinstance(mc_seed, bool) or not isinstance(mc_seed, int) or mc_seed < 0:
+            raise ConfigError(f"mc_seed={mc_seed!r} must be an integer >= 0")
     trained = load_model(path)
     ensemble = isinstance(trained, Ensemble)
+    if ensemble and mc_dropout is not None:
+        raise ConfigError(f"{trained.source}: --mc-dropout runs one model; evaluate a member's run directory instead")
     if ensemble and data is None:
         raise ConfigError(f"{trained.source}: an ensemble's members trained on every patient of their dataset "
                           "between them; evaluate it on held-out recordings (data=/--data)")
@@ -194,12 +235,16 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
     if ensemble:
         recs, patients, warnings = trained.levels(recordings, how, device=device)
         levels = {"recording": recs, "patient": patients}
+        by_id = {r.recording_id: r for r in recordings}
+        calibration = _calibration(trained, True, [by_id[i] for i in recs.ids], levels, how)
     else:
         run = run_windows(trained, recordings, device=device)
         levels = {name: level for name, level in zip(LEVELS, run.levels(how)) if level is not None}
         warnings = run.warnings
+        calibration = _calibration(trained, False, run, levels, how)
     heads = None if ensemble or getattr(run, "heads", None) is None else heads_section(run.heads, run.dataset,
                                                                                         levels["recording"])
+    mc = None if mc_dropout is None else run_mc_dropout(trained, recordings, mc_dropout, mc_seed, how, device)
     thresholds = trained.thresholds
     layer = trained.decision_layer(unknown_margin)
     challenge, scores = challenge_section(levels["patient"], levels["recording"], layer)
@@ -230,6 +275,12 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
                       f"the run's split and were not scored as validation: {', '.join(new_patients)}"]
                      if new_patients else []) + list(warnings),
     }
+    # a model without a calibration (every file from before it existed) reports exactly what it did before
+    if calibration is not None:
+        results["calibration"] = calibration
+    if mc is not None:
+        results["mc_dropout"] = {"passes": mc.passes, "seed": mc.seed, "dropout_modules": mc.dropout_modules,
+                                 "mean_sd": {label: float(np.mean(mc.patient_sd[:, j])) for j, label in enumerate(LABELS)}}
     if "window" not in levels:  # an ensemble's windows were counted by its first member; a patient model has no window level
         results["counts"]["window"] = int(np.sum(levels["recording"].n_windows))
     if heads is not None:
@@ -243,6 +294,8 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
              "report": "report.md"}
     if scores is not None:
         names["challenge_scores"] = "challenge_scores.csv"
+    if mc is not None:
+        names["mc_dropout"] = "mc_dropout.csv"
     results["files"] = {k: str(out / name) for k, name in names.items()}
     run_dir = None if ensemble else trained.run_dir
     metrics_log = RunDirectory(run_dir).metrics_log.path if run_dir is not None else None
@@ -253,6 +306,8 @@ def evaluate(path, data: str | Path | None = None, fmt: str | None = None,
                 write_scores_csv(scores, staging / names["challenge_scores"])
             write_patients_csv(levels["patient"], thresholds, staging / names["patients"])
             write_recordings_csv(levels["recording"], thresholds, staging / names["recordings"])
+            if mc is not None:
+                write_mc_csv(mc, staging / names["mc_dropout"])
             written = write_report(staging, results, levels, metrics_log, figures=figures)
             if figures and heads is not None and "segmentation" in heads:
                 written.append(plot_heart_cycle(trained.model, run.dataset, staging / "figures" / "heart_cycle.png"))

@@ -37,7 +37,7 @@ def check_export_target(out_path: str | Path, overwrite: bool) -> Path:
 
 def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path, *, overwrite: bool = False) -> Path:
     """Write the model's weights as safetensors, with the config (YAML), thresholds and decision layer
-    (JSON) in its metadata.
+    (JSON) in its metadata, and the calibration (`scoring.calibration.Calibration`) when the model has one.
 
     The export is enough on its own to evaluate or predict (`load_trained_model` reads it), holds no
     pickle at all, and is a fraction of a training checkpoint (no optimizer or resume state). An existing
@@ -61,6 +61,8 @@ def export_safetensors(checkpoint_or_run_dir: str | Path, out_path: str | Path, 
         "decision": "" if trained.decision is None else trained.decision.to_json(),
         "source": trained.source.name,
     }
+    if trained.calibration is not None:  # a model from before calibration files exports exactly as it did
+        metadata["calibration"] = trained.calibration.to_json()
     return _write(_weights(trained.model), metadata, out_path)
 
 
@@ -84,11 +86,15 @@ def export_ensemble(source: Ensemble | str | Path | Sequence[str | Path], out_pa
     for i, trained in enumerate(ensemble.members):
         tensors.update({f"member{i}.{key}": value for key, value in _weights(trained.model).items()})
         members.append({"config": trained.config.to_yaml(), "epoch": trained.epoch, "source": str(trained.source)})
+        if trained.calibration is not None:
+            members[-1]["calibration"] = trained.calibration.to_dict()
     metadata = {"format": ENSEMBLE_FORMAT, "members": json.dumps(members), "thresholds": json.dumps(ensemble.thresholds),
                 "thresholds_tuned": json.dumps(ensemble.thresholds_tuned), "threshold_source": ensemble.threshold_source,
                 "combine": "mean of the members' probabilities",
                 "decision": "" if ensemble.decision is None else ensemble.decision.to_json(),
                 "decision_source": ensemble.decision_source}
+    if ensemble.calibration is not None:
+        metadata["calibration"] = ensemble.calibration.to_json()
     return _write(tensors, metadata, out_path)
 
 

@@ -26,17 +26,18 @@ from ignite_trainer.core.vocabulary import SAFETENSORS_FORMAT
 from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.runs.checkpoint import find_best_checkpoint, load_checkpoint, load_model_weights
 from ignite_trainer.runs.weights import read_safetensors
-from ignite_trainer.core.config import TrainConfig
+from ignite_trainer.core.config import TrainConfig, read_text_file
 from ignite_trainer.model import cpu_kernels
 from ignite_trainer.model.blocks import use_cpu_kernel
 from ignite_trainer.data.features import FeatureSettings
+from ignite_trainer.scoring.calibration import Calibration
 from ignite_trainer.scoring.decision import DecisionLayer
 from ignite_trainer.core.errors import CheckpointError, ConfigError
 from ignite_trainer.model.registry import model_from_config
 from ignite_trainer.scoring.predictions import DEFAULT_THRESHOLDS
 from ignite_trainer.core.vocabulary import FORMAT_LABELS, LABELS
 
-__all__ = ["TrainedModel", "load_trained_model", "rebuild_model", "checked_thresholds", "read_safetensors",
+__all__ = ["TrainedModel", "load_trained_model", "read_calibration", "rebuild_model", "checked_thresholds", "read_safetensors",
            "challenge_refusal", "SAFETENSORS_FORMAT"]
 
 # ``SAFETENSORS_FORMAT`` (core.vocabulary): the ``format`` metadata of our safetensors files; a file without it was not written by us.
@@ -63,6 +64,19 @@ class TrainedModel:
     epoch: int | None
     #: The Challenge decision layer fitted on validation when the model was trained (None: an older file).
     decision: DecisionLayer | None = None
+    #: The per-label temperatures fitted on validation for this checkpoint (None: a file from before
+    #: calibration, or a checkpoint that is not the one the run's calibration file belongs to: T = 1).
+    calibration: Calibration | None = None
+
+    @property
+    def temperatures(self) -> dict[str, float]:
+        """The stored temperatures, or 1 for every label without a calibration."""
+        return dict((self.calibration or Calibration.identity()).temperatures)
+
+    @property
+    def applies_calibration(self) -> bool:
+        """Whether predictions and decisions use the temperatures (the run's ``calibrate``, with a calibration)."""
+        return bool(self.config.calibrate) and self.calibration is not None
 
     @property
     def learned_labels(self) -> tuple[str, ...]:
@@ -100,8 +114,9 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
         parent = path.parent
         run = RunDirectory(parent.parent)
         run_dir = run.path if parent == run.checkpoints and run.config_file.is_file() else None
+    calibration: Calibration | None = None
     if path.suffix == ".safetensors":
-        state, saved, thresholds, epoch, decision = _read_safetensors(path)
+        state, saved, thresholds, epoch, decision, calibration = _read_safetensors(path)
     else:
         ckpt = load_checkpoint(path, map_location="cpu")
         if "model_state_dict" not in ckpt:
@@ -109,7 +124,16 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
         state, saved = ckpt["model_state_dict"], ckpt.get("config")
         thresholds, epoch = ckpt.get("thresholds"), ckpt.get("epoch")
         decision = _decision_from(ckpt.get("decision"), path)
+        if ckpt.get("calibration") is not None:
+            calibration = _calibration_from(ckpt["calibration"], path)
     config = _config_from(saved, path)
+    epoch = int(epoch) if isinstance(epoch, int) else None
+    if calibration is None and run_dir is not None:
+        calibration = read_calibration(run_dir, epoch)
+    if config.calibrate and calibration is None:
+        raise CheckpointError(f"{path}: its run decides on calibrated probabilities (calibrate: true) but no "
+                              f"calibration for epoch {epoch} is stored with it (checkpoint key 'calibration' or "
+                              f"{RunDirectory(run_dir or path.parent).calibration_file.name} of its run)")
     try:
         model = rebuild_model(config, state, path)
     except ConfigError as e:
@@ -118,8 +142,7 @@ def load_trained_model(path: str | Path, map_location: str | torch.device = "cpu
     tuned = None if thresholds is None else checked_thresholds(thresholds, f"{path}: thresholds", CheckpointError)
     return TrainedModel(model=model, config=config, settings=FeatureSettings.from_config(config),
                         thresholds=tuned or dict(DEFAULT_THRESHOLDS), thresholds_tuned=tuned is not None,
-                        source=path, run_dir=run_dir, epoch=int(epoch) if isinstance(epoch, int) else None,
-                        decision=decision)
+                        source=path, run_dir=run_dir, epoch=epoch, decision=decision, calibration=calibration)
 
 
 def _config_from(saved: Any, path: Path) -> TrainConfig:
@@ -207,7 +230,32 @@ def _decision_from(value: Any, path: Path) -> DecisionLayer | None:
         raise CheckpointError(f"{path}: {e}") from None
 
 
-def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, Any, DecisionLayer | None]:
+def read_calibration(run_dir: str | Path, epoch: int | None) -> Calibration | None:
+    """The run's calibration file for the checkpoint of ``epoch`` (None: no file, written before calibration
+    existed, or the file belongs to another epoch's checkpoint); a damaged file is a `CheckpointError` naming
+    it and the field.
+
+    Example::
+
+        calibration = read_calibration("runs/quick", trained.epoch)
+    """
+    path = RunDirectory(Path(run_dir)).calibration_file
+    if not path.is_file():
+        return None
+    calibration = _calibration_from(read_text_file(path, "the calibration file", CheckpointError), path)
+    return calibration if calibration.epoch == epoch else None
+
+
+def _calibration_from(value: Any, path: Path) -> Calibration:
+    """A `Calibration` from a checkpoint's dict or a file's JSON text; anything else names ``path``."""
+    try:
+        return Calibration.from_json(value) if isinstance(value, str) else Calibration.from_dict(value)
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
+
+
+def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, Any, DecisionLayer | None,
+                                           Calibration | None]:
     metadata, state = read_safetensors(path)
     if metadata.get("format") != SAFETENSORS_FORMAT or "config" not in metadata:
         raise CheckpointError(f"{path}: safetensors file holds no ignite_trainer config "
@@ -222,4 +270,5 @@ def _read_safetensors(path: Path) -> tuple[dict[str, torch.Tensor], Any, Any, An
         decision = DecisionLayer.from_json(metadata["decision"]) if metadata.get("decision") else None
     except CheckpointError as e:
         raise CheckpointError(f"{path}: {e}") from None
-    return state, saved, thresholds, epoch, decision
+    calibration = _calibration_from(metadata["calibration"], path) if metadata.get("calibration") else None
+    return state, saved, thresholds, epoch, decision, calibration

@@ -41,6 +41,7 @@ from ignite_trainer.scoring.challenge import CHALLENGE_OUTPUT_CLASSES
 from ignite_trainer.data.datasets import frames_per_window
 from ignite_trainer.data.features import FeatureSettings, compute_features
 from ignite_trainer.scoring.decision import DecisionLayer, PatientFeatures
+from ignite_trainer.scoring.calibration import apply_temperatures
 from ignite_trainer.use.ensemble import Ensemble, check_same_labels, load_model, mean_probabilities
 from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError
 from ignite_trainer.use.bags import is_patient_model, patient_window_probabilities
@@ -259,6 +260,8 @@ class Predictor:
                 chunks = [member.model(x[i:i + self.batch_size].to(self.device))[0]
                           for i in range(0, len(x), self.batch_size)]
                 windows = torch.sigmoid(torch.cat(chunks).float()).double().cpu().numpy()
+                if member.applies_calibration:  # calibrate: true, as `windows.run_windows` does
+                    windows = apply_temperatures(windows, member.temperatures)
                 probs.append(aggregate(windows, [0] * len(windows), "mean")[1][0])
             per_member.append(np.stack(probs))
         return per_member[0] if len(per_member) == 1 else mean_probabilities(per_member)

@@ -27,7 +27,7 @@ from ignite_trainer.core.vocabulary import LABELS
 from ignite_trainer.core import vocabulary
 from ignite_trainer.core.vocabulary import score_mode
 
-__all__ = ["plot_confusion_matrices", "plot_roc_pr", "plot_training_curves", "read_metrics_log", "best_epoch",
+__all__ = ["plot_confusion_matrices", "plot_roc_pr", "plot_reliability", "plot_training_curves", "read_metrics_log", "best_epoch",
            "write_report", "CLASS_NAMES"]
 
 LEVEL_TITLES = {"window": "windows", "recording": "recordings", "patient": "patients"}
@@ -127,6 +127,44 @@ def plot_roc_pr(levels: Mapping[str, LevelPredictions], label: str, path: str | 
                     bbox={"boxstyle": "round", "facecolor": "#fff3cd", "edgecolor": "#c9a227"})
         if ax.get_legend_handles_labels()[0]:
             ax.legend(loc="lower right" if ax is roc_ax else "lower left", fontsize=8)
+    return _save(fig, Path(path))
+
+
+def plot_reliability(calibration: Mapping[str, Any], path: str | Path) -> Path:
+    """The reliability diagram of each label, before and after temperature scaling, on one figure.
+
+    ``calibration`` is the ``calibration`` section of `evaluation.evaluate`'s results: per label the bins
+    (``reliability_before`` / ``reliability_after``: mean confidence, accuracy, count) and the ECE. Each
+    point is a non-empty bin at (mean predicted probability, observed share of positives), its area
+    growing with the bin's count; the diagonal is perfect calibration.
+
+    Example::
+
+        plot_reliability(results["calibration"], "report/figures/reliability.png")
+    """
+    fig = _figure(4.2 * len(LABELS), 4.0)
+    axes = fig.subplots(1, len(LABELS), squeeze=False)[0]
+    temps = calibration.get("temperatures", {})
+    for ax, label in zip(axes, LABELS):
+        ax.plot([0, 1], [0, 1], color="#9e9e9e", linestyle="--", linewidth=1, label="perfect")
+        for key, colour, name in (("before", LEVEL_COLOURS["recording"], "before"),
+                                  ("after", LEVEL_COLOURS["patient"], f"after (T={temps.get(label, 1.0):.3g})")):
+            bins = [b for b in calibration.get(f"reliability_{key}", {}).get(label, []) if b["count"]]
+            ece = calibration.get(f"ece_{key}", {}).get(label)
+            if not bins:
+                continue
+            total = sum(b["count"] for b in bins)
+            ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], color=colour, marker="o",
+                    markersize=3, linewidth=1.2, label=f"{name}, ECE {_number(ece)}")
+            ax.scatter([b["confidence"] for b in bins], [b["accuracy"] for b in bins], color=colour, alpha=0.3,
+                       s=[400.0 * b["count"] / total for b in bins])
+        ax.set_xlim(0, 1)
+        ax.set_ylim(0, 1)
+        ax.set_aspect("equal")
+        ax.set_title(f"{label}: {calibration.get('level', 'patient')}s")
+        ax.set_xlabel("mean predicted probability")
+        ax.set_ylabel(f"share {CLASS_NAMES[label][1]}")
+        ax.legend(loc="upper left", fontsize=7)
     return _save(fig, Path(path))
 
 
@@ -298,6 +336,8 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mappin
                                       tuned_f1) if metrics_log else None
         if curves is not None:
             made["training"] = [curves]
+        if results.get("calibration"):
+            made["calibration"] = [plot_reliability(results["calibration"], fig_dir / "reliability.png")]
 
     t, ch = results["thresholds"], results["challenge"]
     patient_model = bool(results.get("patient_model"))
@@ -345,6 +385,20 @@ def write_report(out_dir: str | Path, results: Mapping[str, Any], levels: Mappin
                       "solid, validation recordings at that epoch's tuned thresholds; dotted, windows at threshold "
                       "0.5; the stars are this report's recording F1 at the tuned thresholds.",
                       ""]
+    if results.get("calibration"):
+        cal = results["calibration"]
+        lines += ["## Calibration", "",
+                  f"Expected calibration error per label on the {cal['level']}s ({cal['bins']} equal-width bins), "
+                  f"before and after temperature scaling ({cal['source']}; "
+                  f"{'used' if cal['applied'] else 'not used'} for the decisions above):", "",
+                  "| label | T | ECE before | ECE after |", "|---|---|---|---|",
+                  *[f"| {label} | {cal['temperatures'][label]:.4g} | {_number(cal['ece_before'].get(label))} | "
+                    f"{_number(cal['ece_after'].get(label))} |" for label in LABELS], ""]
+        for p in made.get("calibration", []):
+            lines += [f"![reliability diagram](figures/{p.name})", "",
+                      "Each point is a bin of predicted probabilities: x its mean, y the share of positives in it; "
+                      "its shaded area grows with its count. On the diagonal a model is calibrated; below it "
+                      "over-confident in the positive class.", ""]
     if results.get("warnings"):
         lines += ["## Warnings", "", *[f"- {w}" for w in results["warnings"]], ""]
     lines += ["Per-patient predictions: [patients.csv](patients.csv); per recording: [recordings.csv](recordings.csv); "

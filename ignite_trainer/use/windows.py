@@ -20,6 +20,7 @@ from ignite_trainer.data.head_targets import HeadTargets
 from ignite_trainer.data.features import FeatureCache, feature_workers
 from ignite_trainer.data.loaders import make_eval_loader
 from ignite_trainer.data.records import Recording
+from ignite_trainer.scoring.calibration import calibrated_windows
 from ignite_trainer.scoring.predictions import (LevelPredictions, WindowPredictions, patient_predictions,
                                                 recording_predictions, window_level)
 from ignite_trainer.training.engine import create_evaluator
@@ -42,6 +43,14 @@ class WindowRun:
     warnings: list[str]
     #: The auxiliary heads' outputs per window (a model trained with ``heads``), else None.
     heads: WindowHeads | None = None
+    #: The model's own probabilities, before its temperatures (the same object as ``windows`` unless the
+    #: model decides on calibrated probabilities, `TrainedModel.applies_calibration`).
+    raw_windows: WindowPredictions | None = None
+
+    def patients(self, windows: WindowPredictions, how: Literal["mean", "any"] = "mean") -> LevelPredictions:
+        """Patient predictions of some window probabilities of these windows (e.g. ``raw_windows``)."""
+        recs = recording_predictions(windows, self.dataset.window_recording, self.dataset.recordings)
+        return patient_predictions(recs, self.dataset.recordings, how)
 
     def levels(self, how: Literal["mean", "any"] = "mean"
                ) -> tuple[LevelPredictions, LevelPredictions, LevelPredictions]:
@@ -85,11 +94,13 @@ def run_windows(trained, recordings: Sequence[Recording], device: str = "cpu",
                         warnings)
     loader = make_eval_loader(dataset, batch_size or config.eval_batch_size or config.batch_size, 0, torch_device)
     heads = config.head_names
-    if not heads:
-        evaluator = create_evaluator(model, {PREDICTIONS: PredictionCollector()}, torch_device)
-        return WindowRun(evaluator.run(loader).metrics[PREDICTIONS], dataset, warnings)
-    # unlabelled or unannotated recordings have every head target missing: the heads still predict
-    evaluator = create_evaluator(model, {PREDICTIONS: PredictionCollector(), HEADS: HeadCollector(heads)},
-                                 torch_device, head_targets=HeadTargets(dataset, heads).to(torch_device))
-    metrics = evaluator.run(loader).metrics
-    return WindowRun(metrics[PREDICTIONS], dataset, warnings, metrics[HEADS])
+    metrics = {PREDICTIONS: PredictionCollector()}
+    if heads:  # unlabelled or unannotated recordings have every head target missing: the heads still predict
+        metrics[HEADS] = HeadCollector(heads)
+    evaluator = create_evaluator(model, metrics, torch_device,
+                                 head_targets=HeadTargets(dataset, heads).to(torch_device) if heads else None)
+    found = evaluator.run(loader).metrics
+    raw = found[PREDICTIONS]
+    # calibrate: true: every level is built from the temperature-scaled windows; otherwise untouched, bit for bit
+    windows = calibrated_windows(raw, trained.temperatures) if getattr(trained, "applies_calibration", False) else raw
+    return WindowRun(windows, dataset, warnings, heads=found.get(HEADS), raw_windows=raw)
