@@ -3,7 +3,6 @@ whole train -> evaluate -> predict cycle, the signal carrying what the heads lea
 
 import csv
 import json
-import logging
 from dataclasses import replace
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 
 import cli
 from conftest import tiny_config
+from test_bad_inputs import SMALL, fresh_log_stream  # noqa: F401  (autouse: stderr handlers per test)
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.core.errors import ConfigError, DataError
 from ignite_trainer.core.vocabulary import MURMUR_ATTRIBUTES
@@ -30,15 +30,7 @@ from ignite_trainer.training.head_loss import HeadLoss, step_states
 from ignite_trainer.training.run import train
 from ignite_trainer.use.evaluation import evaluate
 
-SMALL = ["n_mels=8", "sample_rate=1000", "hop_ms=20.0", "n_fft=64", "window_seconds=4.0", "val_fraction=0.34"]
 
-
-@pytest.fixture(autouse=True)
-def fresh_log_stream():
-    logger = logging.getLogger("ignite_trainer")
-    for h in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
-        logger.removeHandler(h)
-    yield
 
 
 @pytest.fixture(scope="module")

@@ -5,13 +5,13 @@ Predictor and ensembles answer per patient; bad combinations are one ``error:`` 
 
 import csv
 import json
-import logging
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from conftest import CONSTANT_MODEL, tiny_config
+from test_bad_inputs import fresh_log_stream  # noqa: F401  (autouse: stderr handlers per test)
 from ignite.engine import Events
 from test_predictor import _patients as challenge_patients
 
@@ -34,14 +34,6 @@ from ignite_trainer.use.writers import write_predictions_csv
 
 TIMING = {"seconds", "val_seconds"}
 
-
-@pytest.fixture(autouse=True)
-def fresh_log_stream():
-    """`setup_logging` keeps its stderr handler across runs in one process; pytest swaps stderr per test."""
-    logger = logging.getLogger("ignite_trainer")
-    for h in [h for h in logger.handlers if type(h) is logging.StreamHandler]:
-        logger.removeHandler(h)
-    yield
 
 
 @pytest.fixture(scope="module")
