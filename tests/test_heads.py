@@ -305,3 +305,14 @@ def test_check_head_labels_names_the_config_source(recordings):
     with pytest.raises(ConfigError, match="my.yaml: heads: segmentation"):
         check_head_labels(no_tsv, ("segmentation",), "circor2022", source="my.yaml")
     assert TrainConfig(heads=["attributes"]).head_names == tuple(MURMUR_ATTRIBUTES)
+
+
+def test_the_descriptor_groups_expand_and_a_set_without_diastolic_murmurs_is_pointed_to_systolic(recordings):
+    systolic = tuple(h for h in MURMUR_ATTRIBUTES if h.startswith("systolic_"))
+    assert TrainConfig(heads=["systolic", "segmentation"]).head_names == (*systolic, "segmentation")
+    assert TrainConfig(heads=["diastolic", "systolic"]).head_names == tuple(MURMUR_ATTRIBUTES)
+    no_diastolic = [replace(r, murmur_attributes=tuple((k, v) for k, v in r.murmur_attributes
+                                                       if not k.startswith("diastolic_"))) for r in recordings]
+    check_head_labels(no_diastolic, TrainConfig(heads=["systolic"]).head_names, "circor2022")
+    with pytest.raises(ConfigError, match="heads: diastolic_timing .*'systolic' names the five systolic"):
+        check_head_labels(no_diastolic, TrainConfig(heads=["attributes"]).head_names, "circor2022")

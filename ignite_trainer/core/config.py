@@ -19,8 +19,8 @@ import yaml
 
 from ignite_trainer.core.augmentation import SHIFT_MODES, AugmentSettings, augment_default
 from ignite_trainer.core.errors import ConfigError, UserError
-from ignite_trainer.core.vocabulary import (AGGREGATIONS, ALL_ATTRIBUTES, DEVICES, FORMATS, HEAD_NAMES, LABELS,
-                                          MURMUR_ATTRIBUTES, OBJECTIVES, STATS, is_score)
+from ignite_trainer.core.vocabulary import (AGGREGATIONS, DEVICES, FORMATS, HEAD_GROUPS, HEAD_NAMES, LABELS,
+                                          OBJECTIVES, STATS, is_score)
 
 
 #: The longest file name most file systems accept (NAME_MAX), in bytes.
@@ -186,7 +186,7 @@ class TrainConfig:
     eval_batch_size: int | None = _f(None, "evaluation batch size; default batch_size", min=1)
     demographics: bool = _f(False, "fuse age, sex, height, weight and pregnancy into the heart logit (CirCor only)")
     heads: list[str] | None = _f(None, "auxiliary heads on the shared trunk: murmur descriptors (systolic_timing, "
-                                      "..., diastolic_quality; 'attributes' = all ten) and/or segmentation (heart-cycle "
+                                      "..., diastolic_quality; 'attributes' = all ten, 'systolic' / 'diastolic' = five each) and/or segmentation (heart-cycle "
                                       "states from the .tsv files); CirCor only")
     attribute_loss_weight: float = _f(0.5, "weight of each murmur-descriptor head's loss (cross-entropy over the "
                                            "recordings it describes)", min=0.0)
@@ -320,10 +320,10 @@ class TrainConfig:
                 f"{source}: monitor={self.monitor!r} is not a score (val_loss, macro_f1, or <label>.<metric> "
                 f"with label {'|'.join(LABELS)} and metric one of {', '.join(STATS)})"
             )
-        unknown_heads = [h for h in self.heads or [] if h not in (*HEAD_NAMES, ALL_ATTRIBUTES)]
+        unknown_heads = [h for h in self.heads or [] if h not in (*HEAD_NAMES, *HEAD_GROUPS)]
         if unknown_heads:
             raise ConfigError(f"{source}: heads: {unknown_heads[0]!r} is not one of: "
-                              f"{', '.join((ALL_ATTRIBUTES, *HEAD_NAMES))}")
+                              f"{', '.join((*HEAD_GROUPS, *HEAD_NAMES))}")
         if self.patient_model and self.heads:
             raise ConfigError(f"{source}: patient_model cannot be combined with heads (the heads score windows and "
                               "frames, a patient model's items are patients); turn one off")
@@ -354,10 +354,11 @@ class TrainConfig:
 
     @property
     def head_names(self) -> tuple[str, ...]:
-        """The auxiliary heads of ``heads``, ``attributes`` expanded, in `HEAD_NAMES`' order, each once."""
+        """The auxiliary heads of ``heads``, the groups (`HEAD_GROUPS`) expanded, in `HEAD_NAMES`' order, each once."""
         wanted = set(self.heads or ())
-        if ALL_ATTRIBUTES in wanted:
-            wanted |= set(MURMUR_ATTRIBUTES)
+        for group, members in HEAD_GROUPS.items():
+            if group in wanted:
+                wanted |= set(members)
         return tuple(h for h in HEAD_NAMES if h in wanted)
 
     @property

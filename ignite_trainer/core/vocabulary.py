@@ -182,3 +182,10 @@ HEART_STATES = ("S1", "systole", "S2", "diastole")
 #: Every head ``heads`` may name; ``attributes`` stands for all of `MURMUR_ATTRIBUTES`.
 HEAD_NAMES = (*MURMUR_ATTRIBUTES, SEGMENTATION)
 ALL_ATTRIBUTES = "attributes"
+#: Names ``heads`` also takes for several descriptors at once (diastolic murmurs are rare: a set without one
+#: can still train every systolic descriptor with ``systolic``).
+HEAD_GROUPS: dict[str, tuple[str, ...]] = {
+    ALL_ATTRIBUTES: tuple(MURMUR_ATTRIBUTES),
+    "systolic": tuple(h for h in MURMUR_ATTRIBUTES if h.startswith("systolic_")),
+    "diastolic": tuple(h for h in MURMUR_ATTRIBUTES if h.startswith("diastolic_")),
+}

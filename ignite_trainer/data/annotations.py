@@ -126,7 +126,9 @@ def check_head_labels(recordings: Sequence[Recording], heads: Sequence[str], fmt
         if not any(k != MISSING for k in known):
             raise ConfigError(f"{source}: heads: {head} needs CirCor's '{field_name}' on patients with a murmur, "
                               f"and none of the {len(recordings)} recordings (format={fmt!r}) has one; "
-                              f"drop {head} from heads for this data")
+                              f"drop {head} from heads for this data"
+                              + (" ('systolic' names the five systolic descriptors)" if head.startswith("diastolic_")
+                                 else ""))
     if SEGMENTATION in heads:
         for r in recordings:
             if r.segmentation_path is not None:
