@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import time
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cv_rows import SCORES, add_arguments, base_config, cell, echo_row, pooled, prepare, print_table, run_row
+
 ROWS = {"window": False, "patient": True}
-SCORES = (("murmur_weighted_accuracy", "murmur W.acc ↑"), ("outcome_cost", "outcome cost ↓"),
-          ("heart.auroc", "heart AUROC ↑"), ("murmur.auroc", "murmur AUROC ↑"))
 UNKNOWN_RECALL = "murmur_accuracy.Unknown"
 
 
@@ -36,81 +38,32 @@ def _unknown_patients(exp_dir: Path, seed: int) -> int:
         return sum(1 for row in csv.DictReader(f) if int(row["seed"]) == seed and row["murmur_class"] == "Unknown")
 
 
-def _cell(values: list) -> str:
-    import numpy as np
-
-    v = np.array([np.nan if x is None else x for x in values], dtype=float)
-    if np.isnan(v).all():
-        return "n/a"
-    sd = np.nanstd(v, ddof=1) if np.sum(~np.isnan(v)) > 1 else 0.0
-    return f"{np.nanmean(v):.3f} ± {sd:.3f}"
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=30)
-    parser.add_argument("--data-seed", type=int, default=2022)
-    parser.add_argument("--n-mels", type=int, default=16)
-    parser.add_argument("--window-seconds", type=float, default=4.0)
-    parser.add_argument("--batch-size", type=int, default=16, help="window model: recordings per step")
+    add_arguments(parser, patients=30, seeds=[0], epochs=1, batch_size=16, out="/tmp/patient_bench")
     parser.add_argument("--patient-batch-size", type=int, default=None,
                         help="patient model: patients per step (default batch-size / 4)")
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--epochs", type=int, default=1, help="epochs per cv member, both rows")
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=list(ROWS))
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/patient_bench"))
     args = parser.parse_args()
-    args.out = args.out.resolve()
-
-    from ignite_trainer import TrainConfig
-    from ignite_trainer.data.readers import read_recordings
-    from ignite_trainer.data.splits import assign_folds, write_split_file
-    from ignite_trainer.data.synthetic import write_synthetic
-    from ignite_trainer.experiments.cv import cross_validate
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = args.out / f"hard_{args.patients}_{args.data_seed}"
-    if not data.exists():
-        write_synthetic(data, args.patients, args.data_seed, difficulty="hard", progress=False)
-    recordings = read_recordings(data, "circor2022")
-    split_file = write_split_file(assign_folds(recordings, args.folds, args.split_seed), args.out / "splits.json",
-                                  split_seed=args.split_seed)
-    print(f"data: {data} ({len({r.patient_id for r in recordings})} patients, {len(recordings)} recordings), "
-          f"split {split_file} ({args.folds} folds, split_seed {args.split_seed})", flush=True)
+    data, split_file = prepare(args)
 
     patient_batch = args.patient_batch_size or max(2, args.batch_size // 4)
     results: dict[str, dict[str, list]] = {}
     for row in args.rows:
         patient = ROWS[row]
-        config = TrainConfig(data=str(data), n_mels=args.n_mels, window_seconds=args.window_seconds,
-                             batch_size=patient_batch if patient else args.batch_size, epochs=args.epochs,
-                             split_seed=args.split_seed, patient_model=patient, cache_dir=str(args.out / "cache"),
-                             output_dir=str(args.out / "runs"), progress=False, device="cpu")
-        exp_dir = args.out / f"cv_{row}"
-        start = time.perf_counter()
-        summary = cross_validate(config, folds=args.folds, seeds=args.seeds, splits=split_file, jobs=args.jobs,
-                                 exp_dir=exp_dir, overwrite=True, bootstrap=100, figures=False, echo=lambda _: None)
-        if summary.get("failed"):
-            raise SystemExit(f"error: {row}: members failed: {summary['failed']}")
-        sets = [summary["sets"][f"seed{s}"]["pooled"] for s in args.seeds]
-        values = {key: [s[key] for s in sets] for key, _ in SCORES + ((UNKNOWN_RECALL, ""),)}
+        config = base_config(args, data=str(data), epochs=args.epochs, split_seed=args.split_seed,
+                             patient_model=patient, batch_size=patient_batch if patient else args.batch_size)
+        summary, exp_dir, seconds = run_row(row, config, args, split_file)
+        values = pooled(summary, args.seeds, [key for key, _ in SCORES] + [UNKNOWN_RECALL])
+        echo_row(row, values, seconds)
         values["unknown_patients"] = [_unknown_patients(exp_dir, s) for s in args.seeds]
         results[row] = values
-        print(f"{row:>8}: " + "  ".join(f"{key}={_cell(v)}" for key, v in values.items() if key != "unknown_patients")
-              + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
 
-    print("\n| model | " + " | ".join(title for _, title in SCORES) + " |")
-    print("|---|" + "---|" * len(SCORES))
-    for row, values in results.items():
-        print(f"| {row} | " + " | ".join(_cell(values[key]) for key, _ in SCORES) + " |")
-    print("\n| model | Unknown recall (among Unknown patients) | Unknown patients per seed |")
-    print("|---|---|---|")
-    for row, values in results.items():
-        counts = sorted(set(values["unknown_patients"]))
-        print(f"| {row} | {_cell(values[UNKNOWN_RECALL])} | {', '.join(map(str, counts))} |")
+    print_table(["model"] + [title for _, title in SCORES],
+                [(row, [cell(values[key]) for key, _ in SCORES]) for row, values in results.items()])
+    print_table(["model", "Unknown recall (among Unknown patients)", "Unknown patients per seed"],
+                [(row, [cell(values[UNKNOWN_RECALL]), ", ".join(map(str, sorted(set(values["unknown_patients"]))))])
+                 for row, values in results.items()])
     print(f"\nmean ± sd over seeds {args.seeds} of each seed's pooled out-of-fold score; {args.folds} folds from one "
           f"split file; {args.epochs} epoch(s) per member; batches: window {args.batch_size} recordings, patient "
           f"{patient_batch} patients; {args.patients} hard synthetic patients (data seed {args.data_seed})")

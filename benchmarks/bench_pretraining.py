@@ -27,21 +27,17 @@ import sys
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from cv_rows import SCORES, add_arguments, base_config, cell, echo_row, pooled, prepare, print_table, run_row
+
 ROWS = ("scratch", "frozen", "finetuned")
-SCORES = (("murmur_weighted_accuracy", "murmur W.acc ↑"), ("outcome_cost", "outcome cost ↓"),
-          ("heart.auroc", "heart AUROC ↑"), ("murmur.auroc", "murmur AUROC ↑"))
-
-
-def base_config(args: argparse.Namespace, **fields):
-    from ignite_trainer import TrainConfig
-    return TrainConfig(n_mels=args.n_mels, window_seconds=args.window_seconds, batch_size=args.batch_size,
-                       cache_dir=str(args.out / "cache"), output_dir=str(args.out / "runs"), progress=False,
-                       device="cpu", **fields)
 
 
 def pretrain_only(args: argparse.Namespace) -> None:
     """Run in a child process: pretrain, then print one JSON line with wall time and this process's peak RSS."""
     from ignite_trainer.training.pretrain import pretrain
+    args.out = args.out.resolve()
     start = time.perf_counter()
     summary = pretrain(base_config(args, pretrain_data=[str(args.data)], epochs=args.pretrain_epochs, seed=0,
                                    name="pretrain"), overwrite=True)
@@ -52,46 +48,21 @@ def pretrain_only(args: argparse.Namespace) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--patients", type=int, default=80)
-    parser.add_argument("--data-seed", type=int, default=2022)
-    parser.add_argument("--n-mels", type=int, default=16)
-    parser.add_argument("--window-seconds", type=float, default=4.0)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--folds", type=int, default=5)
-    parser.add_argument("--split-seed", type=int, default=0)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--epochs", type=int, default=6, help="supervised epochs per cv member")
+    add_arguments(parser, patients=80, seeds=[0, 1, 2], epochs=6, batch_size=32, out="/tmp/ssl_bench")
     parser.add_argument("--pretrain-epochs", type=int, default=10)
     parser.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.25, 1.0])
     parser.add_argument("--rows", nargs="+", default=list(ROWS), choices=ROWS)
     parser.add_argument("--trunk-lr-scale", type=float, default=0.3)
-    parser.add_argument("--jobs", type=int, default=1)
-    parser.add_argument("--out", type=Path, default=Path("/tmp/ssl_bench"))
     parser.add_argument("--pretrain-only", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    args.out = args.out.resolve()
     if args.pretrain_only:
         return pretrain_only(args)
 
     import numpy as np
 
-    from ignite_trainer.data.readers import read_recordings
-    from ignite_trainer.data.splits import assign_folds, write_split_file
-    from ignite_trainer.data.synthetic import write_synthetic
-    from ignite_trainer.experiments.cv import cross_validate
-
-    args.out.mkdir(parents=True, exist_ok=True)
-    data = args.out / f"hard_{args.patients}_{args.data_seed}"
-    if not data.exists():
-        write_synthetic(data, args.patients, args.data_seed, difficulty="hard", progress=False)
-    recordings = read_recordings(data, "circor2022")
-    split_file = write_split_file(assign_folds(recordings, args.folds, args.split_seed), args.out / "splits.json",
-                                  split_seed=args.split_seed)
-    print(f"data: {data} ({len({r.patient_id for r in recordings})} patients, {len(recordings)} recordings), "
-          f"split {split_file} ({args.folds} folds, split_seed {args.split_seed})", flush=True)
-
-    trunk, pre = None, None
+    data, split_file = prepare(args)
+    trunk = None
     if {"frozen", "finetuned"} & set(args.rows):
         cmd = [sys.executable, __file__, "--pretrain-only", "--data", str(data), "--out", str(args.out),
                "--n-mels", str(args.n_mels), "--window-seconds", str(args.window_seconds),
@@ -105,7 +76,7 @@ def main() -> None:
               + ", ".join(f"{x:.1f}" for x in epochs) + f" s (mean {np.mean(epochs):.1f} s); peak RSS "
               f"{pre['maxrss_mib']:.0f} MiB", flush=True)
 
-    results: dict[tuple[float, str], dict[str, list[float]]] = {}
+    results: dict[tuple[float, str], dict[str, list]] = {}
     for fraction in args.fractions:
         for row in args.rows:
             extra = {}
@@ -115,27 +86,13 @@ def main() -> None:
                     extra.update(trunk_lr_scale=args.trunk_lr_scale, warmup_epochs=1)
             config = base_config(args, data=str(data), epochs=args.epochs, split_seed=args.split_seed,
                                  label_fraction=fraction, **extra)
-            start = time.perf_counter()
-            summary = cross_validate(config, folds=args.folds, seeds=args.seeds, splits=split_file, jobs=args.jobs,
-                                     exp_dir=args.out / f"cv_{row}_{fraction:g}", overwrite=True, bootstrap=100,
-                                     figures=False, echo=lambda _: None)
-            if summary.get("failed"):
-                raise SystemExit(f"error: {row} label_fraction={fraction:g}: members failed: {summary['failed']}")
-            values = {key: [summary["sets"][f"seed{s}"]["pooled"][key] for s in args.seeds] for key, _ in SCORES}
-            results[(fraction, row)] = values
-            print(f"{row:>9} label_fraction={fraction:<5g} " + "  ".join(
-                f"{key}={np.mean(v):.3f}±{np.std(v, ddof=1) if len(v) > 1 else 0:.3f}" for key, v in values.items())
-                + f"  ({time.perf_counter() - start:.0f} s)", flush=True)
+            summary, _, seconds = run_row(f"{row}_{fraction:g}", config, args, split_file)
+            results[(fraction, row)] = pooled(summary, args.seeds, [key for key, _ in SCORES])
+            echo_row(f"{row} {fraction:g}", results[(fraction, row)], seconds)
 
-    print("\n| label fraction | row | " + " | ".join(title for _, title in SCORES) + " |")
-    print("|---|---|" + "---|" * len(SCORES))
-    for (fraction, row), values in results.items():
-        cells = []
-        for key, _ in SCORES:
-            v = np.array([np.nan if x is None else x for x in values[key]], dtype=float)
-            sd = v.std(ddof=1) if len(v) > 1 else 0.0
-            cells.append(f"{v.mean():.3f} ± {sd:.3f}")
-        print(f"| {fraction:g} | {row} | " + " | ".join(cells) + " |")
+    print_table(["label fraction", "row"] + [title for _, title in SCORES],
+                [(f"{fraction:g}", [row] + [cell(values[key]) for key, _ in SCORES])
+                 for (fraction, row), values in results.items()])
     print(f"\nmean ± sd over seeds {args.seeds} of each seed's pooled out-of-fold score; {args.folds} folds from one "
           f"split file; {args.epochs} supervised epochs per member; pretraining {args.pretrain_epochs} epochs")
 
