@@ -167,3 +167,28 @@ def level_predictions(probs, targets, mask=None, classes=None, level="patient", 
     return LevelPredictions(level, [f"{id_prefix}{i}" for i in range(n)], probs, targets,
                             np.ones((n, 2), bool) if mask is None else np.asarray(mask, bool),
                             [f"p{i}" for i in range(n)], classes or [None] * n, np.ones(n, dtype=np.int64))
+
+
+# ---------------------------------------------------------------------------------------------- PostgreSQL
+@pytest.fixture(scope="session")
+def postgres_server():
+    """A throw-away PostgreSQL server (`pg_server.ThrowawayPostgres`) for the whole session, started by the first
+    test that asks for it and stopped (its folder removed) at the end, also when tests failed; the test skips
+    with the reason where no server can run here."""
+    from pg_server import ThrowawayPostgres, unavailable
+
+    reason = unavailable()
+    if reason:
+        pytest.skip(f"no PostgreSQL for this test: {reason}")
+    server = ThrowawayPostgres().start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server, request) -> str:
+    """A plain ``postgresql://`` URL to a new, empty database of its own for this test."""
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    return postgres_server.create_database(name)
