@@ -18,7 +18,7 @@ import click
 
 from ignite_trainer import __version__
 from ignite_trainer.core.config import MAX_SEED, MAX_SYNTHETIC_PATIENTS, TrainConfig
-from ignite_trainer.core.vocabulary import AGGREGATIONS, DEVICES, FORMATS, LABELS
+from ignite_trainer.core.vocabulary import AGGREGATIONS, DEVICES, FORMATS, GRACE_HEARTBEATS, HEARTBEAT_INTERVAL, LABELS
 from ignite_trainer.core.errors import ConfigError, TrainingAborted, UserError
 from ignite_trainer.training.graceful import TrainingStopped
 
@@ -429,8 +429,11 @@ def runs(folder: str, diff: tuple[str, str] | None, as_json: bool) -> None:
               help="Optuna storage shared by workers: an SQLAlchemy URL or journal:PATH [SWEEP_DIR/study.db].")
 @click.option("--study", "study_name", type=str, default=None, help="Study name in the storage [the sweep directory's name].")
 @click.option("--workers", type=int, default=1, show_default=True, help="Worker processes on this machine.")
+@click.option("--heartbeat", type=int, default=HEARTBEAT_INTERVAL, show_default=True,
+              help="Seconds between a running trial's heartbeats in a database storage; a trial that misses "
+                   f"{GRACE_HEARTBEATS} is failed and run again by another worker.")
 def sweep_command(space_file: str, n_trials: int, sweep_dir: str | None, storage: str | None, study_name: str | None,
-                  workers: int) -> None:
+                  workers: int, heartbeat: int) -> None:
     """Search the settings in SPACE.yaml with Optuna; each trial is a run directory under SWEEP_DIR/trials.
 
     Started again (here or on other machines with the same --storage and --dir), it joins the study,
@@ -441,7 +444,7 @@ def sweep_command(space_file: str, n_trials: int, sweep_dir: str | None, storage
 
     space = load_space(space_file)
     summary = sweep(space, sweep_dir or Path("sweeps") / Path(space_file).stem, n_trials, storage=storage,
-                    study_name=study_name, workers=workers)
+                    study_name=study_name, workers=workers, heartbeat=heartbeat)
     states = ", ".join(f"{n} {state}" for state, n in summary["states"].items() if n)
     click.echo(f"\nstudy {summary['study']}: {summary['trials']} trials ({states or 'none'})")
     best = summary["best"]

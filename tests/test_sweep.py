@@ -309,19 +309,18 @@ def test_joining_a_study_with_another_space_or_foreign_trials_is_refused(base, t
 
 @pytest.mark.filterwarnings("ignore:Heartbeat of storage is supposed to be used with Study.optimize")
 def test_a_trial_whose_heartbeat_stopped_is_failed_and_retried(base, monkeypatch):
-    monkeypatch.setattr(storage_module, "HEARTBEAT_INTERVAL", 1)
-    monkeypatch.setattr(storage_module, "HEARTBEAT_GRACE", 1)
+    monkeypatch.setattr(storage_module, "GRACE_HEARTBEATS", 1)
     space = parse_space(make_space(base))
     sweep_dir = base / "heartbeat"
     sweep_dir.mkdir()
     url = storage_url(None, sweep_dir)
-    storage = open_storage(url)
+    storage = open_storage(url, heartbeat=1)
     study = open_study(space, storage, "heartbeat", url)
     silent = study.ask()  # a worker on another host (no pid to check) that stopped sending heartbeats
     silent.set_user_attr("worker", {"host": "another-host", "pid": 1, "started": None})
     storage.record_heartbeat(silent._trial_id)
     time.sleep(2.5)
-    summary = sweep(space, sweep_dir, 1)
+    summary = sweep(space, sweep_dir, 1, heartbeat=1)
     dead, retry = trials_of(sweep_dir)
     assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
     assert retry.user_attrs["retry_of"] == 0 and "heartbeats" in retry.user_attrs["retry_reason"]

@@ -189,3 +189,11 @@ HEAD_GROUPS: dict[str, tuple[str, ...]] = {
     "systolic": tuple(h for h in MURMUR_ATTRIBUTES if h.startswith("systolic_")),
     "diastolic": tuple(h for h in MURMUR_ATTRIBUTES if h.startswith("diastolic_")),
 }
+
+# ---------------------------------------------------------------------------------------------- shared storages
+#: Default seconds between a running trial's (or cv member's) heartbeats in a database storage (``--heartbeat``).
+#: The heartbeat runs in its own thread, so a training epoch of minutes does not delay it.
+HEARTBEAT_INTERVAL = 30
+#: How many heartbeats may be missed before the trial counts as dead: a busy machine or a slow database may
+#: delay one, not six.
+GRACE_HEARTBEATS = 6

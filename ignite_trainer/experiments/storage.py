@@ -1,13 +1,25 @@
-"""Where a sweep's study lives: the storage URL, opening and tuning the Optuna storage, creating or joining the study.
+"""Where a sweep's study (or a cv experiment's member queue) lives: the storage URL, opening the Optuna storage.
 
 ``--storage`` is ``journal:PATH`` (a journal file, for shared file systems) or any SQLAlchemy URL, by
-default the SQLite file ``SWEEP_DIR/study.db`` (`storage_url`). An RDB storage runs Optuna's heartbeat,
-whose stale trials `workers.requeue_stale` queues again; SQLite is put in write-ahead-log mode. A study is
-joined only when it was created from the same space (`open_study`). Passwords in a URL are never shown.
+default the SQLite file ``SWEEP_DIR/study.db`` (`storage_url`). A plain ``postgresql://`` URL uses psycopg 3
+(SQLAlchemy's default driver; ``pip install -e '.[postgres]'``).
+
+An RDB storage (SQLite, PostgreSQL, MySQL) runs Optuna's heartbeat: a worker records one every
+``heartbeat`` seconds while it runs a trial, and a trial whose heartbeat is older than `grace_period` is
+failed by the next worker that looks (any host) and queued again (`workers.requeue_stale`). A journal
+storage has no heartbeat: there, only a worker on the dead worker's own machine can tell that it died
+(`workers.worker_alive`), so a journal sweep spread over machines needs each machine to restart its own.
+
+Several workers may open a new storage and create the same study at the same moment: on a server, the
+loser of that race gets an integrity error from the database (a table, a version row or the study name
+created twice). Opening and creating are therefore retried a few times (`_retrying`), and a study that
+exists is joined. A study is joined only when it was created from the same space (`open_study`). SQLite
+is put in write-ahead-log mode. Passwords in a URL are never shown: every error names the URL without it.
 """
 
 from __future__ import annotations
 
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -18,16 +30,26 @@ from sqlalchemy import event
 from sqlalchemy.engine import make_url
 
 from ignite_trainer.core.errors import ConfigError
+from ignite_trainer.core.vocabulary import GRACE_HEARTBEATS, HEARTBEAT_INTERVAL
 from ignite_trainer.experiments.sampler import TrialSeededSampler, make_pruner
 from ignite_trainer.experiments.space import SweepSpace, space_to_dict
 from ignite_trainer.experiments.workers import requeue_stale
 
-__all__ = ["storage_url", "open_storage", "open_study", "HEARTBEAT_INTERVAL", "HEARTBEAT_GRACE"]
+__all__ = ["storage_url", "open_storage", "open_study", "has_heartbeat", "grace_period", "redacted",
+           "HEARTBEAT_INTERVAL", "GRACE_HEARTBEATS"]
 
-#: Seconds between a trial's heartbeats on an RDB storage, and how long one may be missing before the
-#: trial counts as dead. A training epoch may take minutes; the heartbeat runs in its own thread.
-HEARTBEAT_INTERVAL = 30
-HEARTBEAT_GRACE = 180
+#: Attempts at opening a storage and creating a study when workers race on creating them.
+_ATTEMPTS = 5
+
+
+def grace_period(heartbeat: int) -> int:
+    """Seconds without a heartbeat after which a running trial counts as dead."""
+    return GRACE_HEARTBEATS * heartbeat
+
+
+def has_heartbeat(storage: optuna.storages.BaseStorage) -> bool:
+    """Whether the storage can tell a dead worker on another machine (an RDB storage with the heartbeat on)."""
+    return isinstance(storage, optuna.storages.RDBStorage) and storage.get_heartbeat_interval() is not None
 
 
 def storage_url(storage: str | None, sweep_dir: Path) -> str:
@@ -35,10 +57,18 @@ def storage_url(storage: str | None, sweep_dir: Path) -> str:
     return storage or f"sqlite:///{(Path(sweep_dir) / 'study.db').resolve()}"
 
 
-def open_storage(url: str) -> optuna.storages.BaseStorage:
+def open_storage(url: str, heartbeat: int = HEARTBEAT_INTERVAL) -> optuna.storages.BaseStorage:
     """An Optuna storage for ``url``: ``journal:PATH`` is a journal file (for shared file systems), anything
-    else an SQLAlchemy URL (SQLite, PostgreSQL, MySQL) with Optuna's heartbeat on."""
-    shown = _redacted(url)
+    else an SQLAlchemy URL (SQLite, PostgreSQL, MySQL) with Optuna's heartbeat on, every ``heartbeat``
+    seconds. Any failure (a missing driver, an unreachable server, wrong credentials, a database that does not
+    exist) is one `ConfigError` naming the URL without its password."""
+    if isinstance(heartbeat, bool) or not isinstance(heartbeat, int) or heartbeat < 1:
+        raise ConfigError(f"--heartbeat={heartbeat!r} must be an integer number of seconds >= 1")
+    return _retrying(url, lambda: _open_storage(url, heartbeat))
+
+
+def _open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
+    shown = redacted(url)
     try:
         if url.startswith("journal:"):
             path = Path(url[len("journal:"):]).expanduser()
@@ -48,8 +78,8 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat arguments
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=HEARTBEAT_INTERVAL,
-                                                 grace_period=HEARTBEAT_GRACE,
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
+                                                 grace_period=grace_period(heartbeat),
                                                  heartbeat_stale_trial_callback=requeue_stale)
         if url.startswith("sqlite"):
             _write_ahead_log(storage)
@@ -57,7 +87,31 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
     except ConfigError:
         raise
     except Exception as e:  # drivers raise their own types: a missing module, a refused connection, a bad file
-        raise ConfigError(f"--storage {shown}: cannot open the storage ({_first_line(e)})") from None
+        if _is_race(e):
+            raise
+        raise ConfigError(f"--storage {shown}: cannot open the storage ({_first_line(e, url)})") from None
+
+
+def _is_race(e: BaseException) -> bool:
+    """An integrity error from the database: another worker created the same table, row or study first."""
+    from sqlalchemy.exc import IntegrityError
+
+    return isinstance(e, IntegrityError) or "UniqueViolation" in type(e).__name__ or "duplicate key" in str(e)
+
+
+def _retrying(url: str, attempt: Any) -> Any:
+    """Call ``attempt`` again (after a short wait) while it loses a creation race to another worker."""
+    for n in range(_ATTEMPTS):
+        try:
+            return attempt()
+        except ConfigError:
+            raise
+        except Exception as e:
+            if not _is_race(e) or n == _ATTEMPTS - 1:
+                raise ConfigError(f"--storage {redacted(url)}: cannot open the storage ({_first_line(e, url)})") \
+                    from None
+            time.sleep(0.2 * (n + 1))
+    raise AssertionError("unreachable")
 
 
 def _write_ahead_log(storage: optuna.storages.RDBStorage) -> None:
@@ -76,6 +130,10 @@ def _write_ahead_log(storage: optuna.storages.RDBStorage) -> None:
 
 def open_study(space: SweepSpace, storage: optuna.storages.BaseStorage, study_name: str, url: str) -> optuna.Study:
     """Create the study, or join it when it exists and was created from the same space."""
+    return _retrying(url, lambda: _open_study(space, storage, study_name, url))
+
+
+def _open_study(space: SweepSpace, storage: optuna.storages.BaseStorage, study_name: str, url: str) -> optuna.Study:
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, direction=space.direction,
                                     sampler=TrialSeededSampler(space.sampler, space.seed), pruner=make_pruner(space),
@@ -85,19 +143,22 @@ def open_study(space: SweepSpace, storage: optuna.storages.BaseStorage, study_na
             study.set_user_attr("space", space_to_dict(space))  # also proves the storage can be written
             study.set_user_attr("space_fingerprint", space.fingerprint())
         elif fingerprint != space.fingerprint():
-            raise ConfigError(f"--storage {_redacted(url)}: study '{study_name}' was created from a different space; "
+            raise ConfigError(f"--storage {redacted(url)}: study '{study_name}' was created from a different space; "
                               f"use another sweep directory or --study name")
         if study.direction.name.lower() != space.direction:
-            raise ConfigError(f"--storage {_redacted(url)}: study '{study_name}' is {study.direction.name.lower()}d, "
+            raise ConfigError(f"--storage {redacted(url)}: study '{study_name}' is {study.direction.name.lower()}d, "
                               f"the space asks to {space.direction}")
     except ConfigError:
         raise
     except Exception as e:
-        raise ConfigError(f"--storage {_redacted(url)}: cannot use the storage ({_first_line(e)})") from None
+        if _is_race(e):
+            raise
+        raise ConfigError(f"--storage {redacted(url)}: cannot use the storage ({_first_line(e, url)})") from None
     return study
 
 
-def _redacted(url: str) -> str:
+def redacted(url: str) -> str:
+    """``url`` with its password shown as ``***``."""
     if "://" not in url:
         return url
     try:
@@ -106,6 +167,12 @@ def _redacted(url: str) -> str:
         return url
 
 
-def _first_line(e: BaseException) -> str:
+def _first_line(e: BaseException, url: str) -> str:
+    """The exception's first line, with the URL's password (should a driver repeat it) blanked out."""
     text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+    line = f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+    try:
+        password = make_url(url).password if "://" in url else None
+    except Exception:
+        password = None
+    return line.replace(str(password), "***") if password else line

@@ -20,11 +20,13 @@ training runs needs on top:
   only after a trial, so K workers can overshoot. Storage hands out trial numbers atomically; a trial
   whose rank among the counted trials is ``>= N`` is marked surplus and stops before it trains (a
   retry takes the place of the trial it replaces).
-* **Dead workers.** Each trial records its worker (host, pid, process start time). A worker starting on
-  the same host fails a RUNNING trial whose process is gone; on an RDB storage Optuna's heartbeat does
-  the same for any host. The failed trial is queued again with the same parameters (Optuna's
+* **Dead workers.** Each trial records its worker (host, machine, pid, process start time). A worker on
+  the same machine fails a RUNNING trial whose process is gone; on an RDB storage Optuna's heartbeat does
+  the same for any machine. The failed trial is queued again with the same parameters (Optuna's
   ``WAITING`` state, as `RetryHeartbeatStaleTrialCallback` does) and the retry resumes the dead trial's
-  run directory from its last checkpoint (or restarts it when none was written).
+  run directory from its last checkpoint (or restarts it when none was written: another machine's
+  worker, without a shared file system). A worker with nothing left to start waits while other workers'
+  trials run, so that a trial whose worker dies last is still taken over.
 * **Seeds per trial.** A sampler seeded once per process would make two workers suggest the same
   parameters; `TrialSeededSampler` seeds each trial from ``(sweep seed, trial number)``.
 
@@ -54,11 +56,11 @@ from ignite_trainer.experiments.cv import dataset_recordings
 from ignite_trainer.experiments.layout import experiment_file
 from ignite_trainer.experiments.sampler import suggest
 from ignite_trainer.experiments.space import SweepSpace, load_space
-from ignite_trainer.experiments.storage import open_storage, open_study, storage_url
+from ignite_trainer.experiments.storage import HEARTBEAT_INTERVAL, has_heartbeat, open_storage, open_study, storage_url
 from ignite_trainer.experiments.sweep_report import write_sweep_report
 from ignite_trainer.experiments.trials import TRIAL_RUNNERS, FoldPruning, PruningHook, trial_score
 from ignite_trainer.experiments.workers import (SurplusTrial, budget_slot, counted_trials, recover_dead_trials,
-                                                worker_identity)
+                                                worker_alive, worker_identity)
 
 __all__ = ["sweep", "run_worker", "make_objective", "check_cv_experiment", "TRIALS_DIR"]
 
@@ -145,20 +147,34 @@ def _announce(study: optuna.Study, trial: FrozenTrial) -> None:
 
 
 def run_worker(space: SweepSpace, sweep_dir: str | Path, n_trials: int, url: str, study_name: str,
-               threads: int | None = None) -> None:
-    """One worker: join the study and run trials until ``n_trials`` are counted (or claimed) in storage."""
+               threads: int | None = None, heartbeat: int = HEARTBEAT_INTERVAL) -> None:
+    """One worker: join the study and run trials until ``n_trials`` are counted (or claimed) in storage and
+    none is running any more. While another worker's trial runs, this one waits: should that worker die,
+    its trial is failed here and its retry runs here (`recover_dead_trials`)."""
     if threads is not None:
         torch.set_num_threads(threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # one line per trial comes from `_announce`
-    study = open_study(space, open_storage(url), study_name, url)
+    storage = open_storage(url, heartbeat)
+    study = open_study(space, storage, study_name, url)
     objective = make_objective(space, Path(sweep_dir), n_trials)
     while True:
         recover_dead_trials(study)
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
-        if not waiting and len(counted_trials(trials)) >= n_trials:
+        if waiting or len(counted_trials(trials)) < n_trials:
+            study.optimize(objective, n_trials=1, catch=(UserError,), callbacks=[_announce])
+            continue
+        running = [t for t in trials if t.state == TrialState.RUNNING]
+        if not has_heartbeat(storage):
+            unknowable = [t for t in running if worker_alive(t.user_attrs.get("worker") or {}) is None]
+            if unknowable:  # a journal file: no heartbeat tells whether a worker elsewhere is alive
+                log.warning("trial(s) %s run on another machine; a journal storage cannot tell whether their "
+                            "workers are alive: if one died, start a worker on its machine again",
+                            ", ".join(str(t.number) for t in unknowable))
+                return
+        if not running:
             return
-        study.optimize(objective, n_trials=1, catch=(UserError,), callbacks=[_announce])
+        time.sleep(min(heartbeat, 5))
 
 
 # ---------------------------------------------------------------------------------------------- entry
@@ -177,12 +193,13 @@ def check_cv_experiment(space: SweepSpace) -> None:
 
 
 def sweep(space: SweepSpace | str | Path, sweep_dir: str | Path, n_trials: int, *, storage: str | None = None,
-          study_name: str | None = None, workers: int = 1) -> dict[str, Any]:
+          study_name: str | None = None, workers: int = 1, heartbeat: int = HEARTBEAT_INTERVAL) -> dict[str, Any]:
     """Run (or join, or finish) a sweep of ``n_trials`` trials; write ``SWEEP_DIR/report/``; return its summary.
 
     Everything is checked before the first trial: the space, ``n_trials``/``workers``, the sweep
-    directory and the storage (``None``: ``SWEEP_DIR/study.db``; ``journal:PATH``; any SQLAlchemy URL).
-    With ``workers > 1``, that many processes work on the one study. Started again, it recovers dead
+    directory and the storage (``None``: ``SWEEP_DIR/study.db``; ``journal:PATH``; any SQLAlchemy URL, with
+    Optuna's heartbeat every ``heartbeat`` seconds). With ``workers > 1``, that many processes work on the one
+    study. Started again, it recovers dead
     workers' trials and runs what is left of the budget; with the budget spent it only writes the report.
 
     Example::
@@ -208,18 +225,18 @@ def sweep(space: SweepSpace | str | Path, sweep_dir: str | Path, n_trials: int, 
     if not os.access(sweep_dir, os.W_OK):
         raise ConfigError(f"{sweep_dir}: the sweep directory is not writable")
     url = storage_url(storage, sweep_dir)
-    study = open_study(space, open_storage(url), study_name, url)
+    study = open_study(space, open_storage(url, heartbeat), study_name, url)
     trials_dir = sweep_dir / TRIALS_DIR
     if not study.trials and trials_dir.is_dir() and any(trials_dir.iterdir()):
         raise ConfigError(f"{trials_dir}: holds trials that study '{study_name}' does not know; "
                           f"use an empty sweep directory (or the storage these trials belong to)")
 
     if workers == 1:
-        run_worker(space, sweep_dir, n_trials, url, study_name)
+        run_worker(space, sweep_dir, n_trials, url, study_name, heartbeat=heartbeat)
     else:
         context = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // workers)
-        processes = [context.Process(target=run_worker, args=(space, str(sweep_dir), n_trials, url, study_name, threads),
+        processes = [context.Process(target=run_worker, args=(space, str(sweep_dir), n_trials, url, study_name, threads, heartbeat),
                                      name=f"sweep-worker-{i}") for i in range(workers)]
         for p in processes:
             p.start()
@@ -228,5 +245,5 @@ def sweep(space: SweepSpace | str | Path, sweep_dir: str | Path, n_trials: int, 
         failed = [f"{p.name} exited with code {p.exitcode}" for p in processes if p.exitcode]
         if failed:
             log.warning("sweep: %s", "; ".join(failed))
-    study = optuna.load_study(study_name=study_name, storage=open_storage(url))
+    study = optuna.load_study(study_name=study_name, storage=open_storage(url, heartbeat))
     return write_sweep_report(study, space, sweep_dir)

@@ -4,10 +4,15 @@
   only after a trial, so K workers can overshoot. Storage hands out trial numbers atomically; a trial
   whose place in the budget (`budget_slot`) among the `counted_trials` is ``>= N`` is marked surplus and
   stops before it trains (`SurplusTrial`; a retry takes the place of the trial it replaces).
-* **Dead workers.** Each trial records its worker (`worker_identity`: host, pid, process start time).
-  `recover_dead_trials` fails a RUNNING trial whose process on this host is gone (`worker_alive`); on an
-  RDB storage Optuna's heartbeat does the same for any host (`requeue_stale`). The failed trial is queued
-  again with the same parameters (`requeue`, Optuna's ``WAITING`` state).
+* **Dead workers.** Each trial records its worker (`worker_identity`: host name, machine, pid, process
+  start time). `recover_dead_trials` fails a RUNNING trial whose process on this machine is gone
+  (`worker_alive`); on an RDB storage Optuna's heartbeat does the same for any machine (`requeue_stale`).
+  The failed trial is queued again with the same parameters (`requeue`, Optuna's ``WAITING`` state).
+* **Which machine.** A pid means something only in the process table it came from, so "this machine" is
+  the kernel's boot id and the pid namespace (two containers on one host, or two hosts that share a host
+  name, are different machines), not the host name alone. ``IGNITE_TRAINER_WORKER_HOST`` replaces both
+  (a worker that should be taken for another machine, as the tests' workers are); only a heartbeat can
+  then tell whether it died.
 """
 
 from __future__ import annotations
@@ -24,10 +29,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ignite_trainer.core.errors import UserError
 
-__all__ = ["SurplusTrial", "worker_identity", "worker_alive", "requeue", "requeue_stale", "recover_dead_trials",
+__all__ = ["SurplusTrial", "worker_identity", "worker_alive", "WORKER_HOST_ENV", "requeue", "requeue_stale", "recover_dead_trials",
            "budget_slot", "counted_trials"]
 
 log = logging.getLogger("ignite_trainer")
+
+#: Environment variable naming the machine a worker presents itself as (host name and machine both).
+WORKER_HOST_ENV = "IGNITE_TRAINER_WORKER_HOST"
 
 
 class SurplusTrial(UserError):
@@ -36,8 +44,23 @@ class SurplusTrial(UserError):
 
 # ---------------------------------------------------------------------------------------------- workers
 def worker_identity() -> dict[str, Any]:
-    """Who runs a trial: host, pid and the process's start time (so a reused pid is not taken for it)."""
-    return {"host": socket.gethostname(), "pid": os.getpid(), "started": _process_start(os.getpid())}
+    """Who runs a trial: host name, machine (`_machine`), pid and the process's start time (so a reused pid
+    is not taken for it)."""
+    named = os.environ.get(WORKER_HOST_ENV)
+    return {"host": named or socket.gethostname(), "machine": named or _machine(), "pid": os.getpid(),
+            "started": _process_start(os.getpid())}
+
+
+def _machine() -> str:
+    """The process table this process's pid belongs to: the kernel's boot id and the pid namespace."""
+    parts = []
+    for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
+                 lambda: os.readlink("/proc/self/ns/pid")):
+        try:
+            parts.append(read())
+        except OSError:
+            parts.append("?")
+    return f"{socket.gethostname()}/{'/'.join(parts)}"
 
 
 def _process_start(pid: int) -> str | None:
@@ -49,8 +72,10 @@ def _process_start(pid: int) -> str | None:
 
 
 def worker_alive(worker: dict[str, Any]) -> bool | None:
-    """Whether a trial's worker still runs; None when it ran on another host (only a heartbeat can tell)."""
-    if worker.get("host") != socket.gethostname():
+    """Whether a trial's worker still runs; None when it ran on another machine (only a heartbeat can tell).
+    A record from before machines were recorded is compared by host name."""
+    me = worker_identity()
+    if worker.get("machine", worker.get("host")) != me["machine" if "machine" in worker else "host"]:
         return None
     pid = int(worker["pid"])
     try:
