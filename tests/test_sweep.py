@@ -161,7 +161,10 @@ def dying_run(config, metric, direction, *, setup, **kw):
     return run(config, metric, direction, setup=setup_and_die, **kw)
 
 trial_module.TRIAL_RUNNERS["run"] = dying_run
-sweep_module.sweep(load_space(sys.argv[1]), sys.argv[2], 1, storage=sys.argv[3])
+# SPACE SWEEP_DIR STORAGE [TRIALS STUDY HEARTBEAT]
+trials, study, heartbeat = (int(sys.argv[4]), sys.argv[5], int(sys.argv[6])) if len(sys.argv) > 4 else (1, None, 30)
+sweep_module.sweep(load_space(sys.argv[1]), sys.argv[2], trials, storage=sys.argv[3], study_name=study,
+                   heartbeat=heartbeat)
 """
 
 
@@ -275,7 +278,7 @@ def test_an_unusable_storage_is_one_error_line_before_any_trial(base, tmp_path, 
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and err[0].startswith("error: --storage ") and message in err[0], err
     assert "secret" not in err[0]
-    assert not (sweep_dir / "trials").exists()
+    assert not sweep_dir.exists()  # the storage is checked before the sweep directory is created
 
 
 @pytest.mark.parametrize("flag,value,message", [("--trials", "0", "--trials=0 must be"),

@@ -12,7 +12,7 @@ storage has no heartbeat: there, only a worker on the dead worker's own machine 
 
 Several workers may open a new storage and create the same study at the same moment: on a server, the
 loser of that race gets an integrity error from the database (a table, a version row or the study name
-created twice). Opening and creating are therefore retried a few times (`_retrying`), and a study that
+created twice; SQLite's "table already exists"). Opening and creating are therefore retried a few times (`_retrying`), and a study that
 exists is joined. A study is joined only when it was created from the same space (`open_study`). SQLite
 is put in write-ahead-log mode. Passwords in a URL are never shown: every error names the URL without it.
 """
@@ -86,17 +86,24 @@ def _open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
         return storage
     except ConfigError:
         raise
-    except Exception as e:  # drivers raise their own types: a missing module, a refused connection, a bad file
+    except ImportError as e:  # Optuna's own message does not say which driver
+        missing = getattr(e.__cause__ or e.__context__ or e, "name", None)
+        hint = " (pip install -e '.[postgres]')" if url.startswith("postgresql") else ""
+        raise ConfigError(f"--storage {shown}: its database driver{f' {missing!r}' if missing else ''} is not "
+                          f"installed{hint}") from None
+    except Exception as e:  # drivers raise their own types: a refused connection, wrong credentials, a bad file
         if _is_race(e):
             raise
         raise ConfigError(f"--storage {shown}: cannot open the storage ({_first_line(e, url)})") from None
 
 
 def _is_race(e: BaseException) -> bool:
-    """An integrity error from the database: another worker created the same table, row or study first."""
+    """The database says another worker created the same table, row or study first (an integrity error, or
+    SQLite's "table ... already exists" while both create the tables)."""
     from sqlalchemy.exc import IntegrityError
 
-    return isinstance(e, IntegrityError) or "UniqueViolation" in type(e).__name__ or "duplicate key" in str(e)
+    text = str(e)
+    return isinstance(e, IntegrityError) or "already exists" in text or "duplicate key" in text
 
 
 def _retrying(url: str, attempt: Any) -> Any:

@@ -84,7 +84,9 @@ def make_objective(space: SweepSpace, sweep_dir: Path, n_trials: int) -> Callabl
             trial.set_user_attr("surplus", True)
             raise SurplusTrial(f"the sweep already has its {n_trials} trials")
         params = {p.name: suggest(trial, p) for p in space.params}
-        run_dir = Path(trial.user_attrs.get("run_dir") or trials_dir / f"trial_{trial.number:04d}")
+        # a retry keeps the dead trial's folder name, in this worker's own sweep directory: the same folder
+        # (resumed) on the same machine, a fresh one on a machine that does not share the file system
+        run_dir = trials_dir / Path(trial.user_attrs.get("run_dir") or f"trial_{trial.number:04d}").name
         trial.set_user_attr("run_dir", str(run_dir))
         cv = space.experiment == "cv"
         hook = PruningHook(trial, space.metric)
@@ -218,14 +220,17 @@ def sweep(space: SweepSpace | str | Path, sweep_dir: str | Path, n_trials: int, 
         check_cv_experiment(space)
     sweep_dir = Path(sweep_dir).expanduser()
     study_name = study_name or sweep_dir.resolve().name
+    url = storage_url(storage, sweep_dir)
+    # a storage of its own is opened (server reached, credentials and database checked) before anything is
+    # created here; the default one is a file in the sweep directory
+    opened = open_storage(url, heartbeat) if storage is not None else None
     try:
         sweep_dir.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise ConfigError(f"{sweep_dir}: cannot create the sweep directory ({e.strerror or e})") from None
     if not os.access(sweep_dir, os.W_OK):
         raise ConfigError(f"{sweep_dir}: the sweep directory is not writable")
-    url = storage_url(storage, sweep_dir)
-    study = open_study(space, open_storage(url, heartbeat), study_name, url)
+    study = open_study(space, opened or open_storage(url, heartbeat), study_name, url)
     trials_dir = sweep_dir / TRIALS_DIR
     if not study.trials and trials_dir.is_dir() and any(trials_dir.iterdir()):
         raise ConfigError(f"{trials_dir}: holds trials that study '{study_name}' does not know; "
