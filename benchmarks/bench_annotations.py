@@ -13,7 +13,8 @@ cross-validation over ``--seeds`` with the same epoch budget. Rows (``--rows``):
 - ``combined``: systolic + segmentation + calibrate (the patient model refuses heads).
 
 Table 1, per row, mean ± sd over the seeds of each seed's pooled out-of-fold figure: murmur weighted accuracy,
-outcome cost, heart and murmur AUROC (``report/summary.json``, ``sets.seed<S>.pooled``) and the expected
+outcome cost, heart and murmur AUROC and the recall of the Unknown murmur class (``report/summary.json``,
+``sets.seed<S>.pooled``; it rests on few patients, whose number is printed) and the expected
 calibration error of the out-of-fold patient probabilities the decisions read (``oof_predictions.csv``; a
 ``calibrate`` row's are temperature-scaled, each fold's temperature fitted on that member's validation fold,
 which is also the fold it is scored on, exactly as its thresholds are).
@@ -36,7 +37,8 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cv_rows import SCORES, add_arguments, base_config, cell, echo_row, pooled, prepare, print_table, run_row
+from cv_rows import (SCORES, UNKNOWN_RECALL, add_arguments, base_config, cell, echo_row, pooled, prepare, print_table,
+                     run_row, unknown_patients)
 
 ROWS = {
     "default": {},
@@ -47,6 +49,7 @@ ROWS = {
     "combined": {"heads": ["systolic", "segmentation"], "calibrate": True},
 }
 ECE = (("ece.murmur", "murmur ECE ↓"), ("ece.heart", "heart ECE ↓"))
+COLUMNS = SCORES + ECE + ((UNKNOWN_RECALL, "Unknown recall ↑"),)
 
 
 def oof_ece(exp_dir: Path, seeds: list[int]) -> dict[str, list[float | None]]:
@@ -103,18 +106,21 @@ def main() -> None:
             fields["batch_size"] = max(2, args.batch_size // 4)
         config = base_config(args, data=str(data), epochs=args.epochs, split_seed=args.split_seed, **fields)
         summary, exp_dir, seconds = run_row(row, config, args, split_file)
-        results[row] = {**pooled(summary, args.seeds, [key for key, _ in SCORES]), **oof_ece(exp_dir, args.seeds)}
+        results[row] = {**pooled(summary, args.seeds, [key for key, _ in SCORES] + [UNKNOWN_RECALL]),
+                        **oof_ece(exp_dir, args.seeds)}
+        unknown = sorted({unknown_patients(exp_dir, s) for s in args.seeds})
         if "heads" in fields:
             heads[row] = member_heads(exp_dir)
         echo_row(row, results[row], seconds)
 
-    print_table(["row"] + [title for _, title in SCORES + ECE],
-                [(row, [cell(v[key]) for key, _ in SCORES + ECE]) for row, v in results.items()])
+    print_table(["row"] + [title for _, title in COLUMNS],
+                [(row, [cell(v[key]) for key, _ in COLUMNS]) for row, v in results.items()])
     if heads:
         names = list(dict.fromkeys(name for v in heads.values() for name in v))
         print_table(["row"] + names, [(row, [f"{cell(v[n])} (n={len(v[n])})" if n in v else "–" for n in names])
                                       for row, v in heads.items()])
-    print(f"\nTable 1: mean ± sd over seeds {args.seeds} of each seed's pooled out-of-fold figure. Table 2: mean ± sd "
+    print(f"\nTable 1: mean ± sd over seeds {args.seeds} of each seed's pooled out-of-fold figure (Unknown recall: "
+          f"among {', '.join(map(str, unknown))} Unknown patients per seed). Table 2: mean ± sd "
           f"over the fold × seed members (n). {args.folds} folds from one split file; {args.epochs} epoch(s) per "
           f"member; batch {args.batch_size} recordings (patient model {max(2, args.batch_size // 4)} patients); "
           f"{args.patients} hard synthetic patients (data seed {args.data_seed}), n_mels {args.n_mels}")

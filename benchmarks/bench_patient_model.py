@@ -20,22 +20,15 @@ official per-class murmur accuracy), with how many Unknown patients it rests on.
 from __future__ import annotations
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from cv_rows import SCORES, add_arguments, base_config, cell, echo_row, pooled, prepare, print_table, run_row
+from cv_rows import (SCORES, UNKNOWN_RECALL, add_arguments, base_config, cell, echo_row, pooled, prepare, print_table,
+                     run_row, unknown_patients)
 
 ROWS = {"window": False, "patient": True}
-UNKNOWN_RECALL = "murmur_accuracy.Unknown"
-
-
-def _unknown_patients(exp_dir: Path, seed: int) -> int:
-    """How many of a seed's out-of-fold patients are truly Unknown (``oof_predictions.csv``)."""
-    with open(exp_dir / "oof_predictions.csv", newline="") as f:
-        return sum(1 for row in csv.DictReader(f) if int(row["seed"]) == seed and row["murmur_class"] == "Unknown")
 
 
 def main() -> None:
@@ -56,7 +49,7 @@ def main() -> None:
         summary, exp_dir, seconds = run_row(row, config, args, split_file)
         values = pooled(summary, args.seeds, [key for key, _ in SCORES] + [UNKNOWN_RECALL])
         echo_row(row, values, seconds)
-        values["unknown_patients"] = [_unknown_patients(exp_dir, s) for s in args.seeds]
+        values["unknown_patients"] = [unknown_patients(exp_dir, s) for s in args.seeds]
         results[row] = values
 
     print_table(["model"] + [title for _, title in SCORES],

@@ -10,6 +10,7 @@ value). Used by ``bench_pretraining.py``, ``bench_patient_model.py`` and ``bench
 from __future__ import annotations
 
 import argparse
+import csv
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -17,6 +18,14 @@ from typing import Any
 
 SCORES = (("murmur_weighted_accuracy", "murmur W.acc ↑"), ("outcome_cost", "outcome cost ↓"),
           ("heart.auroc", "heart AUROC ↑"), ("murmur.auroc", "murmur AUROC ↑"))
+#: The official per-class murmur accuracy of the Unknown class: its recall among the Unknown patients.
+UNKNOWN_RECALL = "murmur_accuracy.Unknown"
+
+
+def unknown_patients(exp_dir: Path, seed: int) -> int:
+    """How many of a seed's out-of-fold patients are truly Unknown (``oof_predictions.csv``)."""
+    with open(exp_dir / "oof_predictions.csv", newline="") as f:
+        return sum(1 for row in csv.DictReader(f) if int(row["seed"]) == seed and row["murmur_class"] == "Unknown")
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, patients: int, seeds: Sequence[int], epochs: int,
