@@ -2,16 +2,23 @@
 
     python benchmarks/bench_sweep.py                            # default model, 1-epoch trials, 60 patients
     python benchmarks/bench_sweep.py --patients 300 --epochs 2  # the full embedded set
+    python benchmarks/bench_sweep.py --workers 1 2 4 --trials 8 --train-storage postgresql --postgres auto
+
+``--postgres URL`` (a database of an existing server) or ``--postgres auto`` (a throw-away server started
+here, as the tests do: Debian's ``initdb``/``pg_ctl``, removed at the end) adds PostgreSQL to the storages
+measured; ``--train-storage`` picks the storage of the training rows.
 
 Trials train the default model (``attention_cnn``) on the embedded synthetic set, searching the learning
 rate; the feature cache is filled before timing. The storage overhead is measured with the training
 replaced by a stub that returns at once, so what remains is Optuna's work per trial (ask, the user
-attributes, heartbeat, tell, the budget check) plus the sweep's bookkeeping, on SQLite and on a journal file.
+attributes, heartbeat, tell, the budget check) plus the sweep's bookkeeping, on SQLite, on a journal file and
+on PostgreSQL.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import tempfile
 import time
@@ -39,6 +46,30 @@ def stub_runner(config, metric, direction, **_):
     return trial_module.TrialResult(run_dir, 0.5, 1)
 
 
+@contextlib.contextmanager
+def postgres(url: str | None):
+    """None, the given URL, or (``auto``) a throw-away server's URL for as long as the block runs."""
+    if url != "auto":
+        yield url
+        return
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from pg_server import ThrowawayPostgres
+
+    with ThrowawayPostgres() as server:
+        yield server.url("postgres")
+
+
+def _fresh(url: str, name: str) -> str:
+    """A new database ``name`` on the server of ``url``; its URL."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--patients", type=int, default=60)
@@ -48,7 +79,14 @@ def main() -> None:
     parser.add_argument("--stub-trials", type=int, default=30)
     parser.add_argument("--stub-only", action="store_true", help="only the storage overhead rows")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "ignite_bench_sweep_cache")
+    parser.add_argument("--postgres", default=None, help="a PostgreSQL URL, or 'auto' for a throw-away server")
+    parser.add_argument("--train-storage", choices=("sqlite", "postgresql"), default="sqlite")
     args = parser.parse_args()
+    with postgres(args.postgres) as pg:
+        run(args, pg)
+
+
+def run(args: argparse.Namespace, pg: str | None) -> None:
     work = Path(tempfile.mkdtemp(prefix="bench_sweep_"))
     values = space(args.cache, args.patients, args.epochs)
 
@@ -57,15 +95,22 @@ def main() -> None:
     print(f"feature cache ready in {time.perf_counter() - started:.1f} s ({args.patients} patients)", file=sys.stderr)
 
     rows = []
+    if args.train_storage == "postgresql" and not pg:
+        raise SystemExit("error: --train-storage postgresql needs --postgres URL or --postgres auto")
     for workers in [] if args.stub_only else args.workers:
+        storage = _fresh(pg, f"train_w{workers}") if args.train_storage == "postgresql" else None
         started = time.perf_counter()
-        summary = sweep_module.sweep(parse_space(values), work / f"train_w{workers}", args.trials, workers=workers)
+        summary = sweep_module.sweep(parse_space(values), work / f"train_w{workers}", args.trials, workers=workers,
+                                     storage=storage)
         seconds = time.perf_counter() - started
-        rows.append((f"train, {workers} worker(s), sqlite", summary["counted"], seconds,
+        rows.append((f"train, {workers} worker(s), {args.train_storage}", summary["counted"], seconds,
                      f"{summary['counted'] / seconds * 3600:.1f} trials/h"))
 
     trial_module.TRIAL_RUNNERS["run"] = stub_runner
-    for name, storage in (("sqlite", None), ("journal", f"journal:{work / 'stub.journal'}")):
+    storages = [("sqlite", None), ("journal", f"journal:{work / 'stub.journal'}")]
+    if pg:
+        storages.append(("postgresql", _fresh(pg, "stub")))
+    for name, storage in storages:
         started = time.perf_counter()
         summary = sweep_module.sweep(parse_space(values), work / f"stub_{name}", args.stub_trials, storage=storage)
         seconds = time.perf_counter() - started
@@ -75,7 +120,7 @@ def main() -> None:
         rows.append((f"stub trial, 1 worker, {name}", summary["counted"], seconds,
                      f"{(seconds - fixed) / summary['counted'] * 1000:.0f} ms/trial (+ {fixed:.1f} s open + report)"))
 
-    print(f"\n| run | trials | wall s | figure |\n|---|---|---|---|")
+    print("\n| run | trials | wall s | figure |\n|---|---|---|---|")
     for name, n, seconds, figure in rows:
         print(f"| {name} | {n} | {seconds:.1f} | {figure} |")
 
