@@ -1,14 +1,22 @@
 """Starting the ranks of a run and ending them together: spawned by us, or already started by ``torchrun``.
 
-Both go through Ignite's ``idist.Parallel``. What it lacks is how a failure travels: a rank's own
-`UserError` must reach the user as that error (same class, one line), and any other crash as one
-`DistributedFailure` naming the rank and the checkpoint to resume from. Errors travel as exception
-objects (a queue for spawned ranks, a broadcast under torchrun), never as traceback text to parse.
+Both go through Ignite's ``idist`` (``Parallel`` spawns, ``initialize`` joins). What it lacks is how a
+failure travels: a rank's own `UserError` must reach the user as that error (same class, one line), and
+any other crash as one `DistributedFailure` naming the rank and the checkpoint to resume from. Errors
+travel as exception objects (a queue for spawned ranks, a broadcast under torchrun), never as traceback
+text to parse.
+
+A rank on another node is different: no launcher here sees it exit, and nothing travels from a machine
+switched off or a process SIGKILLed. The survivors learn of it only from their own failed collective (a
+closed connection at once, or `dist_timeout` later when the peer stops answering), which gloo raises as a
+plain `RuntimeError` known only by its message; under ``torchrun --nnodes N`` that failure becomes one
+`DistributedFailure` naming the lost peer (`peer_loss_ends_run`).
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import gc
 import logging
 import math
@@ -17,7 +25,7 @@ import os
 import pickle
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import ignite.distributed as idist
 import torch
@@ -26,8 +34,9 @@ from torch.multiprocessing.spawn import ProcessException, ProcessExitedException
 from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.runs.checkpoint import clean_partial_files, find_resume_checkpoint
 from ignite_trainer.core.errors import CheckpointError, ConfigError, DistributedFailure, UserError
+from ignite_trainer.training.runtime import torchrun_spans_nodes
 
-__all__ = ["DIST_TIMEOUT", "dist_timeout", "run_spawned", "run_joined", "broadcast_from_rank0"]
+__all__ = ["DIST_TIMEOUT", "dist_timeout", "run_spawned", "run_joined", "peer_loss_ends_run", "broadcast_from_rank0"]
 
 #: How long a rank waits in a collective for a peer before giving up. gloo otherwise waits forever for a
 #: peer that died without closing its sockets (another node, SIGKILL under torchrun); the spawn launcher
@@ -110,18 +119,78 @@ def _rank_failure(e: ProcessException, raised: UserError | None, run_dir: Path) 
         cause = lines[-1] if lines else "unknown error"  # the traceback's last line, only shown
     else:
         cause = str(e).strip().splitlines()[0]
+    return DistributedFailure(f"rank {e.error_index} failed ({cause}); the whole run stopped{_resume_hint(run_dir)}")
+
+
+def _resume_hint(run_dir: Path) -> str:
+    """The end of a failure's line: the checkpoint a resume starts from, and the command's flag."""
     try:
-        where = f"; resume from {find_resume_checkpoint(run_dir)[0].name} with --resume {run_dir}"
+        return f"; resume from {find_resume_checkpoint(run_dir)[0].name} with --resume {run_dir}"
     except CheckpointError:
-        where = "; no complete checkpoint was written yet"
-    return DistributedFailure(f"rank {e.error_index} failed ({cause}); the whole run stopped{where}")
+        return "; no complete checkpoint was written yet"
 
 
 def run_joined(fn: Callable[..., None], args: tuple, backend: str) -> None:
-    """``fn(local_rank, *args)`` on this rank when ``torchrun`` started every rank: Ignite joins its
-    process group instead of spawning."""
-    with idist.Parallel(backend=backend, timeout=dist_timeout()) as parallel:
-        parallel.run(fn, *args)
+    """``fn(local_rank, *args)`` on this rank when ``torchrun`` started every rank: Ignite joins the
+    process group that torchrun's environment describes, with `dist_timeout`, instead of spawning. A peer
+    lost before ``fn`` knows its run directory (the opening broadcast) ends it as `peer_loss_ends_run` says.
+
+    ``idist.Parallel`` is not used here: when it joins rather than spawns it drops its ``timeout``, and the
+    group would wait 30 minutes (torch's default) for a peer that stopped answering.
+    """
+    idist.initialize(backend, timeout=dist_timeout())
+    try:
+        with peer_loss_ends_run(None):
+            fn(idist.get_local_rank(), *args)
+    finally:
+        idist.finalize()
+
+
+#: What gloo's transport errors say; gloo raises them as plain `RuntimeError`s (a closed connection names
+#: the peer's address, a receive that timed out names the wait). NCCL and the store raise `DistError`s.
+_GLOO_TRANSPORT = ("gloo/transport", "pair closure")
+
+
+def _is_lost_peer(error: BaseException) -> bool:
+    """Whether ``error`` is a collective that failed because a peer closed its connection or stopped answering."""
+    if isinstance(error, torch.distributed.DistError):
+        return True
+    return isinstance(error, RuntimeError) and any(mark in str(error) for mark in _GLOO_TRANSPORT)
+
+
+@contextlib.contextmanager
+def peer_loss_ends_run(run_dir: Path | None) -> Iterator[None]:
+    """Under ``torchrun --nnodes N``, a collective that lost its peer ends this rank with one
+    `DistributedFailure` naming the peer (exit code 3) instead of a traceback; ``run_dir`` (None before the
+    run is opened) says where to resume.
+
+    On one node, torchrun's agent stops the survivors as soon as a rank exits, and the rank that failed
+    speaks for itself (its own ``error:`` line or traceback); this rank's broken collective adds nothing
+    there, so it is left alone.
+    """
+    try:
+        yield
+    except RuntimeError as e:  # DistError is a RuntimeError too
+        if not (torchrun_spans_nodes() and _is_lost_peer(e)):
+            raise
+        raise _peer_loss(e, run_dir) from None
+
+
+def _peer_loss(error: RuntimeError, run_dir: Path | None) -> DistributedFailure:
+    """One line: which rank lost which peer, gloo's or NCCL's reason without its source location, where to resume."""
+    rank, world = idist.get_rank(), idist.get_world_size()
+    peer = f"rank {1 - rank}" if world == 2 else f"one of its {world - 1} peer ranks"
+    text = next((line.strip() for line in str(error).splitlines() if line.strip()), type(error).__name__)
+    reason = text.split("] ", 1)[1] if text.startswith("[") and "] " in text else text  # "[.../pair.cc:553] ..."
+    reason = reason.split(". ")[0].rstrip(".")
+    if run_dir is None:
+        where = ""
+    elif rank == 0:
+        where = _resume_hint(run_dir)
+    else:  # rank 0 writes the checkpoints, maybe on a disk this node does not see
+        where = f"; resume with --resume {run_dir} where rank 0 wrote it"
+    return DistributedFailure(f"rank {rank} lost {peer} ({reason}): a process or node of the run stopped or "
+                              f"cannot be reached; the whole run stopped{where}")
 
 
 def broadcast_from_rank0(make: Callable[[], Any]) -> Any:
