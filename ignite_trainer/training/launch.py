@@ -23,9 +23,10 @@ import math
 import multiprocessing
 import os
 import pickle
+from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import ignite.distributed as idist
 import torch
