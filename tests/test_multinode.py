@@ -53,11 +53,13 @@ def node(rank: int, port: int) -> tuple[str, ...]:
 
 
 @contextlib.contextmanager
-def two_nodes(base: Path, name: str, *args: str, env: dict[str, str]) -> Iterator[list[subprocess.Popen]]:
-    """Both nodes' launchers, started; each writes ``NAME.nodeR.out``/``.err`` in ``base``; both are killed
-    with their workers when the block ends, however it ends."""
+def two_nodes(base: Path, name: str, *args: str, env: dict[str, str],
+              mode: str = "--plain") -> Iterator[list[subprocess.Popen]]:
+    """Both nodes' launchers (`test_torchrun.LAUNCHER` in ``mode``), started; each writes ``NAME.nodeR.out`` and
+    ``.err`` in ``base``; both are killed with their workers when the block ends, however it ends."""
     port = free_port()
-    commands = [torchrun_command(base, *args, node=node(rank, port)) for rank in (0, 1)]  # launch.py written once, before either starts
+    # launch.py is written before either node starts, never while one reads it
+    commands = [torchrun_command(base, *args, mode=mode, node=node(rank, port)) for rank in (0, 1)]
     with contextlib.ExitStack() as stack:
         procs = []
         for rank, command in enumerate(commands):
@@ -108,10 +110,11 @@ def one_node_run(base: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def two_node_run(base: Path) -> Path:
-    """The same run on two nodes of one process each."""
+    """The same run on two nodes of one process each. Rank 0 opens it 2 s later than a collective may wait
+    (``--slow-open``, as the input checks of a large data set can): node 1 waits for the opening all the same."""
     (base / "two.yaml").write_text(tiny_config(base / "data", base, name="two", epochs=2).to_yaml())
     with two_nodes(base, "two", "train", "--config", str(base / "two.yaml"), "--backend", "gloo",
-                   env=torchrun_env()) as procs:
+                   env=torchrun_env(IGNITE_TRAINER_DIST_TIMEOUT="5"), mode="--slow-open") as procs:
         codes = [proc.wait(timeout=LAUNCH_TIMEOUT) for proc in procs]
     assert codes == [0, 0], output(base, "two", 0)[-3000:] + output(base, "two", 1)[-3000:]
     return base / "runs" / "two"
@@ -154,7 +157,7 @@ def test_a_lost_node_ends_the_other_with_one_line_and_exit_code_3(base: Path, ho
     name = f"lost-{how}"
     (base / f"{name}.yaml").write_text(tiny_config(base / "data", base, name=name, epochs=100).to_yaml())
     run_dir = base / "runs" / name
-    env = torchrun_env(IGNITE_TRAINER_DIST_TIMEOUT="20" if how == "killed" else "10")
+    env = torchrun_env(IGNITE_TRAINER_DIST_TIMEOUT="20" if how == "killed" else "5")
     with two_nodes(base, name, "train", "--config", str(base / f"{name}.yaml"), "--backend", "gloo",
                    env=env) as (node0, node1):
         deadline = time.monotonic() + LAUNCH_TIMEOUT

@@ -24,9 +24,11 @@ from ignite_trainer.runs.rundir import MetricsLog
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: Runs ``cli.main`` with an optional setup hook that makes rank 1 fail with a `DataError` at its 2nd step.
+#: Runs ``cli.main``, after its first argument: ``--plain``; ``--fail-rank-1``, a setup hook makes rank 1 fail
+#: with a `DataError` at its 2nd step; ``--slow-open``, rank 0 opens the run 2 s later than a collective
+#: may wait (``$IGNITE_TRAINER_DIST_TIMEOUT``), as the input checks of a large data set can.
 LAUNCHER = '''
-import functools, sys
+import functools, os, sys, time
 import cli
 import ignite_trainer.training.run as run
 
@@ -39,8 +41,14 @@ def fail_on_rank_1(trainer, evaluator):
         def fail(engine):
             raise DataError("injected: rank 1 cannot read its batch")
 
+def slow_open(*args, **kwargs):
+    time.sleep(float(os.environ["IGNITE_TRAINER_DIST_TIMEOUT"]) + 2)
+    return open_run(*args, **kwargs)
+
 if sys.argv[1] == "--fail-rank-1":
     run.train = functools.partial(run.train, setup=fail_on_rank_1)
+if sys.argv[1] == "--slow-open":  # under torchrun, rank 0 alone opens the run
+    open_run, run.open_run = run.open_run, slow_open
 sys.exit(cli.main(sys.argv[2:]))
 '''
 
@@ -61,12 +69,12 @@ def torchrun_env(**changes: str) -> dict[str, str]:
             "OMP_NUM_THREADS": "1", "IGNITE_TRAINER_DIST_TIMEOUT": "30", **changes}
 
 
-def torchrun_command(tmp_path: Path, *args: str, fail: bool = False, node: tuple[str, ...] = ONE_NODE) -> list[str]:
-    """``torchrun NODE --monitor-interval 0.5 launch.py ARGS`` (`LAUNCHER` as ``launch.py`` in ``tmp_path``)."""
+def torchrun_command(tmp_path: Path, *args: str, mode: str = "--plain", node: tuple[str, ...] = ONE_NODE) -> list[str]:
+    """``torchrun NODE --monitor-interval 0.5 launch.py MODE ARGS`` (`LAUNCHER` as ``launch.py`` in ``tmp_path``)."""
     script = tmp_path / "launch.py"
     script.write_text(LAUNCHER)
-    return [sys.executable, "-m", "torch.distributed.run", *node, "--monitor-interval", "0.5", str(script),
-            "--fail-rank-1" if fail else "--plain", *args]
+    return [sys.executable, "-m", "torch.distributed.run", *node, "--monitor-interval", "0.5", str(script), mode,
+            *args]
 
 
 @contextlib.contextmanager
@@ -106,10 +114,10 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
-def torchrun(tmp_path: Path, *args: str, fail: bool = False, node: tuple[str, ...] = ONE_NODE,
+def torchrun(tmp_path: Path, *args: str, mode: str = "--plain", node: tuple[str, ...] = ONE_NODE,
              env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """One torchrun launch to its end (`LAUNCH_TIMEOUT` at most), its output captured."""
-    command = torchrun_command(tmp_path, *args, fail=fail, node=node)
+    command = torchrun_command(tmp_path, *args, mode=mode, node=node)
     with launched(command, env or torchrun_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
         stdout, stderr = proc.communicate(timeout=LAUNCH_TIMEOUT)
     return subprocess.CompletedProcess(command, proc.returncode, stdout, stderr)
@@ -147,7 +155,7 @@ def test_torchrun_trains_and_resumes(base: Path) -> None:
 def test_under_torchrun_a_failing_rank_ends_the_run_with_one_line(base: Path) -> None:
     config = tiny_config(base / "data", base, name="failing", epochs=2)
     (base / "failing.yaml").write_text(config.to_yaml())
-    done = torchrun(base, "train", "--config", str(base / "failing.yaml"), "--backend", "gloo", fail=True)
+    done = torchrun(base, "train", "--config", str(base / "failing.yaml"), "--backend", "gloo", mode="--fail-rank-1")
     assert done.returncode != 0
     errors = [line for line in (done.stdout + done.stderr).splitlines() if line.startswith("error: ")]
     assert errors == ["error: injected: rank 1 cannot read its batch"], done.stderr[-3000:]

@@ -15,14 +15,12 @@ plain `RuntimeError` known only by its message; under ``torchrun --nnodes N`` th
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import gc
 import logging
 import math
 import multiprocessing
 import os
-import pickle
 from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -37,7 +35,8 @@ from ignite_trainer.runs.checkpoint import clean_partial_files, find_resume_chec
 from ignite_trainer.core.errors import CheckpointError, ConfigError, DistributedFailure, UserError
 from ignite_trainer.training.runtime import torchrun_spans_nodes
 
-__all__ = ["DIST_TIMEOUT", "dist_timeout", "run_spawned", "run_joined", "peer_loss_ends_run", "broadcast_from_rank0"]
+__all__ = ["DIST_TIMEOUT", "SETUP_TIMEOUT", "dist_timeout", "run_spawned", "run_joined", "peer_loss_ends_run",
+           "broadcast_from_rank0", "setup_barrier"]
 
 #: How long a rank waits in a collective for a peer before giving up. gloo otherwise waits forever for a
 #: peer that died without closing its sockets (another node, SIGKILL under torchrun); the spawn launcher
@@ -131,19 +130,33 @@ def _resume_hint(run_dir: Path) -> str:
         return "; no complete checkpoint was written yet"
 
 
+#: How long a torchrun rank waits for the opening of the run (`broadcast_from_rank0`, `setup_barrier`): rank 0
+#: checks every input and a node's local rank 0 fills the feature cache, work that grows with the data set
+#: and has no bound `dist_timeout` could know. Torch's own default (30 minutes); training keeps `dist_timeout`.
+SETUP_TIMEOUT = torch.distributed.constants.default_pg_timeout
+
+#: The gloo group of every rank that waits out the opening of a run under torchrun (`SETUP_TIMEOUT`); None
+#: outside `run_joined`.
+_setup_group: Any = None
+
+
 def run_joined(fn: Callable[..., None], args: tuple, backend: str) -> None:
     """``fn(local_rank, *args)`` on this rank when ``torchrun`` started every rank: Ignite joins the
-    process group that torchrun's environment describes, with `dist_timeout`, instead of spawning. A peer
-    lost before ``fn`` knows its run directory (the opening broadcast) ends it as `peer_loss_ends_run` says.
+    process group that torchrun's environment describes, with `dist_timeout`, instead of spawning, and a
+    second group waits out the opening (`SETUP_TIMEOUT`). A peer lost before ``fn`` knows its run directory
+    (the opening broadcast) ends it as `peer_loss_ends_run` says.
 
     ``idist.Parallel`` is not used here: when it joins rather than spawns it drops its ``timeout``, and the
     group would wait 30 minutes (torch's default) for a peer that stopped answering.
     """
+    global _setup_group
     idist.initialize(backend, timeout=dist_timeout())
     try:
         with peer_loss_ends_run(None):
+            _setup_group = torch.distributed.new_group(backend="gloo", timeout=SETUP_TIMEOUT)
             fn(idist.get_local_rank(), *args)
     finally:
+        _setup_group = None
         idist.finalize()
 
 
@@ -198,16 +211,23 @@ def broadcast_from_rank0(make: Callable[[], Any]) -> Any:
     """``make()`` on rank 0, its value on every rank; a `UserError` it raises is raised on every rank.
 
     Every rank must learn of rank 0's failure, or the others would wait in the broadcast until the
-    timeout. The value (or the error object) travels pickled, so the error keeps its class.
+    timeout. The value (or the error object) travels pickled, so the error keeps its class. Under
+    `run_joined` the others wait as long as `SETUP_TIMEOUT`, not `dist_timeout`.
     """
-    payload = ""
+    outcome: list[Any] = [None]
     if idist.get_rank() == 0:
         try:
-            outcome: tuple[str, Any] = ("value", make())
+            outcome = [("value", make())]
         except UserError as e:
-            outcome = ("error", e)
-        payload = base64.b64encode(pickle.dumps(outcome)).decode("ascii")
-    kind, value = pickle.loads(base64.b64decode(idist.broadcast(payload, src=0, safe_mode=True)))
+            outcome = [("error", e)]
+    torch.distributed.broadcast_object_list(outcome, src=0, group=_setup_group)
+    kind, value = outcome[0]
     if kind == "error":
         raise value
     return value
+
+
+def setup_barrier() -> None:
+    """Every rank waits for the others, as long as `SETUP_TIMEOUT` under `run_joined` (a node's feature cache
+    being filled), `dist_timeout` elsewhere."""
+    torch.distributed.barrier(group=_setup_group)
