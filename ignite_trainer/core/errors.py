@@ -55,7 +55,8 @@ class TrainingAborted(UserError):
 
 
 class DistributedFailure(TrainingAborted):
-    """A rank crashed or was killed: the whole run stopped (exit code 3, like any aborted training).
+    """A rank crashed or was killed, or a rank lost its peer on another node: the whole run stopped (exit
+    code 3, like any aborted training).
 
     Example::
 

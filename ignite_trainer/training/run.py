@@ -37,7 +37,9 @@ from ignite_trainer.training.finetune import apply_init, build_optimizer, with_m
 from ignite_trainer.core.errors import ConfigError, DistributedFailure
 from ignite_trainer.core.vocabulary import PER_LABEL, PREDICTIONS, VAL_LOSS
 from ignite_trainer.training.graceful import GracefulStop, TrainingStopped, recorded_session
-from ignite_trainer.training.launch import broadcast_from_rank0, run_joined, run_spawned
+from ignite_trainer.training.launch import (
+    broadcast_from_rank0, peer_loss_ends_run, run_joined, run_spawned, setup_barrier,
+)
 from ignite_trainer.runs.logs import quiet_non_zero_rank, setup_logging
 from ignite_trainer.training.losses import WeightedBCELoss
 from ignite_trainer.training.head_loss import HeadLoss
@@ -195,11 +197,23 @@ def _torchrun_rank(local_rank: int, config: TrainConfig, resume: str | Path | No
     if run.finished:
         result.update(_finished_summary(run))
         return
+    try:
+        with peer_loss_ends_run(run.directory.path):
+            _torchrun_training(local_rank, run, setup, fused, result)
+    except DistributedFailure as e:
+        if idist.get_rank() == 0:
+            log.error("%s", e)  # train.log's last record: the runs table reads the run as failed
+        raise
+
+
+def _torchrun_training(local_rank: int, run: OpenedRun, setup: SetupHook | None, fused: bool,
+                       result: dict[str, Any]) -> None:
+    """The opened run's training on one torchrun rank; rank 0 holds the lock and records the session."""
     if idist.get_local_rank() != 0:
-        idist.barrier()  # wait until this node's feature cache is filled
+        setup_barrier()  # wait until this node's feature cache is filled
     data = prepare_data(run.config)
     if idist.get_local_rank() == 0:
-        idist.barrier()
+        setup_barrier()
     if idist.get_rank() == 0:
         log.info(split_line(data.train, data.val))
         _write_resolved(run.directory, run.config, data)

@@ -104,3 +104,9 @@ def seed_everything(seed: int) -> None:
 def torchrun_world_size() -> int:
     """The world size ``torchrun`` (or any ``env://`` launcher) set for this process; 1 when started alone."""
     return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def torchrun_spans_nodes() -> bool:
+    """Whether this process's launcher started only some of the run's ranks (``torchrun --nnodes 2``): the
+    others run under another launcher, which is the only one that sees them exit."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", torchrun_world_size())) < torchrun_world_size()
