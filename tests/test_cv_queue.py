@@ -142,16 +142,18 @@ def test_two_machines_run_every_member_once_and_collect_the_one_machine_result(s
 
     # every member ran exactly once, on the machine whose folder holds it, and nothing else ran
     trials = queue_trials(queue_url)
+    said = "\n".join(f"{t.number} {t.state.name} {t.user_attrs}" for t in trials) + "\n" + "\n".join(
+        line for lines in output.values() for line in lines if not line.startswith((" ", "epoch", "data", "split")))
     ran = [t for t in trials if t.state != TrialState.PRUNED]
-    assert sorted(t.user_attrs["member"] for t in ran) == sorted(MEMBERS)
-    assert all(t.state == TrialState.COMPLETE for t in ran)
+    assert sorted(t.user_attrs["member"] for t in ran) == sorted(MEMBERS), said
+    assert all(t.state == TrialState.COMPLETE for t in ran), said
     host_of = {t.user_attrs["member"]: t.user_attrs["worker"]["host"] for t in ran}
     for host, folder in folders.items():
         mine = {m for m, h in host_of.items() if h == host}
-        assert local_members(folder / "exp") == mine
-        assert all(member_status(folder / "exp" / "runs" / m) == "done" for m in mine)
+        assert local_members(folder / "exp") == mine, said
+        assert all(member_status(folder / "exp" / "runs" / m) == "done" for m in mine), said
         finished = [line for line in output[host] if line.endswith(": finished")]
-        assert sorted(finished) == sorted(f"{m}: finished" for m in mine)
+        assert sorted(finished) == sorted(f"{m}: finished" for m in mine), said
         elsewhere = sorted(set(MEMBERS) - mine)
         if elsewhere:  # said in one line, nothing collected here
             (line,) = [line for line in output[host] if "ran on other machines" in line]
@@ -169,7 +171,7 @@ def test_two_machines_run_every_member_once_and_collect_the_one_machine_result(s
     # started again on a machine, the command finds every member done and trains nothing
     before = {p: p.stat().st_mtime_ns for p in (short / "runs").rglob("*") if p.is_file()}
     code, errors = run_cli(capsys, "cv", "--resume", short, "--storage", queue_url, "--bootstrap", 0, "--no-figures")
-    assert code == 0 and errors == []
+    assert code == 0 and errors == [], said
     assert {p: p.stat().st_mtime_ns for p in (short / "runs").rglob("*") if p.is_file()} == before
 
     # the run folders copied together collect to the one-machine experiment's scores, exactly
@@ -387,3 +389,13 @@ def test_storage_flags_that_do_not_go_together_are_one_line(tmp_path, capsys, ar
     code, errors = run_cli(capsys, "cv", "--output-dir", tmp_path, "--name", "exp", *args)
     assert code == 2 and len(errors) == 1 and message in errors[0], errors
     assert not (tmp_path / "exp").exists() and not (tmp_path / "q.db").exists()
+
+
+def test_a_study_of_something_else_is_not_taken_for_a_queue(queue, setup, tmp_path, capsys):
+    _, _, url = queue
+    sweep = optuna.create_study(storage=url, study_name="a-sweep")
+    sweep.set_user_attr("space_fingerprint", "0123")  # what a sweep's study holds
+    out = tmp_path / "other"
+    code, errors = run_cli(capsys, *cv_args(setup, out, "--storage", url, "--study", "a-sweep"))
+    assert code == 2 and len(errors) == 1 and "study 'a-sweep' is not a cv experiment's queue" in errors[0], errors
+    assert not out.exists()

@@ -144,11 +144,12 @@ def _open_member_queue(storage: optuna.storages.BaseStorage, study_name: str, ur
     try:
         study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
                                     sampler=optuna.samplers.RandomSampler(seed=0), load_if_exists=True)
-        saved = study.user_attrs.get(_FINGERPRINT_ATTR)
+        attrs = study.user_attrs  # one reading: another machine may be setting the attr at this moment
+        saved = attrs.get(_FINGERPRINT_ATTR)
         if saved is None:
-            if study.user_attrs or study.get_trials(deepcopy=False):
+            if attrs:  # a sweep's study (its space) or another program's
                 raise ConfigError(f"--storage {redacted(url)}: study '{study_name}' is not a cv experiment's queue "
-                                  "(it holds another study's trials, e.g. a sweep's); give another --study")
+                                  f"(it holds {', '.join(sorted(attrs))}, e.g. a sweep's); give another --study")
             study.set_user_attr(_FINGERPRINT_ATTR, fingerprint)  # also proves the storage can be written
             saved = study.user_attrs.get(_FINGERPRINT_ATTR)  # two different experiments racing: the last one wins
     except (ConfigError, IntegrityError):
