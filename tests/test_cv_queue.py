@@ -399,3 +399,23 @@ def test_a_study_of_something_else_is_not_taken_for_a_queue(queue, setup, tmp_pa
     code, errors = run_cli(capsys, *cv_args(setup, out, "--storage", url, "--study", "a-sweep"))
     assert code == 2 and len(errors) == 1 and "study 'a-sweep' is not a cv experiment's queue" in errors[0], errors
     assert not out.exists()
+
+
+def test_a_claim_another_machine_gave_up_meanwhile_does_not_stop_the_machine(queue, monkeypatch):
+    exp, study, _ = queue
+    given_up = []
+
+    def slow_member(exp, member, threads=None, progress=None, setup=None):
+        if not given_up:  # meanwhile another machine found its heartbeats late, failed it and queued it again
+            (running,) = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+            study._storage.set_trial_state_values(running._trial_id, TrialState.FAIL)
+            study.enqueue_trial(params={}, user_attrs={"member": member.name, "retry_of": running.number})
+            given_up.append(member.name)
+        return "trained"
+
+    monkeypatch.setattr(member_queue, "run_member", slow_member)
+    lines = []
+    claim_members(exp, study, heartbeat=1, echo=lines.append)
+    assert f"{given_up[0]}: another machine gave this claim up meanwhile (its heartbeats came late) and queued the " \
+           "member again; what was trained here stays here" in lines
+    assert {s.status for s in member_states(study.get_trials(deepcopy=False), MEMBERS).values()} == {"done"}

@@ -30,7 +30,9 @@ member is done. Optuna does the queue, the claims and the heartbeats; this modul
   with nothing left to claim waits (``min(heartbeat, 5)`` s) while other machines' members run, so the
   member of a claimant that dies is taken over: resumed from this machine's partial run of it if it has
   one, else trained afresh. A claim stopped on purpose (Ctrl-C, SIGTERM) ends FAIL and the member is queued
-  again by the next machine that looks.
+  again by the next machine that looks. A claimant that was only slow (its heartbeats late) finds at its end
+  that its claim was failed: Optuna cannot record its end and raises; the machine says so and goes on (the
+  member's retry finds its run finished here, or trains it where it is claimed).
 * **Failures.** A member that raises (a `UserError` or anything else) is recorded with its reason (trial
   FAIL, user attrs ``fail_reason`` and ``failed_on_its_own``; its state file and log as `cv` writes them)
   and is not claimed again in this run (a duplicate of it steps aside): a start of the command queues it
@@ -226,8 +228,10 @@ class MemberClaim:
     def __init__(self, exp: Experiment, echo: Callable[[str], None], threads: int | None, setup: Callable | None):
         self.exp, self.echo, self.threads, self.setup = exp, echo, threads, setup
         self.members = {m.name: m for m in exp.members()}
+        self.trial_number: int | None = None  # the claim under way (or the last one)
 
     def __call__(self, trial: optuna.Trial) -> float:
+        self.trial_number = trial.number
         trial.set_user_attr("worker", worker_identity())
         name = trial.user_attrs.get(MEMBER_ATTR)
         if name is None:
@@ -280,6 +284,14 @@ class MemberClaim:
         trial.set_user_attr("skipped", reason)
         raise optuna.TrialPruned(reason)
 
+    def given_up(self, study: optuna.Study) -> FrozenTrial | None:
+        """The last claim, if another machine failed it meanwhile (its heartbeats came too late): Optuna
+        cannot record the end of a trial that has ended already, and raises."""
+        if self.trial_number is None:
+            return None
+        trial = study.get_trials(deepcopy=False)[self.trial_number]
+        return trial if trial.state == TrialState.FAIL and not trial.user_attrs.get("failed_on_its_own") else None
+
 
 def claim_members(exp: Experiment, study: optuna.Study, *, heartbeat: int = HEARTBEAT_INTERVAL,
                   echo: Callable[[str], None] = print, threads: int | None = None,
@@ -296,7 +308,15 @@ def claim_members(exp: Experiment, study: optuna.Study, *, heartbeat: int = HEAR
         enqueue_missing(study, names)
         trials = study.get_trials(deepcopy=False)
         if any(t.state == TrialState.WAITING for t in trials):
-            study.optimize(claim, n_trials=1, catch=(MemberFailed,))
+            claim.trial_number = None
+            try:
+                study.optimize(claim, n_trials=1, catch=(MemberFailed,))
+            except (ValueError, AssertionError):  # what Optuna raises when the trial ended elsewhere meanwhile
+                lost = claim.given_up(study)
+                if lost is None:
+                    raise
+                echo(f"{lost.user_attrs.get(MEMBER_ATTR)}: another machine gave this claim up meanwhile (its "
+                     "heartbeats came late) and queued the member again; what was trained here stays here")
             shown = None
             continue
         running = [f"{s.name} on {s.host or 'another machine'}" for s in member_states(trials, names).values()
