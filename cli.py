@@ -471,6 +471,14 @@ def sweep_command(space_file: str, n_trials: int, sweep_dir: str | None, storage
 @click.option("--overwrite", is_flag=True, help="Replace an existing experiment directory.")
 @click.option("--bootstrap", type=int, default=1000, show_default=True, help="Resamples of the 95 % intervals.")
 @click.option("--figures/--no-figures", default=True, help="Draw the report's figures [on].")
+@click.option("--storage", type=str, default=None,
+              help="Hand the members out to every machine running this command with the same --storage: a database "
+                   "URL (sqlite:///FILE, postgresql://..., mysql://...); with --collect, check the queue first.")
+@click.option("--study", "study_name", type=str, default=None,
+              help="Study name of the members' queue in --storage [the experiment directory's name].")
+@click.option("--heartbeat", type=int, default=None,
+              help="Seconds between a running member's heartbeats in a database storage; a member that misses "
+                   f"{GRACE_HEARTBEATS} is failed and run again by another machine [default: {HEARTBEAT_INTERVAL}].")
 def cv(**params: Any) -> None:
     """Cross-validate: k patient folds x training seeds, out-of-fold predictions and thresholds, a report
     with spread and intervals, and the fold models as an ensemble (EXP_DIR/report/, EXP_DIR/ensemble.json)."""

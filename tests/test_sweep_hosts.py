@@ -114,3 +114,28 @@ def test_an_unusable_postgresql_storage_is_one_line_without_the_password(base, t
         assert code == 2 and len(err) == 1 and err[0].startswith("error: --storage ") and message in err[0], err
         assert "wrong-secret" not in err[0] and postgres_server.password not in err[0]
         assert not sweep_dir.exists()
+
+
+def test_a_trial_another_worker_failed_meanwhile_is_said_in_one_line_and_the_worker_goes_on(base, tmp_path, caplog,
+                                                                                            monkeypatch):
+    from ignite_trainer.experiments import trials as trial_module
+    from ignite_trainer.experiments.workers import requeue
+
+    url = f"sqlite:///{tmp_path / 'late.db'}"
+
+    def late_heartbeat(config, metric, direction, **_):
+        """While this trial trains, another worker takes its heartbeat for dead: fails and queues it again."""
+        study = optuna.load_study(study_name="late", storage=open_storage(url))
+        (mine,) = study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        if "retry_of" not in mine.user_attrs:
+            study.tell(mine.number, state=TrialState.FAIL)
+            requeue(study, mine, "its worker stopped sending heartbeats")
+        run_dir = Path(config.output_dir) / config.name
+        run_dir.mkdir(parents=True, exist_ok=True)
+        return trial_module.TrialResult(run_dir, 0.5, 1)
+
+    monkeypatch.setitem(trial_module.TRIAL_RUNNERS, "run", late_heartbeat)
+    with caplog.at_level("WARNING", logger="ignite_trainer"):
+        summary = sweep(parse_space(make_space(base)), tmp_path / "sw", 2, storage=url, study_name="late")
+    assert "another worker failed it meanwhile" in caplog.text
+    assert summary["counted"] == 2 and summary["states"]["complete"] == 2 and summary["states"]["fail"] == 2

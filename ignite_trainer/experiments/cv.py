@@ -51,7 +51,7 @@ import yaml
 from ignite_trainer.runs.rundir import RunDirectory
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.core.errors import CheckpointError, ConfigError, DataError, TrainingAborted, UserError
-from ignite_trainer.data.prepare import prepare_data
+from ignite_trainer.data.prepare import PreparedData, prepare_data
 from ignite_trainer.data.records import Recording
 from ignite_trainer.data.splits import assign_folds, check_folds, patient_strata, read_split_file, write_split_file
 from ignite_trainer.training.run import train
@@ -61,7 +61,8 @@ from ignite_trainer.experiments.cv_report import build_report
 from ignite_trainer.experiments.layout import (Experiment, Member, experiment_file, member_status, oof_dir,
                                                parse_member, speaks_for_run, write_state)
 
-__all__ = ["cross_validate", "resume_cross_validation", "collect_experiment", "run_member", "dataset_recordings"]
+__all__ = ["cross_validate", "resume_cross_validation", "collect_experiment", "run_member", "dataset_recordings",
+           "whole_dataset", "plan_experiment", "open_experiment", "ExperimentPlan", "record_failure"]
 
 
 # ---------------------------------------------------------------------------------------------- members
@@ -144,11 +145,7 @@ def _run_members(exp: Experiment, members: Sequence[Member], jobs: int, setup: C
             try:
                 run_member(exp, m, setup=setup)  # this process keeps its own thread setting
             except Exception as e:  # noqa: BLE001 -- one failed member must not stop the others
-                message = str(e) if isinstance(e, UserError) else f"{type(e).__name__}: {e}"
-                _log_failure(exp, m, traceback.format_exc())
-                failures[m.name] = message
-                write_state(exp, m, status="failed", error=message, seconds=time.perf_counter() - start)
-                echo(f"{m.name}: failed: {message}")
+                failures[m.name] = record_failure(exp, m, e, time.perf_counter() - start, echo)
                 continue
             write_state(exp, m, status="finished", seconds=time.perf_counter() - start)
             echo(f"{m.name}: finished")
@@ -189,6 +186,17 @@ def _run_members(exp: Experiment, members: Sequence[Member], jobs: int, setup: C
     return failures
 
 
+def record_failure(exp: Experiment, m: Member, error: Exception, seconds: float,
+                   echo: Callable[[str], None]) -> str:
+    """A member that raised ``error`` (call it in the ``except``): its traceback goes to
+    ``EXP_DIR/logs/<member>.log``, its state file says failed; returns the one-line message it is reported by."""
+    message = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+    _log_failure(exp, m, traceback.format_exc())
+    write_state(exp, m, status="failed", error=message, seconds=seconds)
+    echo(f"{m.name}: failed: {message}")
+    return message
+
+
 def _member_command(exp: Experiment, m: Member, threads: int) -> list[str]:
     return [sys.executable, "-m", "ignite_trainer.experiments.cv", "member", str(exp.exp_dir), str(m.fold), str(m.seed),
             str(threads)]
@@ -222,10 +230,16 @@ def _log_failure(exp: Experiment, m: Member, text: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------- data
+def whole_dataset(config: TrainConfig) -> PreparedData:
+    """The config's whole dataset, read (and featurised into the cache) as training will; its two sides are
+    a fixed half split, so that `runs.record.run_identity` of it fingerprints the data."""
+    whole = dataclasses.replace(config, n_folds=0, fold=0, split_file=None, split_seed=None, val_fraction=0.5)
+    return prepare_data(whole)
+
+
 def dataset_recordings(config: TrainConfig) -> list[Recording]:
     """Every usable recording of the config's dataset, read (and featurised into the cache) as training will."""
-    whole = dataclasses.replace(config, n_folds=0, fold=0, split_file=None, split_seed=None, val_fraction=0.5)
-    data = prepare_data(whole)
+    data = whole_dataset(config)
     return data.train + data.val
 
 
@@ -277,7 +291,8 @@ def cross_validate(config: TrainConfig, folds: int | None = 5, seeds: Sequence[i
     unless ``only`` is given and it holds this very experiment (members started on several machines).
     ``only`` runs just those members (``"FOLD:SEED"`` or `Member`) and does not collect. With ``jobs`` > 1
     members run as separate processes, each with ``threads`` torch threads (default ``cores // jobs``).
-    Everything is checked (config, data, folds, members) before anything is written.
+    Everything is checked (config, data, folds, members) before anything is written. Members handed out to
+    several machines through a shared storage: `member_queue.queue_cross_validation`.
 
     Example::
 
@@ -287,6 +302,40 @@ def cross_validate(config: TrainConfig, folds: int | None = 5, seeds: Sequence[i
         print(summary["pooled"]["murmur_weighted_accuracy"])
     """
     seeds = _check_args(seeds, jobs, setup, threads)
+    plan = plan_experiment(config, folds, seeds, exp_dir=exp_dir, split_seed=split_seed, splits=splits,
+                           overwrite=overwrite, join=bool(only))
+    chosen = _check_only(plan.exp, only)
+    open_experiment(plan, overwrite=overwrite, echo=echo)
+    failures = _run_members(plan.exp, chosen, jobs, setup, echo, threads)
+    if only:
+        return {"exp_dir": str(plan.exp.exp_dir), "failed": failures, "collected": False}
+    summary = collect_experiment(plan.exp.exp_dir, bootstrap=bootstrap, figures=figures)
+    return {**summary, "failed": failures, "collected": True}
+
+
+@dataclasses.dataclass(frozen=True)
+class ExperimentPlan:
+    """A new experiment checked in full and not yet written: its members, folds and dataset, and whether its
+    folder already holds something (`open_experiment` creates it, or joins it when ``join``)."""
+
+    exp: Experiment
+    fold_ids: list[list[str]]
+    data: PreparedData
+    existing: bool
+    join: bool
+
+    @property
+    def recordings(self) -> list[Recording]:
+        return self.data.train + self.data.val
+
+
+def plan_experiment(config: TrainConfig, folds: int | None, seeds: Sequence[int], *, exp_dir: str | Path | None,
+                    split_seed: int | None = None, splits: str | Path | None = None, overwrite: bool = False,
+                    join: bool = False) -> ExperimentPlan:
+    """Check a new experiment (the arguments of `cross_validate`), read its data and deal or read its folds;
+    writes nothing. An existing, non-empty ``exp_dir`` is refused unless ``overwrite`` or ``join`` (several
+    processes or machines starting the same experiment)."""
+    seeds = list(seeds)
     if folds is not None and (isinstance(folds, bool) or not isinstance(folds, int) or folds < 2):
         raise ConfigError(f"folds={folds!r}: cross-validation needs an integer >= 2")
     if splits is None and config.split_file and split_seed is None:
@@ -299,11 +348,12 @@ def cross_validate(config: TrainConfig, folds: int | None = 5, seeds: Sequence[i
         exp_dir = Path(config.output_dir).expanduser() / (config.name or datetime.now().strftime("cv-%Y%m%d-%H%M%S"))
     exp_dir = Path(exp_dir)
     existing = exp_dir.exists() and any(exp_dir.iterdir())
-    if existing and not overwrite and not only:
+    if existing and not overwrite and not join:
         raise CheckpointError(f"{exp_dir}: experiment directory already exists; pass --resume {exp_dir} to continue "
                               f"it or --overwrite to replace it")
 
-    recordings = dataset_recordings(config)
+    data = whole_dataset(config)
+    recordings = data.train + data.val
     patients = sorted({r.patient_id for r in recordings})
     if splits is not None:
         fold_ids = read_split_file(splits)
@@ -317,21 +367,20 @@ def cross_validate(config: TrainConfig, folds: int | None = 5, seeds: Sequence[i
             raise ConfigError(f"split_seed={dealt_with!r} must be an integer >= 0")
         fold_ids = assign_folds(recordings, int(folds), dealt_with)
     exp = Experiment(exp_dir, config, len(fold_ids), seeds, dealt_with, str(Path(splits).resolve()) if splits else None)
-    chosen = _check_only(exp, only)
     for m in exp.members():
         exp.member_config(m)  # every member's config is valid before anything is written
+    return ExperimentPlan(exp, fold_ids, data, existing, join)
 
-    if existing and only and not overwrite:
-        _join_existing(exp, fold_ids)
+
+def open_experiment(plan: ExperimentPlan, *, overwrite: bool = False, echo: Callable[[str], None] = print) -> None:
+    """Write the planned experiment's folder, or join it when it exists and the plan may (the same experiment)."""
+    if plan.existing and plan.join and not overwrite:
+        _join_existing(plan.exp, plan.fold_ids)
     else:
-        _create(exp, fold_ids, recordings, overwrite)
-    echo(f"experiment {exp_dir}: {exp.n_folds} folds x {len(seeds)} seed(s) = {len(exp.members())} runs, "
-         f"{len(patients)} patients")
-    failures = _run_members(exp, chosen, jobs, setup, echo, threads)
-    if only:
-        return {"exp_dir": str(exp_dir), "failed": failures, "collected": False}
-    summary = collect_experiment(exp_dir, bootstrap=bootstrap, figures=figures)
-    return {**summary, "failed": failures, "collected": True}
+        _create(plan.exp, plan.fold_ids, plan.recordings, overwrite)
+    patients = len({r.patient_id for r in plan.recordings})
+    echo(f"experiment {plan.exp.exp_dir}: {plan.exp.n_folds} folds x {len(plan.exp.seeds)} seed(s) = "
+         f"{len(plan.exp.members())} runs, {patients} patients")
 
 
 def _create(exp: Experiment, fold_ids: list[list[str]], recordings: Sequence[Recording], overwrite: bool) -> None:

@@ -20,8 +20,10 @@ from typing import Any, Callable
 
 from ignite_trainer.core.config import TrainConfig
 from ignite_trainer.core.errors import ConfigError, UserError
+from ignite_trainer.core.vocabulary import HEARTBEAT_INTERVAL
 from ignite_trainer.experiments.cv import collect_experiment, cross_validate, resume_cross_validation
 from ignite_trainer.experiments.layout import parse_member
+from ignite_trainer.experiments.member_queue import check_queue_for_collect, queue_cross_validation, resume_from_queue
 
 #: Folds of a new experiment when neither --folds, a split file nor the config's n_folds (>= 2) gives them.
 DEFAULT_FOLDS = 5
@@ -57,6 +59,9 @@ class CvFlags:
     overwrite: bool = False
     bootstrap: int = 1000
     figures: bool = True
+    storage: str | None = None
+    study_name: str | None = None
+    heartbeat: int | None = None
 
     def experiment_flags(self) -> list[str]:
         """The flags given that set up a new experiment (refused with --resume/--collect), as spelled in help."""
@@ -98,33 +103,64 @@ def run_cv(flags: CvFlags, *, echo: Callable[[str], None] = print,
     given = flags.experiment_flags()
     if flags.resume_dir and flags.collect_dir:
         raise FlagCombinationError("--resume and --collect cannot be combined")
+    queue = _queue_args(flags)
     if (flags.resume_dir or flags.collect_dir) and given:
         raise FlagCombinationError(f"{', '.join(given)} cannot be combined with --resume/--collect "
                                    "(the experiment's own settings are used)")
     if flags.collect_dir:
         if members or flags.overwrite:
             raise FlagCombinationError("--collect takes no --only or --overwrite")
+        if queue:
+            check_queue_for_collect(flags.collect_dir, **queue)
         summary = {**collect_experiment(flags.collect_dir, bootstrap=flags.bootstrap, figures=flags.figures),
                    "collected": True}
     elif flags.resume_dir:
         if flags.overwrite:
             raise FlagCombinationError("--overwrite cannot be combined with --resume")
-        summary = resume_cross_validation(flags.resume_dir, jobs=flags.jobs, only=members, bootstrap=flags.bootstrap,
-                                          figures=flags.figures, echo=echo)
+        if queue:
+            summary = resume_from_queue(flags.resume_dir, **queue, bootstrap=flags.bootstrap, figures=flags.figures,
+                                        echo=echo)
+        else:
+            summary = resume_cross_validation(flags.resume_dir, jobs=flags.jobs, only=members,
+                                              bootstrap=flags.bootstrap, figures=flags.figures, echo=echo)
     else:
         seeds = flags.seed_list()
         config = flags.config()
         folds = flags.folds
         if folds is None and not flags.splits_file:
             folds = config.n_folds if config.n_folds >= 2 else DEFAULT_FOLDS
-        summary = cross_validate(config, folds, seeds, split_seed=flags.split_seed, splits=flags.splits_file,
-                                 jobs=flags.jobs, only=members, overwrite=flags.overwrite, bootstrap=flags.bootstrap,
-                                 figures=flags.figures, echo=echo)
+        if queue:
+            summary = queue_cross_validation(config, folds, seeds, **queue, split_seed=flags.split_seed,
+                                             splits=flags.splits_file, bootstrap=flags.bootstrap,
+                                             figures=flags.figures, echo=echo)
+        else:
+            summary = cross_validate(config, folds, seeds, split_seed=flags.split_seed, splits=flags.splits_file,
+                                     jobs=flags.jobs, only=members, overwrite=flags.overwrite,
+                                     bootstrap=flags.bootstrap, figures=flags.figures, echo=echo)
     if summary.get("collected"):
         report(summary)
     failed = summary.get("failed") or {}
     if failed:
         listing = "; ".join(f"{name} ({message})" for name, message in failed.items())
         raise UserError(f"{len(failed)} run(s) of {summary['exp_dir'] if 'exp_dir' in summary else summary['experiment']} "
-                        f"failed: {listing}; the others finished; rerun them with cv --resume")
+                        f"failed: {listing}; the others finished; {summary.get('retry', 'rerun them with cv --resume')}")
     return summary
+
+
+def _queue_args(flags: CvFlags) -> dict[str, Any] | None:
+    """``--storage``'s arguments of the queue calls (None without it), after its combination rules."""
+    if flags.storage is None:
+        if flags.study_name is not None or flags.heartbeat is not None:
+            raise FlagCombinationError("--study and --heartbeat go with --storage (the members' queue)")
+        return None
+    if flags.only:
+        raise FlagCombinationError("--only cannot be combined with --storage (the queue hands out every member; "
+                                   "--only runs the members named, without one)")
+    if flags.overwrite:
+        raise FlagCombinationError("--overwrite cannot be combined with --storage (the queue remembers which "
+                                   "members are done; give another --study to start over)")
+    if flags.jobs > 1:
+        raise FlagCombinationError("--jobs cannot be combined with --storage: each cv --storage command claims one "
+                                   "member at a time; start one command per member to run at once")
+    return {"storage": flags.storage, "study_name": flags.study_name,
+            "heartbeat": HEARTBEAT_INTERVAL if flags.heartbeat is None else flags.heartbeat}

@@ -12,8 +12,8 @@ storage has no heartbeat: there, only a worker on the dead worker's own machine 
 
 Several workers may open a new storage and create the same study at the same moment: on a server, the
 loser of that race gets an integrity error from the database (a table, a version row or the study name
-created twice; SQLite's "table already exists"). Opening and creating are therefore retried a few times (`_retrying`), and a study that
-exists is joined. A study is joined only when it was created from the same space (`open_study`). SQLite
+created twice; SQLite's "table already exists"). Opening and creating are therefore retried a few times
+(`retrying`), and a study that exists is joined. A study is joined only when it was created from the same space (`open_study`). SQLite
 is put in write-ahead-log mode. Passwords in a URL are never shown: every error names the URL without it.
 """
 
@@ -28,6 +28,7 @@ import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
 from sqlalchemy import event
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import IntegrityError
 
 from ignite_trainer.core.errors import ConfigError
 from ignite_trainer.core.vocabulary import GRACE_HEARTBEATS, HEARTBEAT_INTERVAL
@@ -35,7 +36,7 @@ from ignite_trainer.experiments.sampler import TrialSeededSampler, make_pruner
 from ignite_trainer.experiments.space import SweepSpace, space_to_dict
 from ignite_trainer.experiments.workers import requeue_stale
 
-__all__ = ["storage_url", "open_storage", "open_study", "has_heartbeat", "grace_period", "redacted",
+__all__ = ["storage_url", "open_storage", "open_study", "has_heartbeat", "grace_period", "redacted", "retrying",
            "HEARTBEAT_INTERVAL", "GRACE_HEARTBEATS"]
 
 #: Attempts at opening a storage and creating a study when workers race on creating them.
@@ -64,7 +65,7 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_INTERVAL) -> optuna.storag
     exist) is one `ConfigError` naming the URL without its password."""
     if isinstance(heartbeat, bool) or not isinstance(heartbeat, int) or heartbeat < 1:
         raise ConfigError(f"--heartbeat={heartbeat!r} must be an integer number of seconds >= 1")
-    return _retrying(url, lambda: _open_storage(url, heartbeat))
+    return retrying(url, lambda: _open_storage(url, heartbeat))
 
 
 def _open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
@@ -100,14 +101,13 @@ def _open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
 def _is_race(e: BaseException) -> bool:
     """The database says another worker created the same table, row or study first (an integrity error, or
     SQLite's "table ... already exists" while both create the tables)."""
-    from sqlalchemy.exc import IntegrityError
-
     text = str(e)
     return isinstance(e, IntegrityError) or "already exists" in text or "duplicate key" in text
 
 
-def _retrying(url: str, attempt: Any) -> Any:
-    """Call ``attempt`` again (after a short wait) while it loses a creation race to another worker."""
+def retrying(url: str, attempt: Any) -> Any:
+    """Call ``attempt`` again (after a short wait) while it loses a creation race to another worker (the
+    database's integrity error); any other failure is one `ConfigError` naming ``url`` without its password."""
     for n in range(_ATTEMPTS):
         try:
             return attempt()
@@ -137,7 +137,7 @@ def _write_ahead_log(storage: optuna.storages.RDBStorage) -> None:
 
 def open_study(space: SweepSpace, storage: optuna.storages.BaseStorage, study_name: str, url: str) -> optuna.Study:
     """Create the study, or join it when it exists and was created from the same space."""
-    return _retrying(url, lambda: _open_study(space, storage, study_name, url))
+    return retrying(url, lambda: _open_study(space, storage, study_name, url))
 
 
 def _open_study(space: SweepSpace, storage: optuna.storages.BaseStorage, study_name: str, url: str) -> optuna.Study:

@@ -77,6 +77,7 @@ def make_objective(space: SweepSpace, sweep_dir: Path, n_trials: int) -> Callabl
     trials_dir = Path(sweep_dir) / TRIALS_DIR
 
     def objective(trial: optuna.Trial) -> float:
+        objective.last_trial = trial.number  # type: ignore[attr-defined]
         trial.set_user_attr("worker", worker_identity())
         retry_of = trial.user_attrs.get("retry_of")
         counted = counted_trials(trial.study.get_trials(deepcopy=False))
@@ -164,7 +165,11 @@ def run_worker(space: SweepSpace, sweep_dir: str | Path, n_trials: int, url: str
         trials = study.get_trials(deepcopy=False)
         waiting = any(t.state == TrialState.WAITING for t in trials)
         if waiting or len(counted_trials(trials)) < n_trials:
-            study.optimize(objective, n_trials=1, catch=(UserError,), callbacks=[_announce])
+            objective.last_trial = None  # type: ignore[attr-defined]
+            try:
+                study.optimize(objective, n_trials=1, catch=(UserError,), callbacks=[_announce])
+            except (ValueError, AssertionError, optuna.exceptions.UpdateFinishedTrialError):
+                _given_up_elsewhere(study, getattr(objective, "last_trial", None))
             continue
         running = [t for t in trials if t.state == TrialState.RUNNING]
         if not has_heartbeat(storage):
@@ -177,6 +182,16 @@ def run_worker(space: SweepSpace, sweep_dir: str | Path, n_trials: int, url: str
         if not running:
             return
         time.sleep(min(heartbeat, 5))
+
+
+def _given_up_elsewhere(study: optuna.Study, number: int | None) -> None:
+    """After Optuna refused to finish this worker's trial: say so when another worker had failed it meanwhile
+    (its heartbeats came too late, e.g. a machine paused for minutes) and queued it again; re-raise otherwise."""
+    trial = None if number is None else study.get_trials(deepcopy=False)[number]
+    if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
+        raise
+    log.warning("trial %d: another worker failed it meanwhile (its heartbeats came late) and queued it again; "
+                "what was trained here stays in its run directory", number)
 
 
 # ---------------------------------------------------------------------------------------------- entry
