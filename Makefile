@@ -16,8 +16,10 @@ $(STAMP): setup.cfg pyproject.toml constraints.txt
 train: $(STAMP)
 	$(PY) cli.py train --epochs 100
 
+# Two pytest processes (pytest-xdist), each test file whole in one of them (its module fixtures built once): most
+# tests wait on subprocesses, kills and timeouts, so two overlap well even on 2 cores.
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q -n auto --maxprocesses 2 --dist loadfile
 
 # The viewer is an optional extra (training writes event files without it); it serves http://localhost:6006
 tensorboard: $(STAMP)
