@@ -142,8 +142,9 @@ def run_cv(flags: CvFlags, *, echo: Callable[[str], None] = print,
     failed = summary.get("failed") or {}
     if failed:
         listing = "; ".join(f"{name} ({message})" for name, message in failed.items())
-        raise UserError(f"{len(failed)} run(s) of {summary['exp_dir'] if 'exp_dir' in summary else summary['experiment']} "
-                        f"failed: {listing}; the others finished; {summary.get('retry', 'rerun them with cv --resume')}")
+        where = summary["exp_dir"] if "exp_dir" in summary else summary["experiment"]
+        retry = summary.get("retry", "rerun them with cv --resume")
+        raise UserError(f"{len(failed)} run(s) of {where} failed: {listing}; the others finished; {retry}")
     return summary
 
 

@@ -64,7 +64,6 @@ from typing import Any, Callable, Sequence
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
-from sqlalchemy.exc import IntegrityError
 
 from ignite_trainer.core.errors import CheckpointError, ConfigError, UserError
 from ignite_trainer.core.config import TrainConfig
@@ -76,7 +75,8 @@ from ignite_trainer.experiments.cv import (collect_experiment, open_experiment, 
                                            run_member, whole_dataset)
 from ignite_trainer.experiments.layout import Experiment, member_status, write_state
 from ignite_trainer.experiments.storage import open_storage, redacted, retrying
-from ignite_trainer.experiments.workers import recover_dead_trials, worker_identity
+from ignite_trainer.experiments.workers import (ENDED_ELSEWHERE, failed_elsewhere, recover_dead_trials,
+                                                wait_for_others, worker_identity)
 
 __all__ = ["queue_cross_validation", "resume_from_queue", "check_queue_for_collect", "open_queue_storage",
            "open_member_queue", "experiment_fingerprint", "enqueue_missing", "member_states", "claim_members",
@@ -118,29 +118,23 @@ def experiment_fingerprint(exp: Experiment, data: PreparedData, fold_ids: Sequen
 def open_member_queue(storage: optuna.storages.BaseStorage, study_name: str, url: str,
                       fingerprint: dict[str, Any]) -> optuna.Study:
     """Create the queue study, or join it when it queues the same experiment (`experiment_fingerprint`);
-    machines racing to create it retry (`storage.retrying`)."""
-    return retrying(url, lambda: _open_member_queue(storage, study_name, url, fingerprint))
+    machines racing to create it retry, and a database that refuses is one line (`storage.retrying`)."""
+    return retrying(url, lambda: _open_member_queue(storage, study_name, url, fingerprint), doing="use")
 
 
 def _open_member_queue(storage: optuna.storages.BaseStorage, study_name: str, url: str,
                        fingerprint: dict[str, Any]) -> optuna.Study:
     optuna.logging.set_verbosity(optuna.logging.ERROR)  # the queue's own lines say what happens
-    try:
-        study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
-                                    sampler=optuna.samplers.RandomSampler(seed=0), load_if_exists=True)
-        attrs = study.user_attrs  # one reading: another machine may be setting the attr at this moment
-        saved = attrs.get(_FINGERPRINT_ATTR)
-        if saved is None:
-            if attrs:  # a sweep's study (its space) or another program's
-                raise ConfigError(f"--storage {redacted(url)}: study '{study_name}' is not a cv experiment's queue "
-                                  f"(it holds {', '.join(sorted(attrs))}, e.g. a sweep's); give another --study")
-            study.set_user_attr(_FINGERPRINT_ATTR, fingerprint)  # also proves the storage can be written
-            saved = study.user_attrs.get(_FINGERPRINT_ATTR)  # two different experiments racing: the last one wins
-    except (ConfigError, IntegrityError):
-        raise
-    except Exception as e:  # a database that refuses the writes, lost connections
-        raise ConfigError(f"--storage {redacted(url)}: cannot use the storage ({type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    study = optuna.create_study(storage=storage, study_name=study_name, direction="minimize",
+                                sampler=optuna.samplers.RandomSampler(seed=0), load_if_exists=True)
+    attrs = study.user_attrs  # one reading: another machine may be setting the attr at this moment
+    saved = attrs.get(_FINGERPRINT_ATTR)
+    if saved is None:
+        if attrs:  # a sweep's study (its space) or another program's
+            raise ConfigError(f"--storage {redacted(url)}: study '{study_name}' is not a cv experiment's queue "
+                              f"(it holds {', '.join(sorted(attrs))}, e.g. a sweep's); give another --study")
+        study.set_user_attr(_FINGERPRINT_ATTR, fingerprint)  # also proves the storage can be written
+        saved = study.user_attrs.get(_FINGERPRINT_ATTR)  # two different experiments racing: the last one wins
     differ = [what for what in ("config", "data", "folds", "seeds", "format")
               if (saved or {}).get(what) != fingerprint[what]]
     if differ:
@@ -266,14 +260,6 @@ class MemberClaim:
         trial.set_user_attr("skipped", reason)
         raise optuna.TrialPruned(reason)
 
-    def given_up(self, study: optuna.Study) -> FrozenTrial | None:
-        """The last claim, if another machine failed it meanwhile (its heartbeats came too late): Optuna
-        cannot record the end of a trial that has ended already, and raises."""
-        if self.trial_number is None:
-            return None
-        trial = study.get_trials(deepcopy=False)[self.trial_number]
-        return trial if trial.state == TrialState.FAIL and not trial.user_attrs.get("failed_on_its_own") else None
-
 
 def claim_members(exp: Experiment, study: optuna.Study, *, heartbeat: int = HEARTBEAT_INTERVAL,
                   echo: Callable[[str], None] = print, threads: int | None = None,
@@ -293,9 +279,9 @@ def claim_members(exp: Experiment, study: optuna.Study, *, heartbeat: int = HEAR
             claim.trial_number = None
             try:
                 study.optimize(claim, n_trials=1, catch=(MemberFailed,))
-            except (ValueError, AssertionError):  # what Optuna raises when the trial ended elsewhere meanwhile
-                lost = claim.given_up(study)
-                if lost is None:
+            except ENDED_ELSEWHERE:
+                lost = failed_elsewhere(study, claim.trial_number)
+                if lost is None or lost.user_attrs.get("failed_on_its_own"):
                     raise
                 echo(f"{lost.user_attrs.get(MEMBER_ATTR)}: another machine gave this claim up meanwhile (its "
                      "heartbeats came late) and queued the member again; what was trained here stays here")
@@ -308,7 +294,7 @@ def claim_members(exp: Experiment, study: optuna.Study, *, heartbeat: int = HEAR
         if running != shown:
             echo(f"waiting while other machines run {', '.join(running)} (taken over here if one stops)")
             shown = running
-        time.sleep(min(heartbeat, 5))
+        wait_for_others(heartbeat)
 
 
 # ---------------------------------------------------------------------------------------------- entry points

@@ -13,8 +13,9 @@ storage has no heartbeat: there, only a worker on the dead worker's own machine 
 Several workers may open a new storage and create the same study at the same moment: on a server, the
 loser of that race gets an integrity error from the database (a table, a version row or the study name
 created twice; SQLite's "table already exists"). Opening and creating are therefore retried a few times
-(`retrying`), and a study that exists is joined. A study is joined only when it was created from the same space (`open_study`). SQLite
-is put in write-ahead-log mode. Passwords in a URL are never shown: every error names the URL without it.
+(`retrying`), and a study that exists is joined. A study is joined only when it was created from the same
+space (`open_study`). SQLite is put in write-ahead-log mode. Passwords in a URL are never shown: every error
+names the URL without it (`retrying` is the one place a driver's exception becomes that line).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from __future__ import annotations
 import time
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import optuna
 from optuna.storages.journal import JournalFileBackend, JournalStorage
@@ -69,33 +70,26 @@ def open_storage(url: str, heartbeat: int = HEARTBEAT_INTERVAL) -> optuna.storag
 
 
 def _open_storage(url: str, heartbeat: int) -> optuna.storages.BaseStorage:
-    shown = redacted(url)
+    if url.startswith("journal:"):
+        path = Path(url[len("journal:"):]).expanduser()
+        if not path.parent.is_dir():
+            raise ConfigError(f"--storage {redacted(url)}: folder {path.parent} does not exist")
+        return JournalStorage(JournalFileBackend(str(path)))
+    engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
     try:
-        if url.startswith("journal:"):
-            path = Path(url[len("journal:"):]).expanduser()
-            if not path.parent.is_dir():
-                raise ConfigError(f"--storage {shown}: folder {path.parent} does not exist")
-            return JournalStorage(JournalFileBackend(str(path)))
-        engine_kwargs = {"connect_args": {"timeout": 60}} if url.startswith("sqlite") else None
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # the heartbeat arguments
             storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat,
                                                  grace_period=grace_period(heartbeat),
                                                  heartbeat_stale_trial_callback=requeue_stale)
-        if url.startswith("sqlite"):
-            _write_ahead_log(storage)
-        return storage
-    except ConfigError:
-        raise
     except ImportError as e:  # Optuna's own message does not say which driver
         missing = getattr(e.__cause__ or e.__context__ or e, "name", None)
         hint = " (pip install -e '.[postgres]')" if url.startswith("postgresql") else ""
-        raise ConfigError(f"--storage {shown}: its database driver{f' {missing!r}' if missing else ''} is not "
-                          f"installed{hint}") from None
-    except Exception as e:  # drivers raise their own types: a refused connection, wrong credentials, a bad file
-        if _is_race(e):
-            raise
-        raise ConfigError(f"--storage {shown}: cannot open the storage ({_first_line(e, url)})") from None
+        raise ConfigError(f"--storage {redacted(url)}: its database driver{f' {missing!r}' if missing else ''} is "
+                          f"not installed{hint}") from None
+    if url.startswith("sqlite"):
+        _write_ahead_log(storage)
+    return storage
 
 
 def _is_race(e: BaseException) -> bool:
@@ -105,9 +99,11 @@ def _is_race(e: BaseException) -> bool:
     return isinstance(e, IntegrityError) or "already exists" in text or "duplicate key" in text
 
 
-def retrying(url: str, attempt: Any) -> Any:
+def retrying(url: str, attempt: Callable[[], Any], doing: str = "open") -> Any:
     """Call ``attempt`` again (after a short wait) while it loses a creation race to another worker (the
-    database's integrity error); any other failure is one `ConfigError` naming ``url`` without its password."""
+    database's integrity error); any other failure of the driver or the database (drivers raise their own
+    types: a refused connection, wrong credentials, a bad file) is one `ConfigError`, ``cannot <doing> the
+    storage``, naming ``url`` without its password. A `ConfigError` of ``attempt`` passes through."""
     for n in range(_ATTEMPTS):
         try:
             return attempt()
@@ -115,8 +111,8 @@ def retrying(url: str, attempt: Any) -> Any:
             raise
         except Exception as e:
             if not _is_race(e) or n == _ATTEMPTS - 1:
-                raise ConfigError(f"--storage {redacted(url)}: cannot open the storage ({_first_line(e, url)})") \
-                    from None
+                raise ConfigError(f"--storage {redacted(url)}: cannot {doing} the storage "
+                                  f"({_first_line(e, url)})") from None
             time.sleep(0.2 * (n + 1))
     raise AssertionError("unreachable")
 
@@ -137,30 +133,23 @@ def _write_ahead_log(storage: optuna.storages.RDBStorage) -> None:
 
 def open_study(space: SweepSpace, storage: optuna.storages.BaseStorage, study_name: str, url: str) -> optuna.Study:
     """Create the study, or join it when it exists and was created from the same space."""
-    return retrying(url, lambda: _open_study(space, storage, study_name, url))
+    return retrying(url, lambda: _open_study(space, storage, study_name, url), doing="use")
 
 
 def _open_study(space: SweepSpace, storage: optuna.storages.BaseStorage, study_name: str, url: str) -> optuna.Study:
-    try:
-        study = optuna.create_study(storage=storage, study_name=study_name, direction=space.direction,
-                                    sampler=TrialSeededSampler(space.sampler, space.seed), pruner=make_pruner(space),
-                                    load_if_exists=True)
-        fingerprint = study.user_attrs.get("space_fingerprint")
-        if fingerprint is None:
-            study.set_user_attr("space", space_to_dict(space))  # also proves the storage can be written
-            study.set_user_attr("space_fingerprint", space.fingerprint())
-        elif fingerprint != space.fingerprint():
-            raise ConfigError(f"--storage {redacted(url)}: study '{study_name}' was created from a different space; "
-                              f"use another sweep directory or --study name")
-        if study.direction.name.lower() != space.direction:
-            raise ConfigError(f"--storage {redacted(url)}: study '{study_name}' is {study.direction.name.lower()}d, "
-                              f"the space asks to {space.direction}")
-    except ConfigError:
-        raise
-    except Exception as e:
-        if _is_race(e):
-            raise
-        raise ConfigError(f"--storage {redacted(url)}: cannot use the storage ({_first_line(e, url)})") from None
+    study = optuna.create_study(storage=storage, study_name=study_name, direction=space.direction,
+                                sampler=TrialSeededSampler(space.sampler, space.seed), pruner=make_pruner(space),
+                                load_if_exists=True)
+    fingerprint = study.user_attrs.get("space_fingerprint")
+    if fingerprint is None:
+        study.set_user_attr("space", space_to_dict(space))  # also proves the storage can be written
+        study.set_user_attr("space_fingerprint", space.fingerprint())
+    elif fingerprint != space.fingerprint():
+        raise ConfigError(f"--storage {redacted(url)}: study '{study_name}' was created from a different space; "
+                          f"use another sweep directory or --study name")
+    if study.direction.name.lower() != space.direction:
+        raise ConfigError(f"--storage {redacted(url)}: study '{study_name}' is {study.direction.name.lower()}d, "
+                          f"the space asks to {space.direction}")
     return study
 
 

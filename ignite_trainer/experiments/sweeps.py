@@ -56,11 +56,13 @@ from ignite_trainer.experiments.cv import dataset_recordings
 from ignite_trainer.experiments.layout import experiment_file
 from ignite_trainer.experiments.sampler import suggest
 from ignite_trainer.experiments.space import SweepSpace, load_space
-from ignite_trainer.experiments.storage import HEARTBEAT_INTERVAL, has_heartbeat, open_storage, open_study, storage_url
+from ignite_trainer.experiments.storage import (HEARTBEAT_INTERVAL, has_heartbeat, open_storage, open_study,
+                                                storage_url)
 from ignite_trainer.experiments.sweep_report import write_sweep_report
 from ignite_trainer.experiments.trials import TRIAL_RUNNERS, FoldPruning, PruningHook, trial_score
-from ignite_trainer.experiments.workers import (SurplusTrial, budget_slot, counted_trials, recover_dead_trials,
-                                                worker_alive, worker_identity)
+from ignite_trainer.experiments.workers import (ENDED_ELSEWHERE, SurplusTrial, budget_slot, counted_trials,
+                                                failed_elsewhere, recover_dead_trials, wait_for_others, worker_alive,
+                                                worker_identity)
 
 __all__ = ["sweep", "run_worker", "make_objective", "check_cv_experiment", "TRIALS_DIR"]
 
@@ -168,8 +170,12 @@ def run_worker(space: SweepSpace, sweep_dir: str | Path, n_trials: int, url: str
             objective.last_trial = None  # type: ignore[attr-defined]
             try:
                 study.optimize(objective, n_trials=1, catch=(UserError,), callbacks=[_announce])
-            except (ValueError, AssertionError, optuna.exceptions.UpdateFinishedTrialError):
-                _given_up_elsewhere(study, getattr(objective, "last_trial", None))
+            except ENDED_ELSEWHERE:
+                lost = failed_elsewhere(study, objective.last_trial)  # type: ignore[attr-defined]
+                if lost is None:
+                    raise
+                log.warning("trial %d: another worker failed it meanwhile (its heartbeats came late) and queued it "
+                            "again; what was trained here stays in its run directory", lost.number)
             continue
         running = [t for t in trials if t.state == TrialState.RUNNING]
         if not has_heartbeat(storage):
@@ -181,17 +187,7 @@ def run_worker(space: SweepSpace, sweep_dir: str | Path, n_trials: int, url: str
                 return
         if not running:
             return
-        time.sleep(min(heartbeat, 5))
-
-
-def _given_up_elsewhere(study: optuna.Study, number: int | None) -> None:
-    """After Optuna refused to finish this worker's trial: say so when another worker had failed it meanwhile
-    (its heartbeats came too late, e.g. a machine paused for minutes) and queued it again; re-raise otherwise."""
-    trial = None if number is None else study.get_trials(deepcopy=False)[number]
-    if trial is None or trial.state in (TrialState.RUNNING, TrialState.WAITING):
-        raise
-    log.warning("trial %d: another worker failed it meanwhile (its heartbeats came late) and queued it again; "
-                "what was trained here stays in its run directory", number)
+        wait_for_others(heartbeat)
 
 
 # ---------------------------------------------------------------------------------------------- entry
@@ -216,8 +212,8 @@ def sweep(space: SweepSpace | str | Path, sweep_dir: str | Path, n_trials: int, 
     Everything is checked before the first trial: the space, ``n_trials``/``workers``, the sweep
     directory and the storage (``None``: ``SWEEP_DIR/study.db``; ``journal:PATH``; any SQLAlchemy URL, with
     Optuna's heartbeat every ``heartbeat`` seconds). With ``workers > 1``, that many processes work on the one
-    study. Started again, it recovers dead
-    workers' trials and runs what is left of the budget; with the budget spent it only writes the report.
+    study. Started again, it recovers dead workers' trials and runs what is left of the budget; with the budget
+    spent it only writes the report.
 
     Example::
 
@@ -256,8 +252,9 @@ def sweep(space: SweepSpace | str | Path, sweep_dir: str | Path, n_trials: int, 
     else:
         context = multiprocessing.get_context("spawn")
         threads = max(1, (os.cpu_count() or 1) // workers)
-        processes = [context.Process(target=run_worker, args=(space, str(sweep_dir), n_trials, url, study_name, threads, heartbeat),
-                                     name=f"sweep-worker-{i}") for i in range(workers)]
+        processes = [context.Process(target=run_worker, name=f"sweep-worker-{i}",
+                                     args=(space, str(sweep_dir), n_trials, url, study_name, threads, heartbeat))
+                     for i in range(workers)]
         for p in processes:
             p.start()
         for p in processes:

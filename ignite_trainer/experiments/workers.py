@@ -17,9 +17,11 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import socket
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Sequence
@@ -29,8 +31,9 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ignite_trainer.core.errors import UserError
 
-__all__ = ["SurplusTrial", "worker_identity", "worker_alive", "WORKER_HOST_ENV", "requeue", "requeue_stale", "recover_dead_trials",
-           "budget_slot", "counted_trials"]
+__all__ = ["SurplusTrial", "worker_identity", "worker_alive", "WORKER_HOST_ENV", "requeue", "requeue_stale",
+           "recover_dead_trials", "ENDED_ELSEWHERE", "failed_elsewhere", "wait_for_others", "budget_slot",
+           "counted_trials"]
 
 log = logging.getLogger("ignite_trainer")
 
@@ -51,8 +54,10 @@ def worker_identity() -> dict[str, Any]:
             "started": _process_start(os.getpid())}
 
 
+@functools.cache
 def _machine() -> str:
-    """The process table this process's pid belongs to: the kernel's boot id and the pid namespace."""
+    """The process table this process's pid belongs to: the kernel's boot id and the pid namespace (fixed
+    for the life of the process: read once)."""
     parts = []
     for read in (lambda: Path("/proc/sys/kernel/random/boot_id").read_text().strip(),
                  lambda: os.readlink("/proc/self/ns/pid")):
@@ -127,6 +132,27 @@ def recover_dead_trials(study: optuna.Study) -> list[int]:
         requeue(study, trial, reason)
         recovered.append(trial.number)
     return recovered
+
+
+#: What Optuna raises when a worker ends a trial that has ended already: another worker failed it meanwhile,
+#: its heartbeats having come too late (a machine paused for minutes, a database that was unreachable).
+ENDED_ELSEWHERE = (ValueError, AssertionError, optuna.exceptions.UpdateFinishedTrialError)
+
+
+def failed_elsewhere(study: optuna.Study, number: int | None) -> FrozenTrial | None:
+    """Trial ``number`` (this worker's last) when another worker failed it meanwhile; None otherwise, and
+    for None (the worker had not started one). Call it in an ``except ENDED_ELSEWHERE``: what else raised
+    is not this."""
+    if number is None:
+        return None
+    trial = study.get_trials(deepcopy=False)[number]
+    return trial if trial.state == TrialState.FAIL else None
+
+
+def wait_for_others(heartbeat: int) -> None:
+    """One pause of a worker that has nothing to start while other workers' trials run: short enough to
+    take over promptly, long enough not to load the database (at most a heartbeat)."""
+    time.sleep(min(heartbeat, 5))
 
 
 def budget_slot(trial: FrozenTrial | optuna.Trial) -> int:
