@@ -26,8 +26,9 @@ A batch is ``(x, y, mask, index)``: features ``[B, n_mels, T]``, targets and lab
 and the window/recording index ``[B]`` (see `ignite_trainer.data.datasets`); datasets built with
 ``demographics=True`` add a fifth tensor ``[B, 2 * len(DEMOGRAPHIC_FEATURES)]`` (values, then known flags)
 that the model receives as ``model(x, demographics=...)``; a patient model's bags (`ignite_trainer.data.bags`)
-have ``x [B, N, n_mels, T]`` and a dict ``{"instance_mask": [B, N]}`` fifth, received as keyword arguments. Training batches may be augmented (``augment``)
-between the move to the device and the forward pass; evaluation never is.
+have ``x [B, N, n_mels, T]`` and a dict ``{"instance_mask": [B, N]}`` fifth, received as keyword arguments.
+Training batches may be augmented (``augment``) between the move to the device and the forward pass;
+evaluation never is.
 """
 
 from __future__ import annotations
@@ -315,14 +316,12 @@ def create_trainer(
         x, y, mask, index, demographics = prepare_batch(batch, device)
         if augment is not None:
             x, y, mask = augment(x, y, mask, index, engine.state.epoch)
-        if head_loss is None:
-            with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-                logits, _ = run_model(model, x, demographics)
-            return loss_fn(logits.float(), y, mask)
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-            logits, _, outputs = run_model(model, x, demographics, auxiliary=True)
-        targets = head_targets.lookup(index, engine.state.epoch - 1)
-        return loss_fn(logits.float(), y, mask) + head_loss(outputs, targets)
+            out = run_model(model, x, demographics, auxiliary=head_loss is not None)  # logits, attention[, heads]
+        loss = loss_fn(out[0].float(), y, mask)
+        if head_loss is None:
+            return loss
+        return loss + head_loss(out[2], head_targets.lookup(index, engine.state.epoch - 1))
 
     def backward(loss: torch.Tensor, window: int) -> None:
         scaled = loss / window
@@ -435,14 +434,13 @@ def create_evaluator(
     def step(engine: Engine, batch: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         model.eval()
         x, y, mask, index, demographics = prepare_batch(batch, device)
-        if head_targets is None:
-            with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-                logits, _ = run_model(model, x, demographics)
-            return {LOGITS: logits.float(), TARGETS: y, MASK: mask, INDEX: index}
         with torch.autocast(device_type=device.type, dtype=dtype, enabled=amp):
-            logits, _, outputs = run_model(model, x, demographics, auxiliary=True)
-        return {LOGITS: logits.float(), TARGETS: y, MASK: mask, INDEX: index,
-                HEADS: {k: v.float() for k, v in outputs.items()}, HEAD_TARGETS: head_targets.lookup(index)}
+            out = run_model(model, x, demographics, auxiliary=head_targets is not None)  # logits, attention[, heads]
+        output = {LOGITS: out[0].float(), TARGETS: y, MASK: mask, INDEX: index}
+        if head_targets is not None:
+            output[HEADS] = {k: v.float() for k, v in out[2].items()}
+            output[HEAD_TARGETS] = head_targets.lookup(index)
+        return output
 
     evaluator = Engine(step)
     for name, metric in metrics.items():
