@@ -25,7 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_sweep import _fresh, postgres
+from bench_sweep import postgres
+from pg_server import create_database
 
 REPO = Path(__file__).resolve().parents[1]
 KEYS = ("murmur_weighted_accuracy", "outcome_cost", "heart.auroc", "murmur.auroc")
@@ -74,12 +75,11 @@ def main() -> None:
     args.cache = out / "cache"
 
     # fill the feature cache once, so neither row pays for it
-    warm = cv_command(args, out / "warm", "--only", "0:0")
-    subprocess.run(warm[:warm.index("--only")] + ["--epochs", "1", "--only", "0:0"], cwd=REPO, env=env(), check=True,
-                   capture_output=True)
+    subprocess.run(cv_command(args, out / "warm", "--epochs", "1", "--only", "0:0"), cwd=REPO, env=env(), check=True,
+                   capture_output=True)  # the later --epochs is the one click keeps
 
     with postgres(args.postgres) as pg:
-        url = _fresh(pg, "cv_machines") if pg else f"sqlite:///{out / 'queue.db'}"
+        url = create_database(pg, "cv_machines") if pg else f"sqlite:///{out / 'queue.db'}"
         one = run([(cv_command(args, out / "one"), env())], out)
         two = run([(cv_command(args, out / "a", "--storage", url), env("machine-a")),
                    (cv_command(args, out / "b", "--storage", url), env("machine-b"))], out)

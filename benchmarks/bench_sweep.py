@@ -46,28 +46,19 @@ def stub_runner(config, metric, direction, **_):
     return trial_module.TrialResult(run_dir, 0.5, 1)
 
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' throw-away server
+
+
 @contextlib.contextmanager
 def postgres(url: str | None):
     """None, the given URL, or (``auto``) a throw-away server's URL for as long as the block runs."""
     if url != "auto":
         yield url
         return
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
     from pg_server import ThrowawayPostgres
 
     with ThrowawayPostgres() as server:
         yield server.url("postgres")
-
-
-def _fresh(url: str, name: str) -> str:
-    """A new database ``name`` on the server of ``url``; its URL."""
-    import psycopg
-    from sqlalchemy.engine import make_url
-
-    with psycopg.connect(url, autocommit=True) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-    return make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
 def main() -> None:
@@ -95,10 +86,12 @@ def run(args: argparse.Namespace, pg: str | None) -> None:
     print(f"feature cache ready in {time.perf_counter() - started:.1f} s ({args.patients} patients)", file=sys.stderr)
 
     rows = []
+    from pg_server import create_database
+
     if args.train_storage == "postgresql" and not pg:
         raise SystemExit("error: --train-storage postgresql needs --postgres URL or --postgres auto")
     for workers in [] if args.stub_only else args.workers:
-        storage = _fresh(pg, f"train_w{workers}") if args.train_storage == "postgresql" else None
+        storage = create_database(pg, f"train_w{workers}") if args.train_storage == "postgresql" else None
         started = time.perf_counter()
         summary = sweep_module.sweep(parse_space(values), work / f"train_w{workers}", args.trials, workers=workers,
                                      storage=storage)
@@ -109,7 +102,7 @@ def run(args: argparse.Namespace, pg: str | None) -> None:
     trial_module.TRIAL_RUNNERS["run"] = stub_runner
     storages = [("sqlite", None), ("journal", f"journal:{work / 'stub.journal'}")]
     if pg:
-        storages.append(("postgresql", _fresh(pg, "stub")))
+        storages.append(("postgresql", create_database(pg, "stub")))
     for name, storage in storages:
         started = time.perf_counter()
         summary = sweep_module.sweep(parse_space(values), work / f"stub_{name}", args.stub_trials, storage=storage)

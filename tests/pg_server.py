@@ -30,7 +30,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-__all__ = ["ThrowawayPostgres", "unavailable", "EXTERNAL_ENV"]
+__all__ = ["ThrowawayPostgres", "unavailable", "create_database", "free_port", "EXTERNAL_ENV"]
 
 EXTERNAL_ENV = "IGNITE_TRAINER_TEST_POSTGRES"
 SUPERUSER = "postgres"
@@ -63,10 +63,22 @@ def unavailable() -> str | None:
     return None
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def create_database(url: str, name: str) -> str:
+    """A new, empty database ``name`` (dropped first if one is there) on the server of ``url``; its URL."""
+    import psycopg
+    from sqlalchemy.engine import make_url
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        conn.execute(f'CREATE DATABASE "{name}"')
+    return make_url(url).set(database=name).render_as_string(hide_password=False)
 
 
 class ThrowawayPostgres:
@@ -95,7 +107,7 @@ class ThrowawayPostgres:
             os.chown(pwfile, user.pw_uid, user.pw_gid)
         self._run("initdb", "-D", str(self.folder / "data"), "-U", SUPERUSER, f"--pwfile={pwfile}", "-E", "UTF8",
                   "--auth-local=trust", "--auth-host=scram-sha-256", "--no-sync")
-        self.port = _free_port()
+        self.port = free_port()
         options = (f"-p {self.port} -k {self.folder} -c listen_addresses=127.0.0.1 -c fsync=off "
                    "-c synchronous_commit=off -c full_page_writes=off -c max_connections=200")
         self._run("pg_ctl", "-D", str(self.folder / "data"), "-o", options, "-l", str(self.folder / "server.log"),
@@ -131,12 +143,7 @@ class ThrowawayPostgres:
 
     def create_database(self, name: str) -> str:
         """A new, empty database (dropped first if a previous test left one) and its URL."""
-        import psycopg
-
-        with psycopg.connect(self.url("postgres"), autocommit=True) as conn:
-            conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-            conn.execute(f'CREATE DATABASE "{name}"')
-        return self.url(name)
+        return create_database(self.url("postgres"), name)
 
     def _run(self, tool: str, *args: str) -> None:
         command = [str(_bin_dir() / tool), *args]

@@ -15,7 +15,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ from optuna.trial import TrialState
 
 from cli import main
 from conftest import tiny_config
+from pg_server import free_port
 from ignite_trainer.core.errors import DataError
 from ignite_trainer.data.synthetic import write_synthetic
 from ignite_trainer.experiments import member_queue
@@ -324,12 +324,6 @@ def test_a_claim_runs_nothing_when_an_earlier_claim_of_its_member_is_queued_or_r
 
 
 # ---------------------------------------------------------------------------------------------- bad input
-def closed_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def assert_refused_before_anything(capsys, setup, tmp_path, url, message, secret):
     out = tmp_path / "out"
     code, errors = run_cli(capsys, *cv_args(setup, out, "--storage", url))
@@ -345,7 +339,7 @@ def assert_refused_before_anything(capsys, setup, tmp_path, url, message, secret
     ("postgresql://u:hidden-secret@127.0.0.1:{port}/x", "cannot open the storage"),  # nothing listens there
 ])
 def test_an_unusable_storage_is_one_error_line_and_creates_nothing(setup, tmp_path, capsys, url, message):
-    url = url.format(tmp=tmp_path, port=closed_port())
+    url = url.format(tmp=tmp_path, port=free_port())
     assert_refused_before_anything(capsys, setup, tmp_path, url, message, "hidden-secret")
 
 

@@ -21,6 +21,7 @@ import yaml
 from optuna.trial import TrialState
 
 from cli import main
+from pg_server import free_port
 from ignite_trainer.experiments.storage import open_storage
 from ignite_trainer.experiments.sweeps import sweep
 from ignite_trainer.experiments.space import parse_space
@@ -36,15 +37,12 @@ def _env(machine: str) -> dict[str, str]:
             "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")])}
 
 
-def _storages(tmp_path: Path, request) -> str:
+@pytest.fixture(params=["sqlite", "postgresql"])
+def shared_url(tmp_path, request) -> str:
+    """The database both machines share: an SQLite file, or a database of the throw-away PostgreSQL server."""
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'shared.db'}"
     return request.getfixturevalue("postgres_url")
-
-
-@pytest.fixture(params=["sqlite", "postgresql"])
-def shared_url(tmp_path, request) -> str:
-    return _storages(tmp_path, request)
 
 
 def test_two_machines_finish_the_budget_once_and_the_survivor_takes_over_a_killed_workers_trial(base, tmp_path,
@@ -102,7 +100,7 @@ def test_a_journal_worker_says_it_cannot_tell_whether_another_machines_trial_is_
 def test_an_unusable_postgresql_storage_is_one_line_without_the_password(base, tmp_path, capsys, postgres_server):
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump(make_space(base)))
-    closed = __import__("pg_server")._free_port()
+    closed = free_port()
     cases = [(postgres_server.url("postgres", password="wrong-secret"), "password authentication failed"),
              (postgres_server.url("no_such_database"), 'database "no_such_database" does not exist'),
              (postgres_server.url("postgres", port=closed), "Connection refused"),
